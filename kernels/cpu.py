@@ -1,0 +1,137 @@
+"""CPU kernels (Numba @njit, cache=True).  Pure functions of arrays: no globals, no config objects.
+
+Shapes: x (batch, in), w (in, out) row-major, b (out,), activations (batch, out).  GEMMs go to BLAS
+through Numba's np.dot (transposed operands are passed as flags, not copied); everything around them is
+fused into one pass over the activation.  Gradients are of the *summed* loss; the caller scales once, in
+the optimizer update.
+"""
+import numpy as np
+from numba import njit, prange
+
+IDENTITY, RELU, TANH = 0, 1, 2
+ACTIVATIONS = {"identity": IDENTITY, "relu": RELU, "tanh": TANH}
+
+
+@njit(cache=True)
+def bias_act(z, b, act):
+    """z ← act(z + b), in place."""
+    n, m = z.shape
+    if act == RELU:
+        for i in range(n):
+            for j in range(m):
+                z[i, j] = max(z[i, j] + b[j], 0.0)
+    elif act == TANH:
+        for i in range(n):
+            for j in range(m):
+                z[i, j] = np.tanh(z[i, j] + b[j])
+    else:
+        for i in range(n):
+            for j in range(m):
+                z[i, j] += b[j]
+
+
+@njit(cache=True)
+def dense_forward(x, w, b, act, out):
+    """out ← act(x @ w + b)."""
+    np.dot(x, w, out)
+    bias_act(out, b, act)
+
+
+@njit(cache=True)
+def dense_backward_params(x, y, dy, act, dw, db):
+    """Given y = act(x @ w + b) and dy = dL/dy: dy ← dL/dz (in place), dw ← x.T @ dz, db ← sum_rows dz."""
+    n, m = dy.shape
+    db[:] = 0.0
+    for i in range(n):
+        for j in range(m):
+            g = dy[i, j]
+            if act == RELU:
+                g = g if y[i, j] > 0.0 else 0.0
+            elif act == TANH:
+                g = g * (1.0 - y[i, j] * y[i, j])
+            dy[i, j] = g
+            db[j] += g
+    np.dot(x.T, dy, dw)
+
+
+@njit(cache=True)
+def dense_backward(x, w, y, dy, act, dw, db, dx):
+    """dense_backward_params, then dx ← dz @ w.T (the gradient passed to the layer below)."""
+    dense_backward_params(x, y, dy, act, dw, db)
+    np.dot(dy, w.T, dx)
+
+
+@njit(cache=True)
+def softmax_xent(z, labels):
+    """Fused softmax cross-entropy forward and backward.  Returns (summed loss, number correct) and
+    overwrites the logits z with dL/dz = softmax(z) - onehot(labels)."""
+    n, c = z.shape
+    loss = 0.0
+    correct = 0
+    for i in range(n):
+        y = labels[i]
+        top = 0
+        for j in range(1, c):
+            if z[i, j] > z[i, top]:
+                top = j
+        mx = z[i, top]
+        zy = z[i, y] - mx
+        s = 0.0
+        for j in range(c):
+            e = np.exp(z[i, j] - mx)
+            z[i, j] = e
+            s += e
+        loss += np.log(s) - zy
+        inv = 1.0 / s
+        for j in range(c):
+            z[i, j] *= inv
+        z[i, y] -= 1.0
+        correct += top == y
+    return loss, correct
+
+
+@njit(cache=True, parallel=True)
+def sgd_update(p, g, lr, scale, wd):
+    """p ← p − lr (scale·g + wd·p)."""
+    for i in prange(p.size):
+        p[i] -= lr * (scale * g[i] + wd * p[i])
+
+
+@njit(cache=True, parallel=True)
+def momentum_update(p, g, v, lr, scale, mu, wd, nesterov):
+    """Heavy-ball (or Nesterov) momentum in the PyTorch form: v ← mu·v + g'; p ← p − lr·(v or g' + mu·v)."""
+    for i in prange(p.size):
+        gi = scale * g[i] + wd * p[i]
+        vi = mu * v[i] + gi
+        v[i] = vi
+        p[i] -= lr * (gi + mu * vi if nesterov else vi)
+
+
+@njit(cache=True, parallel=True)
+def adam_update(p, g, m, v, lr, scale, beta1, beta2, eps, wd, t):
+    """Adam (Kingma & Ba) with bias correction at step t ≥ 1; weight decay as an L2 term in g."""
+    c1 = 1.0 - beta1 ** t
+    c2 = 1.0 - beta2 ** t
+    for i in prange(p.size):
+        gi = scale * g[i] + wd * p[i]
+        mi = beta1 * m[i] + (1.0 - beta1) * gi
+        vi = beta2 * v[i] + (1.0 - beta2) * gi * gi
+        m[i] = mi
+        v[i] = vi
+        p[i] -= lr * (mi / c1) / (np.sqrt(vi / c2) + eps)
+
+
+def warmup():
+    """Compile (or load from the cache) every kernel for the float32 types training uses.  One rank per
+    node calls this before the others start, so a node compiles once however many ranks it runs."""
+    f4 = np.float32
+    x, w, b = np.zeros((2, 3), f4), np.zeros((3, 4), f4), np.zeros(4, f4)
+    y, dy, dx = np.zeros((2, 4), f4), np.zeros((2, 4), f4), np.zeros((2, 3), f4)
+    dense_forward(x, w, b, RELU, y)
+    dense_backward(x, w, y, dy, RELU, w.copy(), b.copy(), dx)
+    dense_backward_params(x, y, dy, RELU, w.copy(), b.copy())
+    softmax_xent(y, np.zeros(2, np.int64))
+    p = np.zeros(4, f4)
+    sgd_update(p, b, 0.1, 1.0, 0.0)
+    momentum_update(p, b, b.copy(), 0.1, 1.0, 0.9, 0.0, False)
+    adam_update(p, b, b.copy(), b.copy(), 0.1, 1.0, 0.9, 0.999, 1e-8, 0.0, 1)

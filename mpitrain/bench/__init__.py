@@ -1,0 +1,64 @@
+"""``python -m mpitrain bench {step,allreduce}``: print a table, save JSON and CSV into --out."""
+import csv
+import json
+import os
+import time
+
+
+def add_arguments(parser):
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{step,allreduce}")
+    s = sub.add_parser("step", help="training-step throughput per rank vs NumPy and PyTorch",
+                       description="Samples/s of one training step (forward, backward, optimizer update) "
+                                   "per rank, for mpitrain's kernels, a plain NumPy step and PyTorch CPU "
+                                   "(when installed), measured side by side.")
+    s.add_argument("--batches", default="32,128", help="per-rank batch sizes (default 32,128)")
+    s.add_argument("--features", type=int, default=784)
+    s.add_argument("--hidden", default="1024,1024")
+    s.add_argument("--classes", type=int, default=10)
+    s.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
+    s.add_argument("--seconds", type=float, default=2.0, help="timed seconds per measurement")
+    s.add_argument("--repeats", type=int, default=5, help="timed blocks; the median is reported")
+    s.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
+    a = sub.add_parser("allreduce", help="OSU-style allreduce latency/bandwidth: raw mpi4py vs mpitrain",
+                       description="Per message size: warm-up, then timed Allreduce calls with a barrier "
+                                   "outside the timed region; latency avg/min/max over ranks; algorithm "
+                                   "and bus bandwidth (bus = alg × 2(p−1)/p).")
+    a.add_argument("--min-bytes", type=int, default=4)
+    a.add_argument("--max-bytes", type=int, default=64 << 20)
+    a.add_argument("--iters", type=int, default=200, help="timed iterations at small sizes (fewer when large)")
+    a.add_argument("--warmup", type=int, default=20)
+    a.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
+
+
+def run(args, comm):
+    from .allreduce import bench_allreduce
+    from .step import bench_step
+
+    rows = (bench_step if args.bench == "step" else bench_allreduce)(args, comm)
+    if comm.rank == 0:
+        save(args.out or "bench-results", args.bench, rows, vars(args))
+
+
+def save(out, name, rows, params):
+    """rows (list of dicts) → out/NAME-<time>.json (with parameters) and .csv; returns the JSON path."""
+    os.makedirs(out, exist_ok=True)
+    base = os.path.join(out, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with open(base + ".json", "w", encoding="utf-8") as f:
+        json.dump({"bench": name, "params": params, "results": rows}, f, indent=2, default=str)
+    with open(base + ".csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"saved {base}.json and .csv")
+    return base + ".json"
+
+
+def table(rows, columns):
+    """A plain text table of the given columns."""
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(cell(r.get(c, ""))) for r in rows)) for c in columns]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(cell(r.get(c, "")).rjust(w) for c, w in zip(columns, widths)) for r in rows]
+    return "\n".join(lines)

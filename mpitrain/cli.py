@@ -1,0 +1,136 @@
+"""Command line: ``python -m mpitrain [train|prepare|eval|info|bench] ...`` (no subcommand = train)."""
+import argparse
+import json
+import sys
+
+from .errors import MpitrainError
+
+COMMANDS = ("train", "prepare", "eval", "info", "bench")
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="python -m mpitrain",
+        description="Data-parallel neural-network training over MPI. Launch with e.g. "
+                    "`mpirun -n 4 python -m mpitrain`; without a subcommand it trains the default MLP on "
+                    "the embedded digits dataset.")
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+
+    t = sub.add_parser("train", help="synchronous data-parallel training (the default)",
+                       description="Train with one Allreduce per step; writes config.toml, metrics.jsonl, "
+                                   "summary.json and model.h5 into --out.")
+    t.add_argument("--config", metavar="FILE", help="TOML file with [data], [model], [train] sections")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set train.lr=0.1 --set model.hidden=[256,128]")
+    t.add_argument("--out", metavar="DIR", help="run directory (default: runs/<timestamp>)")
+    t.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+    pr = sub.add_parser("prepare", help="write a dataset as HDF5 (train/test split, standardised)",
+                        description="Turn a source into the HDF5 layout every rank reads its shard from.")
+    pr.add_argument("--source", required=True, help="digits | synthetic | npz:PATH | csv:PATH")
+    pr.add_argument("--out", required=True, metavar="FILE.h5")
+    pr.add_argument("--test-fraction", type=float, default=0.2,
+                    help="held-out share when the source has no test split (default 0.2)")
+    pr.add_argument("--seed", type=int, default=0, help="shuffle/split (and synthetic) seed")
+    pr.add_argument("--samples", type=int, default=10000, help="synthetic: number of samples")
+    pr.add_argument("--features", type=int, default=64, help="synthetic: number of features")
+    pr.add_argument("--classes", type=int, default=10, help="synthetic: number of classes")
+    pr.add_argument("--label-column", help="csv: label column name or index (default: the last column)")
+
+    e = sub.add_parser("eval", help="score a saved model on a dataset (distributed)")
+    e.add_argument("--model", required=True, metavar="DIR/model.h5")
+    e.add_argument("--data", required=True, metavar="FILE.h5")
+    e.add_argument("--split", choices=("test", "train"), default="test")
+
+    sub.add_parser("info", help="versions of mpitrain, MPI, mpi4py, numba, h5py; threads per rank")
+
+    b = sub.add_parser("bench", help="benchmarks (print a table, save JSON/CSV into --out)")
+    from .bench import add_arguments
+
+    add_arguments(b)
+    return p
+
+
+def _info(comm):
+    import h5py
+    import mpi4py
+    import numba
+    import numpy
+
+    from . import __version__
+    from .threads import limit, threads_per_rank
+
+    threads = limit(threads_per_rank())
+    if comm.rank == 0:
+        lib = comm.MPI.Get_library_version().strip().splitlines()[0]
+        for name, value in (("mpitrain", __version__), ("python", sys.version.split()[0]),
+                            ("MPI library", lib), ("MPI standard", "%d.%d" % comm.MPI.Get_version()),
+                            ("mpi4py", mpi4py.__version__), ("numpy", numpy.__version__),
+                            ("numba", numba.__version__), ("h5py", h5py.__version__),
+                            ("HDF5", h5py.version.hdf5_version), ("world size", comm.size),
+                            ("threads per rank", threads)):
+            print(f"{name:18} {value}")
+
+
+def _eval(args, comm):
+    from .checkpoint import load_model
+    from .data.shard import DataFile
+    from .evaluate import check_compatible, evaluate, read_part
+    from .kernels import compiled
+    from .model import Model
+
+    spec, params = comm.agree(load_model, args.model)
+    data = comm.agree(DataFile, args.data)
+    comm.agree(check_compatible, spec, data, args.model)
+    comm.agree(compiled, comm)
+    x, y = read_part(comm, data, args.split)
+    loss, acc = evaluate(comm, Model(spec), params, x, y)
+    if comm.rank == 0:
+        n = data.n_test if args.split == "test" else data.n_train
+        print(json.dumps({"split": args.split, "samples": n, "accuracy": acc, "loss": loss}))
+
+
+def _dispatch(args, comm):
+    if args.command == "train":
+        from .config import load
+        from .train import train
+
+        train(comm.agree(load, args.config, args.overrides), comm, args.out, args.quiet)
+    elif args.command == "prepare":
+        from .data.prepare import prepare
+
+        def prepare_on_root():  # one writer, however the command was launched
+            if comm.rank == 0:
+                return prepare(args.source, args.out, args.test_fraction, args.seed, samples=args.samples,
+                               features=args.features, classes=args.classes, label_column=args.label_column)
+
+        text = comm.agree(prepare_on_root)
+        if text:
+            print(text)
+    elif args.command == "eval":
+        _eval(args, comm)
+    elif args.command == "info":
+        _info(comm)
+    else:
+        from .bench import run
+
+        run(args, comm)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "train")
+    args = _parser().parse_args(argv)
+    comm = None
+    try:
+        from .comm import Comm, install_abort_hook
+
+        comm = Comm()
+        install_abort_hook(comm)
+        _dispatch(args, comm)
+    except MpitrainError as exc:
+        from .comm import report_error
+
+        return report_error(comm, exc)
+    return 0

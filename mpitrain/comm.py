@@ -1,0 +1,124 @@
+"""The only module that imports mpi4py.  Buffer (upper-case) calls only: nothing is ever pickled.
+
+Works at size 1 when a script is started without mpirun (MPI singleton init).
+"""
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from .errors import MpitrainError
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as exc:
+        raise MpitrainError(
+            f"mpi4py could not load an MPI library ({exc}); install the MPICH wheel with "
+            "pip install 'mpitrain[mpi]', or build mpi4py against the site MPI (see README)") from None
+    return MPI
+
+
+class Comm:
+    """A communicator with the few collectives mpitrain uses; times the hot-path ones."""
+
+    def __init__(self, raw=None):
+        self.MPI = _mpi()
+        self.raw = self.MPI.COMM_WORLD if raw is None else raw
+        self.rank = self.raw.Get_rank()
+        self.size = self.raw.Get_size()
+        self.comm_seconds = 0.0
+        self._node = None
+
+    # -- hot path ------------------------------------------------------------------------------------
+    def allreduce_sum(self, buf):
+        """In-place global sum of a contiguous array (the flat gradient)."""
+        t = time.perf_counter()
+        if self.size > 1:
+            self.raw.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        self.comm_seconds += time.perf_counter() - t
+        return buf
+
+    # -- start-up, evaluation, bookkeeping ------------------------------------------------------------
+    def bcast(self, buf, root=0):
+        """In-place broadcast of a contiguous array."""
+        if self.size > 1:
+            self.raw.Bcast(buf, root=root)
+        return buf
+
+    def allreduce(self, values, op="sum"):
+        """Reduce a few numbers (float64) across ranks; op is sum, min or max."""
+        buf = np.array(values, dtype=np.float64)
+        if self.size > 1:
+            mpi_op = {"sum": self.MPI.SUM, "min": self.MPI.MIN, "max": self.MPI.MAX}[op]
+            self.raw.Allreduce(self.MPI.IN_PLACE, buf, op=mpi_op)
+        return buf
+
+    def bcast_bytes(self, data, root=0):
+        """Broadcast a byte string as two buffers (length, bytes)."""
+        if self.size == 1:
+            return data
+        n = np.array([len(data) if self.rank == root else 0], dtype=np.int64)
+        self.raw.Bcast(n, root=root)
+        buf = np.frombuffer(data, np.uint8).copy() if self.rank == root else np.empty(int(n[0]), np.uint8)
+        self.raw.Bcast(buf, root=root)
+        return buf.tobytes()
+
+    def barrier(self):
+        if self.size > 1:
+            self.raw.Barrier()
+
+    def node(self):
+        """The ranks sharing this node's memory (a sub-communicator), created once."""
+        if self._node is None:
+            self._node = self if self.size == 1 else Comm(self.raw.Split_type(self.MPI.COMM_TYPE_SHARED))
+        return self._node
+
+    def agree(self, fn, *args, **kwargs):
+        """Run fn on every rank.  If any rank raises MpitrainError, every rank raises the error of the
+        lowest failing rank, marked agreed, so it is printed once and no rank is left waiting."""
+        try:
+            result, message = fn(*args, **kwargs), None
+        except MpitrainError as exc:
+            result, message = None, str(exc)
+        if self.size == 1:
+            if message is not None:
+                raise MpitrainError(message, agreed=True)
+            return result
+        first = np.array([self.rank if message is not None else self.size], dtype=np.int64)
+        self.raw.Allreduce(self.MPI.IN_PLACE, first, op=self.MPI.MIN)
+        first = int(first[0])
+        if first < self.size:
+            text = self.bcast_bytes(message.encode() if self.rank == first else b"", root=first).decode()
+            raise MpitrainError(text, agreed=True)
+        return result
+
+    def abort(self, code):
+        self.raw.Abort(code)
+
+
+def report_error(comm, exc):
+    """Print a bad-input error as one line; returns the exit code (2).  An error only this rank saw
+    aborts the whole job so that no other rank waits forever in a collective."""
+    if comm is None or comm.size == 1 or exc.agreed:
+        if comm is None or comm.rank == 0:
+            print(f"mpitrain: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(f"mpitrain: error on rank {comm.rank}: {exc}", file=sys.stderr, flush=True)
+    comm.abort(2)
+    return 2
+
+
+def install_abort_hook(comm):
+    """An uncaught exception on any rank prints the rank and traceback, then aborts the whole MPI job
+    (as ``python -m mpi4py`` does) instead of leaving the other ranks in a collective forever."""
+    def hook(etype, value, tb):
+        print(f"mpitrain: rank {comm.rank} of {comm.size} failed:", file=sys.stderr)
+        traceback.print_exception(etype, value, tb)
+        sys.stderr.flush()
+        if comm.size > 1:
+            comm.abort(1)
+
+    sys.excepthook = hook

@@ -1,0 +1,164 @@
+"""Configuration: dataclass defaults, a TOML file (--config) and ``--set section.key=value`` overrides.
+
+Unknown sections/keys and values of the wrong type are errors that name the key and what was expected.
+Choices (model kind, optimizer, schedule) are checked where they are used, with the same key names.
+"""
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+from .errors import MpitrainError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+def default_data_path():
+    """The embedded default dataset (digits), prepared on first use."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "mpitrain", "digits.h5")
+
+
+@dataclass
+class DataConfig:
+    path: str = field(default_factory=default_data_path)
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "mlp"           # softmax | mlp
+    hidden: list[int] = field(default_factory=lambda: [128])  # ignored by softmax
+    activation: str = "relu"    # relu | tanh
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 64      # samples per step over all ranks
+    epochs: int = 40
+    steps: int = 0              # > 0: train this many steps instead of `epochs`
+    lr: float = 0.05
+    optimizer: str = "momentum"  # sgd | momentum | nesterov | adam
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-4  # L2 term added to the gradient
+    schedule: str = "cosine"    # constant | step | cosine
+    warmup_steps: int = 0
+    step_size: int = 1000       # step schedule: decay every step_size steps
+    gamma: float = 0.1          # step schedule: decay factor
+    scale_lr: bool = False      # linear scaling rule: lr × global_batch / 256
+    seed: int = 0
+    eval_every: int = 0         # steps between test evaluations; 0 = once per epoch
+    log_every: int = 10         # steps between train-loss records in metrics.jsonl
+    device: str = "cpu"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self):
+        t = self.train
+        _check(t.global_batch >= 1, "train.global_batch", t.global_batch, "an integer ≥ 1")
+        _check(t.epochs >= 1 or t.steps >= 1, "train.epochs", t.epochs, "≥ 1 (or train.steps ≥ 1)")
+        _check(t.steps >= 0, "train.steps", t.steps, "≥ 0")
+        _check(t.lr > 0, "train.lr", t.lr, "> 0")
+        for key in ("momentum", "beta1", "beta2"):
+            _check(0 <= getattr(t, key) < 1, f"train.{key}", getattr(t, key), "in [0, 1)")
+        for key in ("eps", "weight_decay", "gamma"):
+            _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "≥ 0")
+        for key in ("warmup_steps", "eval_every", "log_every"):
+            _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "≥ 0")
+        _check(t.step_size >= 1, "train.step_size", t.step_size, "≥ 1")
+        return self
+
+
+def _check(ok, key, value, expected):
+    if not ok:
+        raise MpitrainError(f"{key} = {value!r}: expected {expected}")
+
+
+def _coerce(key, value, typ):
+    """Check a TOML value against a field type; ints are accepted for floats."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(key, v, item) for v in value]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+        names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+        raise MpitrainError(f"{key} = {value!r}: expected {names[typ]}")
+    return value
+
+
+def _set(cfg, section, key, value, where):
+    sections = {f.name: f for f in dataclasses.fields(cfg)}
+    if section not in sections:
+        raise MpitrainError(f"{where}: unknown section [{section}] (known: {', '.join(sections)})")
+    sub = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(sub)}
+    if key not in fields:
+        raise MpitrainError(f"{where}: unknown key {section}.{key} (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(type(sub))
+    setattr(sub, key, _coerce(f"{section}.{key}", value, hints[key]))
+
+
+def _parse_value(text):
+    """A --set value is TOML (42, 0.1, true, [64, 32], "x"); a bare word is taken as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load(path=None, overrides=()):
+    cfg = Config()
+    if path:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except FileNotFoundError:
+            raise MpitrainError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise MpitrainError(f"{path}: not valid TOML ({exc})") from None
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise MpitrainError(f"{path}: {section} must be a [section] table")
+            for key, value in table.items():
+                _set(cfg, section, key, value, path)
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot:
+            raise MpitrainError(f"--set {item!r}: expected section.key=value")
+        _set(cfg, section, key.strip(), _parse_value(text.strip()), f"--set {item}")
+    return cfg.validate()
+
+
+def to_toml(cfg):
+    """The effective configuration as TOML text (what config.toml in the run directory holds)."""
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    lines = []
+    for sec in dataclasses.fields(cfg):
+        lines.append(f"[{sec.name}]")
+        sub = getattr(cfg, sec.name)
+        lines += [f"{f.name} = {fmt(getattr(sub, f.name))}" for f in dataclasses.fields(sub)]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Datasets: ``prepare`` turns sources into the HDF5 layout, ``shard`` reads one rank's part of it."""

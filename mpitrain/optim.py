@@ -1,0 +1,57 @@
+"""Optimizers and learning-rate schedules on flat buffers.
+
+An optimizer is its hyper-parameters plus named state vectors (same length as the parameters), updated
+by one fused kernel per step.  ``scale`` turns the summed gradient into the mean (1 / global batch).
+"""
+import math
+
+import numpy as np
+
+from .errors import MpitrainError
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
+SCHEDULES = ("constant", "step", "cosine")
+
+
+class Optimizer:
+    def __init__(self, kernels, name, n, momentum=0.9, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+        if name not in OPTIMIZERS:
+            raise MpitrainError(f"train.optimizer = {name!r}: expected one of {', '.join(OPTIMIZERS)}")
+        self.k, self.name = kernels, name
+        self.momentum, self.beta1, self.beta2 = float(momentum), float(beta1), float(beta2)
+        self.eps, self.weight_decay = float(eps), float(weight_decay)
+        slots = {"sgd": (), "momentum": ("v",), "nesterov": ("v",), "adam": ("m", "v")}[name]
+        self.state = {s: np.zeros(n, np.float32) for s in slots}
+        self.t = 0  # updates applied so far
+
+    def update(self, params, grad, lr, scale):
+        self.t += 1
+        lr, scale, wd = float(lr), float(scale), self.weight_decay
+        if self.name == "sgd":
+            self.k.sgd_update(params, grad, lr, scale, wd)
+        elif self.name == "adam":
+            self.k.adam_update(params, grad, self.state["m"], self.state["v"], lr, scale,
+                               self.beta1, self.beta2, self.eps, wd, self.t)
+        else:
+            self.k.momentum_update(params, grad, self.state["v"], lr, scale, self.momentum, wd,
+                                   self.name == "nesterov")
+
+
+def schedule(kind, lr, total_steps, warmup_steps=0, step_size=1000, gamma=0.1, lr_min=0.0):
+    """Return step -> learning rate: linear warmup from 0 over warmup_steps, then constant, a step decay
+    (× gamma every step_size steps) or a cosine decay to lr_min at total_steps."""
+    if kind not in SCHEDULES:
+        raise MpitrainError(f"train.schedule = {kind!r}: expected one of {', '.join(SCHEDULES)}")
+
+    def lr_at(step):
+        if step < warmup_steps:
+            return lr * (step + 1) / warmup_steps
+        s = step - warmup_steps
+        if kind == "step":
+            return lr * gamma ** (s // step_size)
+        if kind == "cosine":
+            span = max(total_steps - warmup_steps, 1)
+            return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * min(s, span) / span))
+        return lr
+
+    return lr_at

@@ -1,0 +1,116 @@
+"""Synchronous data-parallel SGD: every rank computes the gradient of the summed loss over its part of
+the global batch, one in-place Allreduce sums the flat gradient (with the loss and hit counts riding in
+its last two slots), and every rank applies the same optimizer update to its identical parameters."""
+import os
+import time
+
+import numpy as np
+
+from . import __version__
+from .checkpoint import save_model
+from .config import default_data_path, to_toml
+from .data.shard import DataFile, TrainShard
+from .evaluate import evaluate, read_part
+from .kernels import compiled
+from .model import Model, ModelSpec
+from .optim import Optimizer, schedule
+from .report import RunLog, make_run_dir
+from .threads import limit, threads_per_rank
+
+
+class Stepper:
+    """One optimizer step on flat buffers: summed-loss gradient → optional reduction → fused update."""
+
+    def __init__(self, model, optimizer, reduce=None):
+        self.model, self.opt, self.reduce = model, optimizer, reduce
+        n = model.n_params
+        self.buf = np.zeros(n + 2, np.float32)  # [gradient | loss sum | number correct]
+        self.grad = self.buf[:n]
+
+    def __call__(self, params, x, y, lr, scale):
+        """Returns (loss sum, number correct), summed over ranks when reducing."""
+        n = self.model.n_params
+        self.buf[n], self.buf[n + 1] = self.model.loss_grad(params, self.grad, x, y)
+        if self.reduce is not None:
+            self.reduce(self.buf)
+        self.opt.update(params, self.grad, lr, scale)
+        return float(self.buf[n]), float(self.buf[n + 1])
+
+
+def ensure_default_data(comm, path):
+    """Prepare the embedded default dataset on first use: rank 0 writes it, the others wait."""
+    if path == default_data_path() and not os.path.exists(path):
+        if comm.rank == 0:
+            from .data.prepare import prepare
+
+            print(prepare("digits", path), flush=True)
+        comm.barrier()
+
+
+def train(cfg, comm, out=None, quiet=False):
+    started = time.perf_counter()
+    t, threads = cfg.train, limit(threads_per_rank())
+    ensure_default_data(comm, cfg.data.path)
+    data = comm.agree(DataFile, cfg.data.path)
+    spec = comm.agree(ModelSpec, cfg.model.kind, data.n_features, data.n_classes,
+                      tuple(cfg.model.hidden), cfg.model.activation)
+    shard = comm.agree(TrainShard, data, t.global_batch, comm.rank, comm.size, t.seed)
+    test_x, test_y = read_part(comm, data)
+    kernels = comm.agree(compiled, comm, t.device)
+    model = Model(spec, t.device)
+    total = t.steps or t.epochs * shard.steps_per_epoch
+    lr = t.lr * t.global_batch / 256 if t.scale_lr else t.lr
+    lr_at = comm.agree(schedule, t.schedule, lr, total, t.warmup_steps, t.step_size, t.gamma)
+    opt = comm.agree(Optimizer, kernels, t.optimizer, spec.n_params, t.momentum, t.beta1, t.beta2,
+                     t.eps, t.weight_decay)
+    params = model.init_params(t.seed) if comm.rank == 0 else np.empty(spec.n_params, np.float32)
+    comm.bcast(params)
+
+    out = make_run_dir(comm, out)
+    if comm.rank == 0:
+        with open(os.path.join(out, "config.toml"), "w", encoding="utf-8") as f:
+            f.write(to_toml(cfg))
+    log = RunLog(comm, out, total, quiet)
+    log.say(f"mpitrain {__version__}: {spec.kind} {'-'.join(map(str, spec.sizes))} ({spec.n_params} params) "
+            f"on {comm.size} rank(s) × {threads} thread(s), {data.n_train} train samples, "
+            f"global batch {t.global_batch}, {total} steps → {out}")
+
+    step_fn = Stepper(model, opt, comm.allreduce_sum)
+    eval_every = t.eval_every or shard.steps_per_epoch
+    scale = 1.0 / t.global_batch
+    train_seconds, last = 0.0, {}
+    test_loss = test_acc = None
+    order = None
+    for step in range(total):
+        tic = time.perf_counter()
+        epoch, s = divmod(step, shard.steps_per_epoch)
+        if s == 0:
+            order = shard.epoch_order(epoch)
+        lr_now = lr_at(step)
+        loss, correct = step_fn(params, *shard.batch_at(order[s]), lr_now, scale)
+        train_seconds += time.perf_counter() - tic
+        if (step + 1) % max(t.log_every, 1) == 0 or step + 1 == total:
+            last = {"train_loss": loss * scale, "train_accuracy": correct * scale}
+            log.record(step=step + 1, epoch=epoch, lr=lr_now, **last)
+        if (step + 1) % eval_every == 0 or step + 1 == total:
+            test_loss, test_acc = evaluate(comm, model, params, test_x, test_y)
+            log.record(step=step + 1, epoch=epoch, test_loss=test_loss, test_accuracy=test_acc)
+            log.say(f"step {step + 1}/{total}  epoch {epoch + 1}  loss {last['train_loss']:.4f}  "
+                    f"test loss {test_loss:.4f}  test acc {test_acc:.4f}")
+        log.advance(1, loss=f"{loss * scale:.4f}")
+    train_seconds, comm_seconds = comm.allreduce([train_seconds, comm.comm_seconds], op="max")
+    summary = {
+        "test_accuracy": test_acc, "test_loss": test_loss, **last,
+        "steps": total, "epochs": total / shard.steps_per_epoch, "world_size": comm.size,
+        "global_batch": t.global_batch, "threads_per_rank": threads, "n_params": spec.n_params,
+        "samples_per_second": total * t.global_batch / train_seconds if train_seconds else None,
+        "wall_seconds": time.perf_counter() - started, "comm_seconds": comm_seconds, "data": cfg.data.path,
+        "data_checksum": data.checksum, "mpitrain_version": __version__,
+    }
+    if comm.rank == 0:
+        save_model(os.path.join(out, "model.h5"), spec, params, data_checksum=data.checksum, steps=total)
+    log.say(f"done: test accuracy {test_acc:.4f}, {summary['samples_per_second']:.0f} samples/s, "
+            f"{train_seconds:.1f} s ({comm_seconds:.1f} s in allreduce) → {out}")
+    log.finish(summary)
+    comm.barrier()
+    return summary

@@ -1,0 +1,33 @@
+"""mpitrain: data-parallel and federated neural-network training over MPI."""
+from setuptools import find_packages, setup
+
+# kernels/ is the top-level source folder of the Numba kernels; it is installed as the subpackage
+# mpitrain.kernels (the top-level name `kernels` belongs to another PyPI project).  mpitrain/kernels is a
+# relative symlink to it, so a source checkout imports exactly what a wheel installs.
+setup(
+    name="mpitrain",
+    version="0.1.0",
+    description="Data-parallel and federated neural-network training over MPI (mpi4py + Numba + HDF5)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mpitrain", "mpitrain.*"]),
+    install_requires=[
+        "mpi4py>=4.0",
+        "numpy>=1.24",
+        "numba>=0.60",
+        "scipy>=1.10",  # Numba's np.dot calls BLAS through scipy
+        "h5py>=3.8",
+        "scikit-learn>=1.3",  # the embedded default dataset (handwritten digits)
+        "threadpoolctl>=3.1",
+        "tqdm>=4.60",
+        "tomli>=2.0; python_version < '3.11'",
+    ],
+    extras_require={
+        # The MPICH wheel brings libmpi, mpiexec and mpirun; leave it out to use the site MPI (README).
+        "mpi": ["mpich>=4.3"],
+        "test": ["pytest>=7"],
+        "peers": ["torch>=2.1"],
+    },
+    entry_points={"console_scripts": ["mpitrain=mpitrain.cli:main"]},
+)
