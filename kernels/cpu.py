@@ -56,9 +56,12 @@ def dense_backward_params(x, y, dy, act, dw, db):
 
 @njit(cache=True)
 def dense_backward(x, w, y, dy, act, dw, db, dx):
-    """dense_backward_params, then dx ← dz @ w.T (the gradient passed to the layer below)."""
+    """dense_backward_params, then dx ← dz @ w.T (the gradient passed to the layer below).
+
+    Computed as (w @ dz.T).T: OpenBLAS runs that shape near its peak for small batches, while the
+    direct product with a transposed weight runs at about half speed (bench step, batch 32)."""
     dense_backward_params(x, y, dy, act, dw, db)
-    np.dot(dy, w.T, dx)
+    dx[:] = np.dot(w, dy.T).T
 
 
 @njit(cache=True)
