@@ -4,6 +4,7 @@ Unknown sections/keys and values of the wrong type are errors that name the key 
 Choices (model kind, optimizer, schedule) are checked where they are used, with the same key names.
 """
 import dataclasses
+import json
 import os
 import typing
 from dataclasses import dataclass, field
@@ -100,7 +101,8 @@ def _coerce(key, value, typ):
     return value
 
 
-def _set(cfg, section, key, value, where):
+def _set(cfg, section, key, value, where, text=None):
+    """Set section.key to a TOML value, or (text given) to the parse of a --set value."""
     sections = {f.name: f for f in dataclasses.fields(cfg)}
     if section not in sections:
         raise MpitrainError(f"{where}: unknown section [{section}] (known: {', '.join(sections)})")
@@ -108,16 +110,20 @@ def _set(cfg, section, key, value, where):
     fields = {f.name: f for f in dataclasses.fields(sub)}
     if key not in fields:
         raise MpitrainError(f"{where}: unknown key {section}.{key} (known: {', '.join(fields)})")
-    hints = typing.get_type_hints(type(sub))
-    setattr(sub, key, _coerce(f"{section}.{key}", value, hints[key]))
+    typ = typing.get_type_hints(type(sub))[key]
+    if text is not None:
+        value = _parse_value(text, typ)
+    setattr(sub, key, _coerce(f"{section}.{key}", value, typ))
 
 
-def _parse_value(text):
-    """A --set value is TOML (42, 0.1, true, [64, 32], "x"); a bare word is taken as a string."""
+def _parse_value(text, typ):
+    """A --set value is TOML (42, 0.1, true, [64, 32], "x"); for a string key, or when it is not valid
+    TOML, the text itself is the value (so data.path=2024.h5 needs no quotes)."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    return text if typ is str and not isinstance(value, str) else value
 
 
 def load(path=None, overrides=()):
@@ -140,7 +146,7 @@ def load(path=None, overrides=()):
         section, dot, key = name.strip().partition(".")
         if not sep or not dot:
             raise MpitrainError(f"--set {item!r}: expected section.key=value")
-        _set(cfg, section, key.strip(), _parse_value(text.strip()), f"--set {item}")
+        _set(cfg, section, key.strip(), None, f"--set {item}", text=text.strip())
     return cfg.validate()
 
 
@@ -150,7 +156,7 @@ def to_toml(cfg):
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            return json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
         if isinstance(v, list):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
         return repr(v)

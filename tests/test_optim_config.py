@@ -236,7 +236,6 @@ def test_set_overrides_parse_values():
     ("train.lr=fast", ["train.lr", "number"]),
     ("train.scale_lr=1", ["train.scale_lr", "true or false"]),
     ("train.scale_lr=yes", ["train.scale_lr"]),
-    ("model.kind=3", ["model.kind", "string"]),
     ('model.hidden=[1, "a"]', ["model.hidden", "integer"]),
     ("model.hidden=[1.5]", ["model.hidden"]),
     ("train.lr", ["train.lr", "section.key=value"]),
@@ -467,3 +466,16 @@ def test_block(n, parts):
     assert bounds[0][0] == 0 and bounds[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
     assert {hi - lo for lo, hi in bounds} <= {n // parts, -(-n // parts)}
+
+
+def test_to_toml_escapes_control_characters(tmp_path):
+    cfg = config.Config()
+    cfg.data.path = "/tmp/a\nb\t\"c\".h5"
+    p = tmp_path / "c.toml"
+    p.write_text(config.to_toml(cfg), encoding="utf-8")
+    assert config.load(str(p)) == cfg
+
+
+def test_set_string_key_takes_the_text_as_is():
+    for text in ("123", "inf", "true", "2024-01-01"):
+        assert config.load(None, [f"data.path={text}"]).data.path == text
