@@ -3,8 +3,8 @@
 Works at size 1 when a script is started without mpirun (MPI singleton init).
 """
 import sys
-import time
 import traceback
+from time import perf_counter
 
 import numpy as np
 
@@ -31,14 +31,15 @@ class Comm:
         self.size = self.raw.Get_size()
         self.comm_seconds = 0.0
         self._node = None
+        self._allreduce, self._in_place, self._sum = self.raw.Allreduce, self.MPI.IN_PLACE, self.MPI.SUM
 
     # -- hot path ------------------------------------------------------------------------------------
     def allreduce_sum(self, buf):
         """In-place global sum of a contiguous array (the flat gradient)."""
-        t = time.perf_counter()
+        t = perf_counter()
         if self.size > 1:
-            self.raw.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
-        self.comm_seconds += time.perf_counter() - t
+            self._allreduce(self._in_place, buf, self._sum)  # bound once: this wrapper costs ~0.2 µs
+        self.comm_seconds += perf_counter() - t
         return buf
 
     # -- start-up, evaluation, bookkeeping ------------------------------------------------------------

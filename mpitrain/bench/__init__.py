@@ -46,7 +46,7 @@ def save(out, name, rows, params):
     with open(base + ".json", "w", encoding="utf-8") as f:
         json.dump({"bench": name, "params": params, "results": rows}, f, indent=2, default=str)
     with open(base + ".csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     print(f"saved {base}.json and .csv")

@@ -33,9 +33,14 @@ def bench_allreduce(args, comm):
     while size <= args.max_bytes:
         buf = np.ones(size // 4, np.float32)
         iters = max(5, min(args.iters, int(args.iters * (1 << 16) / size)))
-        for name, op in (("mpi4py", raw_allreduce), ("mpitrain", comm.allreduce_sum)):
-            t = _latency(op, buf, iters, args.warmup, comm)
-            avg, tmin, tmax = comm.allreduce([t], "sum")[0] / p, comm.allreduce([t], "min")[0], comm.allreduce([t], "max")[0]
+        paths = (("mpi4py", raw_allreduce), ("mpitrain", comm.allreduce_sum))
+        best = {name: float("inf") for name, _ in paths}
+        for _ in range(3):  # alternate the paths and keep each one's best round: drift hits both alike
+            for name, op in paths:
+                best[name] = min(best[name], _latency(op, buf, iters, args.warmup, comm))
+        for name, t in best.items():
+            avg = comm.allreduce([t], "sum")[0] / p
+            tmin, tmax = comm.allreduce([t], "min")[0], comm.allreduce([t], "max")[0]
             algbw = size / avg / 1e9
             rows.append({"bytes": size, "path": name, "ranks": p, "iters": iters, "avg_us": avg * 1e6,
                          "min_us": tmin * 1e6, "max_us": tmax * 1e6, "algbw_GBps": algbw,
