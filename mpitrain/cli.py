@@ -5,7 +5,7 @@ import sys
 
 from .errors import MpitrainError
 
-COMMANDS = ("train", "prepare", "eval", "info", "bench")
+COMMANDS = ("train", "federate", "prepare", "eval", "info", "bench")
 
 
 def _parser():
@@ -19,15 +19,21 @@ def _parser():
     t = sub.add_parser("train", help="synchronous data-parallel training (the default)",
                        description="Train with one Allreduce per step; writes config.toml, metrics.jsonl, "
                                    "summary.json and model.h5 into --out.")
-    t.add_argument("--config", metavar="FILE", help="TOML file with [data], [model], [train] sections")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one setting, e.g. --set train.lr=0.1 --set model.hidden=[256,128]")
-    t.add_argument("--out", metavar="DIR", help="run directory (default: runs/<timestamp>)")
-    t.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    fe = sub.add_parser("federate", help="federated rounds: rank 0 aggregates, ranks 1… host the clients",
+                        description="Federated learning over the partition stored in the data file "
+                                    "(prepare --partition); writes the same run files as train.")
+    for p_ in (t, fe):
+        p_.add_argument("--config", metavar="FILE", help="TOML file with [data], [model], [train], [fed] sections")
+        p_.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting, e.g. --set train.lr=0.1 --set model.hidden=[256,128]")
+        p_.add_argument("--out", metavar="DIR", help="run directory (default: runs/<timestamp>)")
+        p_.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    fe.add_argument("--data", metavar="FILE.h5", help="shorthand for --set data.path=FILE.h5")
 
     pr = sub.add_parser("prepare", help="write a dataset as HDF5 (train/test split, standardised)",
                         description="Turn a source into the HDF5 layout every rank reads its shard from.")
-    pr.add_argument("--source", required=True, help="digits | synthetic | npz:PATH | csv:PATH")
+    pr.add_argument("--source", help="digits | synthetic | npz:PATH | csv:PATH "
+                                     "(may be left out with --partition to re-partition an existing --out)")
     pr.add_argument("--out", required=True, metavar="FILE.h5")
     pr.add_argument("--test-fraction", type=float, default=0.2,
                     help="held-out share when the source has no test split (default 0.2)")
@@ -36,6 +42,13 @@ def _parser():
     pr.add_argument("--features", type=int, default=64, help="synthetic: number of features")
     pr.add_argument("--classes", type=int, default=10, help="synthetic: number of classes")
     pr.add_argument("--label-column", help="csv: label column name or index (default: the last column)")
+    pr.add_argument("--partition", choices=("iid", "dirichlet", "shards", "quantity"),
+                    help="also store a federated partition of the training split over --clients clients")
+    pr.add_argument("--clients", type=int, default=16, help="number of federated clients (default 16)")
+    pr.add_argument("--alpha", type=float, default=0.5, help="dirichlet/quantity concentration (default 0.5)")
+    pr.add_argument("--shards-per-client", type=int, default=2, help="shards: label shards per client")
+    pr.add_argument("--client-test-fraction", type=float, default=0.2,
+                    help="share of each client's samples kept as its local test split (default 0.2)")
 
     e = sub.add_parser("eval", help="score a saved model on a dataset (distributed)")
     e.add_argument("--model", required=True, metavar="DIR/model.h5")
@@ -91,18 +104,37 @@ def _eval(args, comm):
 
 
 def _dispatch(args, comm):
-    if args.command == "train":
+    if args.command in ("train", "federate"):
         from .config import load
-        from .train import train
 
-        train(comm.agree(load, args.config, args.overrides), comm, args.out, args.quiet)
+        overrides = args.overrides + ([f"data.path={args.data}"] if getattr(args, "data", None) else [])
+        cfg = comm.agree(load, args.config, overrides)
+        if args.command == "train":
+            from .train import train
+
+            train(cfg, comm, args.out, args.quiet)
+        else:
+            from .federated.run import federate
+
+            federate(cfg, comm, args.out, args.quiet)
     elif args.command == "prepare":
+        from .data.partition import write_partition
         from .data.prepare import prepare
 
         def prepare_on_root():  # one writer, however the command was launched
-            if comm.rank == 0:
-                return prepare(args.source, args.out, args.test_fraction, args.seed, samples=args.samples,
-                               features=args.features, classes=args.classes, label_column=args.label_column)
+            if comm.rank != 0:
+                return None
+            lines = []
+            if args.source or not args.partition:
+                if not args.source:
+                    raise MpitrainError("prepare: --source is required (unless --partition re-partitions --out)")
+                lines.append(prepare(args.source, args.out, args.test_fraction, args.seed, samples=args.samples,
+                                     features=args.features, classes=args.classes,
+                                     label_column=args.label_column))
+            if args.partition:
+                lines.append(write_partition(args.out, args.partition, args.clients, args.alpha,
+                                             args.shards_per_client, args.seed, args.client_test_fraction))
+            return "\n".join(lines)
 
         text = comm.agree(prepare_on_root)
         if text:

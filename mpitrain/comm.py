@@ -2,6 +2,7 @@
 
 Works at size 1 when a script is started without mpirun (MPI singleton init).
 """
+import os
 import sys
 import traceback
 from time import perf_counter
@@ -32,26 +33,49 @@ class Comm:
         self.comm_seconds = 0.0
         self._node = None
         self._allreduce, self._in_place, self._sum = self.raw.Allreduce, self.MPI.IN_PLACE, self.MPI.SUM
+        # MPITRAIN_COMM_TRACE=PREFIX: every rank logs each message it sends (op, dtype, shape, bytes)
+        # to PREFIX.<rank>, the audit trail of what crosses ranks (tests check federated isolation with it)
+        trace = os.environ.get("MPITRAIN_COMM_TRACE")
+        self.trace = open(f"{trace}.{self.rank}", "a", encoding="utf-8") if trace and raw is None else None
 
     # -- hot path ------------------------------------------------------------------------------------
     def allreduce_sum(self, buf):
         """In-place global sum of a contiguous array (the flat gradient)."""
         t = perf_counter()
+        if self.trace:
+            self._note("Allreduce", buf)
         if self.size > 1:
             self._allreduce(self._in_place, buf, self._sum)  # bound once: this wrapper costs ~0.2 µs
         self.comm_seconds += perf_counter() - t
         return buf
 
+    def reduce_sum(self, buf, root=0):
+        """Sum of a contiguous array onto `root` (in place there; other ranks' buffers are unchanged)."""
+        if self.trace:
+            self._note("Reduce", buf)
+        if self.size > 1:
+            send = self.MPI.IN_PLACE if self.rank == root else buf
+            self.raw.Reduce(send, buf if self.rank == root else None, op=self.MPI.SUM, root=root)
+        return buf
+
     # -- start-up, evaluation, bookkeeping ------------------------------------------------------------
     def bcast(self, buf, root=0):
         """In-place broadcast of a contiguous array."""
+        if self.trace and self.rank == root:
+            self._note("Bcast", buf)
         if self.size > 1:
             self.raw.Bcast(buf, root=root)
         return buf
 
+    def _note(self, op, buf):
+        self.trace.write(f"{op} {buf.dtype} {'x'.join(map(str, buf.shape))} {buf.nbytes}\n")
+        self.trace.flush()
+
     def allreduce(self, values, op="sum"):
         """Reduce a few numbers (float64) across ranks; op is sum, min or max."""
         buf = np.array(values, dtype=np.float64)
+        if self.trace:
+            self._note(f"Allreduce-{op}", buf)
         if self.size > 1:
             mpi_op = {"sum": self.MPI.SUM, "min": self.MPI.MIN, "max": self.MPI.MAX}[op]
             self.raw.Allreduce(self.MPI.IN_PLACE, buf, op=mpi_op)
@@ -61,6 +85,8 @@ class Comm:
         """Broadcast a byte string as two buffers (length, bytes)."""
         if self.size == 1:
             return data
+        if self.trace and self.rank == root:
+            self._note("Bcast-bytes", np.frombuffer(data, np.uint8))
         n = np.array([len(data) if self.rank == root else 0], dtype=np.int64)
         self.raw.Bcast(n, root=root)
         buf = np.frombuffer(data, np.uint8).copy() if self.rank == root else np.empty(int(n[0]), np.uint8)
@@ -89,6 +115,8 @@ class Comm:
                 raise MpitrainError(message, agreed=True)
             return result
         first = np.array([self.rank if message is not None else self.size], dtype=np.int64)
+        if self.trace:
+            self._note("Allreduce-min", first)
         self.raw.Allreduce(self.MPI.IN_PLACE, first, op=self.MPI.MIN)
         first = int(first[0])
         if first < self.size:

@@ -59,10 +59,32 @@ class TrainConfig:
 
 
 @dataclass
+class FedConfig:
+    """Federated rounds (`federate`); clients train locally with [train] optimizer, lr and seed."""
+    rounds: int = 50
+    strategy: str = "fedavg"    # fedsgd | fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad | fednova
+    fraction: float = 0.1       # share of clients sampled per round
+    min_clients: int = 2        # ... but at least this many
+    local_epochs: int = 1
+    local_batch: int = 10
+    local_steps: int = 0        # > 0: this many local steps instead of local_epochs
+    weighting: str = "samples"  # samples (n_k) | uniform
+    server_lr: float = 0.0      # 0 = the strategy's default (1; fedadam/fedadagrad 0.1; fedyogi 0.01)
+    server_momentum: float = 0.9  # fedavgm
+    beta1: float = 0.9          # fedadam/fedyogi/fedadagrad
+    beta2: float = 0.99
+    tau: float = 1e-3
+    mu: float = 0.01            # fedprox: proximal weight of (mu/2)·||w − w_t||²
+    eval_every: int = 1         # rounds between evaluations
+    target_accuracy: float = 0.95  # summary.json reports rounds_to_target for it
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
 
     def validate(self):
         t = self.train
@@ -77,6 +99,15 @@ class Config:
         for key in ("warmup_steps", "eval_every", "log_every"):
             _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "≥ 0")
         _check(t.step_size >= 1, "train.step_size", t.step_size, "≥ 1")
+        f = self.fed
+        _check(0 < f.fraction <= 1, "fed.fraction", f.fraction, "in (0, 1]")
+        for key in ("rounds", "min_clients", "local_epochs", "local_batch", "eval_every"):
+            _check(getattr(f, key) >= 1, f"fed.{key}", getattr(f, key), "≥ 1")
+        for key in ("local_steps", "server_lr", "tau", "mu"):
+            _check(getattr(f, key) >= 0, f"fed.{key}", getattr(f, key), "≥ 0")
+        for key in ("server_momentum", "beta1", "beta2"):
+            _check(0 <= getattr(f, key) < 1, f"fed.{key}", getattr(f, key), "in [0, 1)")
+        _check(f.weighting in ("samples", "uniform"), "fed.weighting", f.weighting, "samples or uniform")
         return self
 
 

@@ -24,6 +24,12 @@ class Optimizer:
         self.state = {s: np.zeros(n, np.float32) for s in slots}
         self.t = 0  # updates applied so far
 
+    def reset(self):
+        """Zero the state (a federated client starts every round afresh)."""
+        for v in self.state.values():
+            v[:] = 0.0
+        self.t = 0
+
     def update(self, params, grad, lr, scale):
         self.t += 1
         lr, scale, wd = float(lr), float(scale), self.weight_decay

@@ -26,11 +26,15 @@ class Stepper:
         n = model.n_params
         self.buf = np.zeros(n + 2, np.float32)  # [gradient | loss sum | number correct]
         self.grad = self.buf[:n]
+        self.prox = None  # (mu, anchor): FedProx adds (mu/2)·||params − anchor||² per sample
 
     def __call__(self, params, x, y, lr, scale):
         """Returns (loss sum, number correct), summed over ranks when reducing."""
         n = self.model.n_params
         self.buf[n], self.buf[n + 1] = self.model.loss_grad(params, self.grad, x, y)
+        if self.prox is not None:  # gradient of the summed loss: the proximal term counts once per sample
+            mu, anchor = self.prox
+            self.grad += (mu * len(x)) * (params - anchor)
         if self.reduce is not None:
             self.reduce(self.buf)
         self.opt.update(params, self.grad, lr, scale)

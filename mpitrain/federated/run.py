@@ -1,0 +1,184 @@
+"""Federated rounds over MPI.  Rank 0 is the aggregator and holds no training data; ranks 1…P-1 host the
+clients block-wise (rank r hosts a contiguous range of clients, hence one contiguous hyperslab of
+partition/, read by that rank alone).  A round: every rank draws the same client sample from
+(seed, round) → hosted sampled clients train locally (the project's Stepper and optimizer) → each client
+rank sums [ω_k·Δ_k, ω_k, ω_k·a_k, loss, samples, clients] over its clients into one buffer → one
+Reduce(SUM) to rank 0 → the strategy updates the model → one Bcast of the model.  Only model-sized vectors
+and a few scalars ever cross ranks.
+"""
+import os
+import time
+
+import numpy as np
+
+from .. import __version__
+from ..checkpoint import save_model
+from ..config import to_toml
+from ..data.shard import DataFile, block
+from ..errors import MpitrainError
+from ..evaluate import evaluate, read_part
+from ..kernels import compiled
+from ..model import Model, ModelSpec
+from ..optim import Optimizer
+from ..report import RunLog, make_run_dir
+from ..threads import limit, threads_per_rank
+from ..train import Stepper, ensure_default_data
+from .strategies import DEFAULT_SERVER_LR, check, init_state, server_update
+
+EXTRA = 5  # aggregate slots after the model: Σω, Σω·a, Σloss, Σsamples, Σclients
+
+
+class Partition:
+    """The partition table (offsets, local train sizes) and this rank's clients."""
+
+    def __init__(self, data, comm):
+        f = data.f
+        if "partition" not in f:
+            raise MpitrainError(f"{data.path}: no partition (add one with: python -m mpitrain prepare "
+                                f"--out {data.path} --partition iid --clients N)")
+        self.offsets = f["partition/offsets"][...].astype(np.int64)
+        self.n_train = f["partition/n_train"][...].astype(np.int64)
+        self.clients = len(self.n_train)
+        if comm.size < 2:
+            raise MpitrainError("federate needs at least 2 ranks: rank 0 aggregates, ranks 1… host clients")
+        if comm.size - 1 > self.clients:
+            raise MpitrainError(f"{data.path}: {comm.size - 1} client ranks but only {self.clients} clients; "
+                                f"launch at most {self.clients + 1} ranks")
+        empty = np.flatnonzero(self.n_train < 1)
+        if len(empty):
+            raise MpitrainError(f"{data.path}: client {empty[0]} has no training samples")
+        self.hosted = range(*block(self.clients, comm.size - 1, comm.rank - 1)) if comm.rank else range(0)
+
+
+def sample_clients(seed, rnd, clients, fraction, min_clients):
+    """The round's cohort: max(⌊fraction·K⌋, min_clients) clients (at most K), drawn from (seed, round)."""
+    m = min(clients, max(int(fraction * clients), min_clients, 1))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, rnd, 0x5A3]))
+    return np.sort(rng.choice(clients, m, replace=False))
+
+
+class Client:
+    """Local training of one client at a time on this rank, reusing one model, optimizer and Stepper."""
+
+    def __init__(self, model, kernels, t, f):
+        self.t, self.f = t, f
+        opt = Optimizer(kernels, t.optimizer, model.n_params, t.momentum, t.beta1, t.beta2, t.eps, t.weight_decay)
+        self.stepper = Stepper(model, opt)
+        self.params = np.empty(model.n_params, np.float32)
+
+    def train(self, k, rnd, x, y, global_params):
+        """Train client k from the global model; returns (Δ_k, local steps a_k, loss sum, samples seen)."""
+        t, f = self.t, self.f
+        self.params[:] = global_params
+        self.stepper.opt.reset()
+        self.stepper.prox = (f.mu, global_params) if f.strategy == "fedprox" else None
+        n = len(x)
+        if f.strategy == "fedsgd":  # one full-batch gradient step
+            batch, steps = n, 1
+        else:
+            batch = min(f.local_batch, n)
+            steps = f.local_steps or f.local_epochs * -(-n // batch)
+        rng = np.random.default_rng(np.random.SeedSequence([t.seed, rnd, k, 0xC1]))
+        per_epoch = -(-n // batch)
+        loss = seen = 0.0
+        for s in range(steps):
+            epoch, i = divmod(s, per_epoch)
+            if i == 0:
+                order = rng.permutation(n)
+            rows = order[i * batch:(i + 1) * batch]
+            l, _ = self.stepper(self.params, x[rows], y[rows], t.lr, 1.0 / len(rows))
+            loss, seen = loss + l, seen + len(rows)
+        return self.params - global_params, steps, loss, seen
+
+
+def federate(cfg, comm, out=None, quiet=False):
+    started = time.perf_counter()
+    t, f = cfg.train, cfg.fed
+    threads = limit(threads_per_rank())
+    check(f.strategy)
+    ensure_default_data(comm, cfg.data.path)
+    data = comm.agree(DataFile, cfg.data.path)
+    part = comm.agree(Partition, data, comm)
+    spec = comm.agree(ModelSpec, cfg.model.kind, data.n_features, data.n_classes,
+                      tuple(cfg.model.hidden), cfg.model.activation)
+    lo, hi = (part.offsets[part.hosted.start], part.offsets[part.hosted.stop]) if comm.rank else (0, 0)
+    cx, cy = comm.agree(data.read, "partition", lo, hi, comm.rank)
+    test_x, test_y = read_part(comm, data)
+    kernels = comm.agree(compiled, comm, t.device)
+    model = Model(spec, t.device)
+    client = comm.agree(Client, model, kernels, t, f)
+    n = spec.n_params
+    params = model.init_params(t.seed) if comm.rank == 0 else np.empty(n, np.float32)
+    comm.bcast(params)
+    state = init_state(f.strategy, n)
+    server_lr = f.server_lr or DEFAULT_SERVER_LR.get(f.strategy, 1.0)
+
+    out = make_run_dir(comm, out)
+    if comm.rank == 0:
+        with open(os.path.join(out, "config.toml"), "w", encoding="utf-8") as fh:
+            fh.write(to_toml(cfg))
+    log = RunLog(comm, out, f.rounds, quiet)
+    log.say(f"mpitrain {__version__} federate: {f.strategy}, {part.clients} clients on {comm.size - 1} client "
+            f"rank(s) × {threads} thread(s), {spec.kind} {'-'.join(map(str, spec.sizes))}, {f.rounds} rounds → {out}")
+
+    agg = np.zeros(n + EXTRA, np.float32)
+    bytes_per_round = (comm.size - 1) * (params.nbytes + agg.nbytes)  # Bcast out + Reduce in
+    rounds_to_target = test_acc = test_loss = fed_acc = worst = None
+    round_seconds = []
+    for rnd in range(f.rounds):
+        tic = time.perf_counter()
+        cohort = sample_clients(t.seed, rnd, part.clients, f.fraction, f.min_clients)
+        agg[:] = 0.0
+        for k in cohort[(cohort >= part.hosted.start) & (cohort < part.hosted.stop)]:
+            a, b = part.offsets[k] - lo, part.offsets[k] - lo + part.n_train[k]
+            delta, steps, loss, seen = client.train(int(k), rnd, cx[a:b], cy[a:b], params)
+            w = float(part.n_train[k]) if f.weighting == "samples" else 1.0
+            agg[:n] += (w / steps if f.strategy == "fednova" else w) * delta
+            agg[n:] += (w, w * steps, loss, seen, 1)
+        comm.reduce_sum(agg)
+        if comm.rank == 0:
+            server_update(f.strategy, params, agg[:n] / agg[n], state, server_lr, f.beta1, f.beta2, f.tau,
+                          f.server_momentum, tau_eff=agg[n + 1] / agg[n])
+        comm.bcast(params)
+        round_seconds.append(time.perf_counter() - tic)
+        record = {"round": rnd + 1, "clients": len(cohort), "train_loss": float(agg[n + 2] / max(agg[n + 3], 1)),
+                  "bytes": bytes_per_round, "round_seconds": round_seconds[-1]}
+        if (rnd + 1) % f.eval_every == 0 or rnd + 1 == f.rounds:
+            test_loss, test_acc = evaluate(comm, model, params, test_x, test_y)
+            fed_acc, worst = federated_eval(comm, model, params, part, cx, cy, lo)
+            record.update(test_loss=test_loss, test_accuracy=test_acc, federated_accuracy=fed_acc,
+                          worst_client_accuracy=worst)
+            if rounds_to_target is None and test_acc >= f.target_accuracy:
+                rounds_to_target = rnd + 1
+            log.say(f"round {rnd + 1}/{f.rounds}  clients {len(cohort)}  test acc {test_acc:.4f}  "
+                    f"federated acc {fed_acc:.4f}  worst client {worst:.4f}")
+        log.record(**record)
+        log.advance(1)
+    summary = {
+        "test_accuracy": test_acc, "test_loss": test_loss, "federated_accuracy": fed_acc,
+        "worst_client_accuracy": worst, "rounds": f.rounds, "rounds_to_target": rounds_to_target,
+        "target_accuracy": f.target_accuracy, "strategy": f.strategy, "clients": part.clients,
+        "world_size": comm.size, "bytes_per_round": bytes_per_round,
+        "seconds_per_round": float(np.mean(round_seconds)), "wall_seconds": time.perf_counter() - started,
+        "threads_per_rank": threads, "n_params": n, "data": cfg.data.path, "data_checksum": data.checksum,
+        "mpitrain_version": __version__,
+    }
+    if comm.rank == 0:
+        save_model(os.path.join(out, "model.h5"), spec, params, data_checksum=data.checksum, rounds=f.rounds)
+    log.say(f"done: test accuracy {test_acc:.4f}, rounds to {f.target_accuracy}: {rounds_to_target} → {out}")
+    log.finish(summary)
+    comm.barrier()
+    return summary
+
+
+def federated_eval(comm, model, params, part, cx, cy, lo):
+    """Clients score the global model on their local test splits: (weighted accuracy, worst client)."""
+    correct = count = 0.0
+    worst = 1.0
+    for k in part.hosted:
+        a, b = part.offsets[k] - lo + part.n_train[k], part.offsets[k + 1] - lo
+        if b > a:
+            _, c = model.score(params, cx[a:b], cy[a:b])
+            correct, count, worst = correct + c, count + (b - a), min(worst, c / (b - a))
+    correct, count = comm.allreduce([correct, count])
+    return correct / max(count, 1), comm.allreduce([worst], "min")[0]

@@ -1,0 +1,50 @@
+"""Server strategies: pure NumPy functions of (global model x, aggregate, state) → new x, state.
+
+`delta` is the weighted mean over sampled clients of Δ_k = x_k − x (FedNova: of Δ_k / a_k, with a_k the
+client's number of local steps, and `tau_eff` = Σ p_k a_k).  Equations: ../shared/reference.md
+(McMahan et al. 2017; Hsu et al. 2019; Reddi et al. 2020, Alg. 2; Wang et al. 2020).
+"""
+import numpy as np
+
+from ..errors import MpitrainError
+
+STRATEGIES = ("fedsgd", "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fednova")
+DEFAULT_SERVER_LR = {"fedadam": 0.1, "fedadagrad": 0.1, "fedyogi": 0.01}  # others: 1.0
+
+
+def check(strategy):
+    if strategy not in STRATEGIES:
+        raise MpitrainError(f"fed.strategy = {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+
+
+def init_state(strategy, n):
+    """Server state vectors: momentum for FedAvgM, first/second moments for FedOpt (zeros)."""
+    slots = {"fedavgm": ("v",), "fedadam": ("m", "v"), "fedyogi": ("m", "v"), "fedadagrad": ("m", "v")}
+    return {s: np.zeros(n, np.float32) for s in slots.get(strategy, ())}
+
+
+def server_update(strategy, x, delta, state, lr, beta1=0.9, beta2=0.99, tau=1e-3, momentum=0.9, tau_eff=1.0):
+    """Update x (and state) in place."""
+    if strategy in ("fedsgd", "fedavg", "fedprox"):
+        x += lr * delta
+    elif strategy == "fednova":
+        x += lr * tau_eff * delta
+    elif strategy == "fedavgm":
+        v = state["v"]
+        v *= momentum
+        v += delta
+        x += lr * v
+    else:
+        m, v = state["m"], state["v"]
+        m *= beta1
+        m += (1 - beta1) * delta
+        d2 = delta * delta
+        if strategy == "fedadagrad":
+            v += d2
+        elif strategy == "fedadam":
+            v *= beta2
+            v += (1 - beta2) * d2
+        else:  # fedyogi
+            v -= (1 - beta2) * d2 * np.sign(v - d2)
+        x += lr * m / (np.sqrt(v) + tau)
+    return x
