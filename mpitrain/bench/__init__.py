@@ -1,4 +1,4 @@
-"""``python -m mpitrain bench {step,allreduce}``: print a table, save JSON and CSV into --out."""
+"""``python -m mpitrain bench {step,allreduce,federated}``: print a table, save JSON and CSV into --out."""
 import csv
 import json
 import os
@@ -6,7 +6,7 @@ import time
 
 
 def add_arguments(parser):
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{step,allreduce}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{step,allreduce,federated}")
     s = sub.add_parser("step", help="training-step throughput per rank vs NumPy and PyTorch",
                        description="Samples/s of one training step (forward, backward, optimizer update) "
                                    "per rank, for mpitrain's kernels, a plain NumPy step and PyTorch CPU "
@@ -28,13 +28,24 @@ def add_arguments(parser):
     a.add_argument("--iters", type=int, default=200, help="timed iterations at small sizes (fewer when large)")
     a.add_argument("--warmup", type=int, default=20)
     a.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
+    f = sub.add_parser("federated", help="seconds and bytes per federated round vs number of clients",
+                       description="Runs the federate loop on synthetic data partitioned IID over each "
+                                   "client count; launch with ≥ 2 ranks (rank 0 aggregates).")
+    f.add_argument("--clients", default="16,64,256", help="client counts (default 16,64,256)")
+    f.add_argument("--rounds", type=int, default=5)
+    f.add_argument("--fraction", type=float, default=0.25, help="clients sampled per round")
+    f.add_argument("--samples", type=int, default=20000)
+    f.add_argument("--features", type=int, default=64)
+    f.add_argument("--hidden", default="128")
+    f.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
 
 
 def run(args, comm):
     from .allreduce import bench_allreduce
+    from .federated import bench_federated
     from .step import bench_step
 
-    rows = (bench_step if args.bench == "step" else bench_allreduce)(args, comm)
+    rows = {"step": bench_step, "allreduce": bench_allreduce, "federated": bench_federated}[args.bench](args, comm)
     if comm.rank == 0:
         save(args.out or "bench-results", args.bench, rows, vars(args))
 

@@ -159,7 +159,7 @@ def federate(cfg, comm, out=None, quiet=False):
         "worst_client_accuracy": worst, "rounds": f.rounds, "rounds_to_target": rounds_to_target,
         "target_accuracy": f.target_accuracy, "strategy": f.strategy, "clients": part.clients,
         "world_size": comm.size, "bytes_per_round": bytes_per_round,
-        "seconds_per_round": float(np.mean(round_seconds)), "wall_seconds": time.perf_counter() - started,
+        "seconds_per_round": float(np.median(round_seconds)), "wall_seconds": time.perf_counter() - started,
         "threads_per_rank": threads, "n_params": n, "data": cfg.data.path, "data_checksum": data.checksum,
         "mpitrain_version": __version__,
     }
