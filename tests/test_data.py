@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import launch, mpirun
+from conftest import mpirun
 from mpitrain.data.prepare import prepare
 from mpitrain.errors import MpitrainError
 

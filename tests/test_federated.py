@@ -95,7 +95,7 @@ def test_thousand_virtual_clients_on_eight_client_ranks(tmp_path):
     assert s["clients"] == 1000 and s["world_size"] == 9 and s["rounds"] == 5
 
 
-@pytest.mark.parametrize("case", ["no partition", "too many ranks", "fraction", "one rank"])
+@pytest.mark.parametrize("case", ["no partition", "too many ranks", "fraction", "one rank", "strategy"])
 def test_bad_federated_input(tmp_path, digits, case):
     data, ranks, sets = digits["iid"], 3, []
     if case == "no partition":
@@ -105,6 +105,8 @@ def test_bad_federated_input(tmp_path, digits, case):
         ranks = 18
     elif case == "fraction":
         sets = ["fed.fraction=1.5"]
+    elif case == "strategy":
+        sets = ["fed.strategy=fedbest"]
     else:
         ranks = 1
     args = ["federate", "--quiet", "--data", data]
@@ -112,7 +114,8 @@ def test_bad_federated_input(tmp_path, digits, case):
         args += ["--set", s]
     r = mpirun(ranks, *args, timeout=120)
     expected = {"no partition": "no partition", "too many ranks": "17 client ranks but only 16 clients",
-                "fraction": "fed.fraction = 1.5: expected in (0, 1]", "one rank": "at least 2 ranks"}[case]
+                "fraction": "fed.fraction = 1.5: expected in (0, 1]", "one rank": "at least 2 ranks",
+                "strategy": "fed.strategy = 'fedbest'"}[case]
     assert r.returncode == 2, r.stderr
     (line,) = r.error_lines()
     assert line.startswith("mpitrain: error: ") and expected in line

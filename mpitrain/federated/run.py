@@ -95,7 +95,7 @@ def federate(cfg, comm, out=None, quiet=False):
     started = time.perf_counter()
     t, f = cfg.train, cfg.fed
     threads = limit(threads_per_rank())
-    check(f.strategy)
+    comm.agree(check, f.strategy)
     ensure_default_data(comm, cfg.data.path)
     data = comm.agree(DataFile, cfg.data.path)
     part = comm.agree(Partition, data, comm)
