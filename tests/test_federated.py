@@ -133,3 +133,38 @@ def test_empty_client_is_refused(tmp_path, digits):
     r = mpirun(3, "federate", "--quiet", "--data", data, timeout=120, cwd=str(tmp_path))
     assert r.returncode == 2 and "client 3 has no training samples" in r.stderr
     assert os.path.exists(data) and not os.path.exists(os.path.join(tmp_path, "runs"))
+
+
+def test_round_is_the_sample_weighted_mean_of_client_models(tmp_path):
+    """Two clients of 10 and 1000 training samples, one FedAvg round under mpiexec: the new global model
+    is Σ n_k x_k / Σ n_k of the client models, trained here in-process by the same Client code."""
+    import h5py
+
+    from mpitrain.config import Config
+    from mpitrain.data.prepare import prepare
+    from mpitrain.federated.run import Client
+    from mpitrain.kernels import cpu
+    from mpitrain.model import Model, ModelSpec
+
+    data = str(tmp_path / "two.h5")
+    prepare("synthetic", data, samples=2000, features=8, classes=3)
+    with h5py.File(data, "r+") as f:
+        f["partition/x"], f["partition/y"] = f["train/x"][:1262], f["train/y"][:1262]
+        f["partition/offsets"] = np.array([0, 12, 1262])
+        f["partition/n_train"] = np.array([10, 1000])
+    sets = ["model.hidden=[8]", "fed.rounds=1", "fed.fraction=1", "fed.local_epochs=2", "train.optimizer=sgd",
+            "train.lr=0.1"]
+    federate(3, data, str(tmp_path / "o"), *sets)
+    cfg = Config()
+    cfg.model.hidden, cfg.fed.local_epochs, cfg.train.optimizer, cfg.train.lr = [8], 2, "sgd", 0.1
+    model = Model(ModelSpec("mlp", 8, 3, (8,)))
+    start = model.init_params(cfg.train.seed)
+    client = Client(model, cpu, cfg.train, cfg.fed)
+    with h5py.File(data, "r") as f:
+        x, y = f["partition/x"][...], f["partition/y"][...]
+    models = [start + client.train(k, 0, x[a:a + n], y[a:a + n], start)[0]
+              for k, (a, n) in enumerate(((0, 10), (12, 1000)))]
+    expected = np.average(models, axis=0, weights=[10, 1000])
+    got = params(str(tmp_path / "o"))
+    assert np.max(np.abs(got - expected)) <= 1e-6 * np.abs(expected).max()
+    assert np.max(np.abs(got - np.mean(models, axis=0))) > 1e-3  # the weighting matters here
