@@ -6,6 +6,7 @@ rank sums [ω_k·Δ_k, ω_k, ω_k·a_k, loss, samples, clients] over its clients
 Reduce(SUM) to rank 0 → the strategy updates the model → one Bcast of the model.  Only model-sized vectors
 and a few scalars ever cross ranks.
 """
+import math
 import os
 import time
 
@@ -52,7 +53,7 @@ class Partition:
 
 def sample_clients(seed, rnd, clients, fraction, min_clients):
     """The round's cohort: max(⌊fraction·K⌋, min_clients) clients (at most K), drawn from (seed, round)."""
-    m = min(clients, max(int(fraction * clients), min_clients, 1))
+    m = min(clients, max(math.floor(fraction * clients + 1e-9), min_clients, 1))  # 0.29·100 → 29, not 28
     rng = np.random.default_rng(np.random.SeedSequence([seed, rnd, 0x5A3]))
     return np.sort(rng.choice(clients, m, replace=False))
 
