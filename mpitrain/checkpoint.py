@@ -1,5 +1,14 @@
-"""Atomic HDF5 files: the trained model (model.h5) written as temp file → fsync → os.replace."""
+"""Atomic HDF5 files: the trained model (model.h5) and checkpoints, each written as temp file → fsync →
+os.replace → fsync of the directory, so a crash leaves the old file or the new one, never half of one.
+
+A checkpoint (ckpt-<step or round>.h5) holds named float32 vectors (params, optimizer and server state)
+and attributes (counters, model description, config, versions) plus a sha256 over all of it, so a
+truncated or corrupted file is detected; `--resume auto` then falls back to the previous good one.
+"""
+import glob
+import hashlib
 import os
+import time
 
 import numpy as np
 
@@ -17,6 +26,11 @@ def atomic_write(path, write):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -54,3 +68,111 @@ def load_model(path):
     if params.shape != (spec.n_params,):
         raise MpitrainError(f"{path}: params has shape {params.shape}, the model described needs ({spec.n_params},)")
     return spec, params
+
+
+def _digest(arrays, attrs):
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(name.encode() + np.ascontiguousarray(arrays[name]).tobytes())
+    for name in sorted(attrs):
+        h.update(f"{name}={np.asarray(attrs[name]).tolist()!r}".encode())
+    return h.hexdigest()
+
+
+def save_checkpoint(directory, index, arrays, attrs, keep=3):
+    """Write ckpt-<index>.h5 atomically and delete all but the newest `keep` checkpoints."""
+    import h5py
+
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"ckpt-{index:09d}.h5")
+    attrs = dict(attrs, index=index, mpitrain_version=__version__)
+
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            for name, a in arrays.items():
+                f.create_dataset(name, data=a)
+            f.attrs.update(attrs)
+            f.attrs["checksum"] = _digest(arrays, attrs)
+
+    atomic_write(path, write)
+    for old in sorted(glob.glob(os.path.join(directory, "ckpt-*.h5")))[:-keep]:
+        os.remove(old)
+    return path
+
+
+def load_checkpoint(path):
+    """(arrays, attrs) of a checkpoint whose checksum matches; MpitrainError otherwise."""
+    import h5py
+
+    if not os.path.exists(path):
+        raise MpitrainError(f"{path}: no such checkpoint")
+    try:
+        with h5py.File(path, "r") as f:
+            arrays, attrs = {}, {k: v for k, v in f.attrs.items() if k != "checksum"}
+            f.visititems(lambda name, obj: arrays.__setitem__(name, obj[...]) if isinstance(obj, h5py.Dataset) else None)
+            stored = f.attrs.get("checksum")
+    except (OSError, KeyError, RuntimeError):
+        raise MpitrainError(f"{path}: unreadable checkpoint (truncated or not HDF5)") from None
+    if stored is None or stored != _digest(arrays, attrs):
+        raise MpitrainError(f"{path}: corrupted checkpoint (checksum mismatch)")
+    return arrays, attrs
+
+
+def resolve_resume(resume, directory):
+    """(path, arrays, attrs, skipped): the checkpoint to continue from, path None to start afresh.
+    `auto` takes the newest good checkpoint in `directory` (skipped: messages about the corrupted ones
+    passed over); any other value is a checkpoint path that must be good."""
+    if resume is None:
+        return None, None, None, []
+    if resume != "auto":
+        return (resume, *load_checkpoint(resume), [])
+    skipped = []
+    for path in sorted(glob.glob(os.path.join(directory, "ckpt-*.h5")), reverse=True):
+        try:
+            return (path, *load_checkpoint(path), skipped)
+        except MpitrainError as exc:
+            skipped.append(str(exc))
+    return None, None, None, skipped
+
+
+class Checkpointer:
+    """When and where a run checkpoints, and resuming from one.  Rank 0 writes; every rank waits at a
+    barrier before training continues (no rank runs ahead into a collective while the file is written)."""
+
+    def __init__(self, comm, cfg, out, spec, config_text, data_checksum):
+        c = cfg.checkpoint
+        self.comm, self.every, self.every_seconds, self.keep = comm, c.every, c.every_seconds, c.keep
+        self.dir = c.dir or os.path.join(out, "checkpoints")
+        self.attrs = {**spec.attrs(), "config": config_text, "data_checksum": data_checksum}
+        self.last = time.monotonic()
+
+    def time_due(self):
+        """Rank 0's clock says a checkpoint is due (the loops share this flag in their next collective)."""
+        return (self.comm.rank == 0 and self.every_seconds > 0
+                and time.monotonic() - self.last >= self.every_seconds)
+
+    def due(self, index, flagged):
+        return flagged or (self.every > 0 and index % self.every == 0)
+
+    def save(self, index, arrays, **attrs):
+        if not all(np.all(np.isfinite(a)) for a in arrays.values()):
+            raise MpitrainError(f"step/round {index}: parameters or state are not finite; "
+                                f"not checkpointed (the last good checkpoint stays in {self.dir})", agreed=True)
+        if self.comm.rank == 0:
+            save_checkpoint(self.dir, index, arrays, {**self.attrs, **attrs}, self.keep)
+        self.comm.barrier()
+        self.last = time.monotonic()
+
+    def resume(self, resume, say):
+        """(index, arrays, attrs) of the checkpoint to continue from, or None; checked against this run."""
+        path, arrays, attrs, skipped = self.comm.agree(resolve_resume, resume, self.dir)
+        for message in skipped:
+            say(f"skipping {message}")
+        if path is None:
+            return None
+        for key in ("kind", "n_in", "n_out", "hidden", "activation", "data_checksum"):
+            if key not in attrs or not np.array_equal(attrs[key], self.attrs[key]):
+                raise MpitrainError(f"{path}: checkpoint of another model or dataset ({key} = "
+                                    f"{attrs.get(key)!r}, this run has {self.attrs[key]!r})", agreed=True)
+        say(f"resuming from {path}")
+        return int(attrs["index"]), arrays, attrs

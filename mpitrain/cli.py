@@ -28,6 +28,12 @@ def _parser():
                         help="override one setting, e.g. --set train.lr=0.1 --set model.hidden=[256,128]")
         p_.add_argument("--out", metavar="DIR", help="run directory (default: runs/<timestamp>)")
         p_.add_argument("--quiet", action="store_true", help="print nothing but errors")
+        p_.add_argument("--resume", metavar="auto|PATH",
+                        help="continue from a checkpoint: auto = the newest good one in the checkpoint folder "
+                             "(start afresh if there is none), or a ckpt-*.h5 path")
+        p_.add_argument("--checkpoint-every", metavar="N|Ns",
+                        help="checkpoint every N steps (train) or rounds (federate), or every N seconds with "
+                             "an s suffix (default: every 300 s and at the end)")
     fe.add_argument("--data", metavar="FILE.h5", help="shorthand for --set data.path=FILE.h5")
 
     pr = sub.add_parser("prepare", help="write a dataset as HDF5 (train/test split, standardised)",
@@ -107,16 +113,25 @@ def _dispatch(args, comm):
     if args.command in ("train", "federate"):
         from .config import load
 
-        overrides = args.overrides + ([f"data.path={args.data}"] if getattr(args, "data", None) else [])
+        from . import preempt
+
+        overrides = list(args.overrides)
+        if getattr(args, "data", None):
+            overrides.append(f"data.path={args.data}")
+        n = args.checkpoint_every
+        if n:  # one cadence replaces the other
+            overrides += ([f"checkpoint.every_seconds={n[:-1]}", "checkpoint.every=0"] if n.endswith("s")
+                          else [f"checkpoint.every={n}", "checkpoint.every_seconds=0"])
         cfg = comm.agree(load, args.config, overrides)
+        preempt.install()
         if args.command == "train":
-            from .train import train
-
-            train(cfg, comm, args.out, args.quiet)
+            from .train import train as run
         else:
-            from .federated.run import federate
-
-            federate(cfg, comm, args.out, args.quiet)
+            from .federated.run import federate as run
+        try:
+            run(cfg, comm, args.out, args.quiet, args.resume)
+        except preempt.Preempted:
+            return preempt.EXIT_PREEMPTED
     elif args.command == "prepare":
         from .data.partition import write_partition
         from .data.prepare import prepare
@@ -160,9 +175,8 @@ def main(argv=None):
 
         comm = Comm()
         install_abort_hook(comm)
-        _dispatch(args, comm)
+        return _dispatch(args, comm) or 0
     except MpitrainError as exc:
         from .comm import report_error
 
         return report_error(comm, exc)
-    return 0

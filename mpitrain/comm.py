@@ -81,6 +81,15 @@ class Comm:
             self.raw.Allreduce(self.MPI.IN_PLACE, buf, op=mpi_op)
         return buf
 
+    def allgather_int(self, value):
+        """Every rank's integer, as an int64 array indexed by rank."""
+        out = np.full(self.size, value, dtype=np.int64)
+        if self.trace:
+            self._note("Allgather", out[:1])
+        if self.size > 1:
+            self.raw.Allgather(np.array([value], np.int64), out)
+        return out
+
     def bcast_bytes(self, data, root=0):
         """Broadcast a byte string as two buffers (length, bytes)."""
         if self.size == 1:

@@ -80,11 +80,20 @@ class FedConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 0              # steps (train) or rounds (federate) between checkpoints; 0 = by time only
+    every_seconds: float = 300.0  # also checkpoint when this much time has passed (0 = never by time)
+    keep: int = 3               # newest checkpoints kept
+    dir: str = ""               # default: <run dir>/checkpoints
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self):
         t = self.train
@@ -108,6 +117,10 @@ class Config:
         for key in ("server_momentum", "beta1", "beta2"):
             _check(0 <= getattr(f, key) < 1, f"fed.{key}", getattr(f, key), "in [0, 1)")
         _check(f.weighting in ("samples", "uniform"), "fed.weighting", f.weighting, "samples or uniform")
+        c = self.checkpoint
+        _check(c.every >= 0, "checkpoint.every", c.every, "≥ 0")
+        _check(c.every_seconds >= 0, "checkpoint.every_seconds", c.every_seconds, "≥ 0")
+        _check(c.keep >= 1, "checkpoint.keep", c.keep, "≥ 1")
         return self
 
 

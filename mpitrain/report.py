@@ -64,8 +64,10 @@ class RunLog:
             print(text, flush=True)
 
     def finish(self, summary):
+        """Close the outputs; write summary.json unless summary is None (a run stopped early)."""
         if self.active:
             if self.bar is not None:
                 self.bar.close()
             self.metrics.close()
-            write_json(os.path.join(self.out_dir, "summary.json"), summary)
+            if summary is not None:
+                write_json(os.path.join(self.out_dir, "summary.json"), summary)

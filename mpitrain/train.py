@@ -7,25 +7,29 @@ import time
 import numpy as np
 
 from . import __version__
-from .checkpoint import save_model
+from . import preempt
+from .checkpoint import Checkpointer, save_model
 from .config import default_data_path, to_toml
 from .data.shard import DataFile, TrainShard
+from .errors import MpitrainError
 from .evaluate import evaluate, read_part
 from .kernels import compiled
 from .model import Model, ModelSpec
 from .optim import Optimizer, schedule
 from .report import RunLog, make_run_dir
+from .startup import check_world
 from .threads import limit, threads_per_rank
 
 
 class Stepper:
     """One optimizer step on flat buffers: summed-loss gradient → optional reduction → fused update."""
 
-    def __init__(self, model, optimizer, reduce=None):
+    def __init__(self, model, optimizer, reduce=None, flags=0):
         self.model, self.opt, self.reduce = model, optimizer, reduce
         n = model.n_params
-        self.buf = np.zeros(n + 2, np.float32)  # [gradient | loss sum | number correct]
+        self.buf = np.zeros(n + 2 + flags, np.float32)  # [gradient | loss sum | number correct | flags]
         self.grad = self.buf[:n]
+        self.flags = self.buf[n + 2:]  # set before a step; summed over ranks with the gradient
         self.prox = None  # (mu, anchor): FedProx adds (mu/2)·||params − anchor||² per sample
 
     def __call__(self, params, x, y, lr, scale):
@@ -51,11 +55,13 @@ def ensure_default_data(comm, path):
         comm.barrier()
 
 
-def train(cfg, comm, out=None, quiet=False):
+def train(cfg, comm, out=None, quiet=False, resume=None):
     started = time.perf_counter()
     t, threads = cfg.train, limit(threads_per_rank())
     ensure_default_data(comm, cfg.data.path)
     data = comm.agree(DataFile, cfg.data.path)
+    config_text = to_toml(cfg)
+    check_world(comm, config_text, data.checksum)
     spec = comm.agree(ModelSpec, cfg.model.kind, data.n_features, data.n_classes,
                       tuple(cfg.model.hidden), cfg.model.activation)
     shard = comm.agree(TrainShard, data, t.global_batch, comm.rank, comm.size, t.seed)
@@ -67,32 +73,48 @@ def train(cfg, comm, out=None, quiet=False):
     lr_at = comm.agree(schedule, t.schedule, lr, total, t.warmup_steps, t.step_size, t.gamma)
     opt = comm.agree(Optimizer, kernels, t.optimizer, spec.n_params, t.momentum, t.beta1, t.beta2,
                      t.eps, t.weight_decay)
-    params = model.init_params(t.seed) if comm.rank == 0 else np.empty(spec.n_params, np.float32)
-    comm.bcast(params)
 
     out = make_run_dir(comm, out)
     if comm.rank == 0:
         with open(os.path.join(out, "config.toml"), "w", encoding="utf-8") as f:
-            f.write(to_toml(cfg))
+            f.write(config_text)
     log = RunLog(comm, out, total, quiet)
+    ckpt = Checkpointer(comm, cfg, out, spec, config_text, data.checksum)
+    resumed = ckpt.resume(resume, log.say)
+    if resumed:
+        first, arrays, attrs = resumed
+        params = arrays["params"].astype(np.float32)
+        for name, v in opt.state.items():
+            v[:] = arrays[f"opt/{name}"]
+        opt.t = int(attrs["opt_t"])
+    else:
+        first = 0
+        params = model.init_params(t.seed) if comm.rank == 0 else np.empty(spec.n_params, np.float32)
+        comm.bcast(params)
+    log.advance(first)
     log.say(f"mpitrain {__version__}: {spec.kind} {'-'.join(map(str, spec.sizes))} ({spec.n_params} params) "
             f"on {comm.size} rank(s) × {threads} thread(s), {data.n_train} train samples, "
-            f"global batch {t.global_batch}, {total} steps → {out}")
+            f"global batch {t.global_batch}, steps {first + 1}…{total} → {out}")
 
-    step_fn = Stepper(model, opt, comm.allreduce_sum)
+    step_fn = Stepper(model, opt, comm.allreduce_sum, flags=2)  # flags: stop requested, checkpoint due
     eval_every = t.eval_every or shard.steps_per_epoch
     scale = 1.0 / t.global_batch
     train_seconds, last = 0.0, {}
     test_loss = test_acc = None
     order = None
-    for step in range(total):
+    for step in range(first, total):
         tic = time.perf_counter()
         epoch, s = divmod(step, shard.steps_per_epoch)
-        if s == 0:
+        if s == 0 or order is None:
             order = shard.epoch_order(epoch)
         lr_now = lr_at(step)
+        step_fn.flags[:] = (preempt.requested(), ckpt.time_due())
         loss, correct = step_fn(params, *shard.batch_at(order[s]), lr_now, scale)
         train_seconds += time.perf_counter() - tic
+        if not np.isfinite(loss):
+            raise MpitrainError(f"step {step + 1}: the loss is not finite ({loss}); stopping before it reaches "
+                                f"a checkpoint (the last good one stays in {ckpt.dir})", agreed=True)
+        stop, timed = step_fn.flags > 0
         if (step + 1) % max(t.log_every, 1) == 0 or step + 1 == total:
             last = {"train_loss": loss * scale, "train_accuracy": correct * scale}
             log.record(step=step + 1, epoch=epoch, lr=lr_now, **last)
@@ -102,18 +124,26 @@ def train(cfg, comm, out=None, quiet=False):
             log.say(f"step {step + 1}/{total}  epoch {epoch + 1}  loss {last['train_loss']:.4f}  "
                     f"test loss {test_loss:.4f}  test acc {test_acc:.4f}")
         log.advance(1, loss=f"{loss * scale:.4f}")
+        if ckpt.due(step + 1, stop or timed) or step + 1 == total:
+            ckpt.save(step + 1, {"params": params, **{f"opt/{k}": v for k, v in opt.state.items()}}, opt_t=opt.t)
+        if stop:
+            log.say(f"stop requested: checkpointed step {step + 1} in {ckpt.dir}; exit {preempt.EXIT_PREEMPTED}")
+            log.finish(None)
+            raise preempt.Preempted()
+    if test_acc is None:  # resumed at the end: score the restored model
+        test_loss, test_acc = evaluate(comm, model, params, test_x, test_y)
     train_seconds, comm_seconds = comm.allreduce([train_seconds, comm.comm_seconds], op="max")
     summary = {
         "test_accuracy": test_acc, "test_loss": test_loss, **last,
         "steps": total, "epochs": total / shard.steps_per_epoch, "world_size": comm.size,
         "global_batch": t.global_batch, "threads_per_rank": threads, "n_params": spec.n_params,
-        "samples_per_second": total * t.global_batch / train_seconds if train_seconds else None,
+        "samples_per_second": (total - first) * t.global_batch / train_seconds if train_seconds else None,
         "wall_seconds": time.perf_counter() - started, "comm_seconds": comm_seconds, "data": cfg.data.path,
-        "data_checksum": data.checksum, "mpitrain_version": __version__,
+        "data_checksum": data.checksum, "resumed_from_step": first, "mpitrain_version": __version__,
     }
     if comm.rank == 0:
         save_model(os.path.join(out, "model.h5"), spec, params, data_checksum=data.checksum, steps=total)
-    log.say(f"done: test accuracy {test_acc:.4f}, {summary['samples_per_second']:.0f} samples/s, "
+    log.say(f"done: test accuracy {test_acc:.4f}, {summary['samples_per_second'] or 0:.0f} samples/s, "
             f"{train_seconds:.1f} s ({comm_seconds:.1f} s in allreduce) → {out}")
     log.finish(summary)
     comm.barrier()

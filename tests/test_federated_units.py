@@ -203,7 +203,7 @@ def test_fednova_against_the_reference_equation():
     agg = np.zeros(n + EXTRA, f32)
     for w, a, d in zip(sizes, steps, deltas):
         agg[:n] += (w / a) * d
-        agg[n:] += (w, w * a, 0.0, 0.0, 1)
+        agg[n:n + 5] += (w, w * a, 0.0, 0.0, 1)
     tau_eff = agg[n + 1] / agg[n]
     assert tau_eff == pytest.approx(5.0)  # 0.25·2 + 0.75·6
     server_update("fednova", x, agg[:n] / agg[n], {}, 1.0, tau_eff=tau_eff)
@@ -227,7 +227,7 @@ def test_fednova_equals_fedavg_when_local_steps_are_equal():
         agg = np.zeros(n + EXTRA, f32)
         for w, d in zip(sizes, deltas):
             agg[:n] += (w / 4 if strategy == "fednova" else w) * d
-            agg[n:] += (w, w * 4, 0.0, 0.0, 1)
+            agg[n:n + 5] += (w, w * 4, 0.0, 0.0, 1)
         x = np.ones(n, f32)
         server_update(strategy, x, agg[:n] / agg[n], {}, 1.0, tau_eff=agg[n + 1] / agg[n])
         models[strategy] = x
@@ -324,7 +324,7 @@ def _aggregate(deltas, weights, steps=None, strategy="fedavg"):
     for i, (d, w) in enumerate(zip(deltas, weights)):
         a = steps[i] if steps else 1
         agg[:n] += (w / a if strategy == "fednova" else w) * d
-        agg[n:] += (w, w * a, 0.5 * i, 10 * i, 1)
+        agg[n:n + 5] += (w, w * a, 0.5 * i, 10 * i, 1)
     return agg, n
 
 

@@ -2,8 +2,8 @@
 clients block-wise (rank r hosts a contiguous range of clients, hence one contiguous hyperslab of
 partition/, read by that rank alone).  A round: every rank draws the same client sample from
 (seed, round) → hosted sampled clients train locally (the project's Stepper and optimizer) → each client
-rank sums [ω_k·Δ_k, ω_k, ω_k·a_k, loss, samples, clients] over its clients into one buffer → one
-Reduce(SUM) to rank 0 → the strategy updates the model → one Bcast of the model.  Only model-sized vectors
+rank sums [ω_k·Δ_k, ω_k, ω_k·a_k, loss, samples, clients, stop] over its clients into one buffer → one
+Reduce(SUM) to rank 0 → the strategy updates the model → one Bcast of [model, stop, checkpoint due].  Only model-sized vectors
 and a few scalars ever cross ranks.
 """
 import math
@@ -13,7 +13,8 @@ import time
 import numpy as np
 
 from .. import __version__
-from ..checkpoint import save_model
+from .. import preempt
+from ..checkpoint import Checkpointer, save_model
 from ..config import to_toml
 from ..data.shard import DataFile, block
 from ..errors import MpitrainError
@@ -22,11 +23,12 @@ from ..kernels import compiled
 from ..model import Model, ModelSpec
 from ..optim import Optimizer
 from ..report import RunLog, make_run_dir
+from ..startup import check_world
 from ..threads import limit, threads_per_rank
 from ..train import Stepper, ensure_default_data
 from .strategies import DEFAULT_SERVER_LR, check, init_state, server_update
 
-EXTRA = 5  # aggregate slots after the model: Σω, Σω·a, Σloss, Σsamples, Σclients
+EXTRA = 6  # aggregate slots after the model: Σω, Σω·a, Σloss, Σsamples, Σclients, stop requests
 
 
 class Partition:
@@ -92,13 +94,15 @@ class Client:
         return self.params - global_params, steps, loss, seen
 
 
-def federate(cfg, comm, out=None, quiet=False):
+def federate(cfg, comm, out=None, quiet=False, resume=None):
     started = time.perf_counter()
     t, f = cfg.train, cfg.fed
     threads = limit(threads_per_rank())
     comm.agree(check, f.strategy)
     ensure_default_data(comm, cfg.data.path)
     data = comm.agree(DataFile, cfg.data.path)
+    config_text = to_toml(cfg)
+    check_world(comm, config_text, data.checksum)
     part = comm.agree(Partition, data, comm)
     spec = comm.agree(ModelSpec, cfg.model.kind, data.n_features, data.n_classes,
                       tuple(cfg.model.hidden), cfg.model.activation)
@@ -109,24 +113,37 @@ def federate(cfg, comm, out=None, quiet=False):
     model = Model(spec, t.device)
     client = comm.agree(Client, model, kernels, t, f)
     n = spec.n_params
-    params = model.init_params(t.seed) if comm.rank == 0 else np.empty(n, np.float32)
-    comm.bcast(params)
     state = init_state(f.strategy, n)
     server_lr = f.server_lr or DEFAULT_SERVER_LR.get(f.strategy, 1.0)
+    model_buf = np.zeros(n + 2, np.float32)  # [model | stop, checkpoint due]: the round's one Bcast
+    params = model_buf[:n]
 
     out = make_run_dir(comm, out)
     if comm.rank == 0:
         with open(os.path.join(out, "config.toml"), "w", encoding="utf-8") as fh:
-            fh.write(to_toml(cfg))
+            fh.write(config_text)
     log = RunLog(comm, out, f.rounds, quiet)
+    ckpt = Checkpointer(comm, cfg, out, spec, config_text, data.checksum)
+    resumed = ckpt.resume(resume, log.say)
+    if resumed:
+        first, arrays, _ = resumed
+        params[:] = arrays["params"]
+        for name, v in state.items():
+            v[:] = arrays[f"server/{name}"]
+    else:
+        first = 0
+        if comm.rank == 0:
+            params[:] = model.init_params(t.seed)
+        comm.bcast(params)
+    log.advance(first)
     log.say(f"mpitrain {__version__} federate: {f.strategy}, {part.clients} clients on {comm.size - 1} client "
             f"rank(s) × {threads} thread(s), {spec.kind} {'-'.join(map(str, spec.sizes))}, {f.rounds} rounds → {out}")
 
     agg = np.zeros(n + EXTRA, np.float32)
-    bytes_per_round = (comm.size - 1) * (params.nbytes + agg.nbytes)  # Bcast out + Reduce in
+    bytes_per_round = (comm.size - 1) * (model_buf.nbytes + agg.nbytes)  # Bcast out + Reduce in
     rounds_to_target = test_acc = test_loss = fed_acc = worst = None
     round_seconds = []
-    for rnd in range(f.rounds):
+    for rnd in range(first, f.rounds):
         tic = time.perf_counter()
         cohort = sample_clients(t.seed, rnd, part.clients, f.fraction, f.min_clients)
         agg[:] = 0.0
@@ -135,12 +152,15 @@ def federate(cfg, comm, out=None, quiet=False):
             delta, steps, loss, seen = client.train(int(k), rnd, cx[a:b], cy[a:b], params)
             w = float(part.n_train[k]) if f.weighting == "samples" else 1.0
             agg[:n] += (w / steps if f.strategy == "fednova" else w) * delta
-            agg[n:] += (w, w * steps, loss, seen, 1)
+            agg[n:n + 5] += (w, w * steps, loss, seen, 1)
+        agg[n + 5] = preempt.requested()
         comm.reduce_sum(agg)
         if comm.rank == 0:
             server_update(f.strategy, params, agg[:n] / agg[n], state, server_lr, f.beta1, f.beta2, f.tau,
                           f.server_momentum, tau_eff=agg[n + 1] / agg[n])
-        comm.bcast(params)
+            model_buf[n:] = (agg[n + 5] + preempt.requested(), ckpt.time_due())
+        comm.bcast(model_buf)  # the new model and rank 0's decisions reach every rank together
+        stop, timed = model_buf[n:] > 0
         round_seconds.append(time.perf_counter() - tic)
         record = {"round": rnd + 1, "clients": len(cohort), "train_loss": float(agg[n + 2] / max(agg[n + 3], 1)),
                   "bytes": bytes_per_round, "round_seconds": round_seconds[-1]}
@@ -155,12 +175,21 @@ def federate(cfg, comm, out=None, quiet=False):
                     f"federated acc {fed_acc:.4f}  worst client {worst:.4f}")
         log.record(**record)
         log.advance(1)
+        if ckpt.due(rnd + 1, stop or timed) or rnd + 1 == f.rounds:
+            ckpt.save(rnd + 1, {"params": params, **{f"server/{k}": v for k, v in state.items()}})
+        if stop:
+            log.say(f"stop requested: checkpointed round {rnd + 1} in {ckpt.dir}; exit {preempt.EXIT_PREEMPTED}")
+            log.finish(None)
+            raise preempt.Preempted()
+    if test_acc is None:  # resumed at the end: score the restored model
+        test_loss, test_acc = evaluate(comm, model, params, test_x, test_y)
+        fed_acc, worst = federated_eval(comm, model, params, part, cx, cy, lo)
     summary = {
         "test_accuracy": test_acc, "test_loss": test_loss, "federated_accuracy": fed_acc,
         "worst_client_accuracy": worst, "rounds": f.rounds, "rounds_to_target": rounds_to_target,
         "target_accuracy": f.target_accuracy, "strategy": f.strategy, "clients": part.clients,
         "world_size": comm.size, "bytes_per_round": bytes_per_round,
-        "seconds_per_round": float(np.median(round_seconds)), "wall_seconds": time.perf_counter() - started,
+        "seconds_per_round": float(np.median(round_seconds)) if round_seconds else None, "wall_seconds": time.perf_counter() - started,
         "threads_per_rank": threads, "n_params": n, "data": cfg.data.path, "data_checksum": data.checksum,
         "mpitrain_version": __version__,
     }
