@@ -115,8 +115,8 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
             raise MpitrainError(f"step {step + 1}: the loss is not finite ({loss}); stopping before it reaches "
                                 f"a checkpoint (the last good one stays in {ckpt.dir})", agreed=True)
         stop, timed = step_fn.flags > 0
+        last = {"train_loss": loss * scale, "train_accuracy": correct * scale}
         if (step + 1) % max(t.log_every, 1) == 0 or step + 1 == total:
-            last = {"train_loss": loss * scale, "train_accuracy": correct * scale}
             log.record(step=step + 1, epoch=epoch, lr=lr_now, **last)
         if (step + 1) % eval_every == 0 or step + 1 == total:
             test_loss, test_acc = evaluate(comm, model, params, test_x, test_y)

@@ -1,0 +1,181 @@
+"""Checkpoints, resume, and faults: bit-exact continuation, corrupted files, signals, killed ranks."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import MPIEXEC, mpirun, params, summary
+
+SYNC = ["model.hidden=[32]", "train.optimizer=adam", "train.lr=0.005", "train.global_batch=60",
+        "train.steps=60", "checkpoint.every=20"]
+
+
+def run(n, command, out, *sets, resume=None, data=None, timeout=300):
+    args = [command, "--quiet", "--out", out] + (["--resume", resume] if resume else [])
+    if data:
+        args += ["--set", f"data.path={data}"]
+    for s in sets:
+        args += ["--set", s]
+    return mpirun(n, *args, timeout=timeout)
+
+
+def ok(r):
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def checkpoints(out):
+    return sorted(glob.glob(os.path.join(out, "checkpoints", "ckpt-*.h5")))
+
+
+def test_sync_resume_is_bit_exact_and_falls_back_over_a_corrupted_file(tmp_path, synth):
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    ok(run(2, "train", full, *SYNC, data=synth))
+    ok(run(2, "train", cut, *SYNC, data=synth))
+    assert [os.path.basename(p) for p in checkpoints(cut)] == ["ckpt-000000020.h5", "ckpt-000000040.h5",
+                                                               "ckpt-000000060.h5"]
+    os.remove(os.path.join(cut, "model.h5"))
+    newest = checkpoints(cut)[-1]
+    with open(newest, "r+b") as f:  # truncate the newest: auto must skip it and take step 40
+        f.truncate(os.path.getsize(newest) // 2)
+    ok(run(2, "train", cut, *SYNC, resume="auto", data=synth))
+    assert summary(cut)["resumed_from_step"] == 40
+    assert np.array_equal(params(full), params(cut))
+    with open(newest, "r+b") as f:  # the resumed run rewrote it; an explicit path must be good
+        f.truncate(os.path.getsize(newest) // 2)
+    r = run(2, "train", str(tmp_path / "x"), *SYNC, resume=newest, data=synth, timeout=120)
+    assert r.returncode == 2 and r.error_lines() == [f"mpitrain: error: {newest}: unreadable checkpoint "
+                                                     "(truncated or not HDF5)"]
+
+
+def test_resume_on_another_number_of_ranks(tmp_path, synth):
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    ok(run(2, "train", full, *SYNC, data=synth))
+    ok(run(2, "train", cut, *SYNC, data=synth))
+    os.remove(checkpoints(cut)[-1])
+    ok(run(3, "train", cut, *SYNC, resume="auto", data=synth))
+    a, b = params(full), params(cut)
+    assert summary(cut)["resumed_from_step"] == 40 and summary(cut)["world_size"] == 3
+    assert np.max(np.abs(a - b)) <= 1e-5 * np.abs(a).max()
+
+
+def test_federated_fedadam_resume_is_bit_exact(tmp_path):
+    data = str(tmp_path / "fed.h5")
+    ok(mpirun(1, "prepare", "--source", "synthetic", "--samples", 1500, "--features", 10, "--classes", 3,
+              "--out", data, "--partition", "dirichlet", "--clients", 12))
+    sets = ["fed.strategy=fedadam", "fed.rounds=6", "fed.fraction=0.5", "model.hidden=[16]", "checkpoint.every=2"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    ok(run(4, "federate", full, *sets, data=data))
+    ok(run(4, "federate", cut, *sets, data=data))
+    os.remove(checkpoints(cut)[-1])
+    ok(run(4, "federate", cut, *sets, resume="auto", data=data))
+    assert np.array_equal(params(full), params(cut))
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, synth):
+    out = str(tmp_path / "a")
+    ok(run(2, "train", out, *SYNC, data=synth))
+    r = run(2, "train", str(tmp_path / "b"), *SYNC, "model.hidden=[8]", resume=checkpoints(out)[0],
+            data=synth, timeout=120)
+    assert r.returncode == 2
+    (line,) = r.error_lines()
+    assert "checkpoint of another model or dataset (hidden" in line
+
+
+def _rank_pids(marker):
+    """PIDs of the Python ranks whose command line contains marker."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if cmd and cmd[0].endswith(b"python") or (cmd and b"python" in os.path.basename(cmd[0])):
+                if marker.encode() in b" ".join(cmd) and b"mpiexec" not in cmd[0]:
+                    pids.append(int(d))
+    return sorted(pids)
+
+
+def _start(out, data, *sets):
+    cmd = [MPIEXEC, "-n", "3", sys.executable, "-m", "mpitrain", "train", "--quiet", "--out", out,
+           "--set", f"data.path={data}", *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, "metrics.jsonl")) or len(_rank_pids(out)) < 3:
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(1.0)
+    return proc
+
+
+LONG = ["model.hidden=[64]", "train.steps=200000", "train.global_batch=30", "train.optimizer=momentum",
+        "train.schedule=constant"]  # constant lr: a shorter reference run sees the same lr at every step
+
+
+def test_sigusr1_on_one_rank_checkpoints_and_exits_75(tmp_path, synth):
+    out = str(tmp_path / "sig")
+    proc = _start(out, synth, *LONG)
+    os.kill(_rank_pids(out)[1], signal.SIGUSR1)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 75, err
+    (ckpt,) = checkpoints(out)
+    step = int(os.path.basename(ckpt)[5:14])
+    assert 0 < step < 200000 and not os.path.exists(os.path.join(out, "summary.json"))
+    # resuming with the final step set to the checkpoint + 10 equals an uninterrupted run of that length
+    done = [*LONG[:1], f"train.steps={step + 10}", *LONG[2:]]
+    ok(run(3, "train", out, *done, resume="auto", data=synth))
+    ok(run(3, "train", str(tmp_path / "ref"), *done, data=synth))
+    assert summary(out)["resumed_from_step"] == step
+    assert np.array_equal(params(out), params(str(tmp_path / "ref")))
+
+
+def test_sigkill_of_one_rank_ends_the_job_and_resume_completes(tmp_path, synth):
+    out = str(tmp_path / "kill")
+    proc = _start(out, synth, *LONG, "checkpoint.every=50")
+    while not checkpoints(out):
+        time.sleep(0.2)
+    t = time.time()
+    os.kill(_rank_pids(out)[2], signal.SIGKILL)
+    try:
+        proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the job did not end within 30 s of a rank being killed")
+    assert proc.returncode != 0 and time.time() - t < 30
+    step = int(os.path.basename(checkpoints(out)[-1])[5:14])
+    ok(run(3, "train", out, LONG[0], f"train.steps={step + 5}", *LONG[2:], resume="auto", data=synth))
+    assert summary(out)["resumed_from_step"] == step and summary(out)["steps"] == step + 5
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path, synth):
+    r = run(2, "train", str(tmp_path / "nan"), "train.optimizer=sgd", "train.lr=1e30", "train.steps=50",
+            data=synth, timeout=120)
+    assert r.returncode == 2
+    (line,) = r.error_lines()
+    assert line.startswith("mpitrain: error: step ") and "the loss is not finite" in line
+
+
+def test_ranks_with_different_configs_are_refused(tmp_path, synth):
+    base = [sys.executable, "-m", "mpitrain", "train", "--quiet", "--set", f"data.path={synth}"]
+    from conftest import launch
+
+    r = launch([MPIEXEC, "-n", "2", *base, "--set", "train.lr=0.1", ":", "-n", "1", *base, "--set", "train.lr=0.2"],
+               timeout=120, cwd=str(tmp_path))
+    assert r.returncode == 2
+    (line,) = r.error_lines()
+    assert "ranks 2 differ from rank 0" in line
+
+
+def test_singletons_under_slurm_are_refused(tmp_path, synth):
+    r = mpirun(1, "train", "--quiet", "--set", f"data.path={synth}", env={"SLURM_STEP_NUM_TASKS": "4"},
+               timeout=120, cwd=str(tmp_path))
+    assert r.returncode == 2 and "the ranks started as singletons" in r.stderr
