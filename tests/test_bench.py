@@ -37,3 +37,13 @@ def test_bench_step(tmp_path):
     for row in rows:
         assert row["samples_per_s"] > 0 and row["gflops"] > 0
         assert row["gflops"] == pytest.approx(row["samples_per_s"] * (2 * (16 * 8 + 8 * 3) * 3 - 2 * 16 * 8) / 1e9)
+
+
+def test_bench_checkpoint(tmp_path):
+    r = mpirun(1, "bench", "checkpoint", "--sizes", "100,1000", "--repeats", 2, "--dir", tmp_path, "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = _saved(tmp_path, "checkpoint")
+    assert [row["n_params"] for row in rows] == [100, 1000]
+    for row in rows:
+        assert row["save_s"] > 0 and row["load_s"] > 0
+        assert row["overhead_pct_at_default"] == pytest.approx(100 * row["save_s"] / 300)

@@ -1,4 +1,4 @@
-"""``python -m mpitrain bench {step,allreduce,federated}``: print a table, save JSON and CSV into --out."""
+"""``python -m mpitrain bench {step,allreduce,federated,checkpoint}``: print a table, save JSON and CSV into --out."""
 import csv
 import json
 import os
@@ -6,7 +6,7 @@ import time
 
 
 def add_arguments(parser):
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{step,allreduce,federated}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{step,allreduce,federated,checkpoint}")
     s = sub.add_parser("step", help="training-step throughput per rank vs NumPy and PyTorch",
                        description="Samples/s of one training step (forward, backward, optimizer update) "
                                    "per rank, for mpitrain's kernels, a plain NumPy step and PyTorch CPU "
@@ -38,14 +38,24 @@ def add_arguments(parser):
     f.add_argument("--features", type=int, default=64)
     f.add_argument("--hidden", default="128")
     f.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
+    c = sub.add_parser("checkpoint", help="seconds per checkpoint write/load vs model size",
+                       description="Writes and reads back checkpoints (params + two optimizer vectors) of "
+                                   "several sizes in a temporary folder under --dir.")
+    c.add_argument("--sizes", default="10000,100000,1000000,10000000", help="parameter counts")
+    c.add_argument("--repeats", type=int, default=5)
+    c.add_argument("--dir", help="file system to measure (default: the system temp folder)")
+    c.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
 
 
 def run(args, comm):
     from .allreduce import bench_allreduce
+    from .checkpoint import bench_checkpoint
     from .federated import bench_federated
     from .step import bench_step
 
-    rows = {"step": bench_step, "allreduce": bench_allreduce, "federated": bench_federated}[args.bench](args, comm)
+    benches = {"step": bench_step, "allreduce": bench_allreduce, "federated": bench_federated,
+               "checkpoint": bench_checkpoint}
+    rows = benches[args.bench](args, comm)
     if comm.rank == 0:
         save(args.out or "bench-results", args.bench, rows, vars(args))
 
