@@ -27,6 +27,7 @@ setup(
         # The MPICH wheel brings libmpi, mpiexec and mpirun; leave it out to use the site MPI (README).
         "mpi": ["mpich>=4.3"],
         "test": ["pytest>=7"],
+        "bench": ["matplotlib>=3.5"],  # PNG plots of bench scaling
         "peers": ["torch>=2.1"],
     },
     entry_points={"console_scripts": ["mpitrain=mpitrain.cli:main"]},

@@ -6,7 +6,7 @@ the ranks on this node (read from the launcher's environment: MPICH hydra, Open 
 import os
 
 _LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "PMI_LOCAL_SIZE")
-_THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _int_env(name):
@@ -29,7 +29,7 @@ def threads_per_rank():
 def configure_env():
     """Set the thread variables that are not set yet; call before importing numpy. Returns the count."""
     n = threads_per_rank()
-    for name in _THREAD_VARS:
+    for name in THREAD_VARS:
         os.environ.setdefault(name, str(n))
     return n
 

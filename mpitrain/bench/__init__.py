@@ -1,4 +1,5 @@
-"""``python -m mpitrain bench {step,allreduce,federated,checkpoint}``: print a table, save JSON and CSV into --out."""
+"""``python -m mpitrain bench {step,allreduce,federated,checkpoint,scaling,model}``: print a table, save JSON and
+CSV into --out."""
 import csv
 import json
 import os
@@ -6,7 +7,8 @@ import time
 
 
 def add_arguments(parser):
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{step,allreduce,federated,checkpoint}")
+    sub = parser.add_subparsers(dest="bench", required=True,
+                                metavar="{step,allreduce,federated,checkpoint,scaling,model}")
     s = sub.add_parser("step", help="training-step throughput per rank vs NumPy and PyTorch",
                        description="Samples/s of one training step (forward, backward, optimizer update) "
                                    "per rank, for mpitrain's kernels, a plain NumPy step and PyTorch CPU "
@@ -45,16 +47,22 @@ def add_arguments(parser):
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--dir", help="file system to measure (default: the system temp folder)")
     c.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
+    from . import model, scaling
+
+    scaling.add_parser(sub)
+    model.add_parser(sub)
 
 
 def run(args, comm):
     from .allreduce import bench_allreduce
     from .checkpoint import bench_checkpoint
     from .federated import bench_federated
+    from .model import bench_model
+    from .scaling import bench_scaling
     from .step import bench_step
 
     benches = {"step": bench_step, "allreduce": bench_allreduce, "federated": bench_federated,
-               "checkpoint": bench_checkpoint}
+               "checkpoint": bench_checkpoint, "scaling": bench_scaling, "model": bench_model}
     rows = benches[args.bench](args, comm)
     if comm.rank == 0:
         save(args.out or "bench-results", args.bench, rows, vars(args))

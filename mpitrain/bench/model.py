@@ -1,0 +1,126 @@
+"""A cost MODEL, not a measurement: fit the ring allreduce model to `bench allreduce` timings, then
+predict the allreduce and step time of weak scaling to many ranks on a chosen network.
+
+Ring allreduce of n bytes on p ranks: T = 2(p−1)α + 2(p−1)/p·n·β + (p−1)/p·n·γ.  The γ term (reduction
+arithmetic) has the same shape in n and p as the β term, (p−1)/p·n·(2β + γ), so no timing separates them:
+the fit reports β + γ/2 as β, and the network prediction takes γ = 0 (arithmetic not counted).
+Step time = per-rank work (compute + data, measured) + T, since the gradient allreduce is blocking and
+starts after the whole backward pass; weak-scaling efficiency = work / step time (one rank: T = 0).
+"""
+import json
+
+import numpy as np
+
+from ..errors import MpitrainError
+from . import table
+
+PREDICTION = ["model", "ranks", "alpha_us", "beta_ns_per_byte", "allreduce_ms", "work_ms", "step_ms",
+              "samples_per_s", "efficiency"]
+
+
+def add_parser(sub):
+    m = sub.add_parser(
+        "model", help="MODEL (not measured): fit α, β to bench allreduce, predict weak scaling to many ranks",
+        description="Fits α and β of the ring allreduce model T = 2(p−1)α + 2(p−1)/p·n·β by least squares "
+                    "(relative error) to saved `bench allreduce` rows (γ cannot be separated from β: the fit "
+                    "gives β + γ/2), then predicts allreduce time, step time, samples/s and weak-scaling "
+                    "efficiency for the MLP's gradient on --ranks, both with the fitted α, β and with "
+                    "α = --latency-us, β = 1/--network-gbps.  Per-rank work per step comes from --scaling or "
+                    "--compute-ms.")
+    m.add_argument("--from", dest="allreduce_json", nargs="+", required=True, metavar="FILE.json",
+                   help="one or more saved `bench allreduce` results (several rank counts may be combined)")
+    m.add_argument("--path", choices=("mpitrain", "mpi4py"), default="mpitrain",
+                   help="which measured path to fit (default mpitrain, the one training uses)")
+    m.add_argument("--network-gbps", type=float, default=100.0, help="link bandwidth in Gbit/s (default 100)")
+    m.add_argument("--latency-us", type=float, default=1.0, help="per-message latency α in µs (default 1)")
+    m.add_argument("--ranks", default="64,128,256,512,1024", help="rank counts to predict (default 64,…,1024)")
+    m.add_argument("--scaling", metavar="FILE.json",
+                   help="a saved `bench scaling` result: the MLP and per-rank compute + data time of its "
+                        "smallest rank count")
+    m.add_argument("--compute-ms", type=float, help="per-rank compute + data ms per step (without --scaling)")
+    m.add_argument("--batch-per-rank", type=int, default=64, help="samples per rank per step with --compute-ms")
+    m.add_argument("--features", type=int, default=784, help="the MLP, without --scaling")
+    m.add_argument("--hidden", default="1024,1024")
+    m.add_argument("--classes", type=int, default=10)
+    m.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
+
+
+def ring_time(n, p, alpha, beta):
+    """Seconds for a ring allreduce of n bytes over p ranks (γ folded into β)."""
+    return 2 * (p - 1) * alpha + 2 * (p - 1) / p * n * beta
+
+
+def fit_ring(rows):
+    """(α, β) in seconds and seconds per byte from rows with bytes, ranks (≥ 2), avg_us, by least squares
+    on the relative error so that small messages (α) count as much as large ones (β)."""
+    pts = [(r["bytes"], r["ranks"], r["avg_us"] * 1e-6) for r in rows]
+    if len({n / p for n, p, _ in pts}) < 2:  # else the α and β columns are proportional
+        raise MpitrainError("bench model: the fit needs timings of at least two message sizes on ≥ 2 ranks")
+    a = np.array([[2 * (p - 1), 2 * (p - 1) / p * n] for n, p, _ in pts]) / np.array([[t] for *_, t in pts])
+    norms = np.linalg.norm(a, axis=0)  # columns scaled to unit norm: n spans 4 B … 64 MiB
+    alpha, beta = np.linalg.lstsq(a / norms, np.ones(len(pts)), rcond=None)[0] / norms
+    if beta <= 0:
+        raise MpitrainError(f"bench model: the fitted β is {beta:.3g} s/byte: these timings do not grow with "
+                            "message size, so the ring model does not describe them")
+    return float(alpha), float(beta)
+
+
+def _load(path, bench):
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise MpitrainError(f"{path}: cannot read a saved bench result ({exc})") from None
+    if doc.get("bench") != bench:
+        raise MpitrainError(f"{path}: a `bench {doc.get('bench')}` result; expected `bench {bench}`")
+    return doc
+
+
+def bench_model(args, comm):
+    from ..model import ModelSpec
+    from .scaling import mlp_sizes
+
+    if not args.scaling and args.compute_ms is None:
+        raise MpitrainError("bench model: give --scaling FILE.json or --compute-ms MS (per-rank work per step)")
+    rows = [r for path in args.allreduce_json for r in _load(path, "allreduce")["results"]
+            if r["path"] == args.path and r["ranks"] >= 2]  # one rank moves no data: T = 0 whatever α, β
+    alpha, beta = fit_ring(rows)
+    fit_rows = [{"bytes": r["bytes"], "ranks": r["ranks"], "measured_us": r["avg_us"],
+                 "model_us": ring_time(r["bytes"], r["ranks"], alpha, beta) * 1e6} for r in rows]
+    for r in fit_rows:
+        r["error_pct"] = 100 * (r["model_us"] - r["measured_us"]) / r["measured_us"]
+
+    if args.scaling:
+        doc = _load(args.scaling, "scaling")
+        base = min(doc["results"], key=lambda r: r["ranks"])
+        sizes = mlp_sizes(doc["params"]["features"], doc["params"]["hidden"], doc["params"]["classes"])
+        work_ms, batch, n = base["compute_ms"] + base["data_ms"], base["local_batch"], base["allreduce_bytes"]
+        work_from = f"{args.scaling}, {base['ranks']} rank(s)"
+    else:
+        sizes = mlp_sizes(args.features, args.hidden, args.classes)
+        n_params = ModelSpec("mlp", sizes[0], sizes[-1], tuple(sizes[1:-1])).n_params
+        # train() reduces the gradient plus four float32 slots (loss, hit count, two flags) in one buffer
+        work_ms, batch, n, work_from = args.compute_ms, args.batch_per_rank, 4 * (n_params + 4), "--compute-ms"
+
+    network = (args.latency_us * 1e-6, 8 / (args.network_gbps * 1e9))
+    out = []
+    for name, (a, b) in (("network", network), ("fitted", (alpha, beta))):
+        for p in (int(r) for r in args.ranks.split(",")):
+            t_ms = ring_time(n, p, a, b) * 1e3
+            step_ms = work_ms + t_ms
+            out.append({"model": name, "ranks": p, "alpha_us": a * 1e6, "beta_ns_per_byte": b * 1e9,
+                        "allreduce_bytes": n, "allreduce_ms": t_ms, "work_ms": work_ms,
+                        "batch_per_rank": batch, "step_ms": step_ms, "samples_per_s": p * batch / step_ms * 1e3,
+                        "efficiency": work_ms / step_ms})
+    if comm.rank == 0:
+        ranks = sorted({r["ranks"] for r in rows})
+        print("MODEL (not measured): ring allreduce T(n, p) = 2(p−1)α + 2(p−1)/p·n·β, with γ folded into β "
+              "(β here is β + γ/2: timings cannot separate them; the network rows take γ = 0)")
+        print(f"fit to {len(fit_rows)} `{args.path}` timings on {ranks} ranks, least squares on relative error: "
+              f"α = {alpha * 1e6:.4g} µs, β = {beta * 1e9:.4g} ns/byte (1/β = {1e-9 / beta:.4g} GB/s)")
+        print(table(fit_rows, ["bytes", "ranks", "measured_us", "model_us", "error_pct"]))
+        print(f"MODEL (not measured): weak scaling of MLP {'-'.join(map(str, sizes))}, {n} bytes allreduced per "
+              f"step, per-rank work {work_ms:.4g} ms at {batch} samples per rank (from {work_from}); network "
+              f"{args.network_gbps:g} Gbit/s, {args.latency_us:g} µs latency")
+        print(table(out, PREDICTION))
+    return out

@@ -1,0 +1,199 @@
+"""Weak/strong scaling of the real training step over rank counts, each point a fresh ``mpiexec -n P``.
+
+A point builds the MLP and per-rank random in-memory batches (no HDF5), runs warm-up steps, then times
+each step in three parts: data (the row gather ``TrainShard.batch_at`` does), compute (``loss_grad`` +
+optimizer update, through ``train.Stepper``) and allreduce (``Comm.allreduce_sum`` of the flat gradient
+buffer).  There is no barrier inside the timed loop, as in training, so waiting for a slower rank counts
+as allreduce time.  Each part is the median over the timed steps on each rank, then the max over ranks.
+"""
+import argparse
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from ..errors import MpitrainError
+from . import table
+
+LR = 0.01
+COLUMNS = ["ranks", "global_batch", "local_batch", "data_ms", "compute_ms", "allreduce_ms", "step_ms",
+           "samples_per_s", "speedup", "efficiency"]
+
+
+def add_parser(sub):
+    s = sub.add_parser(
+        "scaling", help="weak/strong scaling of the training step over rank counts (launches mpiexec)",
+        description="Start as ONE process (python -m mpitrain bench scaling ...): every rank count runs as "
+                    "its own `mpiexec -n P` with synthetic in-memory data.  Per point: data, compute and "
+                    "allreduce milliseconds per step (median over the timed steps, max over ranks), time per "
+                    "step, global samples/s, and speedup and efficiency relative to the smallest rank count "
+                    "(strong: speedup = t1/tp, efficiency = speedup/p; weak: efficiency = t1/tp, speedup = "
+                    "samples/s ratio).  Saves JSON, CSV and PNG plots into --out.")
+    s.add_argument("--ranks", default="1,2,4,8", help="rank counts (default 1,2,4,8)")
+    s.add_argument("--mode", choices=("weak", "strong"), default="weak",
+                   help="weak: fixed batch per rank; strong: fixed global batch split over the ranks (default weak)")
+    s.add_argument("--batch-per-rank", type=int, default=64, help="weak mode: samples per rank per step (default 64)")
+    s.add_argument("--global-batch", type=int, default=256, help="strong mode: samples per step in all (default 256)")
+    s.add_argument("--features", type=int, default=784)
+    s.add_argument("--hidden", default="1024,1024")
+    s.add_argument("--classes", type=int, default=10)
+    s.add_argument("--steps", type=int, default=30, help="timed steps per point (default 30)")
+    s.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    s.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
+    s.add_argument("--timeout", type=float, default=600, help="seconds before a point is killed (default 600)")
+    s.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
+    # internal: what the driver's `mpiexec -n P` runs to measure one rank count on its world
+    s.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
+
+
+def mlp_sizes(features, hidden, classes):
+    """Layer sizes from the command line's --features, --hidden (comma-separated) and --classes."""
+    return [features, *[int(h) for h in str(hidden).split(",") if h], classes]
+
+
+def bench_scaling(args, comm):
+    if args.point:
+        return [measure_point(args, comm)]
+    if comm.size > 1:
+        raise MpitrainError("bench scaling starts its own `mpiexec -n P` for every point: launch it as one "
+                            "process (python -m mpitrain bench scaling ...), not under mpirun", agreed=True)
+    ranks = sorted({int(r) for r in args.ranks.split(",")})
+    if ranks[0] < 1 or args.steps < 1:
+        raise MpitrainError(f"--ranks {args.ranks} --steps {args.steps}: rank counts and steps must be ≥ 1")
+    if args.mode == "strong" and args.global_batch < ranks[-1]:
+        raise MpitrainError(f"--global-batch {args.global_batch} is smaller than {ranks[-1]} ranks: every rank "
+                            "needs at least one sample per step")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    sizes = mlp_sizes(args.features, args.hidden, args.classes)
+    batch = f"{args.batch_per_rank} samples per rank" if args.mode == "weak" else f"global batch {args.global_batch}"
+    print(f"bench scaling ({args.mode}, {batch}): MLP {'-'.join(map(str, sizes))}, {args.threads} thread(s) per "
+          f"rank, median of {args.steps} steps after {args.warmup} warm-up, max over ranks; {cores} core(s) here",
+          flush=True)
+    if ranks[-1] * args.threads > cores:
+        print(f"note: {ranks[-1]} ranks × {args.threads} thread(s) > {cores} cores: oversubscribed points measure "
+              "time-sharing of the cores, not scaling", flush=True)
+    rows = []
+    for p in ranks:
+        rows.append(run_point(args, p))
+        print(f"  {p} rank(s): {rows[-1]['step_ms']:.4g} ms/step", flush=True)
+    add_speedup(rows, args.mode)
+    print(table(rows, COLUMNS))
+    from .plots import scaling_plots
+
+    scaling_plots(rows, args.mode, args.out or "bench-results")
+    return rows
+
+
+def add_speedup(rows, mode):
+    """Speedup and efficiency of every row relative to the first (smallest rank count) one."""
+    base = rows[0]
+    for r in rows:
+        if mode == "strong":
+            r["speedup"] = base["step_ms"] / r["step_ms"]
+            r["efficiency"] = r["speedup"] * base["ranks"] / r["ranks"]
+        else:
+            r["speedup"] = r["samples_per_s"] / base["samples_per_s"]
+            r["efficiency"] = base["step_ms"] / r["step_ms"]
+
+
+def _mpiexec():
+    from shutil import which
+
+    path = which("mpiexec", path=os.path.dirname(sys.executable)) or which("mpiexec")
+    if not path:
+        raise MpitrainError("bench scaling needs mpiexec (pip install 'mpitrain[mpi]' or a site MPI on PATH)")
+    return path
+
+
+def _child_env(threads):
+    """This environment less the launcher's variables (when the driver itself runs under mpirun -n 1, the
+    child mpiexec must not take them as its own), with the thread count fixed for every rank."""
+    from ..threads import THREAD_VARS
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "PMIX_", "HYDI_", "HYDRA_", "MPI_LOCAL", "OMPI_"))}
+    env.update({name: str(threads) for name in THREAD_VARS})
+    return env
+
+
+def run_point(args, p):
+    """Launch one point as `mpiexec -n P python -m mpitrain bench scaling --point` and return its row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [_mpiexec(), "-n", str(p), sys.executable, "-m", "mpitrain", "bench", "scaling", "--point",
+               "--mode", args.mode, "--batch-per-rank", str(args.batch_per_rank),
+               "--global-batch", str(args.global_batch), "--features", str(args.features),
+               "--hidden", str(args.hidden), "--classes", str(args.classes), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--out", tmp]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=_child_env(args.threads), start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # mpiexec and every rank
+            proc.communicate()
+            raise MpitrainError(f"bench scaling: {p} ranks did not finish in {args.timeout:g} s "
+                                f"(--timeout): {' '.join(cmd)}") from None
+        saved = glob.glob(os.path.join(tmp, "scaling-*.json"))
+        if proc.returncode != 0 or len(saved) != 1:
+            tail = "\n".join(output.strip().splitlines()[-20:])
+            raise MpitrainError(f"bench scaling: {p} ranks failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+        with open(saved[0], encoding="utf-8") as f:
+            return json.load(f)["results"][0]
+
+
+def measure_point(args, comm):
+    """One point on this world: time warm-up + timed training steps, return the row (same on all ranks)."""
+    from ..data.shard import block
+    from ..kernels import compiled
+    from ..model import Model, ModelSpec
+    from ..optim import Optimizer
+    from ..threads import limit
+    from ..train import Stepper
+
+    limit(args.threads)
+    sizes = mlp_sizes(args.features, args.hidden, args.classes)
+    spec = comm.agree(ModelSpec, "mlp", sizes[0], sizes[-1], tuple(sizes[1:-1]))
+    kernels = comm.agree(compiled, comm)
+    if args.mode == "weak":
+        local, global_batch = args.batch_per_rank, args.batch_per_rank * comm.size
+    else:  # the global batch split as TrainShard splits it: ⌊B/p⌋ or ⌈B/p⌉ per rank
+        lo, hi = block(args.global_batch, comm.size, comm.rank)
+        local, global_batch = hi - lo, args.global_batch
+    model = Model(spec)
+    params = model.init_params(0)  # seeded: identical on every rank, as after train()'s broadcast
+    stepper = Stepper(model, Optimizer(kernels, "momentum", spec.n_params), comm.allreduce_sum, flags=2)
+
+    # This rank's data: one distinct row per sample of the run, visited in a seeded random order.
+    total = args.warmup + args.steps
+    rng = np.random.default_rng(comm.rank)
+    x = rng.standard_normal((local * total, sizes[0]), dtype=np.float32)
+    y = rng.integers(0, sizes[-1], local * total).astype(np.int64)
+    order = rng.permutation(local * total).reshape(total, local)
+    xb, yb = np.empty((local, sizes[0]), np.float32), np.empty(local, np.int64)
+
+    times = np.zeros((args.steps, 4))  # data, compute, allreduce, whole step
+    for step in range(total):
+        if step == args.warmup:
+            comm.barrier()  # the timed steps start together
+        t0 = time.perf_counter()
+        np.take(x, order[step], axis=0, out=xb)
+        np.take(y, order[step], out=yb)
+        t1 = time.perf_counter()
+        c = comm.comm_seconds
+        stepper(params, xb, yb, LR, 1.0 / global_batch)
+        t2 = time.perf_counter()
+        if step >= args.warmup:
+            reduce = comm.comm_seconds - c
+            times[step - args.warmup] = t1 - t0, t2 - t1 - reduce, reduce, t2 - t0
+    data, compute, reduce, whole = comm.allreduce(np.median(times, axis=0), "max") * 1e3
+    return {"ranks": comm.size, "mode": args.mode, "global_batch": global_batch,
+            "local_batch": int(comm.allreduce([local], "max")[0]),  # strong: ⌈B/p⌉, the busiest rank's
+            "n_params": spec.n_params, "allreduce_bytes": stepper.buf.nbytes, "threads": args.threads,
+            "data_ms": data, "compute_ms": compute, "allreduce_ms": reduce, "step_ms": whole,
+            "samples_per_s": global_batch / whole * 1e3}

@@ -1,0 +1,147 @@
+"""bench scaling (real mpiexec per point) and bench model on tiny sizes: the files parse, the numbers are
+positive and consistent with each other, the fit recovers a known α and β, predictions follow the formula."""
+import csv
+import glob
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import launch, mpirun
+
+TINY = ["--features", 16, "--hidden", 8, "--classes", 3, "--steps", 3, "--warmup", 1, "--ranks", "1,2",
+        "--timeout", 120]
+N_PARAMS = (16 + 1) * 8 + (8 + 1) * 3
+ALPHA, BETA = 2.5e-6, 3.1e-10  # s, s/byte: the fake allreduce timings follow the ring model exactly
+
+
+def _saved(out, name):
+    (path,) = glob.glob(str(out / f"{name}-*.json"))
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    with open(path[:-5] + ".csv", encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == len(doc["results"])
+    return path, doc["results"]
+
+
+def _mpitrain(*args):
+    return launch([sys.executable, "-m", "mpitrain", *map(str, args)], timeout=180)
+
+
+def _check_plots(out, mode, stdout):
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "plots skipped (pip install matplotlib)" in stdout
+    else:
+        for name in ("speedup", "efficiency", "time", "breakdown"):
+            with open(out / f"scaling-{mode}-{name}.png", "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_points(rows):
+    assert [r["ranks"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["n_params"] == N_PARAMS and r["allreduce_bytes"] == 4 * (N_PARAMS + 4)
+        assert min(r["data_ms"], r["compute_ms"], r["step_ms"], r["samples_per_s"]) > 0 and r["allreduce_ms"] >= 0
+        assert r["samples_per_s"] == pytest.approx(r["global_batch"] / r["step_ms"] * 1e3)
+
+
+@pytest.fixture(scope="module")
+def weak(tmp_path_factory):
+    out = tmp_path_factory.mktemp("weak")
+    r = _mpitrain("bench", "scaling", "--mode", "weak", "--batch-per-rank", 4, *TINY, "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out, r.stdout, *_saved(out, "scaling")
+
+
+def test_weak_scaling(weak):
+    out, stdout, _, rows = weak
+    _check_points(rows)
+    assert [(r["global_batch"], r["local_batch"]) for r in rows] == [(4, 4), (8, 4)]
+    t1 = rows[0]["step_ms"]
+    for r in rows:
+        assert r["efficiency"] == t1 / r["step_ms"]
+        assert r["speedup"] == r["samples_per_s"] / rows[0]["samples_per_s"]
+    assert "efficiency" in stdout
+    _check_plots(out, "weak", stdout)
+
+
+def test_strong_scaling_under_mpirun_one_rank(tmp_path):
+    r = mpirun(1, "bench", "scaling", "--mode", "strong", "--global-batch", 5, *TINY, "--out", tmp_path, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _, rows = _saved(tmp_path, "scaling")
+    _check_points(rows)
+    assert [(r["global_batch"], r["local_batch"]) for r in rows] == [(5, 5), (5, 3)]  # 5 = 2 + 3 on 2 ranks
+    for row in rows:
+        assert row["speedup"] == rows[0]["step_ms"] / row["step_ms"]
+        assert row["efficiency"] == row["speedup"] / row["ranks"]
+    _check_plots(tmp_path, "strong", r.stdout)
+
+
+def test_scaling_refuses_to_run_under_several_ranks(tmp_path):
+    r = mpirun(2, "bench", "scaling", *TINY, "--out", tmp_path, timeout=120)
+    assert r.returncode == 2 and "launch it as one process" in r.stderr
+    assert not os.listdir(tmp_path)
+
+
+def _fake_allreduce(path, ranks):
+    """A saved `bench allreduce` result whose mpitrain timings are exactly the ring model's (the mpi4py
+    rows are off by 2×, so fitting them instead would show)."""
+    rows = []
+    for p in ranks:
+        for n in (4 * 4 ** k for k in range(12)):
+            t = 2 * (p - 1) * ALPHA + 2 * (p - 1) / p * n * BETA
+            rows += [{"bytes": n, "path": "mpi4py", "ranks": p, "avg_us": 2e6 * t},
+                     {"bytes": n, "path": "mpitrain", "ranks": p, "avg_us": 1e6 * t}]
+    path.write_text(json.dumps({"bench": "allreduce", "params": {}, "results": rows}))
+    return path
+
+
+@pytest.mark.parametrize("ranks", [(2,), (2, 4, 8)])
+def test_fit_recovers_alpha_beta(tmp_path, ranks):
+    from mpitrain.bench.model import fit_ring
+
+    with open(_fake_allreduce(tmp_path / "ar.json", ranks), encoding="utf-8") as f:
+        rows = [r for r in json.load(f)["results"] if r["path"] == "mpitrain"]
+    alpha, beta = fit_ring(rows)
+    assert alpha == pytest.approx(ALPHA, rel=1e-6) and beta == pytest.approx(BETA, rel=1e-6)
+
+
+def _check_prediction(rows, ranks, work_ms, batch, n):
+    assert [(r["model"], r["ranks"]) for r in rows] == [(m, p) for m in ("network", "fitted") for p in ranks]
+    for r in rows:
+        a, b, p = r["alpha_us"] * 1e-6, r["beta_ns_per_byte"] * 1e-9, r["ranks"]
+        t_ms = (2 * (p - 1) * a + 2 * (p - 1) / p * n * b) * 1e3
+        assert r["allreduce_bytes"] == n and r["work_ms"] == pytest.approx(work_ms)
+        assert r["allreduce_ms"] == pytest.approx(t_ms) and r["step_ms"] == pytest.approx(work_ms + t_ms)
+        assert r["samples_per_s"] == pytest.approx(p * batch / (work_ms + t_ms) * 1e3)
+        assert r["efficiency"] == pytest.approx(work_ms / (work_ms + t_ms))
+
+
+def test_model_from_allreduce_json(tmp_path):
+    fake = _fake_allreduce(tmp_path / "ar.json", (2,))
+    r = _mpitrain("bench", "model", "--from", fake, "--compute-ms", 7.5, "--batch-per-rank", 32, "--features", 16,
+                  "--hidden", 8, "--classes", 3, "--network-gbps", 25, "--latency-us", 2, "--ranks", "64,1024",
+                  "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "MODEL (not measured)" in r.stdout
+    _, rows = _saved(tmp_path, "model")
+    _check_prediction(rows, [64, 1024], 7.5, 32, 4 * (N_PARAMS + 4))
+    for row in rows:
+        if row["model"] == "network":  # α = latency, β = 1/bandwidth = 8 bits / 25 Gbit/s
+            assert row["alpha_us"] == 2 and row["beta_ns_per_byte"] == pytest.approx(8 / 25)
+        else:
+            assert row["alpha_us"] == pytest.approx(ALPHA * 1e6, rel=1e-6)
+            assert row["beta_ns_per_byte"] == pytest.approx(BETA * 1e9, rel=1e-6)
+
+
+def test_model_from_scaling_json(weak, tmp_path):
+    _, _, scaling_json, points = weak
+    fake = _fake_allreduce(tmp_path / "ar.json", (2,))
+    r = _mpitrain("bench", "model", "--from", fake, "--scaling", scaling_json, "--ranks", "64", "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _, rows = _saved(tmp_path, "model")
+    base = points[0]
+    _check_prediction(rows, [64], base["compute_ms"] + base["data_ms"], base["local_batch"], base["allreduce_bytes"])
