@@ -154,8 +154,7 @@ start_munge() {
     fi
     say "starting munged"
     runuser -u munge -- /usr/sbin/munged --force || die "munged did not start"
-    local i
-    for i in $(seq 1 20); do
+    for _ in $(seq 1 20); do
         timeout 5 munge -n 2>/dev/null | timeout 5 unmunge >/dev/null 2>&1 && return 0
         sleep 0.5
     done
@@ -164,16 +163,16 @@ start_munge() {
 }
 
 stop_slurm() {
-    local f p i
+    local f p
     for f in "$SLURMD_PID" "$CTLD_PID"; do
         pid_alive "$f" || continue
         p=$(<"$f")
         kill "$p" 2>/dev/null || true
-        for i in $(seq 1 40); do
+        for _ in $(seq 1 40); do
             kill -0 "$p" 2>/dev/null || break
             sleep 0.25
         done
-        kill -0 "$p" 2>/dev/null && kill -9 "$p" 2>/dev/null || true
+        if kill -0 "$p" 2>/dev/null; then kill -9 "$p" 2>/dev/null || true; fi
         rm -f "$f"
     done
 }
@@ -204,8 +203,7 @@ start() {
         say "starting slurmctld"
         slurmctld || { log_tail; die "slurmctld failed to start"; }
     fi
-    local i
-    for i in $(seq 1 40); do
+    for _ in $(seq 1 40); do
         timeout 5 scontrol ping 2>/dev/null | grep -q 'is UP' && break
         sleep 0.5
     done
@@ -240,10 +238,16 @@ start() {
 }
 
 status() {
-    local ok=0
-    pid_alive "$MUNGE_PID" && echo "munged:    running (pid $(<"$MUNGE_PID"))" || { echo "munged:    not running"; ok=1; }
-    pid_alive "$CTLD_PID" && echo "slurmctld: running (pid $(<"$CTLD_PID"))" || { echo "slurmctld: not running"; ok=1; }
-    pid_alive "$SLURMD_PID" && echo "slurmd:    running (pid $(<"$SLURMD_PID"))" || { echo "slurmd:    not running"; ok=1; }
+    local ok=0 name f
+    for name in munged slurmctld slurmd; do
+        case $name in munged) f=$MUNGE_PID ;; slurmctld) f=$CTLD_PID ;; slurmd) f=$SLURMD_PID ;; esac
+        if pid_alive "$f"; then
+            printf '%-10s running (pid %s)\n' "$name:" "$(<"$f")"
+        else
+            printf '%-10s not running\n' "$name:"
+            ok=1
+        fi
+    done
     if ((ok == 0)); then
         timeout 10 sinfo || true
         node_usable || ok=1
