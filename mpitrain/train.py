@@ -1,24 +1,17 @@
 """Synchronous data-parallel SGD: every rank computes the gradient of the summed loss over its part of
 the global batch, one in-place Allreduce sums the flat gradient (with the loss and hit counts riding in
 its last two slots), and every rank applies the same optimizer update to its identical parameters."""
-import os
 import time
 
 import numpy as np
 
 from . import __version__
 from . import preempt
-from .checkpoint import Checkpointer, save_model
-from .config import default_data_path, to_toml
-from .data.shard import DataFile, TrainShard
+from .data.shard import TrainShard
 from .errors import MpitrainError
-from .evaluate import evaluate, read_part
-from .kernels import compiled
-from .model import Model, ModelSpec
+from .evaluate import evaluate
 from .optim import Optimizer, schedule
-from .report import RunLog, make_run_dir
-from .startup import check_world
-from .threads import limit, threads_per_rank
+from .session import Session
 
 
 class Stepper:
@@ -45,42 +38,17 @@ class Stepper:
         return float(self.buf[n]), float(self.buf[n + 1])
 
 
-def ensure_default_data(comm, path):
-    """Prepare the embedded default dataset on first use: rank 0 writes it, the others wait."""
-    if path == default_data_path() and not os.path.exists(path):
-        if comm.rank == 0:
-            from .data.prepare import prepare
-
-            print(prepare("digits", path), flush=True)
-        comm.barrier()
-
-
 def train(cfg, comm, out=None, quiet=False, resume=None):
-    started = time.perf_counter()
-    t, threads = cfg.train, limit(threads_per_rank())
-    ensure_default_data(comm, cfg.data.path)
-    data = comm.agree(DataFile, cfg.data.path)
-    config_text = to_toml(cfg)
-    check_world(comm, config_text, data.checksum)
-    spec = comm.agree(ModelSpec, cfg.model.kind, data.n_features, data.n_classes,
-                      tuple(cfg.model.hidden), cfg.model.activation)
+    t, run = cfg.train, Session(cfg, comm)
+    data, spec, model = run.data, run.spec, run.model
     shard = comm.agree(TrainShard, data, t.global_batch, comm.rank, comm.size, t.seed)
-    test_x, test_y = read_part(comm, data)
-    kernels = comm.agree(compiled, comm, t.device)
-    model = Model(spec, t.device)
     total = t.steps or t.epochs * shard.steps_per_epoch
     lr = t.lr * t.global_batch / 256 if t.scale_lr else t.lr
     lr_at = comm.agree(schedule, t.schedule, lr, total, t.warmup_steps, t.step_size, t.gamma)
-    opt = comm.agree(Optimizer, kernels, t.optimizer, spec.n_params, t.momentum, t.beta1, t.beta2,
+    opt = comm.agree(Optimizer, run.kernels, t.optimizer, spec.n_params, t.momentum, t.beta1, t.beta2,
                      t.eps, t.weight_decay)
-
-    out = make_run_dir(comm, out)
-    if comm.rank == 0:
-        with open(os.path.join(out, "config.toml"), "w", encoding="utf-8") as f:
-            f.write(config_text)
-    log = RunLog(comm, out, total, quiet)
-    ckpt = Checkpointer(comm, cfg, out, spec, config_text, data.checksum)
-    resumed = ckpt.resume(resume, log.say)
+    resumed = run.open(out, total, quiet, resume)
+    log, ckpt = run.log, run.ckpt
     if resumed:
         first, arrays, attrs = resumed
         params = arrays["params"].astype(np.float32)
@@ -91,10 +59,9 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         first = 0
         params = model.init_params(t.seed) if comm.rank == 0 else np.empty(spec.n_params, np.float32)
         comm.bcast(params)
-    log.advance(first)
     log.say(f"mpitrain {__version__}: {spec.kind} {'-'.join(map(str, spec.sizes))} ({spec.n_params} params) "
-            f"on {comm.size} rank(s) × {threads} thread(s), {data.n_train} train samples, "
-            f"global batch {t.global_batch}, steps {first + 1}…{total} → {out}")
+            f"on {comm.size} rank(s) × {run.threads} thread(s), {data.n_train} train samples, "
+            f"global batch {t.global_batch}, steps {first + 1}…{total} → {run.out}")
 
     step_fn = Stepper(model, opt, comm.allreduce_sum, flags=2)  # flags: stop requested, checkpoint due
     eval_every = t.eval_every or shard.steps_per_epoch
@@ -119,7 +86,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         if (step + 1) % max(t.log_every, 1) == 0 or step + 1 == total:
             log.record(step=step + 1, epoch=epoch, lr=lr_now, **last)
         if (step + 1) % eval_every == 0 or step + 1 == total:
-            test_loss, test_acc = evaluate(comm, model, params, test_x, test_y)
+            test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
             log.record(step=step + 1, epoch=epoch, test_loss=test_loss, test_accuracy=test_acc)
             log.say(f"step {step + 1}/{total}  epoch {epoch + 1}  loss {last['train_loss']:.4f}  "
                     f"test loss {test_loss:.4f}  test acc {test_acc:.4f}")
@@ -131,20 +98,14 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
             log.finish(None)
             raise preempt.Preempted()
     if test_acc is None:  # resumed at the end: score the restored model
-        test_loss, test_acc = evaluate(comm, model, params, test_x, test_y)
+        test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
     train_seconds, comm_seconds = comm.allreduce([train_seconds, comm.comm_seconds], op="max")
     summary = {
         "test_accuracy": test_acc, "test_loss": test_loss, **last,
-        "steps": total, "epochs": total / shard.steps_per_epoch, "world_size": comm.size,
-        "global_batch": t.global_batch, "threads_per_rank": threads, "n_params": spec.n_params,
+        "steps": total, "epochs": total / shard.steps_per_epoch, "global_batch": t.global_batch,
         "samples_per_second": (total - first) * t.global_batch / train_seconds if train_seconds else None,
-        "wall_seconds": time.perf_counter() - started, "comm_seconds": comm_seconds, "data": cfg.data.path,
-        "data_checksum": data.checksum, "resumed_from_step": first, "mpitrain_version": __version__,
+        "comm_seconds": comm_seconds, "resumed_from_step": first,
     }
-    if comm.rank == 0:
-        save_model(os.path.join(out, "model.h5"), spec, params, data_checksum=data.checksum, steps=total)
     log.say(f"done: test accuracy {test_acc:.4f}, {summary['samples_per_second'] or 0:.0f} samples/s, "
-            f"{train_seconds:.1f} s ({comm_seconds:.1f} s in allreduce) → {out}")
-    log.finish(summary)
-    comm.barrier()
-    return summary
+            f"{train_seconds:.1f} s ({comm_seconds:.1f} s in allreduce) → {run.out}")
+    return run.finish(summary, params, steps=total)

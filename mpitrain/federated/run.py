@@ -7,25 +7,18 @@ Reduce(SUM) to rank 0 → the strategy updates the model → one Bcast of [model
 and a few scalars ever cross ranks.
 """
 import math
-import os
 import time
 
 import numpy as np
 
 from .. import __version__
 from .. import preempt
-from ..checkpoint import Checkpointer, save_model
-from ..config import to_toml
-from ..data.shard import DataFile, block
+from ..data.shard import block
 from ..errors import MpitrainError
-from ..evaluate import evaluate, read_part
-from ..kernels import compiled
-from ..model import Model, ModelSpec
+from ..evaluate import evaluate
 from ..optim import Optimizer
-from ..report import RunLog, make_run_dir
-from ..startup import check_world
-from ..threads import limit, threads_per_rank
-from ..train import Stepper, ensure_default_data
+from ..session import Session
+from ..train import Stepper
 from .strategies import DEFAULT_SERVER_LR, check, init_state, server_update
 
 EXTRA = 6  # aggregate slots after the model: Σω, Σω·a, Σloss, Σsamples, Σclients, stop requests
@@ -95,36 +88,21 @@ class Client:
 
 
 def federate(cfg, comm, out=None, quiet=False, resume=None):
-    started = time.perf_counter()
     t, f = cfg.train, cfg.fed
-    threads = limit(threads_per_rank())
     comm.agree(check, f.strategy)
-    ensure_default_data(comm, cfg.data.path)
-    data = comm.agree(DataFile, cfg.data.path)
-    config_text = to_toml(cfg)
-    check_world(comm, config_text, data.checksum)
+    run = Session(cfg, comm)
+    data, spec, model = run.data, run.spec, run.model
     part = comm.agree(Partition, data, comm)
-    spec = comm.agree(ModelSpec, cfg.model.kind, data.n_features, data.n_classes,
-                      tuple(cfg.model.hidden), cfg.model.activation)
     lo, hi = (part.offsets[part.hosted.start], part.offsets[part.hosted.stop]) if comm.rank else (0, 0)
     cx, cy = comm.agree(data.read, "partition", lo, hi, comm.rank)
-    test_x, test_y = read_part(comm, data)
-    kernels = comm.agree(compiled, comm, t.device)
-    model = Model(spec, t.device)
-    client = comm.agree(Client, model, kernels, t, f)
+    client = comm.agree(Client, model, run.kernels, t, f)
     n = spec.n_params
     state = init_state(f.strategy, n)
     server_lr = f.server_lr or DEFAULT_SERVER_LR.get(f.strategy, 1.0)
     model_buf = np.zeros(n + 2, np.float32)  # [model | stop, checkpoint due]: the round's one Bcast
     params = model_buf[:n]
-
-    out = make_run_dir(comm, out)
-    if comm.rank == 0:
-        with open(os.path.join(out, "config.toml"), "w", encoding="utf-8") as fh:
-            fh.write(config_text)
-    log = RunLog(comm, out, f.rounds, quiet)
-    ckpt = Checkpointer(comm, cfg, out, spec, config_text, data.checksum)
-    resumed = ckpt.resume(resume, log.say)
+    resumed = run.open(out, f.rounds, quiet, resume)
+    log, ckpt = run.log, run.ckpt
     if resumed:
         first, arrays, _ = resumed
         params[:] = arrays["params"]
@@ -135,9 +113,9 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
         if comm.rank == 0:
             params[:] = model.init_params(t.seed)
         comm.bcast(params)
-    log.advance(first)
     log.say(f"mpitrain {__version__} federate: {f.strategy}, {part.clients} clients on {comm.size - 1} client "
-            f"rank(s) × {threads} thread(s), {spec.kind} {'-'.join(map(str, spec.sizes))}, {f.rounds} rounds → {out}")
+            f"rank(s) × {run.threads} thread(s), {spec.kind} {'-'.join(map(str, spec.sizes))}, "
+            f"rounds {first + 1}…{f.rounds} → {run.out}")
 
     agg = np.zeros(n + EXTRA, np.float32)
     bytes_per_round = (comm.size - 1) * (model_buf.nbytes + agg.nbytes)  # Bcast out + Reduce in
@@ -165,7 +143,7 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
         record = {"round": rnd + 1, "clients": len(cohort), "train_loss": float(agg[n + 2] / max(agg[n + 3], 1)),
                   "bytes": bytes_per_round, "round_seconds": round_seconds[-1]}
         if (rnd + 1) % f.eval_every == 0 or rnd + 1 == f.rounds:
-            test_loss, test_acc = evaluate(comm, model, params, test_x, test_y)
+            test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
             fed_acc, worst = federated_eval(comm, model, params, part, cx, cy, lo)
             record.update(test_loss=test_loss, test_accuracy=test_acc, federated_accuracy=fed_acc,
                           worst_client_accuracy=worst)
@@ -182,23 +160,17 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
             log.finish(None)
             raise preempt.Preempted()
     if test_acc is None:  # resumed at the end: score the restored model
-        test_loss, test_acc = evaluate(comm, model, params, test_x, test_y)
+        test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
         fed_acc, worst = federated_eval(comm, model, params, part, cx, cy, lo)
     summary = {
         "test_accuracy": test_acc, "test_loss": test_loss, "federated_accuracy": fed_acc,
         "worst_client_accuracy": worst, "rounds": f.rounds, "rounds_to_target": rounds_to_target,
         "target_accuracy": f.target_accuracy, "strategy": f.strategy, "clients": part.clients,
-        "world_size": comm.size, "bytes_per_round": bytes_per_round,
-        "seconds_per_round": float(np.median(round_seconds)) if round_seconds else None, "wall_seconds": time.perf_counter() - started,
-        "threads_per_rank": threads, "n_params": n, "data": cfg.data.path, "data_checksum": data.checksum,
-        "mpitrain_version": __version__,
+        "bytes_per_round": bytes_per_round, "resumed_from_round": first,
+        "seconds_per_round": float(np.median(round_seconds)) if round_seconds else None,
     }
-    if comm.rank == 0:
-        save_model(os.path.join(out, "model.h5"), spec, params, data_checksum=data.checksum, rounds=f.rounds)
-    log.say(f"done: test accuracy {test_acc:.4f}, rounds to {f.target_accuracy}: {rounds_to_target} → {out}")
-    log.finish(summary)
-    comm.barrier()
-    return summary
+    log.say(f"done: test accuracy {test_acc:.4f}, rounds to {f.target_accuracy}: {rounds_to_target} → {run.out}")
+    return run.finish(summary, params, rounds=f.rounds)
 
 
 def federated_eval(comm, model, params, part, cx, cy, lo):

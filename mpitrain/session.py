@@ -1,0 +1,66 @@
+"""What `train` and `federate` share around their loops: threads, the checked dataset and model, the
+compiled kernels, the run directory (config.toml, metrics, checkpoints), and the final summary/model."""
+import os
+import time
+
+from . import __version__
+from .checkpoint import Checkpointer, save_model
+from .config import default_data_path, to_toml
+from .data.shard import DataFile
+from .evaluate import read_part
+from .kernels import compiled
+from .model import Model, ModelSpec
+from .report import RunLog, make_run_dir
+from .startup import check_world
+from .threads import limit, threads_per_rank
+
+
+def ensure_default_data(comm, path):
+    """Prepare the embedded default dataset on first use: rank 0 writes it, the others wait."""
+    if path == default_data_path() and not os.path.exists(path):
+        if comm.rank == 0:
+            from .data.prepare import prepare
+
+            print(prepare("digits", path), flush=True)
+        comm.barrier()
+
+
+class Session:
+    def __init__(self, cfg, comm):
+        self.started = time.perf_counter()
+        self.cfg, self.comm = cfg, comm
+        self.threads = limit(threads_per_rank())
+        ensure_default_data(comm, cfg.data.path)
+        self.data = comm.agree(DataFile, cfg.data.path)
+        self.config_text = to_toml(cfg)
+        check_world(comm, self.config_text, self.data.checksum)
+        self.spec = comm.agree(ModelSpec, cfg.model.kind, self.data.n_features, self.data.n_classes,
+                               tuple(cfg.model.hidden), cfg.model.activation)
+        self.test_x, self.test_y = read_part(comm, self.data)
+        self.kernels = comm.agree(compiled, comm, cfg.train.device)
+        self.model = Model(self.spec, cfg.train.device)
+
+    def open(self, out, total, quiet, resume):
+        """Create the run directory and its log; returns (index, arrays, attrs) of the checkpoint to
+        resume from, or None."""
+        self.out = make_run_dir(self.comm, out)
+        if self.comm.rank == 0:
+            with open(os.path.join(self.out, "config.toml"), "w", encoding="utf-8") as f:
+                f.write(self.config_text)
+        self.log = RunLog(self.comm, self.out, total, quiet)
+        self.ckpt = Checkpointer(self.comm, self.cfg, self.out, self.spec, self.config_text, self.data.checksum)
+        resumed = self.ckpt.resume(resume, self.log.say)
+        self.log.advance(resumed[0] if resumed else 0)
+        return resumed
+
+    def finish(self, summary, params, **model_attrs):
+        """Add the common summary fields, write model.h5 (rank 0) and summary.json; all ranks return together."""
+        summary.update(world_size=self.comm.size, threads_per_rank=self.threads, n_params=self.spec.n_params,
+                       wall_seconds=time.perf_counter() - self.started, data=self.cfg.data.path,
+                       data_checksum=self.data.checksum, mpitrain_version=__version__)
+        if self.comm.rank == 0:
+            save_model(os.path.join(self.out, "model.h5"), self.spec, params, data_checksum=self.data.checksum,
+                       **model_attrs)
+        self.log.finish(summary)
+        self.comm.barrier()
+        return summary
