@@ -28,7 +28,7 @@ setup(
         "mpi": ["mpich>=4.3"],
         "test": ["pytest>=7"],
         "bench": ["matplotlib>=3.5"],  # PNG plots of bench scaling
-        "peers": ["torch>=2.1"],
+        "peers": ["torch>=2.1", "flwr>=1.42,<2"],  # bench peers: PyTorch DDP and Flower
     },
     entry_points={"console_scripts": ["mpitrain=mpitrain.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""``python -m mpitrain bench {step,allreduce,federated,checkpoint,scaling,model}``: print a table, save JSON and
+"""``python -m mpitrain bench {step,allreduce,federated,checkpoint,scaling,model,peers}``: print a table, save JSON and
 CSV into --out."""
 import csv
 import json
@@ -8,7 +8,7 @@ import time
 
 def add_arguments(parser):
     sub = parser.add_subparsers(dest="bench", required=True,
-                                metavar="{step,allreduce,federated,checkpoint,scaling,model}")
+                                metavar="{step,allreduce,federated,checkpoint,scaling,model,peers}")
     s = sub.add_parser("step", help="training-step throughput per rank vs NumPy and PyTorch",
                        description="Samples/s of one training step (forward, backward, optimizer update) "
                                    "per rank, for mpitrain's kernels, a plain NumPy step and PyTorch CPU "
@@ -47,10 +47,11 @@ def add_arguments(parser):
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--dir", help="file system to measure (default: the system temp folder)")
     c.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
-    from . import model, scaling
+    from . import model, peers, scaling
 
     scaling.add_parser(sub)
     model.add_parser(sub)
+    peers.add_parser(sub)
 
 
 def run(args, comm):
@@ -58,11 +59,13 @@ def run(args, comm):
     from .checkpoint import bench_checkpoint
     from .federated import bench_federated
     from .model import bench_model
+    from .peers import bench_peers
     from .scaling import bench_scaling
     from .step import bench_step
 
     benches = {"step": bench_step, "allreduce": bench_allreduce, "federated": bench_federated,
-               "checkpoint": bench_checkpoint, "scaling": bench_scaling, "model": bench_model}
+               "checkpoint": bench_checkpoint, "scaling": bench_scaling, "model": bench_model,
+               "peers": bench_peers}
     rows = benches[args.bench](args, comm)
     if comm.rank == 0:
         save(args.out or "bench-results", args.bench, rows, vars(args))
