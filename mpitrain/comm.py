@@ -90,6 +90,57 @@ class Comm:
             self.raw.Allgather(np.array([value], np.int64), out)
         return out
 
+    # -- variable-size buffers (federated protocols: keys, shares, per-client updates) -----------------
+    def gatherv(self, buf, root=0):
+        """Every rank's 1-D array (any length, one dtype everywhere) onto `root`, in rank order: one Gather
+        of the int64 counts, then one Gatherv.  Returns (concatenation, counts) on root, (None, None)
+        elsewhere."""
+        buf = np.ascontiguousarray(buf)
+        if self.trace:
+            self._note("Gather", np.zeros(1, np.int64))
+            self._note("Gatherv", buf)
+        if self.size == 1:
+            return buf.copy(), np.array([buf.size], np.int64)
+        counts = np.zeros(self.size, np.int64) if self.rank == root else None
+        self.raw.Gather(np.array([buf.size], np.int64), counts, root=root)
+        if self.rank != root:
+            self.raw.Gatherv(buf, None, root=root)
+            return None, None
+        out = np.empty(int(counts.sum()), buf.dtype)
+        self.raw.Gatherv(buf, [out, counts], root=root)
+        return out, counts
+
+    def scatterv(self, buf, counts, dtype, root=0):
+        """Rank r receives buf[sum(counts[:r]) : sum(counts[:r+1])] of root's 1-D array: one Scatter of the
+        int64 counts, then one Scatterv.  buf and counts matter on root only; returns this rank's part."""
+        if self.trace and self.rank == root:
+            self._note("Scatter", np.zeros(self.size, np.int64))
+            self._note("Scatterv", np.ascontiguousarray(buf))
+        if self.size == 1:
+            return np.ascontiguousarray(buf, dtype).copy()
+        mine = np.zeros(1, np.int64)
+        send = np.ascontiguousarray(counts, np.int64) if self.rank == root else None
+        self.raw.Scatter(send, mine, root=root)
+        out = np.empty(int(mine[0]), dtype)
+        if self.rank == root:
+            self.raw.Scatterv([np.ascontiguousarray(buf, dtype), send], out, root=root)
+        else:
+            self.raw.Scatterv(None, out, root=root)
+        return out
+
+    def bcast_array(self, buf, dtype, root=0):
+        """Broadcast root's 1-D array of any length (length first); other ranks pass None."""
+        if self.size == 1:
+            return np.ascontiguousarray(buf, dtype)
+        n = np.array([buf.size if self.rank == root else 0], np.int64)
+        if self.trace and self.rank == root:
+            self._note("Bcast", n)
+            self._note("Bcast", np.ascontiguousarray(buf, dtype))
+        self.raw.Bcast(n, root=root)
+        out = np.ascontiguousarray(buf, dtype) if self.rank == root else np.empty(int(n[0]), dtype)
+        self.raw.Bcast(out, root=root)
+        return out
+
     def bcast_bytes(self, data, root=0):
         """Broadcast a byte string as two buffers (length, bytes)."""
         if self.size == 1:

@@ -59,6 +59,44 @@ class TrainConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """[fed.secagg]: secure aggregation (fed.secure_aggregation = true), Bonawitz et al. 2017 / SecAgg+."""
+    threshold: int = 0          # Shamir threshold t within a client's neighbourhood; 0 = majority ⌊(k+1)/2⌋+1
+    neighbors: int = 0          # mask-graph degree k; 0 = auto (complete up to 13 clients, else ~3·log2 n)
+    clip_range: float = 4.0     # fixed point: each coordinate of Δ_k is clipped to ±clip_range (no DP)
+
+
+@dataclass
+class DPConfig:
+    """[fed.dp]: client-level differential privacy (DP-FedAvg, McMahan et al. 2018); on when noise_multiplier > 0."""
+    noise_multiplier: float = 0.0  # z: noise std z·S on the sum of clipped updates; 0 = off
+    clip: float = 1.0           # S: L2 clip norm of each client update (initial value when adaptive)
+    delta: float = 1e-5         # δ of the reported (ε, δ)
+    target_epsilon: float = 0.0  # > 0: stop before a round would spend more than this ε
+    sampling: str = "poisson"   # poisson (each client with probability fed.fraction) | fixed (fixed-size cohort)
+    adaptive: bool = False      # adaptive clipping (Andrew et al. 2019)
+    target_quantile: float = 0.5  # γ: fraction of updates meant to have norm ≤ C
+    clip_lr: float = 0.2        # η_C: C ← C·exp(−η_C (b̄ − γ))
+    count_stddev: float = 0.0   # σ_b of the clipped-count noise; 0 = expected cohort / 20
+    noise_seed: int = -1        # ≥ 0: reproducible noise (experiments, tests); -1: secret OS randomness
+
+
+@dataclass
+class DPSGDConfig:
+    """[fed.dpsgd]: record-level DP-SGD inside every client (per-example clipping + Gaussian noise)."""
+    noise_multiplier: float = 0.0  # σ: noise std σ·C on each step's sum of clipped per-example gradients; 0 = off
+    clip: float = 1.0           # C: per-example gradient L2 clip norm
+    delta: float = 1e-5         # δ of the reported record-level (ε, δ)
+
+
+@dataclass
+class RobustConfig:
+    """[fed.robust]: parameters of the robust aggregators (fed.aggregator)."""
+    fraction: float = 0.25      # β: trimmed_mean cuts ⌊β n⌋ per side; krum/multikrum assume f = ⌊β n⌋ attackers
+    norm_bound: float = 0.0     # norm_bound: clip each update to this L2 norm; 0 = the round's median norm
+
+
+@dataclass
 class FedConfig:
     """Federated rounds (`federate`); clients train locally with [train] optimizer, lr and seed."""
     rounds: int = 50
@@ -68,7 +106,7 @@ class FedConfig:
     local_epochs: int = 1
     local_batch: int = 10
     local_steps: int = 0        # > 0: this many local steps instead of local_epochs
-    weighting: str = "samples"  # samples (n_k) | uniform
+    weighting: str = "samples"  # samples (n_k) | uniform  (differential privacy always uses uniform weights)
     server_lr: float = 0.0      # 0 = the strategy's default (1; fedadam/fedadagrad 0.1; fedyogi 0.01)
     server_momentum: float = 0.9  # fedavgm
     beta1: float = 0.9          # fedadam/fedyogi/fedadagrad
@@ -77,6 +115,16 @@ class FedConfig:
     mu: float = 0.01            # fedprox: proximal weight of (mu/2)·||w − w_t||²
     eval_every: int = 1         # rounds between evaluations
     target_accuracy: float = 0.95  # summary.json reports rounds_to_target for it
+    secure_aggregation: bool = False  # pairwise-masked uint32 sums (see [fed.secagg])
+    dropout_rate: float = 0.0   # simulated: this share of each cohort drops after sending its keys
+    aggregator: str = "mean"    # mean | median | trimmed_mean | krum | multikrum | norm_bound
+    attack: str = "none"        # none | sign_flip | scale | label_flip (simulation)
+    attack_fraction: float = 0.2  # share of clients that attack (a seeded set)
+    attack_scale: float = 10.0  # scale attack: Δ → −attack_scale·Δ
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    dpsgd: DPSGDConfig = field(default_factory=DPSGDConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
 
 @dataclass
@@ -117,11 +165,57 @@ class Config:
         for key in ("server_momentum", "beta1", "beta2"):
             _check(0 <= getattr(f, key) < 1, f"fed.{key}", getattr(f, key), "in [0, 1)")
         _check(f.weighting in ("samples", "uniform"), "fed.weighting", f.weighting, "samples or uniform")
+        _validate_privacy(f)
         c = self.checkpoint
         _check(c.every >= 0, "checkpoint.every", c.every, "≥ 0")
         _check(c.every_seconds >= 0, "checkpoint.every_seconds", c.every_seconds, "≥ 0")
         _check(c.keep >= 1, "checkpoint.keep", c.keep, "≥ 1")
         return self
+
+
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multikrum", "norm_bound")
+ATTACKS = ("none", "sign_flip", "scale", "label_flip")
+
+
+def _validate_privacy(f):
+    """[fed] privacy/robustness keys and the combinations that cannot work (data-dependent checks, such as
+    the cohort size against the secure-aggregation threshold, run at federate start)."""
+    _check(0 <= f.dropout_rate < 1, "fed.dropout_rate", f.dropout_rate, "in [0, 1)")
+    _check(f.aggregator in AGGREGATORS, "fed.aggregator", f.aggregator, "one of " + ", ".join(AGGREGATORS))
+    _check(f.attack in ATTACKS, "fed.attack", f.attack, "one of " + ", ".join(ATTACKS))
+    _check(0 <= f.attack_fraction <= 1, "fed.attack_fraction", f.attack_fraction, "in [0, 1]")
+    _check(f.attack_scale > 0, "fed.attack_scale", f.attack_scale, "> 0")
+    s, d, g, r = f.secagg, f.dp, f.dpsgd, f.robust
+    _check(s.threshold >= 0, "fed.secagg.threshold", s.threshold, "≥ 0 (0 = majority of a neighbourhood)")
+    _check(s.neighbors >= 0, "fed.secagg.neighbors", s.neighbors, "≥ 0 (0 = automatic)")
+    _check(s.clip_range > 0, "fed.secagg.clip_range", s.clip_range, "> 0")
+    _check(d.noise_multiplier >= 0, "fed.dp.noise_multiplier", d.noise_multiplier, "≥ 0 (0 = off)")
+    _check(d.clip > 0, "fed.dp.clip", d.clip, "> 0")
+    _check(0 < d.delta < 1, "fed.dp.delta", d.delta, "in (0, 1)")
+    _check(d.target_epsilon >= 0, "fed.dp.target_epsilon", d.target_epsilon, "≥ 0 (0 = no limit)")
+    _check(d.sampling in ("poisson", "fixed"), "fed.dp.sampling", d.sampling, "poisson or fixed")
+    _check(0 < d.target_quantile < 1, "fed.dp.target_quantile", d.target_quantile, "in (0, 1)")
+    _check(d.clip_lr > 0, "fed.dp.clip_lr", d.clip_lr, "> 0")
+    _check(d.count_stddev >= 0, "fed.dp.count_stddev", d.count_stddev, "≥ 0 (0 = expected cohort / 20)")
+    _check(d.noise_seed >= -1, "fed.dp.noise_seed", d.noise_seed, "≥ 0, or -1 for secret randomness")
+    _check(g.noise_multiplier >= 0, "fed.dpsgd.noise_multiplier", g.noise_multiplier, "≥ 0 (0 = off)")
+    _check(g.clip > 0, "fed.dpsgd.clip", g.clip, "> 0")
+    _check(0 < g.delta < 1, "fed.dpsgd.delta", g.delta, "in (0, 1)")
+    _check(0 <= r.fraction < 0.5, "fed.robust.fraction", r.fraction, "in [0, 0.5)")
+    _check(r.norm_bound >= 0, "fed.robust.norm_bound", r.norm_bound, "≥ 0 (0 = the round's median norm)")
+    dp = d.noise_multiplier > 0
+    if f.aggregator != "mean" and f.secure_aggregation:
+        raise MpitrainError(f"fed.aggregator = {f.aggregator!r} needs every client's update at the server, "
+                            "which fed.secure_aggregation = true hides by design; use fed.aggregator = mean "
+                            "with secure aggregation, or turn it off")
+    if f.aggregator != "mean" and dp:
+        raise MpitrainError(f"fed.aggregator = {f.aggregator!r} with fed.dp.noise_multiplier > 0: the Gaussian "
+                            "noise is calibrated to the sensitivity S/m of the clipped mean; use "
+                            "fed.aggregator = mean with differential privacy")
+    if dp and f.strategy == "fednova":
+        raise MpitrainError("fed.strategy = 'fednova' with fed.dp.noise_multiplier > 0: FedNova normalises by "
+                            "each client's local step count, which depends on its data size and is not "
+                            "privatised; use fedavg, fedprox, fedavgm or a FedOpt strategy")
 
 
 def _check(ok, key, value, expected):
@@ -146,18 +240,40 @@ def _coerce(key, value, typ):
 
 
 def _set(cfg, section, key, value, where, text=None):
-    """Set section.key to a TOML value, or (text given) to the parse of a --set value."""
+    """Set section.key (key may be dotted into a nested section: fed.dp.clip) to a TOML value, or (text
+    given) to the parse of a --set value.  Errors name the full key."""
     sections = {f.name: f for f in dataclasses.fields(cfg)}
     if section not in sections:
         raise MpitrainError(f"{where}: unknown section [{section}] (known: {', '.join(sections)})")
-    sub = getattr(cfg, section)
+    sub, path = getattr(cfg, section), section
+    *inner, key = key.split(".")
+    for part in inner:
+        nested = [f.name for f in dataclasses.fields(sub) if dataclasses.is_dataclass(getattr(sub, f.name))]
+        if part not in nested:
+            raise MpitrainError(f"{where}: unknown section [{path}.{part}]"
+                                + (f" (known: {', '.join(path + '.' + n for n in nested)})" if nested else ""))
+        sub, path = getattr(sub, part), f"{path}.{part}"
     fields = {f.name: f for f in dataclasses.fields(sub)}
     if key not in fields:
-        raise MpitrainError(f"{where}: unknown key {section}.{key} (known: {', '.join(fields)})")
+        raise MpitrainError(f"{where}: unknown key {path}.{key} (known: {', '.join(fields)})")
+    if dataclasses.is_dataclass(getattr(sub, key)):
+        raise MpitrainError(f"{where}: {path}.{key} is a section; set its keys, e.g. {path}.{key}."
+                            f"{dataclasses.fields(getattr(sub, key))[0].name}=...")
     typ = typing.get_type_hints(type(sub))[key]
     if text is not None:
         value = _parse_value(text, typ)
-    setattr(sub, key, _coerce(f"{section}.{key}", value, typ))
+    setattr(sub, key, _coerce(f"{path}.{key}", value, typ))
+
+
+def _set_table(cfg, path, table, where):
+    """Apply a TOML table found at `path` (e.g. "fed" or "fed.dp"), recursing into nested tables."""
+    section, _, prefix = path.partition(".")
+    for key, value in table.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            _set_table(cfg, f"{path}.{key}", value, where)
+        else:
+            _set(cfg, section, full, value, where)
 
 
 def _parse_value(text, typ):
@@ -183,8 +299,7 @@ def load(path=None, overrides=()):
         for section, table in doc.items():
             if not isinstance(table, dict):
                 raise MpitrainError(f"{path}: {section} must be a [section] table")
-            for key, value in table.items():
-                _set(cfg, section, key, value, path)
+            _set_table(cfg, section, table, path)
     for item in overrides:
         name, sep, text = item.partition("=")
         section, dot, key = name.strip().partition(".")
@@ -206,9 +321,20 @@ def to_toml(cfg):
         return repr(v)
 
     lines = []
-    for sec in dataclasses.fields(cfg):
-        lines.append(f"[{sec.name}]")
-        sub = getattr(cfg, sec.name)
-        lines += [f"{f.name} = {fmt(getattr(sub, f.name))}" for f in dataclasses.fields(sub)]
+
+    def table(name, sub):
+        lines.append(f"[{name}]")
+        nested = []
+        for f in dataclasses.fields(sub):
+            v = getattr(sub, f.name)
+            if dataclasses.is_dataclass(v):
+                nested.append((f"{name}.{f.name}", v))
+            else:
+                lines.append(f"{f.name} = {fmt(v)}")
         lines.append("")
+        for n, v in nested:  # [fed.dp] after the keys of [fed]
+            table(n, v)
+
+    for sec in dataclasses.fields(cfg):
+        table(sec.name, getattr(cfg, sec.name))
     return "\n".join(lines)
