@@ -21,6 +21,8 @@ setup(
         "scikit-learn>=1.3",  # the embedded default dataset (handwritten digits)
         "threadpoolctl>=3.1",
         "tqdm>=4.60",
+        "cryptography>=41",  # secure aggregation: X25519, HKDF, ChaCha20
+        "dp-accounting>=0.4",  # differential privacy: RDP accountant
         "tomli>=2.0; python_version < '3.11'",
     ],
     extras_require={
@@ -28,6 +30,7 @@ setup(
         "mpi": ["mpich>=4.3"],
         "test": ["pytest>=7"],
         "bench": ["matplotlib>=3.5"],  # PNG plots of bench scaling
+        "cuda": ["numba-cuda>=0.20"],  # --set train.device=cuda
         "peers": ["torch>=2.1", "flwr>=1.42,<2"],  # bench peers: PyTorch DDP and Flower
     },
     entry_points={"console_scripts": ["mpitrain=mpitrain.cli:main"]},

@@ -124,6 +124,38 @@ def adam_update(p, g, m, v, lr, scale, beta1, beta2, eps, wd, t):
         p[i] -= lr * (mi / c1) / (np.sqrt(vi / c2) + eps)
 
 
+@njit(cache=True)
+def dp_sqnorms(a, dz, sq):
+    """DP-SGD, per-example clipping: sq[i] += (‖a_i‖² + 1)·‖dz_i‖², the squared L2 norm of example i's
+    gradient of one dense layer (weights: the outer product a_i dz_iᵀ, whose norm is ‖a_i‖·‖dz_i‖; bias:
+    dz_i), from the layer input a and the output gradient dz = dL/dz (Goodfellow 2015)."""
+    n, k = a.shape
+    m = dz.shape[1]
+    for i in range(n):
+        sa = 1.0
+        for j in range(k):
+            sa += a[i, j] * a[i, j]
+        sz = 0.0
+        for j in range(m):
+            sz += dz[i, j] * dz[i, j]
+        sq[i] += sa * sz
+
+
+@njit(cache=True)
+def dp_clipped_grad(a, dz, factor, dw, db):
+    """DP-SGD: the sum over examples of the clipped gradients of one dense layer.  dz_i ← factor_i·dz_i
+    (in place; factor_i = min(1, C/‖g_i‖)), then dw ← aᵀ·dz, db ← Σ_i dz_i."""
+    n, m = dz.shape
+    db[:] = 0.0
+    for i in range(n):
+        f = factor[i]
+        for j in range(m):
+            g = dz[i, j] * f
+            dz[i, j] = g
+            db[j] += g
+    np.dot(a.T, dz, dw)
+
+
 def warmup():
     """Compile (or load from the cache) every kernel for the float32 types training uses.  One rank per
     node calls this before the others start, so a node compiles once however many ranks it runs."""
@@ -138,3 +170,5 @@ def warmup():
     sgd_update(p, b, 0.1, 1.0, 0.0)
     momentum_update(p, b, b.copy(), 0.1, 1.0, 0.9, 0.0, False)
     adam_update(p, b, b.copy(), b.copy(), 0.1, 1.0, 0.9, 0.999, 1e-8, 0.0, 1)
+    dp_sqnorms(x, y, np.zeros(2))
+    dp_clipped_grad(x, dy, np.ones(2, f4), w.copy(), b.copy())

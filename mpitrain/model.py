@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import MpitrainError
-from .kernels import backend
+from .kernels import arrays, backend
 from .kernels.cpu import ACTIVATIONS, IDENTITY
 
 KINDS = ("softmax", "mlp")
@@ -56,6 +56,7 @@ class Model:
     def __init__(self, spec, device="cpu"):
         self.spec = spec
         self.k = backend(device)
+        self.xp = arrays(self.k)  # buffers live where the kernels compute (host or GPU)
         s = spec.sizes
         self.shapes = list(zip(s[:-1], s[1:]))
         self.acts = [ACTIVATIONS[spec.activation]] * (len(self.shapes) - 1) + [IDENTITY]
@@ -74,7 +75,8 @@ class Model:
         return out
 
     def init_params(self, seed):
-        """He (relu) or Glorot (tanh, output) uniform weights, zero biases; seeded."""
+        """He (relu) or Glorot (tanh, output) uniform weights, zero biases; seeded.  A host array whatever
+        the device (the caller broadcasts it, then moves it)."""
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1417]))
         flat = np.zeros(self.n_params, np.float32)
         for (w, _), (a, b), act in zip(self.layers(flat), self.shapes, self.acts):
@@ -85,8 +87,8 @@ class Model:
     def _bufs(self, n):
         """Per-batch-size scratch: activations of every layer and gradients flowing down."""
         if n not in self._buffers:
-            self._buffers[n] = ([np.empty((n, b), np.float32) for _, b in self.shapes],
-                                [np.empty((n, b), np.float32) for _, b in self.shapes[:-1]])
+            self._buffers[n] = ([self.xp.empty((n, b)) for _, b in self.shapes],
+                                [self.xp.empty((n, b)) for _, b in self.shapes[:-1]])
         return self._buffers[n]
 
     def _forward(self, params, x):
@@ -116,10 +118,10 @@ class Model:
         return loss, correct
 
     def score(self, params, x, y, chunk=4096):
-        """(loss sum, number correct) of the model on (x, y), in chunks."""
+        """(loss sum, number correct) of the model on host arrays (x, y), in chunks (moved to the device)."""
         loss, correct = 0.0, 0
         for i in range(0, len(x), chunk):
-            acts = self._forward(params, x[i:i + chunk])
-            l, c = self.k.softmax_xent(acts[-1], y[i:i + chunk])
+            acts = self._forward(params, self.xp.to_device(x[i:i + chunk]))
+            l, c = self.k.softmax_xent(acts[-1], self.xp.to_device(y[i:i + chunk]))
             loss, correct = loss + l, correct + c
         return loss, correct

@@ -5,9 +5,8 @@ by one fused kernel per step.  ``scale`` turns the summed gradient into the mean
 """
 import math
 
-import numpy as np
-
 from .errors import MpitrainError
+from .kernels import arrays
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 SCHEDULES = ("constant", "step", "cosine")
@@ -21,7 +20,7 @@ class Optimizer:
         self.momentum, self.beta1, self.beta2 = float(momentum), float(beta1), float(beta2)
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         slots = {"sgd": (), "momentum": ("v",), "nesterov": ("v",), "adam": ("m", "v")}[name]
-        self.state = {s: np.zeros(n, np.float32) for s in slots}
+        self.state = {s: arrays(kernels).zeros(n) for s in slots}  # beside the parameters (host or GPU)
         self.t = 0  # updates applied so far
 
     def reset(self):

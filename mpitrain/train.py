@@ -10,6 +10,7 @@ from . import preempt
 from .data.shard import TrainShard
 from .errors import MpitrainError
 from .evaluate import evaluate
+from .kernels import HOST
 from .optim import Optimizer, schedule
 from .session import Session
 
@@ -19,21 +20,30 @@ class Stepper:
 
     def __init__(self, model, optimizer, reduce=None, flags=0):
         self.model, self.opt, self.reduce = model, optimizer, reduce
-        n = model.n_params
-        self.buf = np.zeros(n + 2 + flags, np.float32)  # [gradient | loss sum | number correct | flags]
-        self.grad = self.buf[:n]
+        n, xp = model.n_params, model.xp
+        self.buf = xp.staging(n + 2 + flags)  # [gradient | loss sum | number correct | flags]; pinned on a GPU
+        # On the host the gradient is a view of the buffer MPI reduces; on a GPU it stays on the device and
+        # passes through the buffer's first n slots, one copy each way per step.
+        self.staged = xp is not HOST
+        self.grad = xp.zeros(n) if self.staged else self.buf[:n]
         self.flags = self.buf[n + 2:]  # set before a step; summed over ranks with the gradient
         self.prox = None  # (mu, anchor): FedProx adds (mu/2)·||params − anchor||² per sample
+        self.loss_grad = model.loss_grad  # (params, grad, x, y) → (loss sum, correct); DP-SGD swaps in its own
 
     def __call__(self, params, x, y, lr, scale):
         """Returns (loss sum, number correct), summed over ranks when reducing."""
-        n = self.model.n_params
-        self.buf[n], self.buf[n + 1] = self.model.loss_grad(params, self.grad, x, y)
+        n, xp = self.model.n_params, self.model.xp
+        x, y = xp.to_device(x), xp.to_device(y)  # the identity on the host
+        self.buf[n], self.buf[n + 1] = self.loss_grad(params, self.grad, x, y)
         if self.prox is not None:  # gradient of the summed loss: the proximal term counts once per sample
             mu, anchor = self.prox
             self.grad += (mu * len(x)) * (params - anchor)
         if self.reduce is not None:
+            if self.staged:
+                self.grad.copy_to_host(self.buf[:n])
             self.reduce(self.buf)
+            if self.staged:
+                self.grad.copy_to_device(self.buf[:n])
         self.opt.update(params, self.grad, lr, scale)
         return float(self.buf[n]), float(self.buf[n + 1])
 
@@ -59,6 +69,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         first = 0
         params = model.init_params(t.seed) if comm.rank == 0 else np.empty(spec.n_params, np.float32)
         comm.bcast(params)
+    params = model.xp.to_device(params)  # the parameters stay on the device (the identity on the host)
     log.say(f"mpitrain {__version__}: {spec.kind} {'-'.join(map(str, spec.sizes))} ({spec.n_params} params) "
             f"on {comm.size} rank(s) × {run.threads} thread(s), {data.n_train} train samples, "
             f"global batch {t.global_batch}, steps {first + 1}…{total} → {run.out}")
@@ -92,7 +103,9 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
                     f"test loss {test_loss:.4f}  test acc {test_acc:.4f}")
         log.advance(1, loss=f"{loss * scale:.4f}")
         if ckpt.due(step + 1, stop or timed) or step + 1 == total:
-            ckpt.save(step + 1, {"params": params, **{f"opt/{k}": v for k, v in opt.state.items()}}, opt_t=opt.t)
+            host = model.xp.to_host
+            ckpt.save(step + 1, {"params": host(params), **{f"opt/{k}": host(v) for k, v in opt.state.items()}},
+                      opt_t=opt.t)
         if stop:
             log.say(f"stop requested: checkpointed step {step + 1} in {ckpt.dir}; exit {preempt.EXIT_PREEMPTED}")
             log.finish(None)
@@ -108,4 +121,4 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
     }
     log.say(f"done: test accuracy {test_acc:.4f}, {summary['samples_per_second'] or 0:.0f} samples/s, "
             f"{train_seconds:.1f} s ({comm_seconds:.1f} s in allreduce) → {run.out}")
-    return run.finish(summary, params, steps=total)
+    return run.finish(summary, model.xp.to_host(params), steps=total)

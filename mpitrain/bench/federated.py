@@ -1,18 +1,49 @@
 """Federated round cost vs number of clients: seconds and bytes per round of the real `federate` loop on
 a synthetic dataset partitioned IID over each client count (written by rank 0 into a temporary folder).
-The aggregation is one Reduce of the model per client rank whatever the number of clients it hosts."""
+The aggregation is one Reduce of the model per client rank whatever the number of clients it hosts.
+
+With --secure-aggregation every client count runs twice, plain and with secure aggregation (pairwise
+masks over a sparse neighbour graph, Shamir-shared secrets, uint32 fixed point), and the table compares
+seconds and bytes per round.  Also runnable on its own: ``mpiexec -n 3 python -m mpitrain.bench.federated
+--secure-aggregation``."""
 import os
 import tempfile
 
 from . import table
 
 
-def bench_federated(args, comm):
+def add_arguments(f):
+    """The secure-aggregation options of `bench federated` (the common ones are defined with the parser)."""
+    f.add_argument("--secure-aggregation", action="store_true",
+                   help="also run every client count with fed.secure_aggregation = true and compare")
+    f.add_argument("--dropout-rate", type=float, default=0.0, help="simulated dropout share (both runs)")
+    f.add_argument("--neighbors", type=int, default=0, help="secure runs: mask-graph degree (0 = automatic)")
+    f.add_argument("--repeats", type=int, default=1, help="runs per setting, alternating plain and secure; "
+                                                          "the fastest median round is reported")
+
+
+def _run(args, comm, path, clients, secure, out):
     from ..config import Config
-    from ..data.partition import write_partition
-    from ..data.prepare import prepare
     from ..federated.run import federate
 
+    cfg = Config()
+    cfg.data.path, cfg.model.hidden = path, [int(h) for h in args.hidden.split(",")]
+    cfg.fed.rounds, cfg.fed.fraction, cfg.fed.local_epochs = args.rounds, args.fraction, 1
+    cfg.checkpoint.every_seconds = 0
+    cfg.fed.dropout_rate = getattr(args, "dropout_rate", 0.0)  # both runs: the same clients train
+    if secure:
+        cfg.fed.secure_aggregation = True
+        cfg.fed.secagg.neighbors = getattr(args, "neighbors", 0)
+    return federate(cfg.validate(), comm, out, quiet=True)
+
+
+def bench_federated(args, comm):
+    from ..data.partition import write_partition
+    from ..data.prepare import prepare
+    from ..federated.run import cohort_size
+
+    secure = getattr(args, "secure_aggregation", False)
+    repeats = max(1, getattr(args, "repeats", 1))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(comm.bcast_bytes(tmp.encode()).decode(), "fed.h5")
@@ -21,15 +52,68 @@ def bench_federated(args, comm):
                 prepare("synthetic", path, samples=max(args.samples, 4 * clients), features=args.features, classes=10)
                 write_partition(path, "iid", clients)
             comm.barrier()
-            cfg = Config()
-            cfg.data.path, cfg.model.hidden = path, [int(h) for h in args.hidden.split(",")]
-            cfg.fed.rounds, cfg.fed.fraction, cfg.fed.local_epochs = args.rounds, args.fraction, 1
-            s = federate(cfg.validate(), comm, os.path.join(os.path.dirname(path), f"run{clients}"), quiet=True)
-            rows.append({"clients": clients, "client_ranks": comm.size - 1, "per_round": max(int(args.fraction * clients), 2),
-                         "n_params": s["n_params"], "seconds_per_round": s["seconds_per_round"],
-                         "bytes_per_round": s["bytes_per_round"]})
-            comm.barrier()
+            runs = {False: [], True: []}
+            for rep in range(repeats):
+                for sec in ((False, True) if secure else (False,)):
+                    out = os.path.join(os.path.dirname(path), f"run{clients}-{int(sec)}-{rep}")
+                    runs[sec].append(_run(args, comm, path, clients, sec, out))
+                    comm.barrier()
+            plain = min(runs[False], key=lambda s: s["seconds_per_round"])
+            row = {"clients": clients, "client_ranks": comm.size - 1,
+                   "per_round": cohort_size(clients, args.fraction, 2), "n_params": plain["n_params"],
+                   "seconds_per_round": plain["seconds_per_round"], "bytes_per_round": plain["bytes_per_round"]}
+            if secure:
+                sec = min(runs[True], key=lambda s: s["seconds_per_round"])
+                row.update(secure_seconds_per_round=sec["seconds_per_round"],
+                           secure_bytes_per_round=sec["bytes_per_round"],
+                           time_ratio=sec["seconds_per_round"] / plain["seconds_per_round"],
+                           bytes_ratio=sec["bytes_per_round"] / plain["bytes_per_round"],
+                           secure_test_accuracy=sec["test_accuracy"], test_accuracy=plain["test_accuracy"],
+                           dropout_rate=sec.get("dropout_rate", 0.0), skipped_rounds=sec.get("skipped_rounds", 0))
+            rows.append(row)
     if comm.rank == 0:
         print(f"federate (fedavg, 1 local epoch, batch 10), {comm.size - 1} client rank(s)")
-        print(table(rows, ["clients", "per_round", "n_params", "seconds_per_round", "bytes_per_round"]))
+        cols = ["clients", "per_round", "n_params", "seconds_per_round", "bytes_per_round"]
+        if secure:
+            cols += ["secure_seconds_per_round", "secure_bytes_per_round", "time_ratio", "bytes_ratio"]
+        print(table(rows, cols))
     return rows
+
+
+def main(argv=None):
+    """``mpiexec -n 3 python -m mpitrain.bench.federated [--secure-aggregation] ...``"""
+    import argparse
+
+    from ..threads import configure_env
+
+    configure_env()  # before NumPy loads
+    from ..comm import Comm, install_abort_hook
+    from ..errors import MpitrainError
+
+    p = argparse.ArgumentParser(prog="python -m mpitrain.bench.federated", description=__doc__)
+    p.add_argument("--clients", default="16,64,256")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--fraction", type=float, default=0.25)
+    p.add_argument("--samples", type=int, default=20000)
+    p.add_argument("--features", type=int, default=64)
+    p.add_argument("--hidden", default="128")
+    p.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    comm = Comm()
+    install_abort_hook(comm)
+    try:
+        rows = bench_federated(args, comm)
+    except MpitrainError as exc:
+        from ..comm import report_error
+
+        return report_error(comm, exc)
+    if comm.rank == 0:
+        from . import save
+
+        save(args.out or "bench-results", "federated", rows, vars(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,8 +3,12 @@ clients block-wise (rank r hosts a contiguous range of clients, hence one contig
 partition/, read by that rank alone).  A round: every rank draws the same client sample from
 (seed, round) → hosted sampled clients train locally (the project's Stepper and optimizer) → each client
 rank sums [ω_k·Δ_k, ω_k, ω_k·a_k, loss, samples, clients, stop] over its clients into one buffer → one
-Reduce(SUM) to rank 0 → the strategy updates the model → one Bcast of [model, stop, checkpoint due].  Only model-sized vectors
-and a few scalars ever cross ranks.
+Reduce(SUM) to rank 0 → the strategy updates the model → one Bcast of [model, stop, checkpoint due].  Only
+model-sized vectors and a few scalars ever cross ranks.
+
+Layers around the same loop (Layers below): differential privacy clips each update and adds noise
+(dp.py), secure aggregation replaces the Reduce by a masked uint32 sum (secagg.py), robust rules replace it
+by a Gather of the individual updates (robust.py); simulated dropouts and attackers act on the clients.
 """
 import math
 import time
@@ -19,6 +23,10 @@ from ..evaluate import evaluate
 from ..optim import Optimizer
 from ..session import Session
 from ..train import Stepper
+from .aggregation import MeanAggregator
+from .dp import DPSGD, ClientDP, dp_cohort, noise_key
+from .robust import GatherAggregator, attack_update, attackers
+from .secagg import SecureAggregator
 from .strategies import DEFAULT_SERVER_LR, check, init_state, server_update
 
 EXTRA = 6  # aggregate slots after the model: Σω, Σω·a, Σloss, Σsamples, Σclients, stop requests
@@ -48,7 +56,7 @@ class Partition:
 
 def sample_clients(seed, rnd, clients, fraction, min_clients):
     """The round's cohort: max(⌊fraction·K⌋, min_clients) clients (at most K), drawn from (seed, round)."""
-    m = min(clients, max(math.floor(fraction * clients + 1e-9), min_clients, 1))  # 0.29·100 → 29, not 28
+    m = cohort_size(clients, fraction, min_clients)
     rng = np.random.default_rng(np.random.SeedSequence([seed, rnd, 0x5A3]))
     return np.sort(rng.choice(clients, m, replace=False))
 
@@ -56,11 +64,14 @@ def sample_clients(seed, rnd, clients, fraction, min_clients):
 class Client:
     """Local training of one client at a time on this rank, reusing one model, optimizer and Stepper."""
 
-    def __init__(self, model, kernels, t, f):
+    def __init__(self, model, kernels, t, f, dpsgd=None):
         self.t, self.f = t, f
         opt = Optimizer(kernels, t.optimizer, model.n_params, t.momentum, t.beta1, t.beta2, t.eps, t.weight_decay)
         self.stepper = Stepper(model, opt)
         self.params = np.empty(model.n_params, np.float32)
+        self.dpsgd = dpsgd  # record-level DP-SGD: Poisson batches, clipped per-example gradients + noise
+        if dpsgd is not None:
+            self.stepper.loss_grad = dpsgd.loss_grad
 
     def train(self, k, rnd, x, y, global_params):
         """Train client k from the global model; returns (Δ_k, local steps a_k, loss sum, samples seen)."""
@@ -75,16 +86,107 @@ class Client:
             batch = min(f.local_batch, n)
             steps = f.local_steps or f.local_epochs * -(-n // batch)
         rng = np.random.default_rng(np.random.SeedSequence([t.seed, rnd, k, 0xC1]))
+        if self.dpsgd is not None:
+            self.dpsgd.start(k, rnd)
         per_epoch = -(-n // batch)
         loss = seen = 0.0
         for s in range(steps):
-            epoch, i = divmod(s, per_epoch)
-            if i == 0:
-                order = rng.permutation(n)
-            rows = order[i * batch:(i + 1) * batch]
-            l, _ = self.stepper(self.params, x[rows], y[rows], t.lr, 1.0 / len(rows))
+            if self.dpsgd is not None:  # Poisson batch; the summed gradient is divided by the expected size
+                rows, scale = self.dpsgd.batch(n, batch), 1.0 / batch
+            else:
+                epoch, i = divmod(s, per_epoch)
+                if i == 0:
+                    order = rng.permutation(n)
+                rows = order[i * batch:(i + 1) * batch]
+                scale = 1.0 / len(rows)
+            l, _ = self.stepper(self.params, x[rows], y[rows], t.lr, scale)
             loss, seen = loss + l, seen + len(rows)
         return self.params - global_params, steps, loss, seen
+
+
+def cohort_size(clients, fraction, min_clients):
+    """max(⌊fraction·K⌋, min_clients) clients (at least 1, at most K)."""
+    return min(clients, max(math.floor(fraction * clients + 1e-9), min_clients, 1))  # 0.29·100 → 29, not 28
+
+
+def dropouts(seed, rnd, cohort, rate):
+    """The simulated dropouts of a round: ⌊rate·n⌋ of the cohort, drawn from (seed, round).  They have sent
+    their keys and shares (secure aggregation's hard case) and send no update."""
+    count = int(math.floor(rate * len(cohort) + 1e-9))
+    if count == 0:
+        return np.zeros(0, np.int64)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, rnd, 0xD809]))
+    return np.sort(rng.choice(cohort, count, replace=False))
+
+
+class Layers:
+    """The privacy and robustness layers around a round, checked once on every rank (no collectives
+    here, so comm.agree can report a bad combination as one line): the cohort rule, differential privacy
+    (client level and record level), the aggregator (mean Reduce, secure sum, robust Gather) and the
+    simulated attackers."""
+
+    def __init__(self, cfg, comm, part, model, kernels):
+        t, f = cfg.train, cfg.fed
+        n = model.n_params
+        self.dp = self.dpsgd = None
+        self.fixed = cohort_size(part.clients, f.fraction, f.min_clients)
+        dp_on = f.dp.noise_multiplier > 0
+        self.weighting = "uniform" if dp_on else f.weighting
+        if dp_on:
+            self.dp = ClientDP(f, part.clients, self.fixed, f.secure_aggregation, t.seed)
+            self.expected = self.dp.m
+        else:
+            self.expected = self.fixed
+        if f.dpsgd.noise_multiplier > 0:
+            if t.device != "cpu":
+                raise MpitrainError(f"fed.dpsgd with train.device = {t.device!r}: the per-example clipping "
+                                    "kernels exist for the cpu backend only")
+            self.dpsgd = DPSGD(model, kernels, f.dpsgd, noise_key(f.dp.noise_seed))
+        adaptive = bool(self.dp and self.dp.adaptive)
+        if f.secure_aggregation:
+            steps = np.array([self.local_steps(f, int(m)) for m in part.n_train])
+            w_max = 1.0 if self.weighting == "uniform" else float(part.n_train.max())
+            seen_max = float((steps * part.n_train).max())
+            dp = self.dp
+
+            def bounds(cohort):
+                if dp is None:
+                    coord, b = w_max * f.secagg.clip_range, []
+                else:
+                    root = math.sqrt(dp.n_min(cohort))
+                    coord, b = dp.clip + 8 * dp.z_delta * dp.clip / root, [0.5 + 8 * dp.sigma_b / root] * adaptive
+                return np.array([coord] * n + [w_max, w_max * steps.max(), 64 * seen_max, seen_max, 1.0] + b)
+
+            def noise(k, rnd, cohort):  # distributed DP: client k's share of the round's noise
+                return dp.share_noise(dp.key, k, rnd, cohort, n + adaptive, n)
+
+            self.agg = SecureAggregator(comm, part, n, f.strategy, f.secagg, t.seed, bounds,
+                                        noise if dp else None, dp.n_min if dp else None)
+            if dp is None or dp.sampling == "fixed":
+                self.agg.check(self.fixed, f"fed.fraction = {f.fraction:g} of {part.clients} clients with "
+                                           f"fed.min_clients = {f.min_clients}")
+            else:
+                self.agg.check(max(int(self.expected), 0), f"Poisson sampling with q = fed.fraction = "
+                                                           f"{f.fraction:g} of {part.clients} clients on average")
+        elif f.aggregator != "mean":
+            active = self.fixed - math.floor(f.dropout_rate * self.fixed + 1e-9)
+            byz = math.floor(f.robust.fraction * active + 1e-9)
+            if f.aggregator in ("krum", "multikrum") and active < 2 * byz + 3:
+                raise MpitrainError(f"fed.aggregator = {f.aggregator!r}: Krum needs n ≥ 2f + 3 updates a round; "
+                                    f"this run has n = {active}, f = ⌊fed.robust.fraction·n⌋ = {byz}; sample "
+                                    "more clients or lower fed.robust.fraction")
+            self.agg = GatherAggregator(comm, n, f.strategy, f.aggregator, f.robust.fraction, f.robust.norm_bound)
+        else:
+            self.agg = MeanAggregator(comm, n, f.strategy, adaptive)
+        self.attackers = np.zeros(part.clients, bool)
+        if f.attack != "none":
+            self.attackers = attackers(t.seed, part.clients, f.attack_fraction)
+
+    @staticmethod
+    def local_steps(f, n):
+        if f.strategy == "fedsgd":
+            return 1
+        return f.local_steps or f.local_epochs * -(-n // min(f.local_batch, n))
 
 
 def federate(cfg, comm, out=None, quiet=False, resume=None):
@@ -95,7 +197,9 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
     part = comm.agree(Partition, data, comm)
     lo, hi = (part.offsets[part.hosted.start], part.offsets[part.hosted.stop]) if comm.rank else (0, 0)
     cx, cy = comm.agree(data.read, "partition", lo, hi, comm.rank)
-    client = comm.agree(Client, model, run.kernels, t, f)
+    layers = comm.agree(Layers, cfg, comm, part, model, run.kernels)
+    dp, agg = layers.dp, layers.agg
+    client = comm.agree(Client, model, run.kernels, t, f, layers.dpsgd)
     n = spec.n_params
     state = init_state(f.strategy, n)
     server_lr = f.server_lr or DEFAULT_SERVER_LR.get(f.strategy, 1.0)
@@ -108,53 +212,112 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
         params[:] = arrays["params"]
         for name, v in state.items():
             v[:] = arrays[f"server/{name}"]
+        if dp is not None:
+            dp.restore(arrays, comm.rank == 0)
     else:
         first = 0
         if comm.rank == 0:
             params[:] = model.init_params(t.seed)
         comm.bcast(params)
+    rounds, accountant, record_acc = f.rounds, None, None
+    if dp is not None:  # cohorts come from rank 0's secret key; rank 0 alone accounts
+        dp.cohort_key = comm.bcast(np.frombuffer(dp.sampling_key(), np.uint8).copy()).tobytes()
+        from .dp import client_accountant
+
+        accountant = comm.agree(client_accountant, dp, part.clients) if comm.rank == 0 else comm.agree(_nothing)
+        if f.dp.target_epsilon > 0:
+            allowed = np.array([accountant.max_rounds(f.dp.target_epsilon, f.rounds) if comm.rank == 0 else 0])
+            rounds = int(comm.bcast(allowed)[0])
+            if rounds == 0:
+                raise MpitrainError(f"fed.dp.target_epsilon = {f.dp.target_epsilon:g}: one round already spends "
+                                    + (f"ε = {accountant.epsilon(1):.4g}" if accountant else "more")
+                                    + f" at δ = {dp.delta:g} (fed.dp.noise_multiplier = {dp.z:g})", agreed=True)
+    if layers.dpsgd is not None:
+        from .dp import record_accountants, record_epsilon
+
+        record_acc = comm.agree(record_accountants, part, f, f.dpsgd) if comm.rank == 0 else comm.agree(_nothing)
     log.say(f"mpitrain {__version__} federate: {f.strategy}, {part.clients} clients on {comm.size - 1} client "
             f"rank(s) × {run.threads} thread(s), {spec.kind} {'-'.join(map(str, spec.sizes))}, "
-            f"rounds {first + 1}…{f.rounds} → {run.out}")
+            f"rounds {first + 1}…{rounds} → {run.out}")
+    if dp is not None:
+        log.say(f"differential privacy: clip {dp.clip:g}{' (adaptive)' if dp.adaptive else ''}, noise "
+                f"multiplier {dp.z:g}, {dp.sampling} sampling, uniform client weights over the fixed "
+                f"denominator m = {dp.m:g}" + (" (fed.weighting = samples is not used under DP)"
+                                               if f.weighting == "samples" else ""))
 
-    agg = np.zeros(n + EXTRA, np.float32)
-    bytes_per_round = (comm.size - 1) * (model_buf.nbytes + agg.nbytes)  # Bcast out + Reduce in
+    def draw(rnd):
+        if dp is not None:
+            return dp_cohort(dp.cohort_key, rnd, part.clients, dp.sampling, f.fraction, layers.fixed)
+        return sample_clients(t.seed, rnd, part.clients, f.fraction, f.min_clients)
+
+    flip = data.n_classes - 1
     rounds_to_target = test_acc = test_loss = fed_acc = worst = None
-    round_seconds = []
-    for rnd in range(first, f.rounds):
+    round_seconds, round_bytes = [], []
+    epsilon = record_eps = None
+    skipped = 0
+    for rnd in range(first, rounds):
         tic = time.perf_counter()
-        cohort = sample_clients(t.seed, rnd, part.clients, f.fraction, f.min_clients)
-        agg[:] = 0.0
-        for k in cohort[(cohort >= part.hosted.start) & (cohort < part.hosted.stop)]:
-            a, b = part.offsets[k] - lo, part.offsets[k] - lo + part.n_train[k]
-            delta, steps, loss, seen = client.train(int(k), rnd, cx[a:b], cy[a:b], params)
-            w = float(part.n_train[k]) if f.weighting == "samples" else 1.0
-            agg[:n] += (w / steps if f.strategy == "fednova" else w) * delta
-            agg[n:n + 5] += (w, w * steps, loss, seen, 1)
-        agg[n + 5] = preempt.requested()
-        comm.reduce_sum(agg)
+        cohort = draw(rnd)
+        dropped = dropouts(t.seed, rnd, cohort, f.dropout_rate)
+        active = np.setdiff1d(cohort, dropped)
+        if agg.begin(rnd, cohort, active):
+            for k in active[(active >= part.hosted.start) & (active < part.hosted.stop)]:
+                a, b = part.offsets[k] - lo, part.offsets[k] - lo + part.n_train[k]
+                labels = flip - cy[a:b] if f.attack == "label_flip" and layers.attackers[k] else cy[a:b]
+                delta, steps, loss, seen = client.train(int(k), rnd, cx[a:b], labels, params)
+                if layers.attackers[k] and f.attack in ("sign_flip", "scale"):
+                    delta = attack_update(f.attack, delta, f.attack_scale)
+                below = None
+                if dp is not None:
+                    delta, below = dp.clip_update(delta)
+                w = float(part.n_train[k]) if layers.weighting == "samples" else 1.0
+                agg.add(int(k), delta, w, steps, loss, seen, below)
+        res = agg.finish(preempt.requested())
+        clip_now = None
         if comm.rank == 0:
-            server_update(f.strategy, params, agg[:n] / agg[n], state, server_lr, f.beta1, f.beta2, f.tau,
-                          f.server_momentum, tau_eff=agg[n + 1] / agg[n])
-            model_buf[n:] = (agg[n + 5] + preempt.requested(), ckpt.time_due())
+            if not res.skipped:
+                if dp is not None:
+                    dp.server(res, rnd)
+                server_update(f.strategy, params, res.mean().astype(np.float32, copy=False), state, server_lr,
+                              f.beta1, f.beta2, f.tau, f.server_momentum, tau_eff=res.tau_eff())
+            model_buf[n:] = (res.stop + preempt.requested(), ckpt.time_due())
         comm.bcast(model_buf)  # the new model and rank 0's decisions reach every rank together
+        if dp is not None and dp.adaptive:
+            dp.clip = float(comm.bcast(np.array([dp.clip]))[0])
+            clip_now = dp.clip
         stop, timed = model_buf[n:] > 0
         round_seconds.append(time.perf_counter() - tic)
-        record = {"round": rnd + 1, "clients": len(cohort), "train_loss": float(agg[n + 2] / max(agg[n + 3], 1)),
-                  "bytes": bytes_per_round, "round_seconds": round_seconds[-1]}
-        if (rnd + 1) % f.eval_every == 0 or rnd + 1 == f.rounds:
+        round_bytes.append((comm.size - 1) * model_buf.nbytes + (agg.bytes if comm.rank == 0 else 0))
+        record = {"round": rnd + 1, "clients": len(cohort), "bytes": round_bytes[-1],
+                  "round_seconds": round_seconds[-1]}
+        if comm.rank == 0:
+            record["train_loss"] = float(res.loss / max(res.seen, 1))
+            if len(dropped) or res.skipped:
+                record.update(dropped=len(dropped), survivors=float(res.clients), skipped=res.skipped)
+            skipped += res.skipped
+        if accountant is not None:
+            epsilon = accountant.epsilon(rnd + 1)
+            record["epsilon"] = epsilon
+        if clip_now is not None:
+            record["clip"] = clip_now
+        if record_acc is not None:
+            record_eps = record_epsilon(record_acc, rnd + 1)
+            record["record_epsilon"] = record_eps
+        if (rnd + 1) % f.eval_every == 0 or rnd + 1 == rounds:
             test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
             fed_acc, worst = federated_eval(comm, model, params, part, cx, cy, lo)
             record.update(test_loss=test_loss, test_accuracy=test_acc, federated_accuracy=fed_acc,
                           worst_client_accuracy=worst)
             if rounds_to_target is None and test_acc >= f.target_accuracy:
                 rounds_to_target = rnd + 1
-            log.say(f"round {rnd + 1}/{f.rounds}  clients {len(cohort)}  test acc {test_acc:.4f}  "
-                    f"federated acc {fed_acc:.4f}  worst client {worst:.4f}")
+            log.say(f"round {rnd + 1}/{rounds}  clients {len(cohort)}  test acc {test_acc:.4f}  "
+                    f"federated acc {fed_acc:.4f}  worst client {worst:.4f}"
+                    + (f"  ε {epsilon:.3f}" if epsilon is not None else ""))
         log.record(**record)
         log.advance(1)
-        if ckpt.due(rnd + 1, stop or timed) or rnd + 1 == f.rounds:
-            ckpt.save(rnd + 1, {"params": params, **{f"server/{k}": v for k, v in state.items()}})
+        if ckpt.due(rnd + 1, stop or timed) or rnd + 1 == rounds:
+            ckpt.save(rnd + 1, {"params": params, **{f"server/{k}": v for k, v in state.items()},
+                                **(dp.state() if dp is not None else {})})
         if stop:
             log.say(f"stop requested: checkpointed round {rnd + 1} in {ckpt.dir}; exit {preempt.EXIT_PREEMPTED}")
             log.finish(None)
@@ -162,15 +325,36 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
     if test_acc is None:  # resumed at the end: score the restored model
         test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
         fed_acc, worst = federated_eval(comm, model, params, part, cx, cy, lo)
+    if accountant is not None and epsilon is None:
+        epsilon = accountant.epsilon(rounds)
+    if record_acc is not None and record_eps is None:
+        record_eps = record_epsilon(record_acc, rounds)
     summary = {
         "test_accuracy": test_acc, "test_loss": test_loss, "federated_accuracy": fed_acc,
-        "worst_client_accuracy": worst, "rounds": f.rounds, "rounds_to_target": rounds_to_target,
+        "worst_client_accuracy": worst, "rounds": rounds, "rounds_to_target": rounds_to_target,
         "target_accuracy": f.target_accuracy, "strategy": f.strategy, "clients": part.clients,
-        "bytes_per_round": bytes_per_round, "resumed_from_round": first,
+        "bytes_per_round": int(np.mean(round_bytes)) if round_bytes else None, "resumed_from_round": first,
         "seconds_per_round": float(np.median(round_seconds)) if round_seconds else None,
+        "aggregator": f.aggregator, "secure_aggregation": f.secure_aggregation, "weighting": layers.weighting,
     }
-    log.say(f"done: test accuracy {test_acc:.4f}, rounds to {f.target_accuracy}: {rounds_to_target} → {run.out}")
-    return run.finish(summary, params, rounds=f.rounds)
+    if f.secure_aggregation or f.dropout_rate:
+        summary.update(dropout_rate=f.dropout_rate, skipped_rounds=skipped)
+    if f.attack != "none":
+        summary.update(attack=f.attack, attackers=int(layers.attackers.sum()))
+    if dp is not None:
+        summary.update(epsilon=epsilon, delta=dp.delta, noise_multiplier=dp.z, clip=dp.clip,
+                       dp_sampling=dp.sampling, expected_cohort=dp.m, rounds_requested=f.rounds,
+                       stopped_at_target_epsilon=rounds < f.rounds)
+    if record_acc is not None:
+        summary.update(record_epsilon=record_eps, record_delta=f.dpsgd.delta,
+                       record_noise_multiplier=f.dpsgd.noise_multiplier, record_clip=f.dpsgd.clip)
+    log.say(f"done: test accuracy {test_acc:.4f}, rounds to {f.target_accuracy}: {rounds_to_target}"
+            + (f", ε = {epsilon:.3f} at δ = {dp.delta:g}" if epsilon is not None else "") + f" → {run.out}")
+    return run.finish(summary, params, rounds=rounds)
+
+
+def _nothing():
+    return None
 
 
 def federated_eval(comm, model, params, part, cx, cy, lo):

@@ -1,0 +1,72 @@
+"""What a round sums, and the plain path: one Reduce(SUM) of [Σ ω_k·Δ_k | Σω, Σω·a, Σloss, Σsamples,
+Σclients, stop (| Σ(b_k − ½) with adaptive clipping)].
+
+An aggregator has three calls per round, made by every rank in the same order: ``begin(rnd, cohort,
+active)`` (False = the round is skipped), ``add(k, delta, w, steps, loss, seen, below)`` for each hosted
+active client, ``finish(stop)`` → a Result on rank 0 (None elsewhere).  The secure (secagg.py) and the
+robust (robust.py) aggregators have the same three calls, so the round loop in run.py is one loop.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+N_STATS = 5  # Σω, Σω·a, Σloss, Σsamples, Σclients
+
+
+@dataclass
+class Result:
+    """Rank 0's view of a round.  total / denominator is the aggregate update (denominator defaults to the
+    summed weight: a weighted mean; DP replaces it by the fixed m, robust rules return their estimate
+    with denominator 1)."""
+    total: np.ndarray
+    weight: float = 0.0
+    weight_steps: float = 0.0
+    loss: float = 0.0
+    seen: float = 0.0
+    clients: float = 0.0
+    stop: float = 0.0
+    below: float = 0.0          # Σ (1[‖Δ_k‖ ≤ C] − ½): adaptive clipping
+    denominator: float = None
+    skipped: bool = False       # nothing was aggregated (secure aggregation could not complete)
+    metrics: dict = field(default_factory=dict)
+
+    def mean(self):
+        d = self.weight if self.denominator is None else self.denominator
+        return self.total / d if d else np.zeros_like(self.total)
+
+    def tau_eff(self):
+        return self.weight_steps / self.weight if self.weight else 1.0
+
+
+def contribution_scale(strategy, w, steps):
+    """The factor of Δ_k in the sum: ω_k, or ω_k / a_k for FedNova."""
+    return w / steps if strategy == "fednova" else w
+
+
+class MeanAggregator:
+    """The plain weighted sum: one float32 Reduce(SUM) per round, whatever the number of hosted clients."""
+
+    def __init__(self, comm, n, strategy, adaptive=False):
+        self.comm, self.n, self.strategy, self.adaptive = comm, n, strategy, adaptive
+        self.buf = np.zeros(n + N_STATS + 1 + int(adaptive), np.float32)
+        self.bytes = (comm.size - 1) * self.buf.nbytes
+
+    def begin(self, rnd, cohort, active):
+        self.buf[:] = 0.0
+        return True
+
+    def add(self, k, delta, w, steps, loss, seen, below=None):
+        n, buf = self.n, self.buf
+        buf[:n] += contribution_scale(self.strategy, w, steps) * delta
+        buf[n:n + N_STATS] += (w, w * steps, loss, seen, 1)
+        if self.adaptive:
+            buf[n + N_STATS + 1] += float(below) - 0.5
+
+    def finish(self, stop):
+        n, buf = self.n, self.buf
+        buf[n + N_STATS] = stop
+        self.comm.reduce_sum(buf)
+        if self.comm.rank != 0:
+            return None
+        s = buf[n:]  # float32 scalars: the same arithmetic as before these layers existed
+        return Result(buf[:n], *s[:N_STATS], stop=s[N_STATS], below=s[N_STATS + 1] if len(s) > N_STATS + 1 else 0.0)

@@ -1,0 +1,116 @@
+"""Byzantine-robust aggregation and the attacks that test it.
+
+Robust rules need every client's update at the server: each client rank sends [stop | its active
+clients' rows (Δ_k, ω_k, ω_k·a_k, loss_k, samples_k)] in one float32 Gatherv (counts first).  That is
+exactly what secure aggregation hides, so the two are refused together (config.py).
+
+Rules (n updates, f = ⌊β n⌋ with β = fed.robust.fraction):
+  median        coordinate-wise median
+  trimmed_mean  coordinate-wise mean after cutting the f largest and f smallest values
+  krum          the update with the least sum of squared distances to its n − f − 2 nearest others
+                (Blanchard et al. 2017; needs n ≥ 2f + 3)
+  multikrum     the mean of the n − f updates with the best Krum scores
+  norm_bound    every update clipped to L2 norm M (fed.robust.norm_bound, or the round's median norm),
+                then the weighted mean (Sun et al. 2019)
+Attacks (simulation; a seeded fed.attack_fraction of the clients): sign_flip Δ → −Δ; scale
+Δ → −c·Δ (c = fed.attack_scale); label_flip: train on C − 1 − y.
+"""
+import numpy as np
+
+from ..errors import MpitrainError
+from .aggregation import N_STATS, Result
+
+ROBUST = ("median", "trimmed_mean", "krum", "multikrum", "norm_bound")
+
+
+def attackers(seed, clients, fraction):
+    """A boolean mask of the attacking clients: ⌊fraction·K⌋ of them, drawn from the seed."""
+    mask = np.zeros(clients, bool)
+    count = int(np.floor(fraction * clients + 1e-9))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xA77]))
+    mask[rng.choice(clients, count, replace=False)] = True
+    return mask
+
+
+def attack_update(attack, delta, scale):
+    if attack == "sign_flip":
+        return -delta
+    if attack == "scale":
+        return (-scale * delta).astype(np.float32)
+    return delta
+
+
+def krum_scores(x, f):
+    """Each row's sum of squared distances to its n − f − 2 nearest other rows."""
+    x = x.astype(np.float64)
+    sq = np.einsum("ij,ij->i", x, x)
+    d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0)
+    np.fill_diagonal(d, np.inf)
+    near = len(x) - f - 2
+    return np.sort(d, axis=1)[:, :near].sum(axis=1)
+
+
+def aggregate(rule, x, weights=None, fraction=0.25, norm_bound=0.0):
+    """The robust estimate (float64) of the rows of x (clients × parameters)."""
+    n = len(x)
+    if n == 0:
+        return np.zeros(x.shape[1])
+    f = int(np.floor(fraction * n + 1e-9))
+    w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+    if rule == "mean":
+        return np.average(x.astype(np.float64), axis=0, weights=w)
+    if rule == "median":
+        return np.median(x.astype(np.float64), axis=0)
+    if rule == "trimmed_mean":
+        s = np.sort(x.astype(np.float64), axis=0)
+        return s[f:n - f].mean(axis=0) if n - 2 * f > 0 else np.median(s, axis=0)
+    if rule in ("krum", "multikrum"):
+        if n < 2 * f + 3:
+            raise MpitrainError(f"fed.aggregator = {rule!r}: Krum needs n ≥ 2f + 3 updates; this round has "
+                                f"n = {n}, f = ⌊fed.robust.fraction·n⌋ = {f}; sample more clients or lower "
+                                "fed.robust.fraction")
+        scores = krum_scores(x, f)
+        if rule == "krum":
+            return x[int(np.argmin(scores))].astype(np.float64)
+        best = np.argsort(scores, kind="stable")[:n - f]
+        return x[best].astype(np.float64).mean(axis=0)
+    if rule == "norm_bound":
+        norms = np.linalg.norm(x.astype(np.float64), axis=1)
+        bound = norm_bound or float(np.median(norms))
+        factor = np.minimum(1.0, bound / np.maximum(norms, 1e-30))
+        return np.average(x.astype(np.float64) * factor[:, None], axis=0, weights=w)
+    raise MpitrainError(f"fed.aggregator = {rule!r}: expected one of mean, {', '.join(ROBUST)}")
+
+
+class GatherAggregator:
+    """Individual updates at rank 0 (one float32 Gatherv per round), then a robust rule."""
+
+    def __init__(self, comm, n, strategy, rule, fraction, norm_bound):
+        self.comm, self.n, self.strategy = comm, n, strategy
+        self.rule, self.fraction, self.norm_bound = rule, fraction, norm_bound
+        self.row = n + N_STATS - 1  # Δ_k | ω, ω·a, loss, samples
+
+    def begin(self, rnd, cohort, active):
+        self.rows = []
+        self.bytes = 0
+        return True
+
+    def add(self, k, delta, w, steps, loss, seen, below=None):
+        d = delta / np.float32(steps) if self.strategy == "fednova" else delta
+        self.rows.append(np.concatenate([d, np.array([w, w * steps, loss, seen], np.float32)]))
+
+    def finish(self, stop):
+        buf = np.concatenate([np.array([stop], np.float32), *self.rows])
+        got, counts = self.comm.gatherv(buf)
+        if self.comm.rank != 0:
+            return None
+        self.bytes = got.nbytes + (self.comm.size - 1) * 8
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        stop = float(got[starts[:-1]].sum())
+        rows = [got[a + 1:b].reshape(-1, self.row) for a, b in zip(starts[:-1], starts[1:])]
+        x = np.concatenate(rows) if rows else np.zeros((0, self.row), np.float32)
+        n = self.n
+        est = aggregate(self.rule, x[:, :n], x[:, n], self.fraction, self.norm_bound)
+        s = x[:, n:].astype(np.float64).sum(axis=0)
+        return Result(est, weight=s[0], weight_steps=s[1], loss=s[2], seen=s[3], clients=float(len(x)),
+                      stop=stop, denominator=1.0)

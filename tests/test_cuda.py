@@ -1,0 +1,212 @@
+"""The CUDA kernels (kernels/cuda.py) against the CPU kernels, under Numba's CUDA simulator, on small sizes
+that are not multiples of the GEMM tile; the CUDA model and optimizer against the CPU ones; and the error
+that names what is missing when --device cuda cannot run.
+
+The simulator has to be on before numba.cuda is first imported, which this pytest process may already
+have done; so test_under_simulator reruns this file in a fresh pytest with NUMBA_ENABLE_CUDASIM=1, and the
+kernel tests run there (here they are skipped, unless the whole session runs under the simulator)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mpitrain.kernels import cpu
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+sim_only = pytest.mark.skipif(not SIM, reason="runs in the simulator subprocess of test_under_simulator")
+F32 = {"rtol": 2e-5, "atol": 2e-5}
+SHAPES = [(5, 7, 9), (17, 18, 17)]  # (batch, in, out): one partial tile; two tiles along every axis
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_py(code, env):
+    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
+                          env=env, cwd=ROOT)
+
+
+@pytest.mark.skipif(SIM, reason="already under the simulator")
+def test_under_simulator():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       check=False, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout + r.stderr
+
+
+def no_sim_env():
+    return {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+
+
+def test_missing_gpu_is_a_clear_error():
+    code = ("from mpitrain.kernels import backend\nfrom mpitrain.errors import MpitrainError\n"
+            "try:\n    backend('cuda')\nexcept MpitrainError as e:\n    print('ERROR', e)\nelse:\n    print('GPU')")
+    r = run_py(code, no_sim_env())
+    assert r.returncode == 0, r.stderr
+    if r.stdout.startswith("GPU"):
+        pytest.skip("this machine has a usable CUDA GPU")
+    assert "device 'cuda': no usable CUDA GPU (numba.cuda.is_available() is False" in r.stdout, r.stdout
+
+
+def test_missing_numba_cuda_is_a_clear_error():
+    code = ("import sys\nsys.modules['numba.cuda'] = None  # as if numba-cuda were not installed\n"
+            "from mpitrain.model import Model, ModelSpec\nfrom mpitrain.errors import MpitrainError\n"
+            "try:\n    Model(ModelSpec('softmax', 3, 2), 'cuda')\nexcept MpitrainError as e:\n    print(e)")
+    r = run_py(code, no_sim_env())
+    assert "device 'cuda': numba-cuda is not installed (pip install 'mpitrain[cuda]')" in r.stdout, r.stdout + r.stderr
+
+
+# -- under the simulator -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def k():
+    from mpitrain.kernels import backend
+
+    return backend("cuda")
+
+
+def rand(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def host(a):
+    return a.copy_to_host()
+
+
+@sim_only
+@pytest.mark.parametrize("n,a,b,act", [(*SHAPES[0], cpu.IDENTITY), (*SHAPES[0], cpu.RELU), (*SHAPES[0], cpu.TANH),
+                                       (*SHAPES[1], cpu.RELU)])
+def test_dense_forward_backward(k, n, a, b, act):
+    rng = np.random.default_rng([n, a, b, act])
+    x, w, bias, dy = rand(rng, n, a), rand(rng, a, b), rand(rng, b), rand(rng, n, b)
+    y = np.empty((n, b), np.float32)
+    cpu.dense_forward(x, w, bias, act, y)
+    dx, dw, db, dyc = np.empty((n, a), np.float32), np.empty((a, b), np.float32), np.empty(b, np.float32), dy.copy()
+    cpu.dense_backward(x, w, y, dyc, act, dw, db, dx)
+
+    gx, gw, gb, gy, gdy = map(k.to_device, (x, w, bias, np.zeros((n, b), np.float32), dy))
+    k.dense_forward(gx, gw, gb, act, gy)
+    np.testing.assert_allclose(host(gy), y, **F32)
+    gy = k.to_device(y)  # the backward pass from identical activations (relu's kink decides on y > 0)
+    gdx, gdw, gdb = k.empty((n, a)), k.empty((a, b)), k.empty(b)
+    k.dense_backward(gx, gw, gy, gdy, act, gdw, gdb, gdx)
+    for got, want in ((gdy, dyc), (gdw, dw), (gdb, db), (gdx, dx)):
+        np.testing.assert_allclose(host(got), want, **F32)
+    gdy2, gdw2, gdb2 = k.to_device(dy), k.zeros((a, b)), k.zeros(b)
+    k.dense_backward_params(gx, gy, gdy2, act, gdw2, gdb2)
+    np.testing.assert_allclose(host(gdw2), dw, **F32)
+    np.testing.assert_allclose(host(gdb2), db, **F32)
+
+    z = rand(rng, n, b)
+    gz = k.to_device(z)
+    cpu.bias_act(z, bias, act)
+    k.bias_act(gz, gb, act)
+    np.testing.assert_allclose(host(gz), z, **F32)
+
+
+@sim_only
+@pytest.mark.parametrize("n,c", [(5, 9), (19, 3)])
+def test_softmax_xent(k, n, c):
+    rng = np.random.default_rng([n, c])
+    z = rand(rng, n, c) * 3
+    labels = rng.integers(0, c, n)
+    gz = k.to_device(z)
+    loss, correct = cpu.softmax_xent(z, labels)
+    gloss, gcorrect = k.softmax_xent(gz, k.to_device(labels))
+    assert isinstance(gloss, float) and gcorrect == correct
+    assert gloss == pytest.approx(loss, rel=1e-5)
+    np.testing.assert_allclose(host(gz), z, **F32)
+
+
+@sim_only
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam"])
+def test_optimizer_updates(k, name):
+    from mpitrain.optim import Optimizer
+
+    rng = np.random.default_rng(len(name))
+    p = rand(rng, 300)  # more than one block of the 1-d kernels
+    cpu_opt, cuda_opt = Optimizer(cpu, name, p.size, weight_decay=1e-2), Optimizer(k, name, p.size, weight_decay=1e-2)
+    gp = k.to_device(p)
+    for _ in range(3):
+        g = rand(rng, p.size)
+        cpu_opt.update(p, g, 0.05, 0.25)
+        cuda_opt.update(gp, k.to_device(g), 0.05, 0.25)
+    np.testing.assert_allclose(host(gp), p, **F32)
+    for s, v in cpu_opt.state.items():
+        np.testing.assert_allclose(host(cuda_opt.state[s]), v, **F32)
+    cuda_opt.reset()
+    assert all(not host(v).any() for v in cuda_opt.state.values()) and cuda_opt.t == 0
+
+
+@sim_only
+@pytest.mark.parametrize("n,a,b", SHAPES)
+def test_dp_clipping(k, n, a, b):
+    rng = np.random.default_rng([n, a, b, 7])
+    x, dz, factor = rand(rng, n, a), rand(rng, n, b), rng.uniform(0.1, 1.0, n).astype(np.float32)
+    sq = rng.uniform(0, 1, n)
+    gx, gdz, gsq = k.to_device(x), k.to_device(dz), k.to_device(sq)
+    cpu.dp_sqnorms(x, dz, sq)
+    k.dp_sqnorms(gx, gdz, gsq)
+    np.testing.assert_allclose(host(gsq), sq, rtol=1e-6)
+    dw, db = np.empty((a, b), np.float32), np.empty(b, np.float32)
+    gdw, gdb = k.empty((a, b)), k.empty(b)
+    cpu.dp_clipped_grad(x, dz, factor, dw, db)
+    k.dp_clipped_grad(gx, gdz, k.to_device(factor), gdw, gdb)
+    for got, want in ((gdz, dz), (gdw, dw), (gdb, db)):
+        np.testing.assert_allclose(host(got), want, **F32)
+
+
+@sim_only
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_model_on_device(k, activation):
+    """Parameters, gradients and scratch on the device: loss_grad and score equal the CPU model's."""
+    from mpitrain.model import Model, ModelSpec
+
+    spec = ModelSpec("mlp", 7, 4, (9, 6), activation)
+    cm, gm = Model(spec, "cpu"), Model(spec, "cuda")
+    params = cm.init_params(3)
+    assert isinstance(gm.init_params(3), np.ndarray)
+    rng = np.random.default_rng(11)
+    x, y = rand(rng, 5, 7), rng.integers(0, 4, 5)
+    grad, gparams, ggrad = np.empty_like(params), k.to_device(params), k.zeros(params.size)
+    loss, correct = cm.loss_grad(params, grad, x, y)
+    gloss, gcorrect = gm.loss_grad(gparams, ggrad, k.to_device(x), k.to_device(y))
+    assert gloss == pytest.approx(loss, rel=1e-5) and gcorrect == correct
+    np.testing.assert_allclose(host(ggrad), grad, **F32)
+    for (w, b), (gw, gb) in zip(cm.layers(params), gm.layers(gparams)):  # views into the device vector
+        np.testing.assert_array_equal(host(gw), w)
+        np.testing.assert_array_equal(host(gb), b)
+    score, gscore = cm.score(params, x, y, chunk=3), gm.score(gparams, x, y, chunk=3)
+    assert gscore[0] == pytest.approx(score[0], rel=1e-5) and gscore[1] == score[1]
+
+
+@sim_only
+def test_compiled_selects_a_gpu_per_local_rank(k, monkeypatch):
+    """Ranks spread over the node's GPUs: launcher's local rank, else the node communicator's, modulo."""
+    from numba import cuda
+
+    from mpitrain.kernels import compiled
+
+    class Node:
+        rank = 5
+
+        def barrier(self):
+            pass
+
+    class Comm:
+        def node(self):
+            return Node()
+
+    chosen = []
+    monkeypatch.setattr(cuda, "gpus", [None] * 4)
+    monkeypatch.setattr(cuda, "select_device", chosen.append)
+    for var in ("SLURM_LOCALID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert compiled(Comm(), "cuda") is k
+    monkeypatch.setattr(k, "warmup", lambda: None)  # compiled once is enough
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "2")
+    compiled(Comm(), "cuda")
+    monkeypatch.setenv("SLURM_LOCALID", "7")
+    compiled(Comm(), "cuda")
+    assert chosen == [1, 2, 3]
