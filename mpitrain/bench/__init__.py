@@ -40,6 +40,9 @@ def add_arguments(parser):
     f.add_argument("--features", type=int, default=64)
     f.add_argument("--hidden", default="128")
     f.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
+    from .federated import add_arguments as federated_arguments
+
+    federated_arguments(f)
     c = sub.add_parser("checkpoint", help="seconds per checkpoint write/load vs model size",
                        description="Writes and reads back checkpoints (params + two optimizer vectors) of "
                                    "several sizes in a temporary folder under --dir.")

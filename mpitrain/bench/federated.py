@@ -30,10 +30,10 @@ def _run(args, comm, path, clients, secure, out):
     cfg.data.path, cfg.model.hidden = path, [int(h) for h in args.hidden.split(",")]
     cfg.fed.rounds, cfg.fed.fraction, cfg.fed.local_epochs = args.rounds, args.fraction, 1
     cfg.checkpoint.every_seconds = 0
-    cfg.fed.dropout_rate = getattr(args, "dropout_rate", 0.0)  # both runs: the same clients train
+    cfg.fed.dropout_rate = args.dropout_rate  # both runs: the same clients train
     if secure:
         cfg.fed.secure_aggregation = True
-        cfg.fed.secagg.neighbors = getattr(args, "neighbors", 0)
+        cfg.fed.secagg.neighbors = args.neighbors
     return federate(cfg.validate(), comm, out, quiet=True)
 
 
@@ -42,8 +42,8 @@ def bench_federated(args, comm):
     from ..data.prepare import prepare
     from ..federated.run import cohort_size
 
-    secure = getattr(args, "secure_aggregation", False)
-    repeats = max(1, getattr(args, "repeats", 1))
+    secure = args.secure_aggregation
+    repeats = max(1, args.repeats)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(comm.bcast_bytes(tmp.encode()).decode(), "fed.h5")
