@@ -53,6 +53,14 @@ class Session:
         self.log.advance(resumed[0] if resumed else 0)
         return resumed
 
+    def stop(self, index):
+        """After the checkpoint of a requested stop: close the log and raise Preempted (exit 75) on every rank."""
+        from . import preempt
+
+        self.log.say(f"stop requested: checkpointed {index} in {self.ckpt.dir}; exit {preempt.EXIT_PREEMPTED}")
+        self.log.finish(None)
+        raise preempt.Preempted()
+
     def finish(self, summary, params, **model_attrs):
         """Add the common summary fields, write model.h5 (rank 0) and summary.json; all ranks return together."""
         summary.update(world_size=self.comm.size, threads_per_rank=self.threads, n_params=self.spec.n_params,

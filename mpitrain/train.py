@@ -107,9 +107,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
             ckpt.save(step + 1, {"params": host(params), **{f"opt/{k}": host(v) for k, v in opt.state.items()}},
                       opt_t=opt.t)
         if stop:
-            log.say(f"stop requested: checkpointed step {step + 1} in {ckpt.dir}; exit {preempt.EXIT_PREEMPTED}")
-            log.finish(None)
-            raise preempt.Preempted()
+            run.stop(f"step {step + 1}")
     if test_acc is None:  # resumed at the end: score the restored model
         test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
     train_seconds, comm_seconds = comm.allreduce([train_seconds, comm.comm_seconds], op="max")

@@ -319,9 +319,7 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
             ckpt.save(rnd + 1, {"params": params, **{f"server/{k}": v for k, v in state.items()},
                                 **(dp.state() if dp is not None else {})})
         if stop:
-            log.say(f"stop requested: checkpointed round {rnd + 1} in {ckpt.dir}; exit {preempt.EXIT_PREEMPTED}")
-            log.finish(None)
-            raise preempt.Preempted()
+            run.stop(f"round {rnd + 1}")
     if test_acc is None:  # resumed at the end: score the restored model
         test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
         fed_acc, worst = federated_eval(comm, model, params, part, cx, cy, lo)
