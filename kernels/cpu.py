@@ -172,3 +172,113 @@ def warmup():
     adam_update(p, b, b.copy(), b.copy(), 0.1, 1.0, 0.9, 0.999, 1e-8, 0.0, 1)
     dp_sqnorms(x, y, np.zeros(2))
     dp_clipped_grad(x, dy, np.ones(2, f4), w.copy(), b.copy())
+    wire = np.zeros(4, np.uint16)
+    encode16(b.view(np.uint32), wire, False)
+    decode16(wire, b.view(np.uint32), False)
+    sum16(wire, wire.copy(), False)
+    idx, val = np.zeros(2, np.uint32), np.zeros(2, f4)
+    topk_select(b, 2, idx, val)
+    scatter_add(b, idx, val)
+
+
+# -- 16-bit wire formats of the compressed gradient allreduce (host buffers: MPI sends from the host) ----
+# Numba has no float16 type and NumPy converts float16 in software (~30× slower than float32 arithmetic
+# here), so the codecs work on the bits: u32 is a float32 array viewed as uint32, w a uint16 array.
+
+@njit(cache=True)
+def _to_half(u):
+    """IEEE binary16 bits of the float32 with bits u, rounded to nearest even (overflow → ±inf)."""
+    sign = (u >> 16) & 0x8000
+    e = np.int64((u >> 23) & 0xFF)
+    m = np.int64(u & 0x7FFFFF)
+    if e == 0xFF:
+        return sign | 0x7C00 | (0x200 if m else 0)
+    e -= 112  # rebias 127 → 15
+    if e >= 0x1F:
+        return sign | 0x7C00
+    if e <= 0:  # subnormal half (or zero): keep 14 − e fewer mantissa bits of 1.m
+        if e < -10:
+            return sign
+        m |= 0x800000
+        shift = 14 - e
+        h = m >> shift
+        rem, halfway = m & ((1 << shift) - 1), 1 << (shift - 1)
+        if rem > halfway or (rem == halfway and h & 1):
+            h += 1
+        return sign | h
+    h = (e << 10) | (m >> 13)
+    rem = m & 0x1FFF
+    if rem > 0x1000 or (rem == 0x1000 and h & 1):
+        h += 1  # a carry into the exponent is the right result (up to inf)
+    return sign | h
+
+
+@njit(cache=True)
+def _from_half(h):
+    """float32 bits of the binary16 with bits h (exact)."""
+    sign = np.int64(h & 0x8000) << 16
+    e = np.int64((h >> 10) & 0x1F)
+    m = np.int64(h & 0x3FF)
+    if e == 0x1F:
+        return sign | 0x7F800000 | (m << 13)
+    if e == 0:
+        if m == 0:
+            return sign
+        e = 1
+        while m & 0x400 == 0:  # normalise the subnormal
+            m <<= 1
+            e -= 1
+        m &= 0x3FF
+    return sign | ((e + 112) << 23) | (m << 13)
+
+
+@njit(cache=True)
+def _to_bfloat(u):
+    """bfloat16 bits (the high half of a float32) of the float32 with bits u, rounded to nearest even."""
+    if u & 0x7F800000 == 0x7F800000 and u & 0x7FFFFF:
+        return (u >> 16) | 0x40  # NaN stays NaN
+    return (np.int64(u) + 0x7FFF + ((u >> 16) & 1)) >> 16
+
+
+@njit(cache=True)
+def encode16(u, w, bf16):
+    """w ← the binary16 (bf16 False) or bfloat16 bits of the float32 values whose bits are u."""
+    for i in range(u.size):
+        w[i] = _to_bfloat(u[i]) if bf16 else _to_half(u[i])
+
+
+@njit(cache=True)
+def decode16(w, u, bf16):
+    """u ← the float32 bits of the 16-bit values w (exact)."""
+    for i in range(w.size):
+        u[i] = np.int64(w[i]) << 16 if bf16 else _from_half(w[i])
+
+
+@njit(cache=True)
+def sum16(a, b, bf16):
+    """b ← round16(float32(a) + float32(b)): the MPI reduction operator of the 16-bit allreduce."""
+    fa, fb = np.empty(a.size, np.float32), np.empty(b.size, np.float32)
+    decode16(a, fa.view(np.uint32), bf16)
+    decode16(b, fb.view(np.uint32), bf16)
+    fb += fa
+    encode16(fb.view(np.uint32), b, bf16)
+
+
+@njit(cache=True)
+def topk_select(acc, k, idx, val):
+    """Top-k sparsification with error feedback: idx, val ← the k entries of acc largest in magnitude
+    (ascending index order), and those entries of acc are zeroed (acc keeps the residual)."""
+    order = np.argsort(np.abs(acc))[acc.size - k:]
+    order.sort()
+    for j in range(k):
+        i = order[j]
+        idx[j] = i
+        val[j] = acc[i]
+        acc[i] = 0.0
+
+
+@njit(cache=True)
+def scatter_add(g, idx, val):
+    """g[idx[j]] += val[j] for every j (repeated indices add up)."""
+    for j in range(idx.size):
+        g[idx[j]] += val[j]

@@ -5,7 +5,6 @@ Works at size 1 when a script is started without mpirun (MPI singleton init).
 import os
 import sys
 import traceback
-from time import perf_counter
 
 import numpy as np
 
@@ -23,15 +22,15 @@ def _mpi():
 
 
 class Comm:
-    """A communicator with the few collectives mpitrain uses; times the hot-path ones."""
+    """A communicator with the few collectives mpitrain uses."""
 
     def __init__(self, raw=None):
         self.MPI = _mpi()
         self.raw = self.MPI.COMM_WORLD if raw is None else raw
         self.rank = self.raw.Get_rank()
         self.size = self.raw.Get_size()
-        self.comm_seconds = 0.0
         self._node = None
+        self._ops = {}  # user-defined reduction operators, created on first use
         self._allreduce, self._in_place, self._sum = self.raw.Allreduce, self.MPI.IN_PLACE, self.MPI.SUM
         # MPITRAIN_COMM_TRACE=PREFIX: every rank logs each message it sends (op, dtype, shape, bytes)
         # to PREFIX.<rank>, the audit trail of what crosses ranks (tests check federated isolation with it)
@@ -41,12 +40,10 @@ class Comm:
     # -- hot path ------------------------------------------------------------------------------------
     def allreduce_sum(self, buf):
         """In-place global sum of a contiguous array (the flat gradient)."""
-        t = perf_counter()
         if self.trace:
             self._note("Allreduce", buf)
         if self.size > 1:
             self._allreduce(self._in_place, buf, self._sum)  # bound once: this wrapper costs ~0.2 µs
-        self.comm_seconds += perf_counter() - t
         return buf
 
     def reduce_sum(self, buf, root=0):
@@ -57,6 +54,78 @@ class Comm:
             send = self.MPI.IN_PLACE if self.rank == root else buf
             self.raw.Reduce(send, buf if self.rank == root else None, op=self.MPI.SUM, root=root)
         return buf
+
+    # -- the communication options of synchronous training (sync.py) ----------------------------------
+    def iallreduce_sum(self, buf):
+        """Start an in-place global sum of a contiguous array; returns the request."""
+        if self.trace:
+            self._note("Iallreduce", buf)
+        return self.raw.Iallreduce(self._in_place, buf, self._sum)
+
+    def progress(self, requests):
+        """Let MPI advance outstanding nonblocking collectives (MPICH progresses them inside MPI calls)."""
+        self.MPI.Request.Testall(requests)
+
+    def waitall(self, requests):
+        self.MPI.Request.Waitall(requests)
+
+    def allreduce_16(self, wire, bf16):
+        """In-place global sum of 16-bit floats (uint16 bits; binary16, or bfloat16 if bf16): a user-defined
+        MPI operator adds in float32 and rounds back, at every stage of the reduction."""
+        if self.trace:
+            self._note("Allreduce-bf16" if bf16 else "Allreduce-fp16", wire)
+        if self.size > 1:
+            key = "bf16" if bf16 else "fp16"
+            if key not in self._ops:
+                from .kernels.cpu import sum16
+
+                def op(a, b, _type, bf16=bf16):
+                    sum16(np.frombuffer(a, np.uint16), np.frombuffer(b, np.uint16), bf16)
+
+                self._ops[key] = self.MPI.Op.Create(op, commute=True)
+            self.raw.Allreduce(self._in_place, [wire, self.MPI.UINT16_T], self._ops[key])
+        return wire
+
+    def allgather(self, mine, out):
+        """out (size × len(mine)) ← every rank's equal-length array, in rank order."""
+        if self.trace:
+            self._note("Allgather", mine)
+        if self.size > 1:
+            self.raw.Allgather(mine, out)
+        else:
+            out[:] = mine
+        return out
+
+    def reduce_scatter_sum(self, buf, out, counts):
+        """out ← this rank's part of the global sum of buf, cut into consecutive parts of `counts`."""
+        if self.trace:
+            self._note("Reduce_scatter", buf)
+        if self.size > 1:
+            self.raw.Reduce_scatter(buf, out, counts, self._sum)
+        else:
+            out[:] = buf
+        return out
+
+    def allgatherv_inplace(self, buf, counts):
+        """Every rank's part of buf (consecutive parts of `counts`, this rank's filled in) → all of buf."""
+        if self.trace:
+            self._note("Allgatherv", buf[:counts[self.rank]])
+        if self.size > 1:
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            self.raw.Allgatherv(self.MPI.IN_PLACE, [buf, counts, displs, self.MPI.FLOAT])
+        return buf
+
+    def groups(self, group_size=0):
+        """(my group, the group leaders) for two-level collectives: groups are the shared-memory nodes
+        (group_size 0) or blocks of group_size consecutive ranks (to emulate nodes on one machine); the
+        leaders' communicator (each group's rank 0) is None on the other ranks."""
+        if group_size:
+            group = Comm(self.raw.Split(self.rank // group_size, self.rank))
+        else:
+            group = Comm(self.raw.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank))
+        color = 0 if group.rank == 0 else self.MPI.UNDEFINED
+        leaders = self.raw.Split(color, self.rank)
+        return group, (Comm(leaders) if leaders != self.MPI.COMM_NULL else None)
 
     # -- start-up, evaluation, bookkeeping ------------------------------------------------------------
     def bcast(self, buf, root=0):

@@ -128,6 +128,16 @@ class FedConfig:
 
 
 @dataclass
+class CommConfig:
+    """[comm]: how synchronous training exchanges gradients (sync.py)."""
+    mode: str = "plain"         # plain | overlap | hierarchical | fp16 | bf16 | topk | sharded | local_sgd
+    bucket_mb: float = 1.0      # overlap: bucket size in MiB (cut at layer boundaries)
+    group_size: int = 0         # hierarchical: ranks per group; 0 = the shared-memory node
+    topk_ratio: float = 0.01    # topk: share of the gradient's entries each rank sends
+    local_steps: int = 8        # local_sgd: steps between parameter averages (H)
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 0              # steps (train) or rounds (federate) between checkpoints; 0 = by time only
     every_seconds: float = 300.0  # also checkpoint when this much time has passed (0 = never by time)
@@ -141,6 +151,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self):
@@ -166,6 +177,12 @@ class Config:
             _check(0 <= getattr(f, key) < 1, f"fed.{key}", getattr(f, key), "in [0, 1)")
         _check(f.weighting in ("samples", "uniform"), "fed.weighting", f.weighting, "samples or uniform")
         _validate_privacy(f)
+        m = self.comm
+        _check(m.mode in MODES, "comm.mode", m.mode, "one of " + ", ".join(MODES))
+        _check(m.bucket_mb > 0, "comm.bucket_mb", m.bucket_mb, "> 0")
+        _check(m.group_size >= 0, "comm.group_size", m.group_size, "≥ 0 (0 = the shared-memory node)")
+        _check(0 < m.topk_ratio <= 1, "comm.topk_ratio", m.topk_ratio, "in (0, 1]")
+        _check(m.local_steps >= 1, "comm.local_steps", m.local_steps, "≥ 1")
         c = self.checkpoint
         _check(c.every >= 0, "checkpoint.every", c.every, "≥ 0")
         _check(c.every_seconds >= 0, "checkpoint.every_seconds", c.every_seconds, "≥ 0")
@@ -173,6 +190,7 @@ class Config:
         return self
 
 
+MODES = ("plain", "overlap", "hierarchical", "fp16", "bf16", "topk", "sharded", "local_sgd")  # comm.mode
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multikrum", "norm_bound")
 ATTACKS = ("none", "sign_flip", "scale", "label_flip")
 

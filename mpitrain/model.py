@@ -59,6 +59,7 @@ class Model:
         self.xp = arrays(self.k)  # buffers live where the kernels compute (host or GPU)
         s = spec.sizes
         self.shapes = list(zip(s[:-1], s[1:]))
+        self.starts = [int(o) for o in np.cumsum([0] + [(a + 1) * b for a, b in self.shapes[:-1]])]  # layer slices
         self.acts = [ACTIVATIONS[spec.activation]] * (len(self.shapes) - 1) + [IDENTITY]
         self._buffers = {}
 
@@ -99,8 +100,9 @@ class Model:
             inp = out
         return acts
 
-    def loss_grad(self, params, grad, x, y):
-        """grad ← d(summed loss)/d(params) over the batch (x, y).  Returns (loss sum, number correct)."""
+    def loss_grad(self, params, grad, x, y, ready=None):
+        """grad ← d(summed loss)/d(params) over the batch (x, y).  Returns (loss sum, number correct).
+        ready(offset), if given, is called as soon as grad[offset:] is final (after each layer)."""
         acts = self._forward(params, x)
         _, downs = self._bufs(len(x))
         loss, correct = self.k.softmax_xent(acts[-1], y)
@@ -115,6 +117,8 @@ class Model:
             else:
                 self.k.dense_backward(inp, w, acts[i], d, self.acts[i], dw, db, downs[i - 1])
                 d = downs[i - 1]
+            if ready is not None:
+                ready(self.starts[i])
         return loss, correct
 
     def score(self, params, x, y, chunk=4096):

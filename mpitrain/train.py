@@ -1,6 +1,8 @@
 """Synchronous data-parallel SGD: every rank computes the gradient of the summed loss over its part of
 the global batch, one in-place Allreduce sums the flat gradient (with the loss and hit counts riding in
-its last two slots), and every rank applies the same optimizer update to its identical parameters."""
+its last two slots), and every rank applies the same optimizer update to its identical parameters.
+[comm] swaps that exchange for overlapped, compressed, hierarchical, sharded or local-SGD ones (sync.py)."""
+import functools
 import time
 
 import numpy as np
@@ -13,13 +15,15 @@ from .evaluate import evaluate
 from .kernels import HOST
 from .optim import Optimizer, schedule
 from .session import Session
+from .sync import make as make_sync
 
 
 class Stepper:
-    """One optimizer step on flat buffers: summed-loss gradient → optional reduction → fused update."""
+    """One optimizer step on flat buffers: summed-loss gradient → optional synchronisation (sync.py) →
+    fused update."""
 
-    def __init__(self, model, optimizer, reduce=None, flags=0):
-        self.model, self.opt, self.reduce = model, optimizer, reduce
+    def __init__(self, model, optimizer, sync=None, flags=0):
+        self.model, self.opt, self.sync = model, optimizer, sync
         n, xp = model.n_params, model.xp
         self.buf = xp.staging(n + 2 + flags)  # [gradient | loss sum | number correct | flags]; pinned on a GPU
         # On the host the gradient is a view of the buffer MPI reduces; on a GPU it stays on the device and
@@ -29,6 +33,10 @@ class Stepper:
         self.flags = self.buf[n + 2:]  # set before a step; summed over ranks with the gradient
         self.prox = None  # (mu, anchor): FedProx adds (mu/2)·||params − anchor||² per sample
         self.loss_grad = model.loss_grad  # (params, grad, x, y) → (loss sum, correct); DP-SGD swaps in its own
+        if sync is not None:
+            sync.bind(self.buf)
+            if sync.ready is not None:  # overlap: backward reports each finished layer
+                self.loss_grad = functools.partial(model.loss_grad, ready=sync.ready)
 
     def __call__(self, params, x, y, lr, scale):
         """Returns (loss sum, number correct), summed over ranks when reducing."""
@@ -38,13 +46,15 @@ class Stepper:
         if self.prox is not None:  # gradient of the summed loss: the proximal term counts once per sample
             mu, anchor = self.prox
             self.grad += (mu * len(x)) * (params - anchor)
-        if self.reduce is not None:
+        if self.sync is None:
+            self.opt.update(params, self.grad, lr, scale)
+        else:
             if self.staged:
                 self.grad.copy_to_host(self.buf[:n])
-            self.reduce(self.buf)
+            self.sync.reduce(self.buf, scale)
             if self.staged:
                 self.grad.copy_to_device(self.buf[:n])
-        self.opt.update(params, self.grad, lr, scale)
+            self.sync.update(self.opt, params, self.grad, lr, scale, len(x))
         return float(self.buf[n]), float(self.buf[n + 1])
 
 
@@ -55,15 +65,17 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
     total = t.steps or t.epochs * shard.steps_per_epoch
     lr = t.lr * t.global_batch / 256 if t.scale_lr else t.lr
     lr_at = comm.agree(schedule, t.schedule, lr, total, t.warmup_steps, t.step_size, t.gamma)
-    opt = comm.agree(Optimizer, run.kernels, t.optimizer, spec.n_params, t.momentum, t.beta1, t.beta2,
-                     t.eps, t.weight_decay)
+    sync = comm.agree(make_sync, cfg, comm, model, 4)  # buffer slots: loss, hits, two flags
+    part = sync.part  # the parameters this rank updates: all of them, or its shard (comm.mode = sharded)
+    opt = comm.agree(Optimizer, run.kernels, t.optimizer, part.stop - part.start, t.momentum, t.beta1,
+                     t.beta2, t.eps, t.weight_decay)
     resumed = run.open(out, total, quiet, resume)
     log, ckpt = run.log, run.ckpt
     if resumed:
         first, arrays, attrs = resumed
         params = arrays["params"].astype(np.float32)
         for name, v in opt.state.items():
-            v[:] = arrays[f"opt/{name}"]
+            v[:] = arrays[f"opt/{name}"][part]  # checkpoints hold full vectors whatever the mode
         opt.t = int(attrs["opt_t"])
     else:
         first = 0
@@ -74,7 +86,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
             f"on {comm.size} rank(s) × {run.threads} thread(s), {data.n_train} train samples, "
             f"global batch {t.global_batch}, steps {first + 1}…{total} → {run.out}")
 
-    step_fn = Stepper(model, opt, comm.allreduce_sum, flags=2)  # flags: stop requested, checkpoint due
+    step_fn = Stepper(model, opt, sync, flags=2)  # flags: stop requested, checkpoint due
     eval_every = t.eval_every or shard.steps_per_epoch
     scale = 1.0 / t.global_batch
     train_seconds, last = 0.0, {}
@@ -87,6 +99,8 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
             order = shard.epoch_order(epoch)
         lr_now = lr_at(step)
         step_fn.flags[:] = (preempt.requested(), ckpt.time_due())
+        # local SGD averages the parameters before anything reads them: evaluation, checkpoint, the end
+        sync.due = (step + 1) % eval_every == 0 or step + 1 == total or ckpt.due(step + 1, False)
         loss, correct = step_fn(params, *shard.batch_at(order[s]), lr_now, scale)
         train_seconds += time.perf_counter() - tic
         if not np.isfinite(loss):
@@ -104,19 +118,22 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         log.advance(1, loss=f"{loss * scale:.4f}")
         if ckpt.due(step + 1, stop or timed) or step + 1 == total:
             host = model.xp.to_host
-            ckpt.save(step + 1, {"params": host(params), **{f"opt/{k}": host(v) for k, v in opt.state.items()}},
-                      opt_t=opt.t)
+            state = sync.gather_state({f"opt/{k}": host(v) for k, v in opt.state.items()})
+            ckpt.save(step + 1, {"params": host(params), **state}, opt_t=opt.t)
         if stop:
             run.stop(f"step {step + 1}")
     if test_acc is None:  # resumed at the end: score the restored model
         test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
-    train_seconds, comm_seconds = comm.allreduce([train_seconds, comm.comm_seconds], op="max")
+    state_bytes = sum(v.nbytes for v in opt.state.values())
+    train_seconds, comm_seconds, state_bytes = comm.allreduce([train_seconds, sync.seconds, state_bytes], op="max")
     summary = {
         "test_accuracy": test_acc, "test_loss": test_loss, **last,
         "steps": total, "epochs": total / shard.steps_per_epoch, "global_batch": t.global_batch,
         "samples_per_second": (total - first) * t.global_batch / train_seconds if train_seconds else None,
-        "comm_seconds": comm_seconds, "resumed_from_step": first,
+        "comm_seconds": comm_seconds, "comm_mode": cfg.comm.mode,
+        "comm_bytes_per_step": sync.bytes / max(sync.steps, 1), "optimizer_state_bytes_per_rank": int(state_bytes),
+        "resumed_from_step": first,
     }
     log.say(f"done: test accuracy {test_acc:.4f}, {summary['samples_per_second'] or 0:.0f} samples/s, "
-            f"{train_seconds:.1f} s ({comm_seconds:.1f} s in allreduce) → {run.out}")
+            f"{train_seconds:.1f} s ({comm_seconds:.1f} s in {cfg.comm.mode} communication) → {run.out}")
     return run.finish(summary, model.xp.to_host(params), steps=total)

@@ -28,21 +28,26 @@ def scaling_plots(rows, mode, out):
         print("matplotlib is not installed: plots skipped (pip install matplotlib)")
         return []
     os.makedirs(out, exist_ok=True)
-    ranks = [r["ranks"] for r in rows]
-    base = rows[0]
+    ranks = sorted({r["ranks"] for r in rows})
+    series = {}  # comm mode → its rows, by rank count
+    for r in rows:
+        series.setdefault(r.get("comm", "plain"), []).append(r)
+    base = min(rows, key=lambda r: r["ranks"])
     ideal = [p / base["ranks"] for p in ranks]
     figs = {}
 
     fig, ax = figs["speedup"] = _figure(f"{mode} scaling: speedup", f"speedup vs {base['ranks']} rank(s)", ranks)
     ax.plot(ranks, ideal, "--", color="gray", label="ideal")
-    ax.plot(ranks, [r["speedup"] for r in rows], "o-", label="measured")
+    for comm, rs in series.items():
+        ax.plot([r["ranks"] for r in rs], [r["speedup"] for r in rs], "o-", label=comm)
     ax.set_yscale("log", base=2)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.5, 1, 2 rather than 2⁻¹, 2⁰, 2¹
     ax.legend()
 
     fig, ax = figs["efficiency"] = _figure(f"{mode} scaling: efficiency", "efficiency", ranks)
     ax.axhline(1.0, ls="--", color="gray", label="ideal")
-    ax.plot(ranks, [r["efficiency"] for r in rows], "o-", label="measured")
+    for comm, rs in series.items():
+        ax.plot([r["ranks"] for r in rs], [r["efficiency"] for r in rs], "o-", label=comm)
     ax.set_ylim(0, max(1.1, *(r["efficiency"] * 1.1 for r in rows)))
     ax.legend()
 
@@ -50,17 +55,21 @@ def scaling_plots(rows, mode, out):
     fig, ax = figs["time"] = _figure(f"{mode} scaling: time per step", "ms per step", ranks)
     t_ideal = [base["step_ms"] * (1 if mode == "weak" else 1 / s) for s in ideal]
     ax.plot(ranks, t_ideal, "--", color="gray", label="ideal")
-    ax.plot(ranks, [r["step_ms"] for r in rows], "o-", label="measured")
+    for comm, rs in series.items():
+        ax.plot([r["ranks"] for r in rs], [r["step_ms"] for r in rs], "o-", label=comm)
     ax.set_ylim(bottom=0)
     ax.legend()
 
     fig, ax = figs["breakdown"] = _figure(f"{mode} scaling: where a step goes (max over ranks)",
                                           "ms per step")
+    labels = [f"{r['ranks']}" + (f" {r['comm']}" if len(series) > 1 else "") for r in rows]
     bottom = [0.0] * len(rows)
     for part in ("compute", "allreduce", "data"):
         heights = [r[f"{part}_ms"] for r in rows]
-        ax.bar([str(p) for p in ranks], heights, bottom=bottom, label=part)
+        ax.bar(labels, heights, bottom=bottom, label=part)
         bottom = [b + h for b, h in zip(bottom, heights)]
+    if len(series) > 1:
+        ax.tick_params(axis="x", labelrotation=60)
     ax.legend()
 
     paths = []

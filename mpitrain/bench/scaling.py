@@ -2,8 +2,9 @@
 
 A point builds the MLP and per-rank random in-memory batches (no HDF5), runs warm-up steps, then times
 each step in three parts: data (the row gather ``TrainShard.batch_at`` does), compute (``loss_grad`` +
-optimizer update, through ``train.Stepper``) and allreduce (``Comm.allreduce_sum`` of the flat gradient
-buffer).  There is no barrier inside the timed loop, as in training, so waiting for a slower rank counts
+optimizer update, through ``train.Stepper``) and allreduce (the time in the step's collectives: one
+``Allreduce`` of the flat gradient buffer, or what each ``--comm`` mode of sync.py does instead; every
+mode is measured in the same ``mpiexec``, one after another).  There is no barrier inside the timed loop, as in training, so waiting for a slower rank counts
 as allreduce time.  Each part is the median over the timed steps on each rank, then the max over ranks.
 """
 import argparse
@@ -18,12 +19,13 @@ import time
 
 import numpy as np
 
+from ..config import MODES
 from ..errors import MpitrainError
 from . import table
 
 LR = 0.01
-COLUMNS = ["ranks", "global_batch", "local_batch", "data_ms", "compute_ms", "allreduce_ms", "step_ms",
-           "samples_per_s", "speedup", "efficiency"]
+COLUMNS = ["ranks", "comm", "global_batch", "local_batch", "data_ms", "compute_ms", "allreduce_ms", "step_ms",
+           "samples_per_s", "comm_bytes", "speedup", "efficiency"]
 
 
 def add_parser(sub):
@@ -46,6 +48,12 @@ def add_parser(sub):
     s.add_argument("--steps", type=int, default=30, help="timed steps per point (default 30)")
     s.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     s.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
+    s.add_argument("--comm", default="plain", help="comm.mode values to measure at every point, comma-separated "
+                                                   f"(default plain; any of {', '.join(MODES)})")
+    s.add_argument("--bucket-mb", type=float, default=1.0, help="comm.bucket_mb for overlap (default 1)")
+    s.add_argument("--topk-ratio", type=float, default=0.01, help="comm.topk_ratio for topk (default 0.01)")
+    s.add_argument("--local-steps", type=int, default=8, help="comm.local_steps for local_sgd (default 8)")
+    s.add_argument("--group-size", type=int, default=0, help="comm.group_size for hierarchical (default 0: node)")
     s.add_argument("--timeout", type=float, default=600, help="seconds before a point is killed (default 600)")
     s.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
     # internal: what the driver's `mpiexec -n P` runs to measure one rank count on its world
@@ -59,13 +67,16 @@ def mlp_sizes(features, hidden, classes):
 
 def bench_scaling(args, comm):
     if args.point:
-        return [measure_point(args, comm)]
+        return [measure_point(args, comm, mode) for mode in args.comm.split(",")]
     if comm.size > 1:
         raise MpitrainError("bench scaling starts its own `mpiexec -n P` for every point: launch it as one "
                             "process (python -m mpitrain bench scaling ...), not under mpirun", agreed=True)
     ranks = sorted({int(r) for r in args.ranks.split(",")})
     if ranks[0] < 1 or args.steps < 1:
         raise MpitrainError(f"--ranks {args.ranks} --steps {args.steps}: rank counts and steps must be ≥ 1")
+    bad = [m for m in args.comm.split(",") if m not in MODES]
+    if bad:
+        raise MpitrainError(f"--comm {args.comm}: unknown mode(s) {', '.join(bad)}; expected {', '.join(MODES)}")
     if args.mode == "strong" and args.global_batch < ranks[-1]:
         raise MpitrainError(f"--global-batch {args.global_batch} is smaller than {ranks[-1]} ranks: every rank "
                             "needs at least one sample per step")
@@ -80,8 +91,9 @@ def bench_scaling(args, comm):
               "time-sharing of the cores, not scaling", flush=True)
     rows = []
     for p in ranks:
-        rows.append(run_point(args, p))
-        print(f"  {p} rank(s): {rows[-1]['step_ms']:.4g} ms/step", flush=True)
+        rows += run_point(args, p)
+        print(f"  {p} rank(s): " + ", ".join(f"{r['comm']} {r['step_ms']:.4g}" for r in rows if r["ranks"] == p)
+              + " ms/step", flush=True)
     add_speedup(rows, args.mode)
     print(table(rows, COLUMNS))
     from .plots import scaling_plots
@@ -91,9 +103,9 @@ def bench_scaling(args, comm):
 
 
 def add_speedup(rows, mode):
-    """Speedup and efficiency of every row relative to the first (smallest rank count) one."""
-    base = rows[0]
+    """Speedup and efficiency of every row relative to the smallest rank count of its comm mode."""
     for r in rows:
+        base = min((b for b in rows if b["comm"] == r["comm"]), key=lambda b: b["ranks"])
         if mode == "strong":
             r["speedup"] = base["step_ms"] / r["step_ms"]
             r["efficiency"] = r["speedup"] * base["ranks"] / r["ranks"]
@@ -123,13 +135,16 @@ def _child_env(threads):
 
 
 def run_point(args, p):
-    """Launch one point as `mpiexec -n P python -m mpitrain bench scaling --point` and return its row."""
+    """Launch one point as `mpiexec -n P python -m mpitrain bench scaling --point`; returns its rows (one per
+    comm mode)."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [_mpiexec(), "-n", str(p), sys.executable, "-m", "mpitrain", "bench", "scaling", "--point",
                "--mode", args.mode, "--batch-per-rank", str(args.batch_per_rank),
                "--global-batch", str(args.global_batch), "--features", str(args.features),
                "--hidden", str(args.hidden), "--classes", str(args.classes), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads), "--out", tmp]
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--comm", args.comm,
+               "--bucket-mb", str(args.bucket_mb), "--topk-ratio", str(args.topk_ratio),
+               "--local-steps", str(args.local_steps), "--group-size", str(args.group_size), "--out", tmp]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=_child_env(args.threads), start_new_session=True)
         try:
@@ -144,15 +159,18 @@ def run_point(args, p):
             tail = "\n".join(output.strip().splitlines()[-20:])
             raise MpitrainError(f"bench scaling: {p} ranks failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
         with open(saved[0], encoding="utf-8") as f:
-            return json.load(f)["results"][0]
+            return json.load(f)["results"]
 
 
-def measure_point(args, comm):
-    """One point on this world: time warm-up + timed training steps, return the row (same on all ranks)."""
+def measure_point(args, comm, mode):
+    """One point on this world and comm mode: time warm-up + timed training steps, return the row (same on
+    all ranks)."""
+    from ..config import Config
     from ..data.shard import block
     from ..kernels import compiled
     from ..model import Model, ModelSpec
     from ..optim import Optimizer
+    from ..sync import make
     from ..threads import limit
     from ..train import Stepper
 
@@ -167,7 +185,13 @@ def measure_point(args, comm):
         local, global_batch = hi - lo, args.global_batch
     model = Model(spec)
     params = model.init_params(0)  # seeded: identical on every rank, as after train()'s broadcast
-    stepper = Stepper(model, Optimizer(kernels, "momentum", spec.n_params), comm.allreduce_sum, flags=2)
+    cfg = Config()
+    c = cfg.comm
+    c.mode, c.bucket_mb, c.topk_ratio, c.local_steps, c.group_size = (mode, args.bucket_mb, args.topk_ratio,
+                                                                      args.local_steps, args.group_size)
+    sync = make(cfg.validate(), comm, model, 4)  # buffer slots as in train(): loss, hits, two flags
+    part = sync.part
+    stepper = Stepper(model, Optimizer(kernels, "momentum", part.stop - part.start), sync, flags=2)
 
     # This rank's data: one distinct row per sample of the run, visited in a seeded random order.
     total = args.warmup + args.steps
@@ -185,15 +209,15 @@ def measure_point(args, comm):
         np.take(x, order[step], axis=0, out=xb)
         np.take(y, order[step], out=yb)
         t1 = time.perf_counter()
-        c = comm.comm_seconds
+        c = sync.seconds
         stepper(params, xb, yb, LR, 1.0 / global_batch)
         t2 = time.perf_counter()
         if step >= args.warmup:
-            reduce = comm.comm_seconds - c
+            reduce = sync.seconds - c
             times[step - args.warmup] = t1 - t0, t2 - t1 - reduce, reduce, t2 - t0
     data, compute, reduce, whole = comm.allreduce(np.median(times, axis=0), "max") * 1e3
-    return {"ranks": comm.size, "mode": args.mode, "global_batch": global_batch,
+    return {"ranks": comm.size, "comm": mode, "mode": args.mode, "global_batch": global_batch,
             "local_batch": int(comm.allreduce([local], "max")[0]),  # strong: ⌈B/p⌉, the busiest rank's
             "n_params": spec.n_params, "allreduce_bytes": stepper.buf.nbytes, "threads": args.threads,
             "data_ms": data, "compute_ms": compute, "allreduce_ms": reduce, "step_ms": whole,
-            "samples_per_s": global_batch / whole * 1e3}
+            "samples_per_s": global_batch / whole * 1e3, "comm_bytes": sync.bytes / sync.steps}

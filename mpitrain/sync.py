@@ -1,0 +1,227 @@
+"""How synchronous training keeps the ranks together: the [comm] options of one training step.
+
+Every mode takes the step's buffer [gradient (n) | loss sum | hit count | flags] after backward and leaves
+on every rank the summed scalars and the parameters the plain path would have produced.
+
+  plain         one Allreduce(IN_PLACE) of the whole buffer
+  overlap       the gradient in buckets of about comm.bucket_mb, cut at layer boundaries in reverse layer
+                order: backward starts an Iallreduce on each bucket as soon as it has written it; the
+                update waits for all of them
+  hierarchical  Reduce to each node's (or comm.group_size block's) first rank, Allreduce among those
+                leaders, Bcast inside the node: one inter-node message set per node, not per rank
+  fp16, bf16    the gradient travels as 16-bit floats (scaled to the mean first, so fp16 does not
+                overflow); summed in float32 and rounded back at every reduction stage
+  topk          each rank sends its comm.topk_ratio·n largest entries of gradient + residual (indices and
+                values, one Allgather); what it did not send stays in its residual (error feedback)
+  sharded       ZeRO-1/2: Reduce_scatter the gradient, each rank updates its 1/p of the parameters with
+                optimizer state for that part only, Allgatherv the parameters
+  local_sgd     no gradient exchange: each rank steps on its own part of the batch and the parameters
+                are averaged (Allreduce) every comm.local_steps steps — and whenever the loop evaluates,
+                checkpoints or stops, so that those see one model
+
+The scalars (loss, hits, flags) are summed exactly in every mode (a separate few-byte Allreduce where the
+gradient does not travel as plain float32).  `seconds` and `bytes` count this rank's time in, and payload
+handed to, these collectives.
+"""
+import time
+
+import numpy as np
+
+from .errors import MpitrainError
+from .kernels import cpu
+
+
+def make(cfg, comm, model, n_extra):
+    """The synchronisation of cfg.comm.mode for a model and a buffer with n_extra scalar slots."""
+    c = cfg.comm
+    if c.mode != "plain" and cfg.train.device != "cpu":
+        raise MpitrainError(f"comm.mode = {c.mode!r} works on host buffers; with train.device = "
+                            f"{cfg.train.device!r} use comm.mode = plain (one staged Allreduce per step)")
+    n = model.n_params
+    if c.mode == "overlap":
+        return Overlap(comm, n, n_extra, model.starts, c.bucket_mb)
+    if c.mode == "hierarchical":
+        return Hierarchical(comm, n, n_extra, c.group_size)
+    if c.mode in ("fp16", "bf16"):
+        return Half(comm, n, n_extra, c.mode == "bf16")
+    if c.mode == "topk":
+        return TopK(comm, n, n_extra, c.topk_ratio)
+    if c.mode == "sharded":
+        return Sharded(comm, n, n_extra)
+    if c.mode == "local_sgd":
+        return LocalSGD(comm, n, n_extra, c.local_steps)
+    return Plain(comm, n, n_extra)
+
+
+class Plain:
+    ready = None  # overlap's backward hook
+
+    def __init__(self, comm, n, n_extra):
+        self.comm, self.n, self.n_extra = comm, n, n_extra
+        self.part = slice(0, n)  # the parameters this rank updates (and keeps optimizer state for)
+        self.due = False  # local_sgd: the loop evaluates or checkpoints after this step
+        self.seconds, self.bytes, self.steps = 0.0, 0, 0
+
+    def reduce(self, buf, scale):
+        """Sum the step's buffer over ranks (scale = 1 / global batch turns the gradient sum into a mean)."""
+        self._timed(self._reduce, buf, scale)
+        self.steps += 1
+
+    def update(self, opt, params, grad, lr, scale, count):
+        """The optimizer step on this rank's part, then whatever makes the parameters whole again."""
+        opt.update(params, grad, lr, scale)
+
+    def gather_state(self, state):
+        """Full optimizer-state vectors for a checkpoint (only sharded holds parts)."""
+        return state
+
+    def bind(self, buf):
+        """The step buffer (overlap reduces its buckets while backward writes it)."""
+        self.buf = buf
+
+    def _timed(self, fn, *args):
+        t = time.perf_counter()
+        fn(*args)
+        self.seconds += time.perf_counter() - t
+
+    def _reduce(self, buf, scale):
+        self._sum(buf)
+
+    def _sum(self, buf):
+        self.comm.allreduce_sum(buf)
+        self.bytes += ring_bytes(buf.nbytes, self.comm.size)
+
+
+def ring_bytes(nbytes, p, kind="allreduce"):
+    """Bytes one rank sends in a bandwidth-optimal collective on nbytes (the bus-bandwidth convention of
+    `bench allreduce`): allreduce 2(p−1)/p·nbytes; reduce-scatter, allgather, reduce or broadcast of a
+    vector of nbytes (p−1)/p·nbytes."""
+    return (2 if kind == "allreduce" else 1) * (p - 1) * nbytes // p
+
+
+class Overlap(Plain):
+    def __init__(self, comm, n, n_extra, offsets, bucket_mb):
+        super().__init__(comm, n, n_extra)
+        # buckets from the top of the vector down (backward's order), closed at the first layer boundary
+        # past bucket_mb; a layer larger than that is one bucket
+        self.cuts, top, limit = [], n, max(1, int(bucket_mb * (1 << 20) / 4))
+        for lo in sorted(offsets, reverse=True):
+            if top - lo >= limit or lo == 0:
+                self.cuts.append((lo, top))
+                top = lo
+        self.pending, self.next = [], 0
+
+    def ready(self, lo):
+        """Backward has written grad[lo:]: start the buckets that lie in it, and let MPI progress."""
+        t = time.perf_counter()
+        self._start(lo)
+        self.comm.progress(self.pending)
+        self.seconds += time.perf_counter() - t
+
+    def _start(self, lo):
+        while self.next < len(self.cuts) and self.cuts[self.next][0] >= lo:
+            a, b = self.cuts[self.next]
+            self.pending.append(self.comm.iallreduce_sum(self.buf[a:b]))
+            self.bytes += ring_bytes(4 * (b - a), self.comm.size)
+            self.next += 1
+
+    def _reduce(self, buf, scale):
+        self._start(0)  # any bucket backward did not report (none from Model.loss_grad)
+        self._sum(buf[self.n:])
+        self.comm.waitall(self.pending)
+        self.pending, self.next = [], 0
+
+
+class Hierarchical(Plain):
+    def __init__(self, comm, n, n_extra, group_size):
+        super().__init__(comm, n, n_extra)
+        self.node, self.leaders = comm.groups(group_size)
+
+    def _reduce(self, buf, scale):
+        self.node.reduce_sum(buf)
+        if self.leaders is not None:
+            self.leaders.allreduce_sum(buf)
+        self.node.bcast(buf)
+        g, nb = self.node.size, buf.nbytes
+        self.bytes += 2 * ring_bytes(nb, g, "reduce")
+        if self.leaders is not None:
+            self.bytes += ring_bytes(nb, self.leaders.size)
+
+
+class Half(Plain):
+    def __init__(self, comm, n, n_extra, bf16):
+        super().__init__(comm, n, n_extra)
+        self.bf16, self.wire = bf16, np.empty(n, np.uint16)
+
+    def _reduce(self, buf, scale):
+        g = buf[:self.n]
+        g *= scale  # the mean gradient: fp16 holds it where the sum could overflow 65504
+        cpu.encode16(g.view(np.uint32), self.wire, self.bf16)
+        self.comm.allreduce_16(self.wire, self.bf16)
+        cpu.decode16(self.wire, g.view(np.uint32), self.bf16)
+        g *= 1.0 / scale
+        self.bytes += ring_bytes(self.wire.nbytes, self.comm.size)
+        self._sum(buf[self.n:])
+
+
+class TopK(Plain):
+    def __init__(self, comm, n, n_extra, ratio):
+        super().__init__(comm, n, n_extra)
+        self.k = max(1, min(n, int(round(ratio * n))))
+        self.residual = np.zeros(n, np.float32)  # per rank; restarts at zero on resume
+        self.mine = np.empty(2 * self.k, np.uint32)  # [indices | float32 bits of the values]
+        self.all = np.empty((comm.size, 2 * self.k), np.uint32)
+
+    def _reduce(self, buf, scale):
+        g, k = buf[:self.n], self.k
+        self.residual += g
+        cpu.topk_select(self.residual, k, self.mine[:k], self.mine[k:].view(np.float32))
+        self.comm.allgather(self.mine, self.all)
+        g[:] = 0.0
+        for row in self.all:
+            cpu.scatter_add(g, row[:k], row[k:].view(np.float32))
+        self.bytes += ring_bytes(self.all.nbytes, self.comm.size, "allgather")
+        self._sum(buf[self.n:])
+
+
+class Sharded(Plain):
+    def __init__(self, comm, n, n_extra):
+        super().__init__(comm, n, n_extra)
+        p, r = comm.size, comm.rank
+        self.counts = np.array([n * (i + 1) // p - n * i // p for i in range(p)], np.int64)
+        self.part = slice(n * r // p, n * (r + 1) // p)
+        self.mine = np.empty(self.counts[r], np.float32)  # this rank's part of the summed gradient
+
+    def _reduce(self, buf, scale):
+        self.comm.reduce_scatter_sum(buf[:self.n], self.mine, self.counts)
+        self.bytes += ring_bytes(4 * self.n, self.comm.size, "reduce_scatter")
+        self._sum(buf[self.n:])
+
+    def update(self, opt, params, grad, lr, scale, count):
+        opt.update(params[self.part], self.mine, lr, scale)
+        self._timed(self.comm.allgatherv_inplace, params, self.counts)
+        self.bytes += ring_bytes(4 * self.n, self.comm.size, "allgather")
+
+    def gather_state(self, state):
+        """Rank 0 receives the full vectors (Gatherv); the other ranks keep their parts (not written)."""
+        out = {}
+        for name, v in state.items():
+            full, _ = self.comm.gatherv(v)
+            out[name] = full if self.comm.rank == 0 else v
+        return out
+
+
+class LocalSGD(Plain):
+    def __init__(self, comm, n, n_extra, every):
+        super().__init__(comm, n, n_extra)
+        self.every = every
+
+    def _reduce(self, buf, scale):
+        self._sum(buf[self.n:])  # loss, hits and the stop/checkpoint flags stay exact and agreed
+        self.flagged = bool(buf[self.n + 2:].any())
+
+    def update(self, opt, params, grad, lr, scale, count):
+        opt.update(params, grad, lr, 1.0 / count)  # this rank's own mean gradient
+        if self.steps % self.every == 0 or self.due or self.flagged:
+            self._timed(self._sum, params)
+            params *= np.float32(1.0 / self.comm.size)
