@@ -167,7 +167,7 @@ class Half(Plain):
 class TopK(Plain):
     def __init__(self, comm, n, n_extra, ratio):
         super().__init__(comm, n, n_extra)
-        self.k = max(1, min(n, int(round(ratio * n))))
+        self.k = max(1, min(n, round(ratio * n)))
         self.residual = np.zeros(n, np.float32)  # per rank; restarts at zero on resume
         self.mine = np.empty(2 * self.k, np.uint32)  # [indices | float32 bits of the values]
         self.all = np.empty((comm.size, 2 * self.k), np.uint32)
