@@ -145,3 +145,45 @@ def test_model_from_scaling_json(weak, tmp_path):
     _, rows = _saved(tmp_path, "model")
     base = points[0]
     _check_prediction(rows, [64], base["compute_ms"] + base["data_ms"], base["local_batch"], base["allreduce_bytes"])
+
+
+def test_model_predicts_each_comm_mode(tmp_path):
+    """Each comm mode's communication time follows its formula (module docstring of bench/model.py)."""
+    fake = _fake_allreduce(tmp_path / "ar.json", (2,))
+    r = _mpitrain("bench", "model", "--from", fake, "--compute-ms", 5, "--features", 16, "--hidden", 8,
+                  "--classes", 3, "--ranks", "64", "--ranks-per-node", 8, "--topk-ratio", 0.1, "--local-steps", 4,
+                  "--comm", "plain,fp16,topk,local_sgd,hierarchical,overlap,sharded", "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _, rows = _saved(tmp_path, "model")
+    net = {row["comm"]: row for row in rows if row["model"] == "network"}
+    n, p, a, b = 4 * (N_PARAMS + 4), 64, 1e-6, 8 / 100e9
+
+    def ring(nbytes, ranks):
+        return (2 * (ranks - 1) * a + 2 * (ranks - 1) / ranks * nbytes * b) * 1e3
+
+    assert net["plain"]["allreduce_ms"] == pytest.approx(ring(n, p))
+    assert net["sharded"]["allreduce_ms"] == pytest.approx(ring(n, p))
+    assert net["fp16"]["allreduce_ms"] == pytest.approx(ring(n / 2, p))
+    assert net["local_sgd"]["allreduce_ms"] == pytest.approx(ring(n, p) / 4)
+    k = round(0.1 * n / 4)
+    assert net["topk"]["allreduce_ms"] == pytest.approx(((p - 1) * a + (p - 1) * 8 * k * b) * 1e3)
+    inside = 2 * (7 * ALPHA + 7 / 8 * n * BETA) * 1e3  # fitted α, β inside a node of 8
+    assert net["hierarchical"]["allreduce_ms"] == pytest.approx(inside + ring(n, 8))
+    assert net["overlap"]["step_ms"] == pytest.approx(max(5, net["overlap"]["allreduce_ms"]))
+    assert net["plain"]["step_ms"] == pytest.approx(5 + net["plain"]["allreduce_ms"])
+    bad = _mpitrain("bench", "model", "--from", fake, "--compute-ms", 5, "--comm", "zero", "--out", tmp_path)
+    assert bad.returncode == 2 and "--comm zero: unknown mode(s) zero" in bad.stderr
+
+
+def test_scaling_measures_every_comm_mode_in_one_launch(tmp_path):
+    modes = ["plain", "overlap", "fp16", "topk", "sharded", "local_sgd"]
+    r = _mpitrain("bench", "scaling", "--batch-per-rank", 4, *TINY, "--comm", ",".join(modes), "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _, rows = _saved(tmp_path, "scaling")
+    assert [(x["ranks"], x["comm"]) for x in rows] == [(p, m) for p in (1, 2) for m in modes]
+    two = {x["comm"]: x for x in rows if x["ranks"] == 2}
+    plain = two["plain"]["comm_bytes"]
+    assert plain == 4 * (N_PARAMS + 4)  # 2(p−1)/p · n with p = 2
+    assert two["fp16"]["comm_bytes"] < 0.6 * plain and two["local_sgd"]["comm_bytes"] < plain
+    assert two["sharded"]["comm_bytes"] == pytest.approx(plain, rel=0.01)
+    assert all(x["comm_bytes"] == 0 for x in rows if x["ranks"] == 1)

@@ -6,15 +6,22 @@ arithmetic) has the same shape in n and p as the β term, (p−1)/p·n·(2β + �
 the fit reports β + γ/2 as β, and the network prediction takes γ = 0 (arithmetic not counted).
 Step time = per-rank work (compute + data, measured) + T, since the gradient allreduce is blocking and
 starts after the whole backward pass; weak-scaling efficiency = work / step time (one rank: T = 0).
+
+--comm adds the other comm.mode values of sync.py, each with its own T: fp16/bf16 a ring allreduce of half
+the bytes; topk an allgather of p·8k bytes, (p−1)α + (p−1)·8k·β; sharded a reduce-scatter + allgather,
+which is the ring allreduce; local_sgd the ring allreduce every H steps, T/H; hierarchical a reduce and
+a broadcast inside nodes of --ranks-per-node ranks (fitted α, β: shared memory) around a ring allreduce
+of the p/g leaders; overlap the best case, step = max(work, T) (backward hides the whole allreduce).
 """
 import json
 
 import numpy as np
 
+from ..config import MODES
 from ..errors import MpitrainError
 from . import table
 
-PREDICTION = ["model", "ranks", "alpha_us", "beta_ns_per_byte", "allreduce_ms", "work_ms", "step_ms",
+PREDICTION = ["model", "comm", "ranks", "alpha_us", "beta_ns_per_byte", "allreduce_ms", "work_ms", "step_ms",
               "samples_per_s", "efficiency"]
 
 
@@ -34,6 +41,10 @@ def add_parser(sub):
     m.add_argument("--network-gbps", type=float, default=100.0, help="link bandwidth in Gbit/s (default 100)")
     m.add_argument("--latency-us", type=float, default=1.0, help="per-message latency α in µs (default 1)")
     m.add_argument("--ranks", default="64,128,256,512,1024", help="rank counts to predict (default 64,…,1024)")
+    m.add_argument("--comm", default="plain", help="comm.mode values to predict, comma-separated (default plain)")
+    m.add_argument("--ranks-per-node", type=int, default=8, help="hierarchical: ranks per node (default 8)")
+    m.add_argument("--topk-ratio", type=float, default=0.01, help="topk: share of entries sent (default 0.01)")
+    m.add_argument("--local-steps", type=int, default=8, help="local_sgd: steps between averages (default 8)")
     m.add_argument("--scaling", metavar="FILE.json",
                    help="a saved `bench scaling` result: the MLP and per-rank compute + data time of its "
                         "smallest rank count")
@@ -48,6 +59,25 @@ def add_parser(sub):
 def ring_time(n, p, alpha, beta):
     """Seconds for a ring allreduce of n bytes over p ranks (γ folded into β)."""
     return 2 * (p - 1) * alpha + 2 * (p - 1) / p * n * beta
+
+
+def comm_time(mode, n, p, net, fitted, args):
+    """Seconds of one step's communication in comm.mode `mode` for an n-byte gradient on p ranks, with
+    (α, β) = net between nodes and `fitted` inside a node (hierarchical only)."""
+    a, b = net
+    if mode in ("fp16", "bf16"):
+        return ring_time(n / 2, p, a, b)
+    if mode == "topk":
+        k = max(1, round(args.topk_ratio * n / 4))
+        return (p - 1) * a + (p - 1) * 8 * k * b
+    if mode == "local_sgd":
+        return ring_time(n, p, a, b) / args.local_steps
+    if mode == "hierarchical":
+        g = min(args.ranks_per_node, p)
+        fa, fb = fitted
+        inside = 2 * ((g - 1) * fa + (g - 1) / g * n * fb)  # reduce to the leader, broadcast back
+        return inside + ring_time(n, -(-p // g), a, b)
+    return ring_time(n, p, a, b)  # plain, overlap, sharded
 
 
 def fit_ring(rows):
@@ -80,6 +110,9 @@ def bench_model(args, comm):
     from ..model import ModelSpec
     from .scaling import mlp_sizes
 
+    bad = [m for m in args.comm.split(",") if m not in MODES]
+    if bad:
+        raise MpitrainError(f"--comm {args.comm}: unknown mode(s) {', '.join(bad)}; expected {', '.join(MODES)}")
     if not args.scaling and args.compute_ms is None:
         raise MpitrainError("bench model: give --scaling FILE.json or --compute-ms MS (per-rank work per step)")
     rows = [r for path in args.allreduce_json for r in _load(path, "allreduce")["results"]
@@ -92,7 +125,8 @@ def bench_model(args, comm):
 
     if args.scaling:
         doc = _load(args.scaling, "scaling")
-        base = min(doc["results"], key=lambda r: r["ranks"])
+        plain = [r for r in doc["results"] if r.get("comm", "plain") == "plain"] or doc["results"]
+        base = min(plain, key=lambda r: r["ranks"])
         sizes = mlp_sizes(doc["params"]["features"], doc["params"]["hidden"], doc["params"]["classes"])
         work_ms, batch, n = base["compute_ms"] + base["data_ms"], base["local_batch"], base["allreduce_bytes"]
         work_from = f"{args.scaling}, {base['ranks']} rank(s)"
@@ -105,13 +139,14 @@ def bench_model(args, comm):
     network = (args.latency_us * 1e-6, 8 / (args.network_gbps * 1e9))
     out = []
     for name, (a, b) in (("network", network), ("fitted", (alpha, beta))):
-        for p in (int(r) for r in args.ranks.split(",")):
-            t_ms = ring_time(n, p, a, b) * 1e3
-            step_ms = work_ms + t_ms
-            out.append({"model": name, "ranks": p, "alpha_us": a * 1e6, "beta_ns_per_byte": b * 1e9,
-                        "allreduce_bytes": n, "allreduce_ms": t_ms, "work_ms": work_ms,
-                        "batch_per_rank": batch, "step_ms": step_ms, "samples_per_s": p * batch / step_ms * 1e3,
-                        "efficiency": work_ms / step_ms})
+        for mode in args.comm.split(","):
+            for p in (int(r) for r in args.ranks.split(",")):
+                t_ms = comm_time(mode, n, p, (a, b), (alpha, beta), args) * 1e3
+                step_ms = max(work_ms, t_ms) if mode == "overlap" else work_ms + t_ms
+                out.append({"model": name, "comm": mode, "ranks": p, "alpha_us": a * 1e6,
+                            "beta_ns_per_byte": b * 1e9, "allreduce_bytes": n, "allreduce_ms": t_ms,
+                            "work_ms": work_ms, "batch_per_rank": batch, "step_ms": step_ms,
+                            "samples_per_s": p * batch / step_ms * 1e3, "efficiency": work_ms / step_ms})
     if comm.rank == 0:
         ranks = sorted({r["ranks"] for r in rows})
         print("MODEL (not measured): ring allreduce T(n, p) = 2(p−1)α + 2(p−1)/p·n·β, with γ folded into β "
