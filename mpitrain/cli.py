@@ -35,6 +35,9 @@ def _parser():
                         help="checkpoint every N steps (train) or rounds (federate), or every N seconds with "
                              "an s suffix (default: every 300 s and at the end)")
     fe.add_argument("--data", metavar="FILE.h5", help="shorthand for --set data.path=FILE.h5")
+    t.add_argument("--device", choices=("cpu", "cuda"),
+                   help="kernel backend, shorthand for --set train.device=… (cuda: pip install 'mpitrain[cuda]', "
+                        "one GPU per rank)")
 
     pr = sub.add_parser("prepare", help="write a dataset as HDF5 (train/test split, standardised)",
                         description="Turn a source into the HDF5 layout every rank reads its shard from.")
@@ -118,6 +121,8 @@ def _dispatch(args, comm):
         overrides = list(args.overrides)
         if getattr(args, "data", None):
             overrides.append(f"data.path={args.data}")
+        if getattr(args, "device", None):
+            overrides.append(f"train.device={args.device}")
         n = args.checkpoint_every
         if n:  # one cadence replaces the other
             overrides += ([f"checkpoint.every_seconds={n[:-1]}", "checkpoint.every=0"] if n.endswith("s")

@@ -5,10 +5,13 @@ that names what is missing when --device cuda cannot run.
 The simulator has to be on before numba.cuda is first imported, which this pytest process may already
 have done; so test_under_simulator reruns this file in a fresh pytest with NUMBA_ENABLE_CUDASIM=1, and the
 kernel tests run there (here they are skipped, unless the whole session runs under the simulator)."""
+import glob
+import json
 import os
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 
@@ -210,3 +213,34 @@ def test_compiled_selects_a_gpu_per_local_rank(k, monkeypatch):
     monkeypatch.setenv("SLURM_LOCALID", "7")
     compiled(Comm(), "cuda")
     assert chosen == [1, 2, 3]
+
+
+@sim_only
+def test_bench_step_and_train_on_cuda(tmp_path):
+    """`bench step --device cuda` times the CUDA step (PyTorch CUDA skipped without a GPU); `train --device
+    cuda` trains with device-resident parameters and matches a CPU run."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    r = subprocess.run([sys.executable, "-m", "mpitrain", "bench", "step", "--device", "cuda", "--batches", "4",
+                        "--features", "8", "--hidden", "8", "--classes", "3", "--seconds", "0.01", "--repeats", "1",
+                        "--out", str(tmp_path)], check=False, capture_output=True, text=True, timeout=300, env=env,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (path,) = glob.glob(str(tmp_path / "step-*.json"))
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)["results"]
+    assert {row["impl"] for row in rows} >= {"mpitrain", "numpy"} and all(row["samples_per_s"] > 0 for row in rows)
+    from mpitrain.data.prepare import prepare
+
+    data = str(tmp_path / "d.h5")
+    prepare("synthetic", data, samples=120, features=6, classes=3, seed=1)
+    got = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        r = subprocess.run([sys.executable, "-m", "mpitrain", "train", "--quiet", "--device", device, "--out", str(out),
+                            "--set", f"data.path={data}", "--set", "model.hidden=[5]", "--set", "train.steps=6",
+                            "--set", "train.global_batch=20"], check=False, capture_output=True, text=True,
+                           timeout=300, env=env, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        with h5py.File(out / "model.h5", "r") as f:
+            got[device] = f["params"][...]
+    np.testing.assert_allclose(got["cuda"], got["cpu"], rtol=1e-4, atol=1e-5)

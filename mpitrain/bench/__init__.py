@@ -18,6 +18,8 @@ def add_arguments(parser):
     s.add_argument("--hidden", default="1024,1024")
     s.add_argument("--classes", type=int, default=10)
     s.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where mpitrain and PyTorch compute (default cpu; NumPy always on the CPU)")
     s.add_argument("--seconds", type=float, default=2.0, help="timed seconds per measurement")
     s.add_argument("--repeats", type=int, default=5, help="timed blocks; the median is reported")
     s.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")

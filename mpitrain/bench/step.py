@@ -1,6 +1,7 @@
 """Training-step throughput per rank: mpitrain's Numba kernels vs a plain NumPy step vs PyTorch CPU.
 
-Same MLP, data, optimizer (SGD, momentum 0.9, lr 0.01) and thread count; each implementation is timed
+Same MLP, data, optimizer (SGD, momentum 0.9, lr 0.01) and thread count (--device cuda: mpitrain's CUDA
+kernels and PyTorch CUDA on this rank's GPU, the NumPy step stays on the CPU); each implementation is timed
 in blocks of about --seconds, the median block is reported.  Every rank measures at once (so an
 oversubscribed node shows), rank 0 prints its own figures.
 """
@@ -29,17 +30,25 @@ def _timed(step, seconds, repeats):
     return float(np.median(times))
 
 
-def mpitrain_step(sizes, x, y):
-    from ..kernels import backend
+def mpitrain_step(sizes, x, y, device="cpu"):
     from ..model import Model, ModelSpec
     from ..optim import Optimizer
     from ..train import Stepper
 
-    model = Model(ModelSpec("mlp", sizes[0], sizes[-1], tuple(sizes[1:-1])))
-    params = model.init_params(0)
-    stepper = Stepper(model, Optimizer(backend("cpu"), "momentum", model.n_params, momentum=MU))
+    model = Model(ModelSpec("mlp", sizes[0], sizes[-1], tuple(sizes[1:-1])), device)
+    params = model.xp.to_device(model.init_params(0))
+    x, y = model.xp.to_device(x), model.xp.to_device(y)  # the batch is resident, as PyTorch's is
+    stepper = Stepper(model, Optimizer(model.k, "momentum", model.n_params, momentum=MU))
     scale = 1.0 / len(x)
-    return lambda: stepper(params, x, y, LR, scale)
+    if device == "cpu":
+        return lambda: stepper(params, x, y, LR, scale)
+    from numba import cuda
+
+    def step():  # the GPU runs asynchronously: a timed step ends when its kernels have
+        stepper(params, x, y, LR, scale)
+        cuda.synchronize()
+
+    return step
 
 
 def numpy_step(sizes, x, y):
@@ -74,7 +83,7 @@ def numpy_step(sizes, x, y):
     return step
 
 
-def torch_step(sizes, x, y, threads):
+def torch_step(sizes, x, y, threads, device="cpu"):
     import torch
 
     torch.set_num_threads(threads)
@@ -83,15 +92,17 @@ def torch_step(sizes, x, y, threads):
         layers.append(torch.nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(torch.nn.ReLU())
-    net = torch.nn.Sequential(*layers)
+    net = torch.nn.Sequential(*layers).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MU)
     loss_fn = torch.nn.CrossEntropyLoss()
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    tx, ty = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 
     def step():
         opt.zero_grad(set_to_none=True)
         loss_fn(net(tx), ty).backward()
         opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     return step, torch.__version__
 
@@ -110,13 +121,19 @@ def bench_step(args, comm):
     from ..threads import limit
 
     threads = limit(args.threads)
+    if args.device == "cuda":
+        from ..kernels import compiled
+
+        comm.agree(compiled, comm, "cuda")  # a clear error without numba-cuda or a GPU; one GPU per rank
     sizes = [args.features, *[int(h) for h in args.hidden.split(",") if h], args.classes]
     pairs = list(zip(sizes, sizes[1:]))
     flops = 2 * sum(a * b for a, b in pairs) * 3 - 2 * pairs[0][0] * pairs[0][1]  # no dX for layer 1
     peak = sgemm_rate(threads)
     try:
-        import torch  # noqa: F401
-        have_torch = True
+        import torch
+        have_torch = args.device == "cpu" or torch.cuda.is_available()
+        if not have_torch and comm.rank == 0:
+            print("PyTorch has no CUDA device here: skipping the PyTorch reference")
     except ImportError:
         have_torch = False
         if comm.rank == 0:
@@ -126,9 +143,9 @@ def bench_step(args, comm):
         rng = np.random.default_rng(batch)
         x = rng.standard_normal((batch, sizes[0]), dtype=np.float32)
         y = rng.integers(0, sizes[-1], batch).astype(np.int64)
-        impls = {"mpitrain": mpitrain_step(sizes, x, y), "numpy": numpy_step(sizes, x, y)}
+        impls = {"mpitrain": mpitrain_step(sizes, x, y, args.device), "numpy": numpy_step(sizes, x, y)}
         if have_torch:
-            impls["torch"], torch_version = torch_step(sizes, x, y, threads)
+            impls["torch"], torch_version = torch_step(sizes, x, y, threads, args.device)
         measured = {name: _timed(fn, args.seconds, args.repeats) for name, fn in impls.items()}
         for name, sec in measured.items():
             rows.append({"batch": batch, "impl": name, "threads": threads, "ranks": comm.size,
