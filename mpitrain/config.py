@@ -94,6 +94,7 @@ class RobustConfig:
     """[fed.robust]: parameters of the robust aggregators (fed.aggregator)."""
     fraction: float = 0.25      # β: trimmed_mean cuts ⌊β n⌋ per side; krum/multikrum assume f = ⌊β n⌋ attackers
     norm_bound: float = 0.0     # norm_bound: clip each update to this L2 norm; 0 = the round's median norm
+    mixing: str = "none"        # none | nnm: nearest-neighbour mixing before the robust rule
 
 
 @dataclass
@@ -221,7 +222,11 @@ def _validate_privacy(f):
     _check(0 < g.delta < 1, "fed.dpsgd.delta", g.delta, "in (0, 1)")
     _check(0 <= r.fraction < 0.5, "fed.robust.fraction", r.fraction, "in [0, 0.5)")
     _check(r.norm_bound >= 0, "fed.robust.norm_bound", r.norm_bound, "≥ 0 (0 = the round's median norm)")
+    _check(r.mixing in ("none", "nnm"), "fed.robust.mixing", r.mixing, "none or nnm")
     dp = d.noise_multiplier > 0
+    if r.mixing != "none" and f.aggregator == "mean":
+        raise MpitrainError(f"fed.robust.mixing = {r.mixing!r} mixes the updates before a robust rule; choose "
+                            "one with fed.aggregator (median, trimmed_mean, krum, multikrum, norm_bound)")
     if f.aggregator != "mean" and f.secure_aggregation:
         raise MpitrainError(f"fed.aggregator = {f.aggregator!r} needs every client's update at the server, "
                             "which fed.secure_aggregation = true hides by design; use fed.aggregator = mean "

@@ -12,6 +12,9 @@ Rules (n updates, f = ⌊β n⌋ with β = fed.robust.fraction):
   multikrum     the mean of the n − f updates with the best Krum scores
   norm_bound    every update clipped to L2 norm M (fed.robust.norm_bound, or the round's median norm),
                 then the weighted mean (Sun et al. 2019)
+With fed.robust.mixing = nnm every update is first replaced by the mean of its n − f nearest updates
+(nearest-neighbour mixing, Allouah et al. 2023): it shrinks the spread of the honest updates, which on
+small clients otherwise leaves Krum picking one overfit client's update round after round.
 Attacks (simulation; a seeded fed.attack_fraction of the clients): sign_flip Δ → −Δ; scale
 Δ → −c·Δ (c = fed.attack_scale); label_flip: train on C − 1 − y.
 """
@@ -40,22 +43,39 @@ def attack_update(attack, delta, scale):
     return delta
 
 
-def krum_scores(x, f):
-    """Each row's sum of squared distances to its n − f − 2 nearest other rows."""
+def sq_distances(x):
+    """The squared L2 distances between the rows of x (float64)."""
     x = x.astype(np.float64)
     sq = np.einsum("ij,ij->i", x, x)
-    d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0)
+    return np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0)
+
+
+def krum_scores(x, f):
+    """Each row's sum of squared distances to its n − f − 2 nearest other rows."""
+    d = sq_distances(x)
     np.fill_diagonal(d, np.inf)
     near = len(x) - f - 2
     return np.sort(d, axis=1)[:, :near].sum(axis=1)
 
 
-def aggregate(rule, x, weights=None, fraction=0.25, norm_bound=0.0):
+def nnm(x, f):
+    """Nearest-neighbour mixing: each row → the mean of its n − f nearest rows, itself included (float64)."""
+    n = len(x)
+    d = sq_distances(x)
+    np.fill_diagonal(d, -1.0)  # itself first, even next to an identical row
+    w = np.zeros((n, n))
+    np.put_along_axis(w, np.argsort(d, axis=1, kind="stable")[:, :n - f], 1.0 / (n - f), axis=1)
+    return w @ x.astype(np.float64)
+
+
+def aggregate(rule, x, weights=None, fraction=0.25, norm_bound=0.0, mixing="none"):
     """The robust estimate (float64) of the rows of x (clients × parameters)."""
     n = len(x)
     if n == 0:
         return np.zeros(x.shape[1])
     f = int(np.floor(fraction * n + 1e-9))
+    if mixing == "nnm":
+        x = nnm(x, f)
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
     if rule == "mean":
         return np.average(x.astype(np.float64), axis=0, weights=w)
@@ -85,9 +105,9 @@ def aggregate(rule, x, weights=None, fraction=0.25, norm_bound=0.0):
 class GatherAggregator:
     """Individual updates at rank 0 (one float32 Gatherv per round), then a robust rule."""
 
-    def __init__(self, comm, n, strategy, rule, fraction, norm_bound):
+    def __init__(self, comm, n, strategy, rule, fraction, norm_bound, mixing):
         self.comm, self.n, self.strategy = comm, n, strategy
-        self.rule, self.fraction, self.norm_bound = rule, fraction, norm_bound
+        self.rule, self.fraction, self.norm_bound, self.mixing = rule, fraction, norm_bound, mixing
         self.row = n + N_STATS - 1  # Δ_k | ω, ω·a, loss, samples
 
     def begin(self, rnd, cohort, active):
@@ -110,7 +130,7 @@ class GatherAggregator:
         rows = [got[a + 1:b].reshape(-1, self.row) for a, b in zip(starts[:-1], starts[1:])]
         x = np.concatenate(rows) if rows else np.zeros((0, self.row), np.float32)
         n = self.n
-        est = aggregate(self.rule, x[:, :n], x[:, n], self.fraction, self.norm_bound)
+        est = aggregate(self.rule, x[:, :n], x[:, n], self.fraction, self.norm_bound, self.mixing)
         s = x[:, n:].astype(np.float64).sum(axis=0)
         return Result(est, weight=s[0], weight_steps=s[1], loss=s[2], seen=s[3], clients=float(len(x)),
                       stop=stop, denominator=1.0)

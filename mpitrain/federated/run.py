@@ -175,7 +175,8 @@ class Layers:
                 raise MpitrainError(f"fed.aggregator = {f.aggregator!r}: Krum needs n ≥ 2f + 3 updates a round; "
                                     f"this run has n = {active}, f = ⌊fed.robust.fraction·n⌋ = {byz}; sample "
                                     "more clients or lower fed.robust.fraction")
-            self.agg = GatherAggregator(comm, n, f.strategy, f.aggregator, f.robust.fraction, f.robust.norm_bound)
+            self.agg = GatherAggregator(comm, n, f.strategy, f.aggregator, f.robust.fraction, f.robust.norm_bound,
+                                        f.robust.mixing)
         else:
             self.agg = MeanAggregator(comm, n, f.strategy, adaptive)
         self.attackers = np.zeros(part.clients, bool)
