@@ -110,7 +110,9 @@ def ddp_rows(args, p, data, tmp, have_torch):
     from ..scaling import run_point
     from .torch_ddp import LR, MU, SEED
 
-    point = run_point(argparse.Namespace(**vars(args), mode="weak", global_batch=args.batch_per_rank), p)
+    (point,) = run_point(argparse.Namespace(**vars(args), mode="weak", global_batch=args.batch_per_rank,
+                                            comm="plain", bucket_mb=1.0, topk_ratio=0.01, local_steps=8,
+                                            group_size=0), p)
     batch = args.batch_per_rank * p
     sets = {"data.path": data, "model.hidden": f"[{args.hidden}]", "train.global_batch": batch,
             "train.steps": args.tta_steps, "train.eval_every": args.eval_every, "train.lr": LR,
