@@ -103,9 +103,11 @@ def bench_scaling(args, comm):
 
 
 def add_speedup(rows, mode):
-    """Speedup and efficiency of every row relative to the smallest rank count of its comm mode."""
+    """Speedup and efficiency of every row relative to the smallest rank count of the plain mode when it
+    was measured (so that the modes compare with one reference), else of the row's own mode."""
+    ref = "plain" if any(r["comm"] == "plain" for r in rows) else None
     for r in rows:
-        base = min((b for b in rows if b["comm"] == r["comm"]), key=lambda b: b["ranks"])
+        base = min((b for b in rows if b["comm"] == (ref or r["comm"])), key=lambda b: b["ranks"])
         if mode == "strong":
             r["speedup"] = base["step_ms"] / r["step_ms"]
             r["efficiency"] = r["speedup"] * base["ranks"] / r["ranks"]
