@@ -153,6 +153,21 @@ def test_mask_graph_is_regular_symmetric_and_logarithmic():
     assert degree(10, neighbors=4) == 4 and degree(10, neighbors=5) == 6 and degree(10, neighbors=9) == 9
 
 
+def test_auto_degree_grows_with_the_expected_dropout():
+    """With fed.dropout_rate the automatic degree keeps rounds unmaskable (≤ 1e-3 failure by the union
+    bound): every one of 100 simulated rounds with that share dropped completes."""
+    from mpitrain.federated.secagg import completes, degree, mask_graph, threshold
+
+    assert degree(64, dropout=1 / 3) == 63  # a third of 64 dropping needs the complete graph
+    for n, rate in ((256, 0.2), (1000, 0.2)):
+        k = degree(n, dropout=rate)
+        assert degree(n) < k < n - 1 and k % 2 == 0
+        rng = np.random.default_rng(1)
+        for rnd in range(100):
+            alive = np.setdiff1d(np.arange(n), rng.choice(n, int(rate * n), replace=False))
+            assert completes(mask_graph(n, k, 3, rnd), alive, threshold(k), threshold(k))
+
+
 def test_completes_needs_t_surviving_holders_per_client():
     from mpitrain.federated.secagg import completes, mask_graph
 

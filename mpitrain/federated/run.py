@@ -161,7 +161,7 @@ class Layers:
                 return dp.share_noise(dp.key, k, rnd, cohort, n + adaptive, n)
 
             self.agg = SecureAggregator(comm, part, n, f.strategy, f.secagg, t.seed, bounds,
-                                        noise if dp else None, dp.n_min if dp else None)
+                                        noise if dp else None, dp.n_min if dp else None, f.dropout_rate)
             if dp is None or dp.sampling == "fixed":
                 self.agg.check(self.fixed, f"fed.fraction = {f.fraction:g} of {part.clients} clients with "
                                            f"fed.min_clients = {f.min_clients}")

@@ -163,13 +163,20 @@ def decode(total, scales):
 
 # -- the mask graph ---------------------------------------------------------------------------------
 
-def degree(n, neighbors=0):
+def degree(n, neighbors=0, dropout=0.0):
     """Neighbours per client: n − 1 (complete) for small cohorts or when asked, else an even k ≈ 3·log2 n
-    (SecAgg+: O(log n) neighbours, so key agreement and masking cost O(n log n) per round, not O(n²))."""
+    (SecAgg+: O(log n) neighbours, so key agreement and masking cost O(n log n) per round, not O(n²)),
+    raised for an expected dropout share until a round fails to unmask with probability ≤ 1e-3 (union
+    bound over the n neighbourhoods, survivors of a neighbourhood ~ Binomial(k + 1, 1 − dropout))."""
     if neighbors == 0:
         if n <= AUTO_COMPLETE:
             return n - 1
         neighbors = 2 * math.ceil(1.5 * math.log2(n))
+        if dropout > 0:
+            from scipy.stats import binom
+
+            while neighbors < n - 1 and n * binom.cdf(threshold(neighbors) - 1, neighbors + 1, 1 - dropout) > 1e-3:
+                neighbors += 2
     k = neighbors + neighbors % 2  # Harary graphs with an even degree
     return n - 1 if k >= n - 1 else k
 
@@ -244,9 +251,9 @@ class SecureAggregator:
     slots after the stats (the coordinates, then the clipped-count slot), or None; `n_min(n)` the
     survivors a round needs (DP: the noise shares are calibrated to them)."""
 
-    def __init__(self, comm, part, n_params, strategy, cfg, seed, bounds, noise=None, n_min=None):
+    def __init__(self, comm, part, n_params, strategy, cfg, seed, bounds, noise=None, n_min=None, dropout=0.0):
         self.comm, self.part, self.n, self.strategy, self.seed = comm, part, n_params, strategy, seed
-        self.neighbors, self.t_cfg = cfg.neighbors, cfg.threshold
+        self.neighbors, self.t_cfg, self.dropout = cfg.neighbors, cfg.threshold, dropout
         self.bounds_for = bounds
         self.length = len(bounds(3))
         self.noise, self.n_min = noise, n_min
@@ -262,7 +269,7 @@ class SecureAggregator:
         """(k, t, n_min) for a cohort of n, or None when secure aggregation cannot run on it."""
         if n < 3:
             return None
-        k = degree(n, self.neighbors)
+        k = degree(n, self.neighbors, self.dropout)
         t = threshold(k, self.t_cfg)
         if t > k + 1:
             return None
@@ -273,7 +280,7 @@ class SecureAggregator:
         if n < 3:
             raise MpitrainError(f"fed.secure_aggregation = true needs at least 3 sampled clients per round "
                                 f"(the sum of 2 reveals each to the other); {where} samples {n}")
-        k = degree(n, self.neighbors)
+        k = degree(n, self.neighbors, self.dropout)
         t = threshold(k, self.t_cfg)
         if t > k + 1:
             raise MpitrainError(f"fed.secagg.threshold = {t}: expected ≤ {k + 1}, the clients sharing each "
