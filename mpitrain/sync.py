@@ -20,8 +20,8 @@ on every rank the summed scalars and the parameters the plain path would have pr
                 checkpoints or stops, so that those see one model
 
 The scalars (loss, hits, flags) are summed exactly in every mode (a separate few-byte Allreduce where the
-gradient does not travel as plain float32).  `seconds` and `bytes` count this rank's time in, and payload
-handed to, these collectives.
+gradient does not travel as plain float32).  `seconds` counts this rank's time in these collectives,
+`bytes` what it sends in them under bandwidth-optimal algorithms (ring_bytes).
 """
 import time
 
@@ -31,33 +31,33 @@ from .errors import MpitrainError
 from .kernels import cpu
 
 
-def make(cfg, comm, model, n_extra):
-    """The synchronisation of cfg.comm.mode for a model and a buffer with n_extra scalar slots."""
+def make(cfg, comm, model):
+    """The synchronisation of cfg.comm.mode for a model (its buffer: n gradient slots, then the scalars)."""
     c = cfg.comm
     if c.mode != "plain" and cfg.train.device != "cpu":
         raise MpitrainError(f"comm.mode = {c.mode!r} works on host buffers; with train.device = "
                             f"{cfg.train.device!r} use comm.mode = plain (one staged Allreduce per step)")
     n = model.n_params
     if c.mode == "overlap":
-        return Overlap(comm, n, n_extra, model.starts, c.bucket_mb)
+        return Overlap(comm, n, model.starts, c.bucket_mb)
     if c.mode == "hierarchical":
-        return Hierarchical(comm, n, n_extra, c.group_size)
+        return Hierarchical(comm, n, c.group_size)
     if c.mode in ("fp16", "bf16"):
-        return Half(comm, n, n_extra, c.mode == "bf16")
+        return Half(comm, n, c.mode == "bf16")
     if c.mode == "topk":
-        return TopK(comm, n, n_extra, c.topk_ratio)
+        return TopK(comm, n, c.topk_ratio)
     if c.mode == "sharded":
-        return Sharded(comm, n, n_extra)
+        return Sharded(comm, n)
     if c.mode == "local_sgd":
-        return LocalSGD(comm, n, n_extra, c.local_steps)
-    return Plain(comm, n, n_extra)
+        return LocalSGD(comm, n, c.local_steps)
+    return Plain(comm, n)
 
 
 class Plain:
     ready = None  # overlap's backward hook
 
-    def __init__(self, comm, n, n_extra):
-        self.comm, self.n, self.n_extra = comm, n, n_extra
+    def __init__(self, comm, n):
+        self.comm, self.n = comm, n
         self.part = slice(0, n)  # the parameters this rank updates (and keeps optimizer state for)
         self.due = False  # local_sgd: the loop evaluates or checkpoints after this step
         self.seconds, self.bytes, self.steps = 0.0, 0, 0
@@ -100,8 +100,8 @@ def ring_bytes(nbytes, p, kind="allreduce"):
 
 
 class Overlap(Plain):
-    def __init__(self, comm, n, n_extra, offsets, bucket_mb):
-        super().__init__(comm, n, n_extra)
+    def __init__(self, comm, n, offsets, bucket_mb):
+        super().__init__(comm, n)
         # buckets from the top of the vector down (backward's order), closed at the first layer boundary
         # past bucket_mb; a layer larger than that is one bucket
         self.cuts, top, limit = [], n, max(1, int(bucket_mb * (1 << 20) / 4))
@@ -133,8 +133,8 @@ class Overlap(Plain):
 
 
 class Hierarchical(Plain):
-    def __init__(self, comm, n, n_extra, group_size):
-        super().__init__(comm, n, n_extra)
+    def __init__(self, comm, n, group_size):
+        super().__init__(comm, n)
         self.node, self.leaders = comm.groups(group_size)
 
     def _reduce(self, buf, scale):
@@ -149,8 +149,8 @@ class Hierarchical(Plain):
 
 
 class Half(Plain):
-    def __init__(self, comm, n, n_extra, bf16):
-        super().__init__(comm, n, n_extra)
+    def __init__(self, comm, n, bf16):
+        super().__init__(comm, n)
         self.bf16, self.wire = bf16, np.empty(n, np.uint16)
 
     def _reduce(self, buf, scale):
@@ -165,8 +165,8 @@ class Half(Plain):
 
 
 class TopK(Plain):
-    def __init__(self, comm, n, n_extra, ratio):
-        super().__init__(comm, n, n_extra)
+    def __init__(self, comm, n, ratio):
+        super().__init__(comm, n)
         self.k = max(1, min(n, round(ratio * n)))
         self.residual = np.zeros(n, np.float32)  # per rank; restarts at zero on resume
         self.mine = np.empty(2 * self.k, np.uint32)  # [indices | float32 bits of the values]
@@ -185,8 +185,8 @@ class TopK(Plain):
 
 
 class Sharded(Plain):
-    def __init__(self, comm, n, n_extra):
-        super().__init__(comm, n, n_extra)
+    def __init__(self, comm, n):
+        super().__init__(comm, n)
         p, r = comm.size, comm.rank
         self.counts = np.array([n * (i + 1) // p - n * i // p for i in range(p)], np.int64)
         self.part = slice(n * r // p, n * (r + 1) // p)
@@ -212,8 +212,8 @@ class Sharded(Plain):
 
 
 class LocalSGD(Plain):
-    def __init__(self, comm, n, n_extra, every):
-        super().__init__(comm, n, n_extra)
+    def __init__(self, comm, n, every):
+        super().__init__(comm, n)
         self.every = every
 
     def _reduce(self, buf, scale):

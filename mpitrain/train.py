@@ -65,7 +65,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
     total = t.steps or t.epochs * shard.steps_per_epoch
     lr = t.lr * t.global_batch / 256 if t.scale_lr else t.lr
     lr_at = comm.agree(schedule, t.schedule, lr, total, t.warmup_steps, t.step_size, t.gamma)
-    sync = comm.agree(make_sync, cfg, comm, model, 4)  # buffer slots: loss, hits, two flags
+    sync = comm.agree(make_sync, cfg, comm, model)
     part = sync.part  # the parameters this rank updates: all of them, or its shard (comm.mode = sharded)
     opt = comm.agree(Optimizer, run.kernels, t.optimizer, part.stop - part.start, t.momentum, t.beta1,
                      t.beta2, t.eps, t.weight_decay)

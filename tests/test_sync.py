@@ -96,9 +96,9 @@ def test_overlap_buckets_tile_the_gradient_in_backward_order():
     model = Model(ModelSpec("mlp", 30, 5, (40, 20)))
     n = model.n_params
     assert model.starts == [0, 31 * 40, 31 * 40 + 41 * 20]
-    small = Overlap(_OneRank(), n, 4, model.starts, bucket_mb=1e-6)  # every layer its own bucket
+    small = Overlap(_OneRank(), n, model.starts, bucket_mb=1e-6)  # every layer its own bucket
     assert small.cuts == [(model.starts[2], n), (model.starts[1], model.starts[2]), (0, model.starts[1])]
-    one = Overlap(_OneRank(), n, 4, model.starts, bucket_mb=1.0)
+    one = Overlap(_OneRank(), n, model.starts, bucket_mb=1.0)
     assert one.cuts == [(0, n)]
 
 

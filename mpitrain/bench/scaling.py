@@ -191,7 +191,7 @@ def measure_point(args, comm, mode):
     c = cfg.comm
     c.mode, c.bucket_mb, c.topk_ratio, c.local_steps, c.group_size = (mode, args.bucket_mb, args.topk_ratio,
                                                                       args.local_steps, args.group_size)
-    sync = make(cfg.validate(), comm, model, 4)  # buffer slots as in train(): loss, hits, two flags
+    sync = make(cfg.validate(), comm, model)
     part = sync.part
     stepper = Stepper(model, Optimizer(kernels, "momentum", part.stop - part.start), sync, flags=2)
 
