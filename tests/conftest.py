@@ -1,5 +1,7 @@
 """Shared fixtures: real `mpiexec` launches (the MPICH wheel's, next to this Python) with timeouts, and
 small real HDF5 datasets made by `mpitrain prepare`."""
+import csv
+import glob
 import json
 import os
 import shutil
@@ -70,3 +72,13 @@ def summary(out_dir):
 def params(out_dir):
     with h5py.File(os.path.join(out_dir, "model.h5"), "r") as f:
         return np.asarray(f["params"][...])
+
+
+def saved(out, name):
+    """(path, rows) of the one `bench NAME` result in the folder out; its CSV has the same rows."""
+    (path,) = glob.glob(os.path.join(str(out), f"{name}-*.json"))
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    with open(path[:-5] + ".csv", encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == len(doc["results"])
+    return path, doc["results"]

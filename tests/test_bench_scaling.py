@@ -1,28 +1,17 @@
 """bench scaling (real mpiexec per point) and bench model on tiny sizes: the files parse, the numbers are
 positive and consistent with each other, the fit recovers a known α and β, predictions follow the formula."""
-import csv
-import glob
 import json
 import os
 import sys
 
 import pytest
 
-from conftest import launch, mpirun
+from conftest import launch, mpirun, saved
 
 TINY = ["--features", 16, "--hidden", 8, "--classes", 3, "--steps", 3, "--warmup", 1, "--ranks", "1,2",
         "--timeout", 120]
 N_PARAMS = (16 + 1) * 8 + (8 + 1) * 3
 ALPHA, BETA = 2.5e-6, 3.1e-10  # s, s/byte: the fake allreduce timings follow the ring model exactly
-
-
-def _saved(out, name):
-    (path,) = glob.glob(str(out / f"{name}-*.json"))
-    with open(path, encoding="utf-8") as f:
-        doc = json.load(f)
-    with open(path[:-5] + ".csv", encoding="utf-8") as f:
-        assert len(list(csv.DictReader(f))) == len(doc["results"])
-    return path, doc["results"]
 
 
 def _mpitrain(*args):
@@ -53,7 +42,7 @@ def weak(tmp_path_factory):
     out = tmp_path_factory.mktemp("weak")
     r = _mpitrain("bench", "scaling", "--mode", "weak", "--batch-per-rank", 4, *TINY, "--out", out)
     assert r.returncode == 0, r.stdout + r.stderr
-    return out, r.stdout, *_saved(out, "scaling")
+    return out, r.stdout, *saved(out, "scaling")
 
 
 def test_weak_scaling(weak):
@@ -71,7 +60,7 @@ def test_weak_scaling(weak):
 def test_strong_scaling_under_mpirun_one_rank(tmp_path):
     r = mpirun(1, "bench", "scaling", "--mode", "strong", "--global-batch", 5, *TINY, "--out", tmp_path, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
-    _, rows = _saved(tmp_path, "scaling")
+    _, rows = saved(tmp_path, "scaling")
     _check_points(rows)
     assert [(r["global_batch"], r["local_batch"]) for r in rows] == [(5, 5), (5, 3)]  # 5 = 2 + 3 on 2 ranks
     for row in rows:
@@ -127,7 +116,7 @@ def test_model_from_allreduce_json(tmp_path):
                   "--out", tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "MODEL (not measured)" in r.stdout
-    _, rows = _saved(tmp_path, "model")
+    _, rows = saved(tmp_path, "model")
     _check_prediction(rows, [64, 1024], 7.5, 32, 4 * (N_PARAMS + 4))
     for row in rows:
         if row["model"] == "network":  # α = latency, β = 1/bandwidth = 8 bits / 25 Gbit/s
@@ -142,7 +131,7 @@ def test_model_from_scaling_json(weak, tmp_path):
     fake = _fake_allreduce(tmp_path / "ar.json", (2,))
     r = _mpitrain("bench", "model", "--from", fake, "--scaling", scaling_json, "--ranks", "64", "--out", tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    _, rows = _saved(tmp_path, "model")
+    _, rows = saved(tmp_path, "model")
     base = points[0]
     _check_prediction(rows, [64], base["compute_ms"] + base["data_ms"], base["local_batch"], base["allreduce_bytes"])
 
@@ -154,7 +143,7 @@ def test_model_predicts_each_comm_mode(tmp_path):
                   "--classes", 3, "--ranks", "64", "--ranks-per-node", 8, "--topk-ratio", 0.1, "--local-steps", 4,
                   "--comm", "plain,fp16,topk,local_sgd,hierarchical,overlap,sharded", "--out", tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    _, rows = _saved(tmp_path, "model")
+    _, rows = saved(tmp_path, "model")
     net = {row["comm"]: row for row in rows if row["model"] == "network"}
     n, p, a, b = 4 * (N_PARAMS + 4), 64, 1e-6, 8 / 100e9
 
@@ -179,7 +168,7 @@ def test_scaling_measures_every_comm_mode_in_one_launch(tmp_path):
     modes = ["plain", "overlap", "fp16", "topk", "sharded", "local_sgd"]
     r = _mpitrain("bench", "scaling", "--batch-per-rank", 4, *TINY, "--comm", ",".join(modes), "--out", tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    _, rows = _saved(tmp_path, "scaling")
+    _, rows = saved(tmp_path, "scaling")
     assert [(x["ranks"], x["comm"]) for x in rows] == [(p, m) for p in (1, 2) for m in modes]
     two = {x["comm"]: x for x in rows if x["ranks"] == 2}
     plain = two["plain"]["comm_bytes"]
