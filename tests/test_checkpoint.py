@@ -68,13 +68,16 @@ def test_federated_fedadam_resume_is_bit_exact(tmp_path):
     data = str(tmp_path / "fed.h5")
     ok(mpirun(1, "prepare", "--source", "synthetic", "--samples", 1500, "--features", 10, "--classes", 3,
               "--out", data, "--partition", "dirichlet", "--clients", 12))
-    sets = ["fed.strategy=fedadam", "fed.rounds=6", "fed.fraction=0.5", "model.hidden=[16]", "checkpoint.every=2"]
+    sets = ["fed.strategy=fedadam", "fed.rounds=6", "fed.fraction=0.5", "model.hidden=[16]", "checkpoint.every=2",
+            "fed.target_accuracy=0.4"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     ok(run(4, "federate", full, *sets, data=data))
     ok(run(4, "federate", cut, *sets, data=data))
     os.remove(checkpoints(cut)[-1])
     ok(run(4, "federate", cut, *sets, resume="auto", data=data))
     assert np.array_equal(params(full), params(cut))
+    reached = summary(full)["rounds_to_target"]  # carried by the checkpoint when reached before it
+    assert reached is not None and reached <= 4 and summary(cut)["rounds_to_target"] == reached
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, synth):

@@ -209,14 +209,15 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
     resumed = run.open(out, f.rounds, quiet, resume)
     log, ckpt = run.log, run.ckpt
     if resumed:
-        first, arrays, _ = resumed
+        first, arrays, attrs = resumed
+        rounds_to_target = int(attrs.get("rounds_to_target", 0)) or None  # reached before the checkpoint
         params[:] = arrays["params"]
         for name, v in state.items():
             v[:] = arrays[f"server/{name}"]
         if dp is not None:
             dp.restore(arrays, comm.rank == 0)
     else:
-        first = 0
+        first, rounds_to_target = 0, None
         if comm.rank == 0:
             params[:] = model.init_params(t.seed)
         comm.bcast(params)
@@ -252,7 +253,7 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
         return sample_clients(t.seed, rnd, part.clients, f.fraction, f.min_clients)
 
     flip = data.n_classes - 1
-    rounds_to_target = test_acc = test_loss = fed_acc = worst = None
+    test_acc = test_loss = fed_acc = worst = None
     round_seconds, round_bytes = [], []
     epsilon = record_eps = None
     skipped = 0
@@ -318,7 +319,7 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
         log.advance(1)
         if ckpt.due(rnd + 1, stop or timed) or rnd + 1 == rounds:
             ckpt.save(rnd + 1, {"params": params, **{f"server/{k}": v for k, v in state.items()},
-                                **(dp.state() if dp is not None else {})})
+                                **(dp.state() if dp is not None else {})}, rounds_to_target=rounds_to_target or 0)
         if stop:
             run.stop(f"round {rnd + 1}")
     if test_acc is None:  # resumed at the end: score the restored model
