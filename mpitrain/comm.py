@@ -106,12 +106,11 @@ class Comm:
             out[:] = buf
         return out
 
-    def allgatherv_inplace(self, buf, counts):
-        """Every rank's part of buf (consecutive parts of `counts`, this rank's filled in) → all of buf."""
+    def allgatherv_inplace(self, buf, counts, displs):
+        """Every rank's part of buf (counts[r] values from displs[r], this rank's filled in) → all of buf."""
         if self.trace:
             self._note("Allgatherv", buf[:counts[self.rank]])
         if self.size > 1:
-            displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
             self.raw.Allgatherv(self.MPI.IN_PLACE, [buf, counts, displs, self.MPI.FLOAT])
         return buf
 
@@ -119,10 +118,7 @@ class Comm:
         """(my group, the group leaders) for two-level collectives: groups are the shared-memory nodes
         (group_size 0) or blocks of group_size consecutive ranks (to emulate nodes on one machine); the
         leaders' communicator (each group's rank 0) is None on the other ranks."""
-        if group_size:
-            group = Comm(self.raw.Split(self.rank // group_size, self.rank))
-        else:
-            group = Comm(self.raw.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank))
+        group = Comm(self.raw.Split(self.rank // group_size, self.rank)) if group_size else self.node()
         color = 0 if group.rank == 0 else self.MPI.UNDEFINED
         leaders = self.raw.Split(color, self.rank)
         return group, (Comm(leaders) if leaders != self.MPI.COMM_NULL else None)

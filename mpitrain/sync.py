@@ -188,8 +188,9 @@ class Sharded(Plain):
     def __init__(self, comm, n):
         super().__init__(comm, n)
         p, r = comm.size, comm.rank
-        self.counts = np.array([n * (i + 1) // p - n * i // p for i in range(p)], np.int64)
-        self.part = slice(n * r // p, n * (r + 1) // p)
+        self.displs = np.array([n * i // p for i in range(p)], np.int64)
+        self.counts = np.diff(np.append(self.displs, n))
+        self.part = slice(int(self.displs[r]), int(self.displs[r] + self.counts[r]))
         self.mine = np.empty(self.counts[r], np.float32)  # this rank's part of the summed gradient
 
     def _reduce(self, buf, scale):
@@ -199,7 +200,7 @@ class Sharded(Plain):
 
     def update(self, opt, params, grad, lr, scale, count):
         opt.update(params[self.part], self.mine, lr, scale)
-        self._timed(self.comm.allgatherv_inplace, params, self.counts)
+        self._timed(self.comm.allgatherv_inplace, params, self.counts, self.displs)
         self.bytes += ring_bytes(4 * self.n, self.comm.size, "allgather")
 
     def gather_state(self, state):
