@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 
-from ..config import MODES
+from ..config import MODES, CommConfig
 from ..errors import MpitrainError
 from . import table
 
@@ -43,8 +43,11 @@ def add_parser(sub):
     m.add_argument("--ranks", default="64,128,256,512,1024", help="rank counts to predict (default 64,…,1024)")
     m.add_argument("--comm", default="plain", help="comm.mode values to predict, comma-separated (default plain)")
     m.add_argument("--ranks-per-node", type=int, default=8, help="hierarchical: ranks per node (default 8)")
-    m.add_argument("--topk-ratio", type=float, default=0.01, help="topk: share of entries sent (default 0.01)")
-    m.add_argument("--local-steps", type=int, default=8, help="local_sgd: steps between averages (default 8)")
+    c = CommConfig()
+    m.add_argument("--topk-ratio", type=float, default=c.topk_ratio,
+                   help=f"topk: share of entries sent (default {c.topk_ratio:g})")
+    m.add_argument("--local-steps", type=int, default=c.local_steps,
+                   help=f"local_sgd: steps between averages (default {c.local_steps})")
     m.add_argument("--scaling", metavar="FILE.json",
                    help="a saved `bench scaling` result: the MLP and per-rank compute + data time of its "
                         "smallest rank count")

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from ..config import MODES
+from ..config import MODES, CommConfig
 from ..errors import MpitrainError
 from . import table
 
@@ -50,10 +50,15 @@ def add_parser(sub):
     s.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
     s.add_argument("--comm", default="plain", help="comm.mode values to measure at every point, comma-separated "
                                                    f"(default plain; any of {', '.join(MODES)})")
-    s.add_argument("--bucket-mb", type=float, default=1.0, help="comm.bucket_mb for overlap (default 1)")
-    s.add_argument("--topk-ratio", type=float, default=0.01, help="comm.topk_ratio for topk (default 0.01)")
-    s.add_argument("--local-steps", type=int, default=8, help="comm.local_steps for local_sgd (default 8)")
-    s.add_argument("--group-size", type=int, default=0, help="comm.group_size for hierarchical (default 0: node)")
+    c = CommConfig()
+    s.add_argument("--bucket-mb", type=float, default=c.bucket_mb,
+                   help=f"comm.bucket_mb for overlap (default {c.bucket_mb:g})")
+    s.add_argument("--topk-ratio", type=float, default=c.topk_ratio,
+                   help=f"comm.topk_ratio for topk (default {c.topk_ratio:g})")
+    s.add_argument("--local-steps", type=int, default=c.local_steps,
+                   help=f"comm.local_steps for local_sgd (default {c.local_steps})")
+    s.add_argument("--group-size", type=int, default=c.group_size,
+                   help=f"comm.group_size for hierarchical (default {c.group_size}: the node)")
     s.add_argument("--timeout", type=float, default=600, help="seconds before a point is killed (default 600)")
     s.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
     # internal: what the driver's `mpiexec -n P` runs to measure one rank count on its world

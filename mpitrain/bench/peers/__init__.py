@@ -30,6 +30,15 @@ COLUMNS = ["comparison", "peer_name", "ranks", "metric", "mpitrain", "peer", "sp
 INSTALL = "(pip install 'mpitrain[peers]')"
 
 
+def emit(result, path=None):
+    """A peer script's result: one JSON line on stdout, and the same into `path` (its --json) if given."""
+    print(json.dumps(result))
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(result, f)
+    return result
+
+
 def add_parser(sub):
     s = sub.add_parser(
         "peers", help="mpitrain vs PyTorch DDP (samples/s, time to accuracy) and vs Flower (seconds per round)",
@@ -107,12 +116,14 @@ def _row(comparison, peer_name, ranks, metric, mine, theirs, target="", higher_i
 
 def ddp_rows(args, p, data, tmp, have_torch):
     """Throughput and time to target of mpitrain vs PyTorch DDP on p ranks."""
+    from ...config import CommConfig
     from ..scaling import run_point
     from .torch_ddp import LR, MU, SEED
 
+    c = CommConfig()  # the plain allreduce; the other modes' settings at their defaults
     (point,) = run_point(argparse.Namespace(**vars(args), mode="weak", global_batch=args.batch_per_rank,
-                                            comm="plain", bucket_mb=1.0, topk_ratio=0.01, local_steps=8,
-                                            group_size=0), p)
+                                            comm=c.mode, bucket_mb=c.bucket_mb, topk_ratio=c.topk_ratio,
+                                            local_steps=c.local_steps, group_size=c.group_size), p)
     batch = args.batch_per_rank * p
     sets = {"data.path": data, "model.hidden": f"[{args.hidden}]", "train.global_batch": batch,
             "train.steps": args.tta_steps, "train.eval_every": args.eval_every, "train.lr": LR,

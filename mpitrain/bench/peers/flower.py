@@ -14,7 +14,6 @@ return, aggregate); seconds per round = median over rounds 2…, since round 1 a
 to connect.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 import numpy as np
 
 from ...errors import MpitrainError
+from . import emit
 from .torch_ddp import free_port
 
 # the client processes and this one: no usage events sent to flower.ai (and no waiting on the network)
@@ -173,11 +173,7 @@ def main(argv=None):
         result = server_main(args)
     except MpitrainError as exc:
         sys.exit(f"flower: {exc}")
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f)
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

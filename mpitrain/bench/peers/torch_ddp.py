@@ -14,7 +14,6 @@ time to target = steps until the accuracy first reaches --target × mean trainin
 (evaluation not counted), the way the driver reads mpitrain's run.
 """
 import argparse
-import json
 import multiprocessing
 import os
 import socket
@@ -24,6 +23,7 @@ import time
 import numpy as np
 
 from ..scaling import LR  # the learning rate of the step bench scaling times
+from . import emit
 
 MU, SEED = 0.9, 0  # mpitrain's Optimizer default momentum; the seed of its initial parameters
 
@@ -168,11 +168,7 @@ def main(argv=None):
     if failed:
         sys.exit(f"torch_ddp: rank(s) {failed} failed")
     result = results.get()
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f)
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":
