@@ -69,11 +69,8 @@ class Model:
 
     def layers(self, flat):
         """[(W, b)] views into a flat vector (parameters or gradients)."""
-        out, o = [], 0
-        for a, b in self.shapes:
-            out.append((flat[o:o + a * b].reshape(a, b), flat[o + a * b:o + a * b + b]))
-            o += a * b + b
-        return out
+        return [(flat[o:o + a * b].reshape(a, b), flat[o + a * b:o + a * b + b])
+                for (a, b), o in zip(self.shapes, self.starts)]
 
     def init_params(self, seed):
         """He (relu) or Glorot (tanh, output) uniform weights, zero biases; seeded.  A host array whatever

@@ -134,9 +134,6 @@ def train(n, out, data, *sets, resume=None, steps=40):
     return params(out)
 
 
-train_steps = train
-
-
 def close(a, b, tol):
     return np.max(np.abs(a - b)) <= tol * np.abs(a).max()
 
@@ -178,22 +175,22 @@ def test_sharded_optimizer_state_is_one_pth_per_rank(runs):
 def test_compressed_and_local_modes(tmp_path, synth):
     """2 ranks: fp16/bf16 within their rounding of plain, top-k with every entry = plain, local SGD with
     H = 1 = plain (momentum is linear), H = 4 trains; bytes per step shrink as documented."""
-    train = functools.partial(train_steps, steps=200)
-    plain = train(2, str(tmp_path / "plain"), synth)
+    long = functools.partial(train, steps=200)
+    plain = long(2, str(tmp_path / "plain"), synth)
     p_bytes, p_acc = (summary(str(tmp_path / "plain"))[k] for k in ("comm_bytes_per_step", "test_accuracy"))
     assert p_acc > 0.7
     for mode, tol in (("fp16", 0.02), ("bf16", 0.1)):  # relative L2 distance after 200 steps
-        got = train(2, str(tmp_path / mode), synth, f"comm.mode={mode}")
+        got = long(2, str(tmp_path / mode), synth, f"comm.mode={mode}")
         drift = np.linalg.norm(got - plain) / np.linalg.norm(plain)
         assert 0 < drift <= tol, (mode, drift)
         s = summary(str(tmp_path / mode))
         assert s["comm_bytes_per_step"] < 0.51 * p_bytes and s["test_accuracy"] >= p_acc - 0.03
-    assert close(plain, train(2, str(tmp_path / "topk1"), synth, "comm.mode=topk", "comm.topk_ratio=1"), 1e-6)
-    train(2, str(tmp_path / "topk"), synth, "comm.mode=topk", "comm.topk_ratio=0.05")
+    assert close(plain, long(2, str(tmp_path / "topk1"), synth, "comm.mode=topk", "comm.topk_ratio=1"), 1e-6)
+    long(2, str(tmp_path / "topk"), synth, "comm.mode=topk", "comm.topk_ratio=0.05")
     assert summary(str(tmp_path / "topk"))["comm_bytes_per_step"] < 0.15 * p_bytes
-    short = train_steps(2, str(tmp_path / "plain40"), synth)  # float32 drift grows with the steps
-    assert close(short, train_steps(2, str(tmp_path / "h1"), synth, "comm.mode=local_sgd", "comm.local_steps=1"), 1e-5)
-    local = train(2, str(tmp_path / "h4"), synth, "comm.mode=local_sgd", "comm.local_steps=4")
+    short = train(2, str(tmp_path / "plain40"), synth)  # float32 drift grows with the steps
+    assert close(short, train(2, str(tmp_path / "h1"), synth, "comm.mode=local_sgd", "comm.local_steps=1"), 1e-5)
+    local = long(2, str(tmp_path / "h4"), synth, "comm.mode=local_sgd", "comm.local_steps=4")
     s = summary(str(tmp_path / "h4"))
     assert not close(plain, local, 1e-3) and s["test_accuracy"] >= p_acc - 0.05
     assert s["comm_bytes_per_step"] < 0.35 * p_bytes
