@@ -1,6 +1,7 @@
 """Probes run under mpiexec by the tests: `cache DATA`, `memory DATA`, `raise DATA OUT`."""
 import resource
 import sys
+import time
 
 from mpitrain.comm import Comm
 
@@ -35,7 +36,8 @@ def memory(path):
 
 
 def raise_mid_training(path, out):
-    """Rank 2 raises in its 5th gradient computation; the job must end, not hang."""
+    """Rank 2 raises in its 5th gradient computation, printing 'raising at <epoch seconds>' first; the job
+    must end, not hang."""
     from mpitrain import cli
     from mpitrain.model import Model
 
@@ -46,6 +48,7 @@ def raise_mid_training(path, out):
         def failing(self, *args):
             calls[0] += 1
             if calls[0] == 5:
+                _say("raising at", time.time())
                 raise RuntimeError("injected failure")
             return original(self, *args)
 
