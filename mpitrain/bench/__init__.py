@@ -14,9 +14,7 @@ def add_arguments(parser):
                                    "per rank, for mpitrain's kernels, a plain NumPy step and PyTorch CPU "
                                    "(when installed), measured side by side.")
     s.add_argument("--batches", default="32,128", help="per-rank batch sizes (default 32,128)")
-    s.add_argument("--features", type=int, default=784)
-    s.add_argument("--hidden", default="1024,1024")
-    s.add_argument("--classes", type=int, default=10)
+    mlp_arguments(s)
     s.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
     s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where mpitrain and PyTorch compute (default cpu; NumPy always on the CPU)")
@@ -35,13 +33,6 @@ def add_arguments(parser):
     f = sub.add_parser("federated", help="seconds and bytes per federated round vs number of clients",
                        description="Runs the federate loop on synthetic data partitioned IID over each "
                                    "client count; launch with ≥ 2 ranks (rank 0 aggregates).")
-    f.add_argument("--clients", default="16,64,256", help="client counts (default 16,64,256)")
-    f.add_argument("--rounds", type=int, default=5)
-    f.add_argument("--fraction", type=float, default=0.25, help="clients sampled per round")
-    f.add_argument("--samples", type=int, default=20000)
-    f.add_argument("--features", type=int, default=64)
-    f.add_argument("--hidden", default="128")
-    f.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
     from .federated import add_arguments as federated_arguments
 
     federated_arguments(f)
@@ -57,6 +48,21 @@ def add_arguments(parser):
     scaling.add_parser(sub)
     model.add_parser(sub)
     peers.add_parser(sub)
+
+
+def mlp_arguments(p, features=784, hidden="1024,1024", classes=10):
+    """--features, --hidden and (unless classes is None) --classes: the MLP a benchmark trains."""
+    p.add_argument("--features", type=int, default=features, help=f"input features (default {features})")
+    p.add_argument("--hidden", default=hidden, help=f"hidden layer sizes, comma-separated (default {hidden})")
+    if classes is not None:
+        p.add_argument("--classes", type=int, default=classes, help=f"classes (default {classes})")
+
+
+def loop_arguments(p):
+    """--steps, --warmup, --threads of a benchmark that times training steps."""
+    p.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
 
 
 def run(args, comm):

@@ -13,7 +13,15 @@ from . import table
 
 
 def add_arguments(f):
-    """The secure-aggregation options of `bench federated` (the common ones are defined with the parser)."""
+    """The options of `bench federated` (also the standalone `python -m mpitrain.bench.federated`)."""
+    from . import mlp_arguments
+
+    f.add_argument("--clients", default="16,64,256", help="client counts (default 16,64,256)")
+    f.add_argument("--rounds", type=int, default=5)
+    f.add_argument("--fraction", type=float, default=0.25, help="clients sampled per round")
+    f.add_argument("--samples", type=int, default=20000)
+    mlp_arguments(f, features=64, hidden="128", classes=None)
+    f.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
     f.add_argument("--secure-aggregation", action="store_true",
                    help="also run every client count with fed.secure_aggregation = true and compare")
     f.add_argument("--dropout-rate", type=float, default=0.0, help="simulated dropout share (both runs)")
@@ -91,13 +99,6 @@ def main(argv=None):
     from ..errors import MpitrainError
 
     p = argparse.ArgumentParser(prog="python -m mpitrain.bench.federated", description=__doc__)
-    p.add_argument("--clients", default="16,64,256")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--fraction", type=float, default=0.25)
-    p.add_argument("--samples", type=int, default=20000)
-    p.add_argument("--features", type=int, default=64)
-    p.add_argument("--hidden", default="128")
-    p.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
     add_arguments(p)
     args = p.parse_args(argv)
     comm = Comm()

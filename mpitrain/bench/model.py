@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import MODES, CommConfig
 from ..errors import MpitrainError
-from . import table
+from . import mlp_arguments, table
 
 PREDICTION = ["model", "comm", "ranks", "alpha_us", "beta_ns_per_byte", "allreduce_ms", "work_ms", "step_ms",
               "samples_per_s", "efficiency"]
@@ -53,9 +53,7 @@ def add_parser(sub):
                         "smallest rank count")
     m.add_argument("--compute-ms", type=float, help="per-rank compute + data ms per step (without --scaling)")
     m.add_argument("--batch-per-rank", type=int, default=64, help="samples per rank per step with --compute-ms")
-    m.add_argument("--features", type=int, default=784, help="the MLP, without --scaling")
-    m.add_argument("--hidden", default="1024,1024")
-    m.add_argument("--classes", type=int, default=10)
+    mlp_arguments(m)  # without --scaling
     m.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import MODES, CommConfig
 from ..errors import MpitrainError
-from . import table
+from . import loop_arguments, mlp_arguments, table
 
 LR = 0.01
 COLUMNS = ["ranks", "comm", "global_batch", "local_batch", "data_ms", "compute_ms", "allreduce_ms", "step_ms",
@@ -42,12 +42,8 @@ def add_parser(sub):
                    help="weak: fixed batch per rank; strong: fixed global batch split over the ranks (default weak)")
     s.add_argument("--batch-per-rank", type=int, default=64, help="weak mode: samples per rank per step (default 64)")
     s.add_argument("--global-batch", type=int, default=256, help="strong mode: samples per step in all (default 256)")
-    s.add_argument("--features", type=int, default=784)
-    s.add_argument("--hidden", default="1024,1024")
-    s.add_argument("--classes", type=int, default=10)
-    s.add_argument("--steps", type=int, default=30, help="timed steps per point (default 30)")
-    s.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    s.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
+    mlp_arguments(s)
+    loop_arguments(s)
     s.add_argument("--comm", default="plain", help="comm.mode values to measure at every point, comma-separated "
                                                    f"(default plain; any of {', '.join(MODES)})")
     c = CommConfig()

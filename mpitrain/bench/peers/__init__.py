@@ -24,7 +24,7 @@ import tempfile
 import numpy as np
 
 from ...errors import MpitrainError
-from .. import table
+from .. import loop_arguments, mlp_arguments, table
 
 COLUMNS = ["comparison", "peer_name", "ranks", "metric", "mpitrain", "peer", "speedup", "target"]
 INSTALL = "(pip install 'mpitrain[peers]')"
@@ -46,12 +46,8 @@ def add_parser(sub):
     s.add_argument("--ranks", default="2", help="rank counts for the DDP comparison (default 2; more than "
                                                 "the cores oversubscribe them)")
     s.add_argument("--batch-per-rank", type=int, default=64, help="samples per rank per step (default 64)")
-    s.add_argument("--features", type=int, default=784)
-    s.add_argument("--hidden", default="1024,1024")
-    s.add_argument("--classes", type=int, default=10)
-    s.add_argument("--steps", type=int, default=30, help="timed steps of the throughput run (default 30)")
-    s.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    s.add_argument("--threads", type=int, default=1, help="threads per rank / client process (default 1)")
+    mlp_arguments(s)
+    loop_arguments(s)  # --threads: also per Flower client process
     s.add_argument("--target", type=float, default=0.5, help="test accuracy to reach (default 0.5)")
     s.add_argument("--tta-samples", type=int, default=20000, help="synthetic samples to train on (default 20000)")
     s.add_argument("--tta-steps", type=int, default=1000, help="training steps of each side (default 1000)")

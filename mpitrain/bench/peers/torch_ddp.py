@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from .. import loop_arguments, mlp_arguments
 from ..scaling import LR  # the learning rate of the step bench scaling times
 from . import emit
 
@@ -141,12 +142,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, default=2, help="processes (default 2)")
     p.add_argument("--batch-per-rank", type=int, default=64)
-    p.add_argument("--features", type=int, default=784)
-    p.add_argument("--hidden", default="1024,1024")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    mlp_arguments(p)
+    loop_arguments(p)
     p.add_argument("--data", metavar="FILE.h5", help="also measure the time to --target test accuracy on this file")
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--tta-steps", type=int, default=1000)
