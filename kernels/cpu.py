@@ -187,85 +187,77 @@ def warmup():
 
 @njit(cache=True)
 def _to_half(u):
-    """IEEE binary16 bits of the float32 with bits u, rounded to nearest even (overflow → ±inf)."""
-    sign = (u >> 16) & 0x8000
-    e = np.int64((u >> 23) & 0xFF)
-    m = np.int64(u & 0x7FFFFF)
-    if e == 0xFF:
-        return sign | 0x7C00 | (0x200 if m else 0)
-    e -= 112  # rebias 127 → 15
-    if e >= 0x1F:
-        return sign | 0x7C00
-    if e <= 0:  # subnormal half (or zero): keep 14 − e fewer mantissa bits of 1.m
-        if e < -10:
-            return sign
-        m |= 0x800000
-        shift = 14 - e
-        h = m >> shift
-        rem, halfway = m & ((1 << shift) - 1), 1 << (shift - 1)
-        if rem > halfway or (rem == halfway and h & 1):
-            h += 1
-        return sign | h
-    h = (e << 10) | (m >> 13)
-    rem = m & 0x1FFF
-    if rem > 0x1000 or (rem == 0x1000 and h & 1):
-        h += 1  # a carry into the exponent is the right result (up to inf)
-    return sign | h
+    """IEEE binary16 bits of the float32 with bits u, rounded to nearest even (overflow → ±inf, NaN → quiet
+    NaN).  Branch-free (each case computed, one selected) so that the loops over it vectorise."""
+    a = np.int64(u & 0x7FFFFFFF)
+    # normal half: rebias the exponent (127 → 15) and round the 13 dropped bits to nearest even; a carry
+    # into the exponent is the right result (up to inf)
+    normal = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13
+    # subnormal half (|x| < 2^-14): adding 0.5 lets the float32 adder round |x| to a multiple of 2^-24,
+    # which leaves the half's 10 mantissa bits at the bottom of the sum
+    summed = np.uint32(a).view(np.float32) + np.float32(0.5)
+    sub = np.int64(np.float32(summed).view(np.uint32)) - 0x3F000000
+    special = 0x7E00 if a > 0x7F800000 else 0x7C00
+    h = special if a >= 0x47800000 else (sub if a < 0x38800000 else normal)
+    return ((u >> 16) & 0x8000) | h
 
 
 @njit(cache=True)
 def _from_half(h):
-    """float32 bits of the binary16 with bits h (exact)."""
-    sign = np.int64(h & 0x8000) << 16
-    e = np.int64((h >> 10) & 0x1F)
-    m = np.int64(h & 0x3FF)
-    if e == 0x1F:
-        return sign | 0x7F800000 | (m << 13)
-    if e == 0:
-        if m == 0:
-            return sign
-        e = 1
-        while m & 0x400 == 0:  # normalise the subnormal
-            m <<= 1
-            e -= 1
-        m &= 0x3FF
-    return sign | ((e + 112) << 23) | (m << 13)
+    """float32 bits of the binary16 with bits h (exact): the exponent and mantissa bits moved into place
+    and scaled by 2^112 (127 − 15 in the exponent; subnormal halves come out normal), inf/NaN restored."""
+    f = np.uint32(np.int64(h & 0x7FFF) << 13).view(np.float32) * np.float32(2.0 ** 112)
+    bits = np.int64(np.float32(f).view(np.uint32))
+    bits = bits | 0x7F800000 if f >= np.float32(65536.0) else bits
+    return (np.int64(h & 0x8000) << 16) | bits
 
 
 @njit(cache=True)
 def _to_bfloat(u):
     """bfloat16 bits (the high half of a float32) of the float32 with bits u, rounded to nearest even."""
-    if u & 0x7F800000 == 0x7F800000 and u & 0x7FFFFF:
-        return (u >> 16) | 0x40  # NaN stays NaN
-    return (np.int64(u) + 0x7FFF + ((u >> 16) & 1)) >> 16
+    rounded = (np.int64(u) + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return (u >> 16) | 0x40 if u & 0x7FFFFFFF > 0x7F800000 else rounded  # NaN stays NaN
 
 
 @njit(cache=True)
 def encode16(u, w, bf16):
     """w ← the binary16 (bf16 False) or bfloat16 bits of the float32 values whose bits are u."""
-    for i in range(u.size):
-        w[i] = _to_bfloat(u[i]) if bf16 else _to_half(u[i])
+    if bf16:  # one loop per format: a branch-free body vectorises
+        for i in range(u.size):
+            w[i] = _to_bfloat(u[i])
+    else:
+        for i in range(u.size):
+            w[i] = _to_half(u[i])
 
 
 @njit(cache=True)
 def decode16(w, u, bf16):
     """u ← the float32 bits of the 16-bit values w (exact)."""
-    for i in range(w.size):
-        u[i] = np.int64(w[i]) << 16 if bf16 else _from_half(w[i])
+    if bf16:
+        for i in range(w.size):
+            u[i] = np.int64(w[i]) << 16
+    else:
+        for i in range(w.size):
+            u[i] = _from_half(w[i])
+
+
+@njit(cache=True)
+def _float(bits):
+    return np.uint32(bits).view(np.float32)
 
 
 @njit(cache=True)
 def sum16(a, b, bf16):
-    """b ← round16(float32(a) + float32(b)): the MPI reduction operator of the 16-bit allreduce.
-    Through float32 scratch of 2048 values (cache-resident, allocated once per call)."""
-    fa, fb = np.empty(2048, np.float32), np.empty(2048, np.float32)
-    ua, ub = fa.view(np.uint32), fb.view(np.uint32)
-    for lo in range(0, b.size, 2048):
-        m = min(2048, b.size - lo)
-        decode16(a[lo:lo + m], ua[:m], bf16)
-        decode16(b[lo:lo + m], ub[:m], bf16)
-        fb[:m] += fa[:m]
-        encode16(ub[:m], b[lo:lo + m], bf16)
+    """b ← round16(float32(a) + float32(b)): the MPI reduction operator of the 16-bit allreduce, in one
+    pass (decode both, add in float32, round once)."""
+    if bf16:
+        for i in range(b.size):
+            s = _float(np.int64(a[i]) << 16) + _float(np.int64(b[i]) << 16)
+            b[i] = _to_bfloat(np.float32(s).view(np.uint32))
+    else:
+        for i in range(b.size):
+            s = _float(_from_half(a[i])) + _float(_from_half(b[i]))
+            b[i] = _to_half(np.float32(s).view(np.uint32))
 
 
 @njit(cache=True)

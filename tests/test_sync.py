@@ -30,7 +30,7 @@ def values():
 
 
 def test_fp16_codec_matches_numpy_bit_for_bit():
-    x = values()
+    x = np.concatenate([values(), np.float32([np.nan, -np.nan])])
     w = np.empty(x.size, np.uint16)
     cpu.encode16(x.view(np.uint32), w, False)
     with np.errstate(over="ignore"):
@@ -38,6 +38,16 @@ def test_fp16_codec_matches_numpy_bit_for_bit():
     back = np.empty_like(x)
     cpu.decode16(w, back.view(np.uint32), False)
     np.testing.assert_array_equal(back, w.view(np.float16).astype(np.float32))
+
+
+def test_fp16_decode_of_every_half():
+    h = np.arange(1 << 16).astype(np.uint16)
+    got = np.empty(h.size, np.float32)
+    cpu.decode16(h, got.view(np.uint32), False)
+    want = h.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+    assert np.isnan(got[nan]).all() and nan.sum() == 2 * 1023
 
 
 def test_bf16_codec_rounds_to_the_nearest_even():
