@@ -16,8 +16,9 @@ on every rank the summed scalars and the parameters the plain path would have pr
   sharded       ZeRO-1/2: Reduce_scatter the gradient, each rank updates its 1/p of the parameters with
                 optimizer state for that part only, Allgatherv the parameters
   local_sgd     no gradient exchange: each rank steps on its own part of the batch and the parameters
-                are averaged (Allreduce) every comm.local_steps steps — and whenever the loop evaluates,
-                checkpoints or stops, so that those see one model
+                are averaged (Allreduce, weighted by each rank's share of the global batch) every
+                comm.local_steps-th step of the run (counted across resumes) — and whenever the loop
+                evaluates, checkpoints or stops, so that those see one model
 
 The scalars (loss, hits, flags) are summed exactly in every mode (a separate few-byte Allreduce where the
 gradient does not travel as plain float32).  `seconds` counts this rank's time in these collectives,
@@ -60,12 +61,14 @@ class Plain:
         self.comm, self.n = comm, n
         self.part = slice(0, n)  # the parameters this rank updates (and keeps optimizer state for)
         self.due = False  # local_sgd: the loop evaluates or checkpoints after this step
+        self.step = 0  # the global number of the last step reduced (a resumed loop starts it at its step)
         self.seconds, self.bytes, self.steps = 0.0, 0, 0
 
     def reduce(self, buf, scale):
         """Sum the step's buffer over ranks (scale = 1 / global batch turns the gradient sum into a mean)."""
         self._timed(self._reduce, buf, scale)
         self.steps += 1
+        self.step += 1
 
     def update(self, opt, params, grad, lr, scale, count):
         """The optimizer step on this rank's part, then whatever makes the parameters whole again."""
@@ -223,6 +226,8 @@ class LocalSGD(Plain):
 
     def update(self, opt, params, grad, lr, scale, count):
         opt.update(params, grad, lr, 1.0 / count)  # this rank's own mean gradient
-        if self.steps % self.every == 0 or self.due or self.flagged:
+        if self.step % self.every == 0 or self.due or self.flagged:
+            # weighted by this rank's share of the global batch (count · scale), not 1/p: with an uneven
+            # split, local_steps = 1 is then the plain step exactly
+            params *= np.float32(count * scale)
             self._timed(self._sum, params)
-            params *= np.float32(1.0 / self.comm.size)

@@ -87,6 +87,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
             f"global batch {t.global_batch}, steps {first + 1}…{total} → {run.out}")
 
     step_fn = Stepper(model, opt, sync, flags=2)  # flags: stop requested, checkpoint due
+    sync.step = first  # local SGD averages on the global step count, resumed or not
     eval_every = t.eval_every or shard.steps_per_epoch
     scale = 1.0 / t.global_batch
     train_seconds, last = 0.0, {}

@@ -184,7 +184,8 @@ def test_sharded_optimizer_state_is_one_pth_per_rank(runs):
 
 def test_compressed_and_local_modes(tmp_path, synth):
     """2 ranks: fp16/bf16 within their rounding of plain, top-k with every entry = plain, local SGD with
-    H = 1 = plain (momentum is linear), H = 4 trains; bytes per step shrink as documented."""
+    H = 1 = plain (momentum is linear; on 3 ranks with an uneven split), H = 4 trains; bytes per step
+    shrink as documented."""
     long = functools.partial(train, steps=200)
     plain = long(2, str(tmp_path / "plain"), synth)
     p_bytes, p_acc = (summary(str(tmp_path / "plain"))[k] for k in ("comm_bytes_per_step", "test_accuracy"))
@@ -198,8 +199,10 @@ def test_compressed_and_local_modes(tmp_path, synth):
     assert close(plain, long(2, str(tmp_path / "topk1"), synth, "comm.mode=topk", "comm.topk_ratio=1"), 1e-6)
     long(2, str(tmp_path / "topk"), synth, "comm.mode=topk", "comm.topk_ratio=0.05")
     assert summary(str(tmp_path / "topk"))["comm_bytes_per_step"] < 0.15 * p_bytes
-    short = train(2, str(tmp_path / "plain40"), synth)  # float32 drift grows with the steps
-    assert close(short, train(2, str(tmp_path / "h1"), synth, "comm.mode=local_sgd", "comm.local_steps=1"), 1e-5)
+    uneven = "train.global_batch=64"  # 21, 21 and 22 samples on 3 ranks: averaging must weight them so
+    short = train(3, str(tmp_path / "plain40"), synth, uneven)  # float32 drift grows with the steps
+    h1 = train(3, str(tmp_path / "h1"), synth, uneven, "comm.mode=local_sgd", "comm.local_steps=1")
+    assert close(short, h1, 1e-5), np.max(np.abs(short - h1))
     local = long(2, str(tmp_path / "h4"), synth, "comm.mode=local_sgd", "comm.local_steps=4")
     s = summary(str(tmp_path / "h4"))
     assert not close(plain, local, 1e-3) and s["test_accuracy"] >= p_acc - 0.05
@@ -217,3 +220,16 @@ def test_sharded_checkpoints_resume_on_other_rank_counts(tmp_path, synth):
         got = train(n, cut, synth, *ck[:-1], f"comm.mode={mode}", resume="auto")
         assert summary(cut)["resumed_from_step"] == 20 and summary(cut)["world_size"] == n
         assert close(full, got, 1e-5), (n, np.max(np.abs(full - got)))
+
+
+def test_local_sgd_resumes_on_the_same_averaging_schedule(tmp_path, synth):
+    """H = 8 with a checkpoint at step 20: the resumed run averages at steps 24, 32, 40 like the run that
+    never stopped (SGD: no per-rank optimizer state), so their parameters agree."""
+    ck = ["train.optimizer=sgd", "comm.mode=local_sgd", "comm.local_steps=8", "checkpoint.every=20"]
+    full = train(2, str(tmp_path / "full"), synth, *ck)
+    cut = str(tmp_path / "cut")
+    train(2, cut, synth, *ck)
+    os.remove(max(glob.glob(os.path.join(cut, "checkpoints", "ckpt-*.h5"))))
+    got = train(2, cut, synth, *ck, resume="auto")
+    assert summary(cut)["resumed_from_step"] == 20
+    assert close(full, got, 1e-6), np.max(np.abs(full - got))
