@@ -16,13 +16,18 @@ from .threads import limit, threads_per_rank
 
 
 def ensure_default_data(comm, path):
-    """Prepare the embedded default dataset on first use: rank 0 writes it, the others wait."""
-    if path == default_data_path() and not os.path.exists(path):
-        if comm.rank == 0:
-            from .data.prepare import prepare
+    """Prepare the embedded default dataset on first use: rank 0 writes it, the others wait.  Whether to
+    wait depends on the path only, never on what a rank sees on disk: a rank that looked after rank 0 had
+    written the file would otherwise skip the wait and leave rank 0 alone in it."""
+    if path == default_data_path():
+        comm.agree(_prepare_default, comm.rank, path)
 
-            print(prepare("digits", path), flush=True)
-        comm.barrier()
+
+def _prepare_default(rank, path):
+    if rank == 0 and not os.path.exists(path):
+        from .data.prepare import prepare
+
+        print(prepare("digits", path), flush=True)
 
 
 class Session:
