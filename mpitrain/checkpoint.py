@@ -155,7 +155,10 @@ class Checkpointer:
         return flagged or (self.every > 0 and index % self.every == 0)
 
     def save(self, index, arrays, **attrs):
-        if not all(np.all(np.isfinite(a)) for a in arrays.values()):
+        # decided together: sharded and local-SGD ranks hold different state, and a rank that raised alone
+        # would leave the others in the barrier below
+        finite = all(np.all(np.isfinite(a)) for a in arrays.values())
+        if not self.comm.allreduce([finite], op="min")[0]:
             raise MpitrainError(f"step/round {index}: parameters or state are not finite; "
                                 f"not checkpointed (the last good checkpoint stays in {self.dir})", agreed=True)
         if self.comm.rank == 0:

@@ -1,4 +1,5 @@
-"""Probes run under mpiexec by the tests: `cache DATA`, `memory DATA`, `raise DATA OUT`."""
+"""Probes run under mpiexec by the tests: `cache DATA`, `memory DATA`, `raise DATA OUT`, `slow-default OUT`,
+`nonfinite-checkpoint OUT`."""
 import resource
 import sys
 import time
@@ -56,5 +57,43 @@ def raise_mid_training(path, out):
     cli.main(["train", "--quiet", "--out", out, "--set", f"data.path={path}", "--set", "train.steps=100000"])
 
 
+def slow_default(out):
+    """Rank 1 reaches the default dataset only after rank 0 has prepared it (as a slow, oversubscribed rank
+    would): it must still wait with rank 0, not run ahead into the next collective."""
+    from mpitrain import cli, session
+
+    comm = Comm()
+    if comm.rank == 1:
+        original = session.limit
+
+        def late(n):
+            time.sleep(5)
+            return original(n)
+
+        session.limit = late
+    cli.main(["train", "--quiet", "--out", out, "--set", "train.steps=2"])
+
+
+def nonfinite_checkpoint(out):
+    """Only rank 0's state is not finite (as with a sharded optimizer state): every rank must end."""
+    import numpy as np
+
+    from mpitrain.checkpoint import Checkpointer
+    from mpitrain.comm import install_abort_hook, report_error
+    from mpitrain.config import Config
+    from mpitrain.errors import MpitrainError
+    from mpitrain.model import ModelSpec
+
+    comm = Comm()
+    install_abort_hook(comm)
+    ckpt = Checkpointer(comm, Config(), out, ModelSpec("softmax", 4, 3), "", "")
+    state = np.float32([np.inf, 1.0]) if comm.rank == 0 else np.float32([1.0])
+    try:
+        ckpt.save(1, {"params": np.ones(15, np.float32), "opt/v": state})
+    except MpitrainError as exc:
+        sys.exit(report_error(comm, exc))
+
+
 if __name__ == "__main__":
-    {"cache": cache, "memory": memory, "raise": raise_mid_training}[sys.argv[1]](*sys.argv[2:])
+    {"cache": cache, "memory": memory, "raise": raise_mid_training, "slow-default": slow_default,
+     "nonfinite-checkpoint": nonfinite_checkpoint}[sys.argv[1]](*sys.argv[2:])

@@ -1,5 +1,6 @@
 """Bad input: one clear line naming the file/key/rank, exit code 2, no hang, on every launch size.
 A rank that crashes mid-training ends the whole job."""
+import glob
 import os
 import shutil
 import time
@@ -122,3 +123,23 @@ def test_rank_crash_ends_the_job(tmp_path, synth):
     assert "rank 2 of 4 failed" in r.stderr and "injected failure" in r.stderr
     raised = float(next(line.split()[-1] for line in r.stdout.splitlines() if line.startswith("raising at")))
     assert 0 <= ended - raised < 10
+
+
+def test_slow_rank_waits_for_the_default_dataset(tmp_path):
+    """First use of the default dataset on 2 ranks, rank 1 arriving after rank 0 has written it: the job
+    finishes (it hung when rank 1's wait depended on whether it still saw the file missing)."""
+    probe = os.path.join(ROOT, "tests", "mpi_probe.py")
+    r = mpirun(2, probe, "slow-default", str(tmp_path / "o"), module=False, timeout=120,
+               env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    assert os.path.exists(tmp_path / "o" / "summary.json")
+
+
+def test_non_finite_state_on_one_rank_ends_every_rank(tmp_path):
+    """A checkpoint whose state is not finite on rank 0 only (rank 1's part is): one clear line, every
+    rank exits (exit 2), nothing written."""
+    probe = os.path.join(ROOT, "tests", "mpi_probe.py")
+    r = mpirun(2, probe, "nonfinite-checkpoint", str(tmp_path / "o"), module=False, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "not finite" in r.stderr and "Traceback" not in r.stderr
+    assert not glob.glob(str(tmp_path / "o" / "checkpoints" / "ckpt-*.h5"))
