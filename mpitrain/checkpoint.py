@@ -80,7 +80,9 @@ def _digest(arrays, attrs):
 
 
 def save_checkpoint(directory, index, arrays, attrs, keep=3):
-    """Write ckpt-<index>.h5 atomically and delete all but the newest `keep` checkpoints."""
+    """Write ckpt-<index>.h5 atomically, then delete all but the newest `keep` checkpoints up to it and
+    every one past it: those belong to another timeline (another run in the same folder, or the steps
+    after an older checkpoint this run resumed from), and `--resume auto` must not pick them."""
     import h5py
 
     os.makedirs(directory, exist_ok=True)
@@ -95,7 +97,8 @@ def save_checkpoint(directory, index, arrays, attrs, keep=3):
             f.attrs["checksum"] = _digest(arrays, attrs)
 
     atomic_write(path, write)
-    for old in sorted(glob.glob(os.path.join(directory, "ckpt-*.h5")))[:-keep]:
+    names = sorted(glob.glob(os.path.join(directory, "ckpt-*.h5")))  # zero-padded: name order = step order
+    for old in [p for p in names if p > path] + [p for p in names if p <= path][:-keep]:
         os.remove(old)
     return path
 

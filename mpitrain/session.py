@@ -7,6 +7,7 @@ from . import __version__
 from .checkpoint import Checkpointer, save_model
 from .config import default_data_path, to_toml
 from .data.shard import DataFile
+from .errors import MpitrainError
 from .evaluate import read_part
 from .kernels import compiled
 from .model import Model, ModelSpec
@@ -55,6 +56,10 @@ class Session:
         self.log = RunLog(self.comm, self.out, total, quiet)
         self.ckpt = Checkpointer(self.comm, self.cfg, self.out, self.spec, self.config_text, self.data.checksum)
         resumed = self.ckpt.resume(resume, self.log.say)
+        if resumed and resumed[0] > total:
+            raise MpitrainError(f"{self.ckpt.dir}: the checkpoint of step/round {resumed[0]} lies past this run's "
+                                f"last ({total}): it is another run's (use another --out or checkpoint.dir)",
+                                agreed=True)
         self.log.advance(resumed[0] if resumed else 0)
         return resumed
 

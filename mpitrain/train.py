@@ -73,6 +73,9 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
     log, ckpt = run.log, run.ckpt
     if resumed:
         first, arrays, attrs = resumed
+        if str(attrs.get("optimizer", t.optimizer)) != t.optimizer:  # its state vectors mean something else
+            raise MpitrainError(f"{ckpt.dir}: the checkpoint of step {first} is of a train.optimizer = "
+                                f"{attrs['optimizer']} run; this run has {t.optimizer}", agreed=True)
         params = arrays["params"].astype(np.float32)
         for name, v in opt.state.items():
             v[:] = arrays[f"opt/{name}"][part]  # checkpoints hold full vectors whatever the mode
@@ -120,8 +123,8 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         if ckpt.due(step + 1, stop or timed) or step + 1 == total:
             host = model.xp.to_host
             state = sync.gather_state({f"opt/{k}": host(v) for k, v in opt.state.items()})
-            ckpt.save(step + 1, {"params": host(params), **state}, opt_t=opt.t)
-        if stop:
+            ckpt.save(step + 1, {"params": host(params), **state}, opt_t=opt.t, optimizer=t.optimizer)
+        if stop and step + 1 < total:  # at the last step the run simply ends (model.h5, summary, exit 0)
             run.stop(f"step {step + 1}")
     if test_acc is None:  # resumed at the end: score the restored model
         test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)

@@ -1,5 +1,5 @@
 """Probes run under mpiexec by the tests: `cache DATA`, `memory DATA`, `raise DATA OUT`, `slow-default OUT`,
-`nonfinite-checkpoint OUT`."""
+`nonfinite-checkpoint OUT`, `stop-at-end DATA OUT`."""
 import resource
 import sys
 import time
@@ -94,6 +94,14 @@ def nonfinite_checkpoint(out):
         sys.exit(report_error(comm, exc))
 
 
+def stop_at_end(path, out):
+    """A stop request (as SIGUSR1 sets it) pending from the start of a 1-step run."""
+    from mpitrain import cli, preempt
+
+    preempt.requested = lambda: True
+    cli.main(["train", "--quiet", "--out", out, "--set", f"data.path={path}", "--set", "train.steps=1"])
+
+
 if __name__ == "__main__":
     {"cache": cache, "memory": memory, "raise": raise_mid_training, "slow-default": slow_default,
-     "nonfinite-checkpoint": nonfinite_checkpoint}[sys.argv[1]](*sys.argv[2:])
+     "nonfinite-checkpoint": nonfinite_checkpoint, "stop-at-end": stop_at_end}[sys.argv[1]](*sys.argv[2:])

@@ -182,3 +182,31 @@ def test_singletons_under_slurm_are_refused(tmp_path, synth):
     r = mpirun(1, "train", "--quiet", "--set", f"data.path={synth}", env={"SLURM_STEP_NUM_TASKS": "4"},
                timeout=120, cwd=str(tmp_path))
     assert r.returncode == 2 and "the ranks started as singletons" in r.stderr
+
+
+def test_another_runs_checkpoints_in_the_same_folder(tmp_path, synth):
+    """A 60-step run's checkpoints (20, 40, 60), then a fresh 20-step run with another seed into the same
+    --out (checkpoints at 10, 20): its saves delete the other run's later checkpoints, so resume auto
+    continues this run; a checkpoint past the run's end or of another optimizer is a clear error."""
+    out = str(tmp_path / "o")
+    ok(run(1, "train", out, *SYNC, data=synth))
+    short = [*SYNC, "train.steps=20", "checkpoint.every=10", "train.seed=7"]
+    ok(run(1, "train", out, *short, data=synth))
+    assert [os.path.basename(p) for p in checkpoints(out)] == ["ckpt-000000010.h5", "ckpt-000000020.h5"]
+    mine = params(out)
+    ok(run(1, "train", out, *short, resume="auto", data=synth))
+    assert summary(out)["resumed_from_step"] == 20 and np.array_equal(params(out), mine)
+    r = run(1, "train", out, *short, "train.steps=10", resume="auto", data=synth, timeout=120)
+    assert r.returncode == 2 and "lies past this run's last (10)" in r.stderr
+    r = run(1, "train", out, *short, "train.optimizer=momentum", resume="auto", data=synth, timeout=120)
+    assert r.returncode == 2 and "train.optimizer = adam run; this run has momentum" in r.stderr
+
+
+def test_stop_requested_in_the_last_step_ends_the_run(tmp_path, synth):
+    """The stop flag set from the first step on, in a 1-step run: the run finishes (model.h5, summary,
+    exit 0) instead of exiting 75 with nothing for the requeued job to do."""
+    out = str(tmp_path / "o")
+    probe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mpi_probe.py")
+    r = mpirun(2, probe, "stop-at-end", synth, out, module=False, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert summary(out)["steps"] == 1 and os.path.exists(os.path.join(out, "model.h5"))

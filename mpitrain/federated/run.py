@@ -320,7 +320,7 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
         if ckpt.due(rnd + 1, stop or timed) or rnd + 1 == rounds:
             ckpt.save(rnd + 1, {"params": params, **{f"server/{k}": v for k, v in state.items()},
                                 **(dp.state() if dp is not None else {})}, rounds_to_target=rounds_to_target or 0)
-        if stop:
+        if stop and rnd + 1 < rounds:  # at the last round the run simply ends
             run.stop(f"round {rnd + 1}")
     if test_acc is None:  # resumed at the end: score the restored model
         test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
