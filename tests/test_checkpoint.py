@@ -78,6 +78,9 @@ def test_federated_fedadam_resume_is_bit_exact(tmp_path):
     assert np.array_equal(params(full), params(cut))
     reached = summary(full)["rounds_to_target"]  # carried by the checkpoint when reached before it
     assert reached is not None and reached <= 4 and summary(cut)["rounds_to_target"] == reached
+    other = [*sets, "fed.strategy=fedyogi"]  # same state vectors (m, v), other meaning: refused
+    r = run(4, "federate", str(tmp_path / "y"), *other, resume=checkpoints(cut)[0], data=data, timeout=120)
+    assert r.returncode == 2 and "fed.strategy = fedadam run; this run has fedyogi" in r.stderr
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, synth):
