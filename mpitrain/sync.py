@@ -75,8 +75,31 @@ class Plain:
         opt.update(params, grad, lr, scale)
 
     def gather_state(self, state):
-        """Full optimizer-state vectors for a checkpoint (only sharded holds parts)."""
+        """What a checkpoint holds of the optimizer state {"opt/NAME": vector} and of this mode's own state
+        (rank 0's view is written): full vectors; sharded gathers its parts, and top-k and local SGD add
+        every rank's own vectors as "ranks/NAME" rows (p × n)."""
         return state
+
+    def restore(self, arrays, state):
+        """The inverse on resume: this rank's part of each optimizer vector (and its own rows, when the
+        checkpoint has them for this many ranks)."""
+        for name, v in state.items():
+            v[:] = arrays[f"opt/{name}"][self.part]
+
+    def _gather_rows(self, vectors):
+        """{"ranks/NAME": every rank's vector as one (p × n) array} on rank 0 (empty elsewhere)."""
+        out = {}
+        for name, v in vectors.items():
+            rows, _ = self.comm.gatherv(v)
+            if self.comm.rank == 0:
+                out[f"ranks/{name}"] = rows.reshape(self.comm.size, -1)
+        return out
+
+    def _own_row(self, arrays, name):
+        """This rank's row of "ranks/NAME" if the checkpoint was written by as many ranks, else None (a
+        resume on another rank count starts that state from rank 0's vector or zeros: correct, not exact)."""
+        rows = arrays.get(f"ranks/{name}")
+        return rows[self.comm.rank] if rows is not None and len(rows) == self.comm.size else None
 
     def bind(self, buf):
         """The step buffer (overlap reduces its buckets while backward writes it)."""
@@ -171,7 +194,7 @@ class TopK(Plain):
     def __init__(self, comm, n, ratio):
         super().__init__(comm, n)
         self.k = max(1, min(n, round(ratio * n)))
-        self.residual = np.zeros(n, np.float32)  # per rank; restarts at zero on resume
+        self.residual = np.zeros(n, np.float32)  # per rank (error feedback): checkpointed as rows
         self.mine = np.empty(2 * self.k, np.uint32)  # [indices | float32 bits of the values]
         self.all = np.empty((comm.size, 2 * self.k), np.uint32)
 
@@ -185,6 +208,14 @@ class TopK(Plain):
             cpu.scatter_add(g, row[:k], row[k:].view(np.float32))
         self.bytes += ring_bytes(self.all.nbytes, self.comm.size, "allgather")
         self._sum(buf[self.n:])
+
+    def gather_state(self, state):
+        return {**state, **self._gather_rows({"residual": self.residual})}
+
+    def restore(self, arrays, state):
+        super().restore(arrays, state)
+        row = self._own_row(arrays, "residual")
+        self.residual[:] = 0.0 if row is None else row
 
 
 class Sharded(Plain):
@@ -225,9 +256,19 @@ class LocalSGD(Plain):
         self.flagged = bool(buf[self.n + 2:].any())
 
     def update(self, opt, params, grad, lr, scale, count):
-        opt.update(params, grad, lr, 1.0 / count)  # this rank's own mean gradient
+        opt.update(params, grad, lr, 1.0 / count)  # this rank's own mean gradient (and optimizer state)
         if self.step % self.every == 0 or self.due or self.flagged:
             # weighted by this rank's share of the global batch (count · scale), not 1/p: with an uneven
             # split, local_steps = 1 is then the plain step exactly
             params *= np.float32(count * scale)
             self._timed(self._sum, params)
+
+    def gather_state(self, state):
+        return {**state, **self._gather_rows(state)}
+
+    def restore(self, arrays, state):
+        super().restore(arrays, state)  # rank 0's state, kept for a resume on another rank count
+        for name, v in state.items():
+            row = self._own_row(arrays, f"opt/{name}")
+            if row is not None:
+                v[:] = row

@@ -77,8 +77,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
             raise MpitrainError(f"{ckpt.dir}: the checkpoint of step {first} is of a train.optimizer = "
                                 f"{attrs['optimizer']} run; this run has {t.optimizer}", agreed=True)
         params = arrays["params"].astype(np.float32)
-        for name, v in opt.state.items():
-            v[:] = arrays[f"opt/{name}"][part]  # checkpoints hold full vectors whatever the mode
+        sync.restore(arrays, opt.state)  # checkpoints hold full vectors whatever the mode
         opt.t = int(attrs["opt_t"])
     else:
         first = 0
