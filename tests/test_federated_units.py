@@ -17,7 +17,8 @@ from mpitrain.data.partition import SCHEMES, split_clients, write_partition
 from mpitrain.data.prepare import prepare
 from mpitrain.data.shard import DataFile
 from mpitrain.errors import MpitrainError
-from mpitrain.federated.run import EXTRA, Client, Partition, sample_clients
+from mpitrain.federated.aggregation import N_STATS
+from mpitrain.federated.run import Client, Partition, sample_clients
 from mpitrain.federated.strategies import (DEFAULT_SERVER_LR, STRATEGIES, check, init_state,
                                            server_update)
 from mpitrain.kernels import cpu
@@ -200,7 +201,7 @@ def test_fednova_against_the_reference_equation():
     sizes, steps = (10.0, 30.0), (2, 6)
     deltas = (vec(0.2, -0.4), vec(0.6, 0.3))  # Δ_k = y_k − x
     n = len(x)
-    agg = np.zeros(n + EXTRA, f32)
+    agg = np.zeros(n + N_STATS + 1, f32)
     for w, a, d in zip(sizes, steps, deltas):
         agg[:n] += (w / a) * d
         agg[n:n + 5] += (w, w * a, 0.0, 0.0, 1)
@@ -224,7 +225,7 @@ def test_fednova_equals_fedavg_when_local_steps_are_equal():
     deltas = [rng.standard_normal(n).astype(f32) for _ in sizes]
     models = {}
     for strategy in ("fedavg", "fednova"):
-        agg = np.zeros(n + EXTRA, f32)
+        agg = np.zeros(n + N_STATS + 1, f32)
         for w, d in zip(sizes, deltas):
             agg[:n] += (w / 4 if strategy == "fednova" else w) * d
             agg[n:n + 5] += (w, w * 4, 0.0, 0.0, 1)
@@ -320,7 +321,7 @@ def test_fedprox_full_objective_directional_derivative(tiny):
 
 def _aggregate(deltas, weights, steps=None, strategy="fedavg"):
     n = len(deltas[0])
-    agg = np.zeros(n + EXTRA, f32)
+    agg = np.zeros(n + N_STATS + 1, f32)
     for i, (d, w) in enumerate(zip(deltas, weights)):
         a = steps[i] if steps else 1
         agg[:n] += (w / a if strategy == "fednova" else w) * d

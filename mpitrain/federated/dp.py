@@ -23,6 +23,7 @@ import os
 import numpy as np
 
 from ..errors import MpitrainError
+from .strategies import local_schedule
 
 
 # -- noise --------------------------------------------------------------------------------------------
@@ -54,6 +55,16 @@ def clip_norm(delta, clip):
 
 # -- accounting ---------------------------------------------------------------------------------------
 
+def _dp_accounting():
+    """The dp-accounting package, or one clear error."""
+    try:
+        import dp_accounting
+    except ImportError:
+        raise MpitrainError("differential privacy needs the dp-accounting package: "
+                            "pip install 'dp-accounting>=0.4'") from None
+    return dp_accounting
+
+
 def _quiet_absl():
     try:  # dp-accounting logs a warning per RDP order its without-replacement series does not converge on
         import absl.logging
@@ -69,11 +80,9 @@ class Accountant:
     the event T times returns."""
 
     def __init__(self, event, relation, delta):
-        try:
-            from dp_accounting.rdp import rdp_privacy_accountant as rpa
-        except ImportError:
-            raise MpitrainError("differential privacy needs the dp-accounting package: "
-                                "pip install 'dp-accounting>=0.4'") from None
+        _dp_accounting()
+        from dp_accounting.rdp import rdp_privacy_accountant as rpa
+
         _quiet_absl()
         acc = rpa.RdpAccountant(neighboring_relation=relation)
         acc.compose(event, 1)
@@ -105,13 +114,9 @@ def client_accountant(dp, clients):
 
 
 def client_event(sampling, clients, size, z):
-    """size: the sampling probability q (poisson) or the cohort size m (fixed)."""
-    """(DpEvent, NeighboringRelation) of one round of client-level DP (see the module doc)."""
-    try:
-        import dp_accounting as dpa
-    except ImportError:
-        raise MpitrainError("differential privacy needs the dp-accounting package: "
-                            "pip install 'dp-accounting>=0.4'") from None
+    """(DpEvent, NeighboringRelation) of one round of client-level DP (see the module doc); size is the
+    sampling probability q (poisson) or the cohort size m (fixed)."""
+    dpa = _dp_accounting()
     if sampling == "poisson":
         return (dpa.PoissonSampledDpEvent(size, dpa.GaussianDpEvent(z)),
                 dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
@@ -264,16 +269,11 @@ def per_layer(model, x):
 def record_accountants(part, f, g):
     """{(q, steps per round): Accountant of one local step} over the distinct client sizes: record-level
     ε for a client that takes part in every round (an upper bound)."""
-    try:
-        import dp_accounting as dpa
-    except ImportError:
-        raise MpitrainError("fed.dpsgd needs the dp-accounting package: pip install 'dp-accounting>=0.4'") from None
-
+    dpa = _dp_accounting()
     out = {}
     for n in np.unique(part.n_train):
         n = int(n)
-        batch = n if f.strategy == "fedsgd" else min(f.local_batch, n)
-        steps = 1 if f.strategy == "fedsgd" else (f.local_steps or f.local_epochs * -(-n // batch))
+        batch, steps = local_schedule(f, n)
         q = batch / n
         if (q, steps) not in out:
             out[(q, steps)] = Accountant(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(g.noise_multiplier)),

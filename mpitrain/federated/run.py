@@ -27,9 +27,8 @@ from .aggregation import MeanAggregator
 from .dp import DPSGD, ClientDP, dp_cohort, noise_key
 from .robust import GatherAggregator, attack_update, attackers
 from .secagg import SecureAggregator
-from .strategies import DEFAULT_SERVER_LR, check, init_state, server_update
+from .strategies import DEFAULT_SERVER_LR, check, init_state, local_schedule, server_update
 
-EXTRA = 6  # aggregate slots after the model: Σω, Σω·a, Σloss, Σsamples, Σclients, stop requests
 
 
 class Partition:
@@ -80,11 +79,7 @@ class Client:
         self.stepper.opt.reset()
         self.stepper.prox = (f.mu, global_params) if f.strategy == "fedprox" else None
         n = len(x)
-        if f.strategy == "fedsgd":  # one full-batch gradient step
-            batch, steps = n, 1
-        else:
-            batch = min(f.local_batch, n)
-            steps = f.local_steps or f.local_epochs * -(-n // batch)
+        batch, steps = local_schedule(f, n)
         rng = np.random.default_rng(np.random.SeedSequence([t.seed, rnd, k, 0xC1]))
         if self.dpsgd is not None:
             self.dpsgd.start(k, rnd)
@@ -144,7 +139,7 @@ class Layers:
             self.dpsgd = DPSGD(model, kernels, f.dpsgd, noise_key(f.dp.noise_seed))
         adaptive = bool(self.dp and self.dp.adaptive)
         if f.secure_aggregation:
-            steps = np.array([self.local_steps(f, int(m)) for m in part.n_train])
+            steps = np.array([local_schedule(f, int(m))[1] for m in part.n_train])
             w_max = 1.0 if self.weighting == "uniform" else float(part.n_train.max())
             seen_max = float((steps * part.n_train).max())
             dp = self.dp
@@ -182,12 +177,6 @@ class Layers:
         self.attackers = np.zeros(part.clients, bool)
         if f.attack != "none":
             self.attackers = attackers(t.seed, part.clients, f.attack_fraction)
-
-    @staticmethod
-    def local_steps(f, n):
-        if f.strategy == "fedsgd":
-            return 1
-        return f.local_steps or f.local_epochs * -(-n // min(f.local_batch, n))
 
 
 def federate(cfg, comm, out=None, quiet=False, resume=None):

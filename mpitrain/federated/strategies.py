@@ -1,4 +1,5 @@
-"""Server strategies: pure NumPy functions of (global model x, aggregate, state) → new x, state.
+"""Server strategies: pure NumPy functions of (global model x, aggregate, state) → new x, state; and the
+local schedule a strategy gives its clients.
 
 `delta` is the weighted mean over sampled clients of Δ_k = x_k − x (FedNova: of Δ_k / a_k, with a_k the
 client's number of local steps, and `tau_eff` = Σ p_k a_k).  Equations: ../shared/reference.md
@@ -15,6 +16,15 @@ DEFAULT_SERVER_LR = {"fedadam": 0.1, "fedadagrad": 0.1, "fedyogi": 0.01}  # othe
 def check(strategy):
     if strategy not in STRATEGIES:
         raise MpitrainError(f"fed.strategy = {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+
+
+def local_schedule(f, n):
+    """(batch, steps) of a client with n examples: FedSGD one full-batch step; the others batches of
+    fed.local_batch for fed.local_steps steps, or fed.local_epochs epochs."""
+    if f.strategy == "fedsgd":
+        return n, 1
+    batch = min(f.local_batch, n)
+    return batch, f.local_steps or f.local_epochs * -(-n // batch)
 
 
 def init_state(strategy, n):
