@@ -53,10 +53,16 @@ AUTO_COMPLETE = 13                   # cohorts up to this size use the complete 
 def keypair():
     """A fresh X25519 key pair: (private key object, 32 raw public bytes)."""
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     sk = X25519PrivateKey.generate()
-    return sk, sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return sk, public_bytes(sk)
+
+
+def public_bytes(sk):
+    """The 32 raw bytes of a private key's public key."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def private_bytes(sk):
@@ -458,9 +464,7 @@ class SecureAggregator:
         dropped = sorted(set(range(len(self.cohort))) - alive)
         for u in dropped:
             sk = private_key(store.reconstruct(u, SK))
-            from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-            if sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) != self.s_pub[u]:
+            if public_bytes(sk) != self.s_pub[u]:
                 raise MpitrainError(f"secure aggregation: the rebuilt key of client {u} does not match its "
                                     "public key")
             for v in self.graph[u]:
