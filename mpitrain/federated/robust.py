@@ -45,7 +45,7 @@ def attack_update(attack, delta, scale):
 
 def sq_distances(x):
     """The squared L2 distances between the rows of x (float64)."""
-    x = x.astype(np.float64)
+    x = np.asarray(x, np.float64)
     sq = np.einsum("ij,ij->i", x, x)
     return np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0)
 
@@ -65,7 +65,7 @@ def nnm(x, f):
     np.fill_diagonal(d, -1.0)  # itself first, even next to an identical row
     w = np.zeros((n, n))
     np.put_along_axis(w, np.argsort(d, axis=1, kind="stable")[:, :n - f], 1.0 / (n - f), axis=1)
-    return w @ x.astype(np.float64)
+    return w @ np.asarray(x, np.float64)
 
 
 def aggregate(rule, x, weights=None, fraction=0.25, norm_bound=0.0, mixing="none"):
@@ -73,16 +73,17 @@ def aggregate(rule, x, weights=None, fraction=0.25, norm_bound=0.0, mixing="none
     n = len(x)
     if n == 0:
         return np.zeros(x.shape[1])
+    x = np.asarray(x, np.float64)  # once: every rule computes in float64
     f = int(np.floor(fraction * n + 1e-9))
     if mixing == "nnm":
         x = nnm(x, f)
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
     if rule == "mean":
-        return np.average(x.astype(np.float64), axis=0, weights=w)
+        return np.average(x, axis=0, weights=w)
     if rule == "median":
-        return np.median(x.astype(np.float64), axis=0)
+        return np.median(x, axis=0)
     if rule == "trimmed_mean":
-        s = np.sort(x.astype(np.float64), axis=0)
+        s = np.sort(x, axis=0)
         return s[f:n - f].mean(axis=0) if n - 2 * f > 0 else np.median(s, axis=0)
     if rule in ("krum", "multikrum"):
         if n < 2 * f + 3:
@@ -91,14 +92,14 @@ def aggregate(rule, x, weights=None, fraction=0.25, norm_bound=0.0, mixing="none
                                 "fed.robust.fraction")
         scores = krum_scores(x, f)
         if rule == "krum":
-            return x[int(np.argmin(scores))].astype(np.float64)
+            return x[int(np.argmin(scores))].copy()
         best = np.argsort(scores, kind="stable")[:n - f]
-        return x[best].astype(np.float64).mean(axis=0)
+        return x[best].mean(axis=0)
     if rule == "norm_bound":
-        norms = np.linalg.norm(x.astype(np.float64), axis=1)
+        norms = np.linalg.norm(x, axis=1)
         bound = norm_bound or float(np.median(norms))
         factor = np.minimum(1.0, bound / np.maximum(norms, 1e-30))
-        return np.average(x.astype(np.float64) * factor[:, None], axis=0, weights=w)
+        return np.average(x * factor[:, None], axis=0, weights=w)
     raise MpitrainError(f"fed.aggregator = {rule!r}: expected one of mean, {', '.join(ROBUST)}")
 
 
