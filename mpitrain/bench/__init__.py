@@ -58,6 +58,18 @@ def mlp_arguments(p, features=784, hidden="1024,1024", classes=10):
         p.add_argument("--classes", type=int, default=classes, help=f"classes (default {classes})")
 
 
+def comm_modes(text):
+    """The comm.mode values of a --comm list, or one clear error naming the unknown ones."""
+    from ..config import MODES
+    from ..errors import MpitrainError
+
+    modes = text.split(",")
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise MpitrainError(f"--comm {text}: unknown mode(s) {', '.join(bad)}; expected {', '.join(MODES)}")
+    return modes
+
+
 def loop_arguments(p):
     """--steps, --warmup, --threads of a benchmark that times training steps."""
     p.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")

@@ -17,9 +17,9 @@ import json
 
 import numpy as np
 
-from ..config import MODES, CommConfig
+from ..config import CommConfig
 from ..errors import MpitrainError
-from . import mlp_arguments, table
+from . import comm_modes, mlp_arguments, table
 
 PREDICTION = ["model", "comm", "ranks", "alpha_us", "beta_ns_per_byte", "allreduce_ms", "work_ms", "step_ms",
               "samples_per_s", "efficiency"]
@@ -111,9 +111,7 @@ def bench_model(args, comm):
     from ..model import ModelSpec
     from .scaling import mlp_sizes
 
-    bad = [m for m in args.comm.split(",") if m not in MODES]
-    if bad:
-        raise MpitrainError(f"--comm {args.comm}: unknown mode(s) {', '.join(bad)}; expected {', '.join(MODES)}")
+    modes = comm_modes(args.comm)
     if not args.scaling and args.compute_ms is None:
         raise MpitrainError("bench model: give --scaling FILE.json or --compute-ms MS (per-rank work per step)")
     rows = [r for path in args.allreduce_json for r in _load(path, "allreduce")["results"]
@@ -140,7 +138,7 @@ def bench_model(args, comm):
     network = (args.latency_us * 1e-6, 8 / (args.network_gbps * 1e9))
     out = []
     for name, (a, b) in (("network", network), ("fitted", (alpha, beta))):
-        for mode in args.comm.split(","):
+        for mode in modes:
             for p in (int(r) for r in args.ranks.split(",")):
                 t_ms = comm_time(mode, n, p, (a, b), (alpha, beta), args) * 1e3
                 step_ms = max(work_ms, t_ms) if mode == "overlap" else work_ms + t_ms

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import MODES, CommConfig
 from ..errors import MpitrainError
-from . import loop_arguments, mlp_arguments, table
+from . import comm_modes, loop_arguments, mlp_arguments, table
 
 LR = 0.01
 COLUMNS = ["ranks", "comm", "global_batch", "local_batch", "data_ms", "compute_ms", "allreduce_ms", "step_ms",
@@ -68,16 +68,14 @@ def mlp_sizes(features, hidden, classes):
 
 def bench_scaling(args, comm):
     if args.point:
-        return [measure_point(args, comm, mode) for mode in args.comm.split(",")]
+        return [measure_point(args, comm, mode) for mode in comm_modes(args.comm)]
     if comm.size > 1:
         raise MpitrainError("bench scaling starts its own `mpiexec -n P` for every point: launch it as one "
                             "process (python -m mpitrain bench scaling ...), not under mpirun", agreed=True)
     ranks = sorted({int(r) for r in args.ranks.split(",")})
     if ranks[0] < 1 or args.steps < 1:
         raise MpitrainError(f"--ranks {args.ranks} --steps {args.steps}: rank counts and steps must be ≥ 1")
-    bad = [m for m in args.comm.split(",") if m not in MODES]
-    if bad:
-        raise MpitrainError(f"--comm {args.comm}: unknown mode(s) {', '.join(bad)}; expected {', '.join(MODES)}")
+    comm_modes(args.comm)  # unknown modes fail here, before any point starts
     if args.mode == "strong" and args.global_batch < ranks[-1]:
         raise MpitrainError(f"--global-batch {args.global_batch} is smaller than {ranks[-1]} ranks: every rank "
                             "needs at least one sample per step")
