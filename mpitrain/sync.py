@@ -139,10 +139,11 @@ class Overlap(Plain):
 
     def ready(self, lo):
         """Backward has written grad[lo:]: start the buckets that lie in it, and let MPI progress."""
-        t = time.perf_counter()
+        self._timed(self._advance, lo)
+
+    def _advance(self, lo):
         self._start(lo)
         self.comm.progress(self.pending)
-        self.seconds += time.perf_counter() - t
 
     def _start(self, lo):
         while self.next < len(self.cuts) and self.cuts[self.next][0] >= lo:
