@@ -4,6 +4,7 @@ Works at size 1 when a script is started without mpirun (MPI singleton init).
 """
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -249,7 +250,13 @@ class Comm:
             raise MpitrainError(text, agreed=True)
         return result
 
-    def abort(self, code):
+    def abort(self, code, message):
+        """Print `message` on stderr and end every rank of the job with `code`.  The message goes out in
+        one write, and Abort waits a moment: hydra's proxy drops what it has not yet read from this rank's
+        pipe once the abort reaches it (CI saw a traceback cut after its first line)."""
+        sys.stderr.flush()
+        os.write(2, message.encode(errors="replace"))
+        time.sleep(0.5)
         self.raw.Abort(code)
 
 
@@ -260,8 +267,7 @@ def report_error(comm, exc):
         if comm is None or comm.rank == 0:
             print(f"mpitrain: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    print(f"mpitrain: error on rank {comm.rank}: {exc}", file=sys.stderr, flush=True)
-    comm.abort(2)
+    comm.abort(2, f"mpitrain: error on rank {comm.rank}: {exc}\n")
     return 2
 
 
@@ -269,10 +275,10 @@ def install_abort_hook(comm):
     """An uncaught exception on any rank prints the rank and traceback, then aborts the whole MPI job
     (as ``python -m mpi4py`` does) instead of leaving the other ranks in a collective forever."""
     def hook(etype, value, tb):
-        print(f"mpitrain: rank {comm.rank} of {comm.size} failed:", file=sys.stderr)
-        traceback.print_exception(etype, value, tb)
-        sys.stderr.flush()
+        text = f"mpitrain: rank {comm.rank} of {comm.size} failed:\n" + "".join(
+            traceback.format_exception(etype, value, tb))
         if comm.size > 1:
-            comm.abort(1)
+            comm.abort(1, text)
+        sys.stderr.write(text)
 
     sys.excepthook = hook

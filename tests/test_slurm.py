@@ -54,7 +54,7 @@ def test_train_sbatch_survives_a_requeue(cluster, tmp_path, synth):
         subprocess.run(["scancel", job], timeout=30)
     log = open(tmp_path / "job.out").read()
     assert state == "COMPLETED" and restarts == 1, log
-    assert "requeued job" in log and "attempt 2" in log
+    assert "requeueing job" in log and "attempt 2" in log
     assert 0 < summary(str(run_dir))["resumed_from_step"] < 4000
     ref = tmp_path / "ref"
     r = mpirun(3, "train", "--out", ref, *args)
