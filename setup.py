@@ -16,7 +16,7 @@ setup(
         "mpi4py>=4.0",
         "numpy>=1.24",
         "numba>=0.60",
-        "scipy>=1.10",  # Numba's np.dot calls BLAS through scipy
+        "scipy>=1.10",  # secure aggregation plans its threshold with scipy.stats; Numba loads scipy.linalg
         "h5py>=3.8",
         "scikit-learn>=1.3",  # the embedded default dataset (handwritten digits)
         "threadpoolctl>=3.1",

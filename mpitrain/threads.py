@@ -37,7 +37,7 @@ def configure_env():
 def limit(n):
     """Apply n threads at run time to Numba and to every loaded BLAS (NumPy's and SciPy's)."""
     import numba
-    import scipy.linalg.cython_blas  # noqa: F401  (Numba's BLAS: load it so the limit reaches it)
+    import scipy.linalg.cython_blas  # noqa: F401  (Numba loads SciPy's OpenBLAS too: load it so the limit reaches it)
     from threadpoolctl import threadpool_limits
 
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))

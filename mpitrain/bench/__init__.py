@@ -12,7 +12,9 @@ def add_arguments(parser):
     s = sub.add_parser("step", help="training-step throughput per rank vs NumPy and PyTorch",
                        description="Samples/s of one training step (forward, backward, optimizer update) "
                                    "per rank, for mpitrain's kernels, a plain NumPy step and PyTorch CPU "
-                                   "(when installed), measured side by side.")
+                                   "(when installed), measured side by side; on the CPU also the floor: "
+                                   "the step's GEMMs and update alone, with weight rows as stored and "
+                                   "padded by 16 floats.")
     s.add_argument("--batches", default="32,128", help="per-rank batch sizes (default 32,128)")
     mlp_arguments(s)
     s.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")

@@ -1,8 +1,9 @@
-"""Training-step throughput per rank: mpitrain's Numba kernels vs a plain NumPy step vs PyTorch CPU.
+"""Training-step throughput per rank: mpitrain's Numba kernels vs a plain NumPy step vs PyTorch CPU, and
+the floor of any step built on NumPy's BLAS (the step's GEMMs and its update alone).
 
 Same MLP, data, optimizer (SGD, momentum 0.9, lr 0.01) and thread count (--device cuda: mpitrain's CUDA
 kernels and PyTorch CUDA on this rank's GPU, the NumPy step stays on the CPU); each implementation is timed
-in blocks of about --seconds, the median block is reported.  Every rank measures at once (so an
+in blocks of about --seconds, round-robin, the median block is reported.  Every rank measures at once (so an
 oversubscribed node shows), rank 0 prints its own figures.
 """
 import time
@@ -14,20 +15,24 @@ from . import table
 LR, MU = 0.01, 0.9
 
 
-def _timed(step, seconds, repeats):
-    """Median seconds per call of step() over `repeats` blocks of about `seconds` each."""
-    for _ in range(3):
-        step()
-    t = time.perf_counter()
-    step()
-    per_block = max(1, int(seconds / max(time.perf_counter() - t, 1e-6)))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(per_block):
+def _timed(steps, seconds, repeats):
+    """{name: median seconds per call} of the step functions, timed in `repeats` rounds of one block of
+    about `seconds` each, round-robin, so that a slow spell of the machine falls on every implementation."""
+    per_block = {}
+    for name, step in steps.items():
+        for _ in range(3):
             step()
-        times.append((time.perf_counter() - t) / per_block)
-    return float(np.median(times))
+        t = time.perf_counter()
+        step()
+        per_block[name] = max(1, int(seconds / max(time.perf_counter() - t, 1e-6)))
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            for _ in range(per_block[name]):
+                step()
+            times[name].append((time.perf_counter() - t) / per_block[name])
+    return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def mpitrain_step(sizes, x, y, device="cpu"):
@@ -83,6 +88,38 @@ def numpy_step(sizes, x, y):
     return step
 
 
+def floor_step(sizes, x, pad):
+    """Only the step's GEMMs (NumPy's BLAS) and the fused momentum update: no bias, activation, loss or
+    layer code.  No step built on this BLAS runs faster, so its ratio to PyTorch bounds what any such
+    implementation can claim.  pad > 0 strides every weight row by `pad` more floats, which keeps rows of
+    1024 floats off 4 KiB multiples (cache-set aliasing)."""
+    from ..kernels.cpu import momentum_update
+
+    shapes = list(zip(sizes, sizes[1:]))
+    lengths = [(a + 1) * (b + pad) for a, b in shapes]  # each layer: padded weight rows, then room for b
+    offsets = np.cumsum([0] + lengths[:-1])
+    p = np.random.default_rng(0).uniform(-0.05, 0.05, sum(lengths)).astype(np.float32)
+    g, v = np.zeros_like(p), np.zeros_like(p)
+
+    def weights(flat):
+        return [flat[o:o + a * (b + pad)].reshape(a, b + pad)[:, :b] for o, (a, b) in zip(offsets, shapes)]
+
+    ws, dws = weights(p), weights(g)
+    hs = [x] + [np.zeros((len(x), b), np.float32) for _, b in shapes]
+    ds = [np.ones((len(x), b), np.float32) for _, b in shapes]
+
+    def step():
+        for i, w in enumerate(ws):
+            np.matmul(hs[i], w, out=hs[i + 1])
+        for i in range(len(ws) - 1, -1, -1):
+            np.matmul(hs[i].T, ds[i], out=dws[i])
+            if i:
+                np.matmul(ds[i], ws[i].T, out=ds[i - 1])
+        momentum_update(p, g, v, 0.0, 1.0 / len(x), MU, 0.0, False)  # same traffic; lr 0 keeps values finite
+
+    return step
+
+
 def torch_step(sizes, x, y, threads, device="cpu"):
     import torch
 
@@ -114,7 +151,7 @@ def sgemm_rate(threads, n=1024):
     a = np.random.default_rng(0).random((n, n), dtype=np.float32)
     c = np.empty_like(a)
     with threadpool_limits(threads):
-        return 2 * n ** 3 / _timed(lambda: np.matmul(a, a, out=c), 0.5, 3) / 1e9
+        return 2 * n ** 3 / _timed({"sgemm": lambda: np.matmul(a, a, out=c)}, 0.5, 3)["sgemm"] / 1e9
 
 
 def bench_step(args, comm):
@@ -144,9 +181,11 @@ def bench_step(args, comm):
         x = rng.standard_normal((batch, sizes[0]), dtype=np.float32)
         y = rng.integers(0, sizes[-1], batch).astype(np.int64)
         impls = {"mpitrain": mpitrain_step(sizes, x, y, args.device), "numpy": numpy_step(sizes, x, y)}
+        if args.device == "cpu":
+            impls.update(floor=floor_step(sizes, x, 0), floor_padded=floor_step(sizes, x, 16))
         if have_torch:
             impls["torch"], torch_version = torch_step(sizes, x, y, threads, args.device)
-        measured = {name: _timed(fn, args.seconds, args.repeats) for name, fn in impls.items()}
+        measured = _timed(impls, args.seconds, args.repeats)
         for name, sec in measured.items():
             rows.append({"batch": batch, "impl": name, "threads": threads, "ranks": comm.size,
                          "samples_per_s": batch / sec, "gflops": flops * batch / sec / 1e9,
