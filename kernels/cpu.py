@@ -32,9 +32,16 @@ def bias_act(z, b, act):
                 z[i, j] += b[j]
 
 
+def _gemm(a, b, out):
+    """out ← a @ b on NumPy's BLAS.  Quiet about inf/NaN, as the compiled kernels are: the training loop
+    checks the loss itself and stops with one clear line."""
+    with np.errstate(all="ignore"):
+        np.matmul(a, b, out=out)
+
+
 def dense_forward(x, w, b, act, out):
     """out ← act(x @ w + b)."""
-    np.matmul(x, w, out=out)
+    _gemm(x, w, out)
     bias_act(out, b, act)
 
 
@@ -57,13 +64,13 @@ def act_grad(y, dy, act, db):
 def dense_backward_params(x, y, dy, act, dw, db):
     """Given y = act(x @ w + b) and dy = dL/dy: dy ← dL/dz (in place), dw ← x.T @ dz, db ← sum_rows dz."""
     act_grad(y, dy, act, db)
-    np.matmul(x.T, dy, out=dw)
+    _gemm(x.T, dy, dw)
 
 
 def dense_backward(x, w, y, dy, act, dw, db, dx):
     """dense_backward_params, then dx ← dz @ w.T (the gradient passed to the layer below)."""
     dense_backward_params(x, y, dy, act, dw, db)
-    np.matmul(dy, w.T, out=dx)
+    _gemm(dy, w.T, dx)
 
 
 @njit(cache=True)
@@ -159,7 +166,7 @@ def dp_clipped_grad(a, dz, factor, dw, db):
     """DP-SGD: the sum over examples of the clipped gradients of one dense layer.  dz_i ← factor_i·dz_i
     (in place; factor_i = min(1, C/‖g_i‖)), then dw ← aᵀ·dz, db ← Σ_i dz_i."""
     _scale_rows(dz, factor, db)
-    np.matmul(a.T, dz, out=dw)
+    _gemm(a.T, dz, dw)
 
 
 def warmup():
