@@ -96,7 +96,7 @@ def floor_step(sizes, x, pad):
     from ..kernels.cpu import momentum_update
 
     shapes = list(zip(sizes, sizes[1:]))
-    lengths = [(a + 1) * (b + pad) for a, b in shapes]  # each layer: padded weight rows, then room for b
+    lengths = [(a + 1) * (b + pad) for a, b in shapes]  # each layer: a padded weight rows, then its bias
     offsets = np.cumsum([0] + lengths[:-1])
     p = np.random.default_rng(0).uniform(-0.05, 0.05, sum(lengths)).astype(np.float32)
     g, v = np.zeros_like(p), np.zeros_like(p)
