@@ -1,4 +1,5 @@
-"""CPU kernels (Numba @njit, cache=True).  Pure functions of arrays: no globals, no config objects.
+"""CPU kernels: Numba @njit passes (cache=True) around NumPy's BLAS.  Pure functions of arrays: no globals,
+no config objects.
 
 Shapes: x (batch, in), w (in, out) row-major, b (out,), activations (batch, out).  GEMMs are called from
 Python through np.matmul (transposed operands are passed to BLAS as flags, not copied), so they run on
@@ -152,6 +153,7 @@ def dp_sqnorms(a, dz, sq):
 
 @njit(cache=True)
 def _scale_rows(dz, factor, db):
+    """dz_i ← factor_i·dz_i (in place), db ← Σ_i dz_i."""
     n, m = dz.shape
     db[:] = 0.0
     for i in range(n):

@@ -278,7 +278,7 @@ def install_abort_hook(comm):
         text = f"mpitrain: rank {comm.rank} of {comm.size} failed:\n" + "".join(
             traceback.format_exception(etype, value, tb))
         if comm.size > 1:
-            comm.abort(1, text)
+            comm.abort(1, text)  # does not return
         sys.stderr.write(text)
 
     sys.excepthook = hook
