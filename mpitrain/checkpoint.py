@@ -142,11 +142,16 @@ class Checkpointer:
     """When and where a run checkpoints, and resuming from one.  Rank 0 writes; every rank waits at a
     barrier before training continues (no rank runs ahead into a collective while the file is written)."""
 
-    def __init__(self, comm, cfg, out, spec, config_text, data_checksum):
+    def __init__(self, comm, cfg, out, spec, config_text, data_checksum, setting):
+        """setting: (name, value) of the setting that gives the saved state its meaning (train.optimizer,
+        fed.strategy); a checkpoint of another value is refused on resume."""
         c = cfg.checkpoint
         self.comm, self.every, self.every_seconds, self.keep = comm, c.every, c.every_seconds, c.keep
         self.dir = c.dir or os.path.join(out, "checkpoints")
-        self.attrs = {**spec.attrs(), "config": config_text, "data_checksum": data_checksum}
+        self.setting, value = setting
+        self.setting_key = self.setting.rsplit(".", 1)[-1]  # the file attribute: "optimizer" / "strategy"
+        self.attrs = {**spec.attrs(), "config": config_text, "data_checksum": data_checksum,
+                      self.setting_key: value}
         self.last = time.monotonic()
 
     def time_due(self):
@@ -180,5 +185,10 @@ class Checkpointer:
             if key not in attrs or not np.array_equal(attrs[key], self.attrs[key]):
                 raise MpitrainError(f"{path}: checkpoint of another model or dataset ({key} = "
                                     f"{attrs.get(key)!r}, this run has {self.attrs[key]!r})", agreed=True)
+        mine = self.attrs[self.setting_key]
+        theirs = str(attrs.get(self.setting_key, mine))  # checkpoints written before this attribute carry none
+        if theirs != mine:  # its state vectors mean something else
+            raise MpitrainError(f"{path}: the checkpoint of step/round {attrs['index']} is of a {self.setting} = "
+                                f"{theirs} run; this run has {mine}", agreed=True)
         say(f"resuming from {path}")
         return int(attrs["index"]), arrays, attrs

@@ -46,15 +46,16 @@ class Session:
         self.kernels = comm.agree(compiled, comm, cfg.train.device)
         self.model = Model(self.spec, cfg.train.device)
 
-    def open(self, out, total, quiet, resume):
+    def open(self, out, total, quiet, resume, setting):
         """Create the run directory and its log; returns (index, arrays, attrs) of the checkpoint to
-        resume from, or None."""
+        resume from, or None.  setting: see Checkpointer."""
         self.out = make_run_dir(self.comm, out)
         if self.comm.rank == 0:
             with open(os.path.join(self.out, "config.toml"), "w", encoding="utf-8") as f:
                 f.write(self.config_text)
         self.log = RunLog(self.comm, self.out, total, quiet)
-        self.ckpt = Checkpointer(self.comm, self.cfg, self.out, self.spec, self.config_text, self.data.checksum)
+        self.ckpt = Checkpointer(self.comm, self.cfg, self.out, self.spec, self.config_text, self.data.checksum,
+                                 setting)
         resumed = self.ckpt.resume(resume, self.log.say)
         if resumed and resumed[0] > total:
             raise MpitrainError(f"{self.ckpt.dir}: the checkpoint of step/round {resumed[0]} lies past this run's "

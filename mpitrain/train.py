@@ -69,13 +69,10 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
     part = sync.part  # the parameters this rank updates: all of them, or its shard (comm.mode = sharded)
     opt = comm.agree(Optimizer, run.kernels, t.optimizer, part.stop - part.start, t.momentum, t.beta1,
                      t.beta2, t.eps, t.weight_decay)
-    resumed = run.open(out, total, quiet, resume)
+    resumed = run.open(out, total, quiet, resume, ("train.optimizer", t.optimizer))
     log, ckpt = run.log, run.ckpt
     if resumed:
         first, arrays, attrs = resumed
-        if str(attrs.get("optimizer", t.optimizer)) != t.optimizer:  # its state vectors mean something else
-            raise MpitrainError(f"{ckpt.dir}: the checkpoint of step {first} is of a train.optimizer = "
-                                f"{attrs['optimizer']} run; this run has {t.optimizer}", agreed=True)
         params = arrays["params"].astype(np.float32)
         sync.restore(arrays, opt.state)  # checkpoints hold full vectors whatever the mode
         opt.t = int(attrs["opt_t"])
@@ -122,7 +119,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         if ckpt.due(step + 1, stop or timed) or step + 1 == total:
             host = model.xp.to_host
             state = sync.gather_state({f"opt/{k}": host(v) for k, v in opt.state.items()})
-            ckpt.save(step + 1, {"params": host(params), **state}, opt_t=opt.t, optimizer=t.optimizer)
+            ckpt.save(step + 1, {"params": host(params), **state}, opt_t=opt.t)
         if stop and step + 1 < total:  # at the last step the run simply ends (model.h5, summary, exit 0)
             run.stop(f"step {step + 1}")
     if test_acc is None:  # resumed at the end: score the restored model

@@ -195,13 +195,10 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
     server_lr = f.server_lr or DEFAULT_SERVER_LR.get(f.strategy, 1.0)
     model_buf = np.zeros(n + 2, np.float32)  # [model | stop, checkpoint due]: the round's one Bcast
     params = model_buf[:n]
-    resumed = run.open(out, f.rounds, quiet, resume)
+    resumed = run.open(out, f.rounds, quiet, resume, ("fed.strategy", f.strategy))
     log, ckpt = run.log, run.ckpt
     if resumed:
         first, arrays, attrs = resumed
-        if str(attrs.get("strategy", f.strategy)) != f.strategy:  # its server state means something else
-            raise MpitrainError(f"{ckpt.dir}: the checkpoint of round {first} is of a fed.strategy = "
-                                f"{attrs['strategy']} run; this run has {f.strategy}", agreed=True)
         rounds_to_target = int(attrs.get("rounds_to_target", 0)) or None  # reached before the checkpoint
         params[:] = arrays["params"]
         for name, v in state.items():
@@ -311,8 +308,7 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
         log.advance(1)
         if ckpt.due(rnd + 1, stop or timed) or rnd + 1 == rounds:
             ckpt.save(rnd + 1, {"params": params, **{f"server/{k}": v for k, v in state.items()},
-                                **(dp.state() if dp is not None else {})}, rounds_to_target=rounds_to_target or 0,
-                      strategy=f.strategy)
+                                **(dp.state() if dp is not None else {})}, rounds_to_target=rounds_to_target or 0)
         if stop and rnd + 1 < rounds:  # at the last round the run simply ends
             run.stop(f"round {rnd + 1}")
     if test_acc is None:  # resumed at the end: score the restored model
