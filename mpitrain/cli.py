@@ -49,7 +49,9 @@ def _parser():
     pr.add_argument("--seed", type=int, default=0, help="shuffle/split (and synthetic) seed")
     pr.add_argument("--samples", type=int, default=10000, help="synthetic: number of samples")
     pr.add_argument("--features", type=int, default=64, help="synthetic: number of features")
-    pr.add_argument("--classes", type=int, default=10, help="synthetic: number of classes")
+    pr.add_argument("--classes", type=int,
+                    help="number of classes (synthetic: default 10; other sources: default the largest "
+                         "label + 1, and labels beyond --classes are refused)")
     pr.add_argument("--label-column", help="csv: label column name or index (default: the last column)")
     pr.add_argument("--partition", choices=("iid", "dirichlet", "shards", "quantity"),
                     help="also store a federated partition of the training split over --clients clients")

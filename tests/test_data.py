@@ -123,3 +123,183 @@ def test_each_rank_reads_only_its_hyperslab(tmp_path):
     for rank, lo, hi, growth in rows:
         assert hi - lo == n // 4
         assert growth < 0.45 * total, f"rank {rank} grew by {growth / 1e6:.0f} MB of a {total / 1e6:.0f} MB set"
+
+
+def _write(path, text, encoding="utf-8"):
+    with open(path, "w", encoding=encoding, newline="") as f:  # newline="": keep \r\n as written
+        f.write(text)
+    return str(path)
+
+
+LABELLED = [[1, 0.5, -2.0], [0, 1.5, 3.0], [2, -1.0, 4.0]]  # label, a, b
+
+
+@pytest.mark.parametrize("text, label_column", [
+    ("\ufeff1,0.5,-2\n0,1.5,3\n2,-1,4\n", "0"),                      # BOM, no header: 3 data rows
+    ("\ufefflabel,a,b\n1,0.5,-2\n0,1.5,3\n2,-1,4\n", "label"),       # BOM before a header name
+    ('"label","a","b"\n"1","0.5","-2"\n"0","1.5","3"\n"2","-1","4"\n', "label"),  # R's write.csv
+    ('"", "label", "a", "b"\n"1", 1, 0.5, -2\n"2", 0, 1.5, 3\n"3", 2, -1, 4\n', "label"),  # + row names
+    ("label,a,b\r\n1,0.5,-2\r\n0,1.5,3\r\n2,-1,4\r\n", "label"),     # CRLF
+    (" label , a ,b\n 1 , 0.5 ,-2\n0,  1.5, \"3\" \n2, \"-1\",4\n", "label"),  # spaces around cells
+    ("label,a,b\n1,0.5,-2\n0,1.5,3\n2,-1,4\n\n  \n\r\n", "label"),   # blank trailing lines
+    ("\n1,0.5,-2\n0,1.5,3\n\n2,-1,4", "0"),                          # blank lines, no final newline
+])
+def test_csv_dialects(tmp_path, text, label_column):
+    from mpitrain.data.prepare import load_source
+
+    x, y, _, _ = load_source("csv:" + _write(tmp_path / "t.csv", text), label_column=label_column)
+    table = np.array(LABELLED)
+    if x.shape[1] == 3:  # the row-names column is a feature like any other
+        x = x[:, 1:]
+    assert np.array_equal(y, table[:, 0]) and np.array_equal(x, table[:, 1:])
+
+
+@pytest.mark.parametrize("text, label, message", [
+    ("label,a,b\n1,0.5,-2\n0,secret,3\n", "label", r"t.csv: line 3, column 2 \(a\) is not a number"),
+    ("1,0.5,-2\n0,1.5,secret\n", None, r"t.csv: line 2, column 3 is not a number"),
+    ('label,a,b\n1,0.5,-2\n0,"secret value",3\n', "label", r"t.csv: line 3, column 2 \(a\) is not a number"),
+    ("label,a,b\n1,,-2\n", "label", r"t.csv: line 2, column 2 \(a\) is empty; expected a number"),
+    ("label,a,b\n1,0.5,-2\n0,1.5\n", "label", r"t.csv: line 3 has 2 columns; expected 3"),
+    ("label,a,b\n1,0.5,-2\n0,1.5,3,4\n", "label", r"t.csv: line 3 has 4 columns; expected 3"),
+    ("label,a,b\n1,0.5\n0,1.5\n", "label", r"t.csv: line 2 has 2 columns; expected 3"),
+    ("label,a,b\n1,0.5,-2\n\n  \n0,1.5,3,\n", "label", r"t.csv: line 5 has 4 columns; expected 3"),
+    ("", None, r"t.csv: empty file"),
+    ("\n \n", None, r"t.csv: empty file"),
+    ("label,a,b\n", "label", r"t.csv: a header row but no data rows"),
+    ("label\n1\n0\n", "label", r"t.csv: 1 column; expected a label column and at least one feature column"),
+    ("3\n1\n0\n", None, r"t.csv: 1 column; expected a label column and at least one feature column"),
+    ("1,0.5\n0,1.5\n", "label",
+     r"t.csv: no column named 'label' \(no header row, so --label-column must be a column index, 0…1\)"),
+    ("label,a,label\n1,0.5,0\n", "label", r"t.csv: column name 'label' appears 2 times in the header"),
+    ("label,a,b\n1,0.5,-2\n", "3", r"t.csv: label column 3 is out of range for 3 columns"),
+    ("label,a\n1,2\n0," + "x" * 200_000 + "\n", "label", r"t.csv: line 3: field larger than field limit"),
+])
+def test_csv_errors_name_line_and_column(tmp_path, text, label, message):
+    """Bad cells are located by line (1-based, as an editor shows it) and column, never echoed."""
+    path = _write(tmp_path / "t.csv", text)
+    with pytest.raises(MpitrainError, match=message) as info:
+        prepare("csv:" + path, str(tmp_path / "t.h5"), label_column=label)
+    assert "secret" not in str(info.value) and "\n" not in str(info.value)
+    assert not os.path.exists(tmp_path / "t.h5")
+
+
+def test_csv_not_utf8(tmp_path):
+    path = _write(tmp_path / "t.csv", "label,a\n1,0.5\n0,\xe9\n", encoding="latin-1")
+    with pytest.raises(MpitrainError, match=r"t.csv: not UTF-8 text"):
+        prepare("csv:" + path, str(tmp_path / "t.h5"), label_column="label")
+
+
+def test_csv_common_exports_take_the_fast_path(tmp_path, monkeypatch):
+    """Excel (BOM, CRLF), R (quoted header and row names) and pandas (unnamed index) files are parsed by
+    np.loadtxt; the cell-by-cell reader (about 2× slower on 50k × 100) is left for odd files."""
+    from mpitrain.data import prepare as module
+
+    def slow(*args):
+        raise AssertionError("cell-by-cell reader used")
+
+    monkeypatch.setattr(module, "_csv_table", slow)
+    rng = np.random.default_rng(0)
+    table = np.column_stack([rng.integers(0, 10, 2000), rng.standard_normal((2000, 20))])
+    body = "\n".join(",".join(f"{v:.8g}" for v in row) for row in table)
+    header = ",".join(["label"] + [f"f{i}" for i in range(20)])
+    quoted = ",".join(f'"{name}"' for name in ['""', "label"] + [f"f{i}" for i in range(20)])
+    for text in ("\ufeff" + header + "\r\n" + body.replace("\n", "\r\n") + "\r\n",
+                 quoted + "\n" + "\n".join(f'"{i + 1}",{line}' for i, line in enumerate(body.split("\n"))),
+                 "," + header + "\n" + "\n".join(f"{i},{line}" for i, line in enumerate(body.split("\n")))):
+        x, y, _, _ = module.load_source("csv:" + _write(tmp_path / "t.csv", text), label_column="label")
+        assert np.array_equal(y, table[:, 0]) and np.allclose(x[:, -20:], table[:, 1:], rtol=1e-7)
+    assert x.shape == (2000, 21) and np.array_equal(x[:, 0], np.arange(2000))
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(x=np.zeros((5, 0)), y=np.zeros(5)), r"x: shape \(5, 0\) has no features"),
+    (dict(x=np.zeros((5, 3, 0)), y=np.zeros(5)), r"x: shape \(5, 3, 0\) has no features"),
+    (dict(x=np.zeros((0, 3)), y=np.zeros(0)), r"x: shape \(0, 3\) has no samples"),
+    (dict(x=np.zeros(5), y=np.zeros(5)), r"x: expected samples × features .*got shape \(5,\)"),
+    (dict(x=np.float64(1.0), y=np.zeros(1)), r"x: expected samples × features .*got shape \(\)"),
+    (dict(x=np.zeros((5, 2)), y=np.zeros(5), x_test=np.zeros((0, 2)), y_test=np.zeros(0)),
+     r"x_test: shape \(0, 2\) has no samples"),
+    (dict(x=np.zeros((5, 2)), y=np.zeros(5), x_test=np.zeros((3, 0)), y_test=np.zeros(3)),
+     r"x_test: shape \(3, 0\) has no features"),
+    (dict(x=np.zeros((5, 2)), y=np.zeros((5, 1))), r"y: expected 5 labels \(one per sample\), got shape \(5, 1\)"),
+    (dict(x=np.zeros((5, 2)), y=np.array(list("abcde"))), r"y: labels must be integers, got dtype <U1"),
+    (dict(x=np.zeros((5, 2), complex), y=np.zeros(5)), r"x: features must be real numbers, got dtype complex128"),
+    (dict(x=np.zeros((5, 2), "m8[s]"), y=np.zeros(5)), r"x: features must be real numbers, got dtype timedelta64"),
+    (dict(x=np.zeros((5, 2)), y=np.zeros(5, complex)), r"y: labels must be integers, got dtype complex128"),
+])
+def test_degenerate_npz_is_one_line(tmp_path, arrays, message):
+    np.savez(tmp_path / "a.npz", **arrays)
+    with pytest.raises(MpitrainError, match=message):
+        prepare("npz:" + str(tmp_path / "a.npz"), str(tmp_path / "a.h5"))
+    assert not os.path.exists(tmp_path / "a.h5")
+
+
+def test_degenerate_sources_from_the_command_line(tmp_path):
+    """Zero feature columns used to end in a ZeroDivisionError traceback (the chunk size)."""
+    path = _write(tmp_path / "labels.csv", "label\n1\n0\n2\n1\n0\n")
+    r = mpirun(1, "prepare", "--source", f"csv:{path}", "--out", tmp_path / "o.h5")
+    assert r.returncode == 2 and r.error_lines() == [
+        f"mpitrain: error: {path}: 1 column; expected a label column and at least one feature column"]
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(x_test=np.zeros((4, 3, 2)), y_test=np.zeros(4)),
+     r"x_test samples have shape \(3, 2\), x samples \(2, 3\); expected the same"),
+    (dict(x_test=np.zeros((4, 6)), y_test=np.zeros(4)), r"x_test samples have shape \(6,\), x samples \(2, 3\)"),
+    (dict(x_test=np.zeros((4, 2, 4)), y_test=np.zeros(4)), r"x_test samples have shape \(2, 4\), x samples \(2, 3\)"),
+    (dict(x_test=np.zeros((4, 2, 3)), y_test=np.zeros(5)), r"y_test: expected 4 labels \(one per sample\), got shape \(5,\)"),
+    (dict(x_test=np.zeros((4, 2, 3)), y_test=np.full(4, 0.5)), r"y_test: labels must be integers ≥ 0"),
+    (dict(x_test=np.zeros((4, 2, 3), complex), y_test=np.zeros(4)), r"x_test: features must be real numbers"),
+    (dict(x_test=np.full((4, 2, 3), np.inf), y_test=np.zeros(4)), r"x_test: features must be finite"),
+    (dict(x_test=np.zeros((4, 2, 3))), r"x_test and y_test must be given together"),
+    (dict(x_tset=np.zeros((4, 2, 3)), y_test=np.zeros(4)), r"unknown array\(s\) x_tset; expected x, y"),
+])
+def test_npz_test_split_must_match(tmp_path, arrays, message):
+    np.savez(tmp_path / "a.npz", x=np.zeros((6, 2, 3)), y=np.arange(6) % 2, **arrays)
+    with pytest.raises(MpitrainError, match=message):
+        prepare("npz:" + str(tmp_path / "a.npz"), str(tmp_path / "a.h5"))
+
+
+def test_requested_class_count_is_honoured(tmp_path):
+    def n_classes(path):
+        with h5py.File(path, "r") as f:
+            return int(f.attrs["n_classes"])
+
+    out = str(tmp_path / "o.h5")
+    line = prepare("synthetic", out, samples=200, features=4, classes=40)
+    assert n_classes(out) == 40 and "40 classes" in line
+    np.savez(tmp_path / "a.npz", x=np.zeros((6, 2)), y=np.arange(6) % 3)
+    npz = "npz:" + str(tmp_path / "a.npz")
+    prepare(npz, out)
+    assert n_classes(out) == 3  # no --classes: the largest label + 1
+    prepare(npz, out, classes=5)
+    assert n_classes(out) == 5
+    for classes, message in ((2, r"a.npz y: 2 label\(s\) ≥ --classes 2; expected 0…1"),
+                             (1, r"--classes 1: expected ≥ 2"), (0, r"--classes 0: expected ≥ 2")):
+        with pytest.raises(MpitrainError, match=message):
+            prepare(npz, out, classes=classes)
+    np.savez(tmp_path / "t.npz", x=np.zeros((6, 2)), y=np.arange(6) % 3, x_test=np.zeros((2, 2)), y_test=[0, 4])
+    with pytest.raises(MpitrainError, match=r"t.npz y_test: 1 label\(s\) ≥ --classes 3; expected 0…2"):
+        prepare("npz:" + str(tmp_path / "t.npz"), out, classes=3)
+    np.savez(tmp_path / "one.npz", x=np.zeros((6, 2)), y=np.zeros(6))
+    with pytest.raises(MpitrainError, match=r"one.npz: every label is 0, so the file would have 1 class; "
+                                            r"expected ≥ 2 \(or pass --classes\)"):
+        prepare("npz:" + str(tmp_path / "one.npz"), out)
+    _write(tmp_path / "one.csv", "label,a\n0,1\n0,2\n0,3\n")
+    with pytest.raises(MpitrainError, match=r"every label is 0"):
+        prepare("csv:" + str(tmp_path / "one.csv"), out, label_column="label")
+
+
+def test_classes_on_the_command_line(tmp_path):
+    """--classes defaults to None so that npz/csv count their labels; synthetic then gets 10."""
+    out = tmp_path / "o.h5"
+    r = mpirun(1, "prepare", "--source", "synthetic", "--samples", 300, "--features", 3, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert h5py.File(out, "r").attrs["n_classes"] == 10
+    path = _write(tmp_path / "t.csv", "label,a\n0,1\n1,2\n0,3\n1,4\n2,5\n")
+    r = mpirun(1, "prepare", "--source", f"csv:{path}", "--label-column", "label", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert h5py.File(out, "r").attrs["n_classes"] == 3
+    r = mpirun(1, "prepare", "--source", f"csv:{path}", "--label-column", "label", "--classes", 2, "--out", out)
+    assert r.returncode == 2 and r.error_lines() == [
+        f"mpitrain: error: csv:{path} y: 1 label(s) ≥ --classes 2; expected 0…1"]

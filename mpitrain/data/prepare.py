@@ -4,6 +4,7 @@ Layout: train/x, test/x (float32, samples × features, chunked along samples), t
 standardize/mean, standardize/std (training-split statistics, already applied), and attributes
 n_classes, feature_shape, source, checksum (sha256 of the four arrays), format.
 """
+import csv
 import hashlib
 import os
 
@@ -14,6 +15,7 @@ from ..errors import MpitrainError
 
 FORMAT = 1
 SOURCES = "digits | synthetic | npz:PATH | csv:PATH"
+SYNTHETIC_CLASSES = 10  # --classes when the synthetic source is not given one
 
 
 def _digits():
@@ -25,8 +27,8 @@ def _digits():
 
 def _synthetic(samples, features, classes, seed):
     """A learnable task: labels are the argmax of a random two-layer tanh teacher network."""
-    if samples < 2 or features < 1 or classes < 2:
-        raise MpitrainError("synthetic source: expected --samples ≥ 2, --features ≥ 1, --classes ≥ 2")
+    if samples < 2 or features < 1:
+        raise MpitrainError("synthetic source: expected --samples ≥ 2, --features ≥ 1")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5E7]))
     x = rng.standard_normal((samples, features), dtype=np.float32)
     hidden = rng.standard_normal((features, 64)).astype(np.float32) * (2.0 / np.sqrt(features))
@@ -41,45 +43,109 @@ def _npz(path):
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError) as exc:
         raise MpitrainError(f"{path}: cannot read as .npz ({exc})") from None
+    expected = "expected x, y (and optionally x_test, y_test)"
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
-        raise MpitrainError(f"{path}: missing array(s) {', '.join(missing)}; expected x, y (and optionally x_test, y_test)")
+        raise MpitrainError(f"{path}: missing array(s) {', '.join(missing)}; {expected}")
+    unknown = sorted(set(arrays) - {"x", "y", "x_test", "y_test"})
+    if unknown:  # a misspelt x_test would otherwise be ignored and the test split drawn from x
+        raise MpitrainError(f"{path}: unknown array(s) {', '.join(unknown)}; {expected}")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise MpitrainError(f"{path}: x_test and y_test must be given together")
     return arrays["x"], arrays["y"], arrays.get("x_test"), arrays.get("y_test")
 
 
-def _csv(path, label_column):
+def _is_number(cell):
     try:
-        with open(path, encoding="utf-8") as f:
-            first = f.readline().strip().split(",")
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _csv_rows(path):
+    """(line number, cells) of each row that is not blank, as the csv module reads the file."""
+    try:
+        # utf-8-sig: a byte-order mark is no part of the first cell; skipinitialspace: `1, "2"` is quoted
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, skipinitialspace=True)
+            for cells in reader:
+                if len(cells) > 1 or "".join(cells).strip():
+                    yield reader.line_num, cells
     except OSError as exc:
         raise MpitrainError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        [float(v) for v in first]
-        header = None
-    except ValueError:
-        header = [h.strip() for h in first]
+    except UnicodeDecodeError:
+        raise MpitrainError(f"{path}: not UTF-8 text; expected a CSV file saved as UTF-8") from None
+    except csv.Error as exc:  # e.g. a field over the csv module's size limit
+        raise MpitrainError(f"{path}: line {reader.line_num}: {exc}") from None
+
+
+def _label_index(path, label_column, header, width):
     if label_column is None:
-        col = len(first) - 1
-    elif header and label_column in header:
-        col = header.index(label_column)
-    else:
-        try:
-            col = int(label_column)
-        except ValueError:
-            raise MpitrainError(f"{path}: no column named {label_column!r} (columns: {', '.join(header or [])})") from None
-    if not -len(first) <= col < len(first):
-        raise MpitrainError(f"{path}: label column {label_column} is out of range for {len(first)} columns")
+        return width - 1
+    if header and label_column in header:
+        if header.count(label_column) > 1:
+            raise MpitrainError(f"{path}: column name {label_column!r} appears {header.count(label_column)} "
+                                f"times in the header")
+        return header.index(label_column)
     try:
-        table = np.loadtxt(path, delimiter=",", skiprows=1 if header else 0, dtype=np.float64, ndmin=2)
-    except ValueError as exc:
-        raise MpitrainError(f"{path}: not a numeric CSV table ({exc})") from None
-    col %= table.shape[1]
+        col = int(label_column)
+    except ValueError:
+        known = (f"columns: {', '.join(header)}" if header else
+                 f"no header row, so --label-column must be a column index, 0…{width - 1}")
+        raise MpitrainError(f"{path}: no column named {label_column!r} ({known})") from None
+    if not -width <= col < width:
+        raise MpitrainError(f"{path}: label column {label_column} is out of range for {width} columns")
+    return col % width
+
+
+def _csv_table(path, header, width):
+    """The table cell by cell: slower than np.loadtxt, but as lenient as the csv module, and it names the
+    line and column of a bad cell (never its value: data values stay out of error messages)."""
+    rows = _csv_rows(path)
+    if header:
+        next(rows)
+    table = []
+    for line, cells in rows:
+        if len(cells) != width:
+            raise MpitrainError(f"{path}: line {line} has {len(cells)} columns; expected {width}")
+        try:
+            table.append([float(c) for c in cells])
+        except ValueError:
+            j = next(j for j, c in enumerate(cells) if not _is_number(c))
+            name = f" ({header[j]})" if header else ""
+            what = "is empty" if not cells[j].strip() else "is not a number"
+            raise MpitrainError(f"{path}: line {line}, column {j + 1}{name} {what}; expected a number") from None
+    return np.array(table, dtype=np.float64)
+
+
+def _csv(path, label_column):
+    rows = _csv_rows(path)
+    first = next(rows, None)
+    if first is None:
+        raise MpitrainError(f"{path}: empty file; expected a CSV table (optional header row, then numbers)")
+    header_line, cells = first
+    names = [c.strip() for c in cells]
+    # a header has a cell that is text (an empty one, as R writes above row names, does not decide)
+    header = names if any(n and not _is_number(n) for n in names) else None
+    width = len(cells)
+    if width < 2:
+        raise MpitrainError(f"{path}: 1 column; expected a label column and at least one feature column")
+    col = _label_index(path, label_column, header, width)
+    if header and next(rows, None) is None:
+        raise MpitrainError(f"{path}: a header row but no data rows")
+    rows.close()
+    try:  # fast, and right for most files; what it refuses, _csv_table reads or explains
+        table = np.loadtxt(path, delimiter=",", quotechar='"', comments=None, encoding="utf-8-sig",
+                           skiprows=header_line if header else 0, dtype=np.float64, ndmin=2)
+    except ValueError:
+        table = None
+    if table is None or table.shape[1] != width:
+        table = _csv_table(path, header, width)
     return np.delete(table, col, axis=1), table[:, col], None, None
 
 
-def load_source(source, samples=10000, features=64, classes=10, seed=0, label_column=None):
+def load_source(source, samples=10000, features=64, classes=SYNTHETIC_CLASSES, seed=0, label_column=None):
     kind, _, path = source.partition(":")
     if source == "digits":
         return _digits()
@@ -94,28 +160,58 @@ def _labels(y, name, n):
     y = np.asarray(y)
     if y.shape != (n,):
         raise MpitrainError(f"{name}: expected {n} labels (one per sample), got shape {y.shape}")
-    if not np.all(np.isfinite(y.astype(np.float64))) or np.any(y != np.round(y)) or (n and y.min() < 0):
+    if y.dtype.kind not in "biuf":  # strings, complex numbers, times: no label ids
+        raise MpitrainError(f"{name}: labels must be integers, got dtype {y.dtype}")
+    if not np.all(np.isfinite(y)) or np.any(y != np.round(y)) or y.min() < 0:
         raise MpitrainError(f"{name}: labels must be integers ≥ 0")
     return y.astype(np.int64)
 
 
 def _features(x, name):
     x = np.asarray(x)
-    if x.ndim < 2 or len(x) == 0:
-        raise MpitrainError(f"{name}: expected samples × features, got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
-        raise MpitrainError(f"{name}: features must be finite numbers")
+    if x.ndim < 2:
+        raise MpitrainError(f"{name}: expected samples × features (2 or more dimensions), got shape {x.shape}")
+    if x.size == 0:
+        raise MpitrainError(f"{name}: shape {x.shape} has no {'samples' if len(x) == 0 else 'features'}")
+    if x.dtype.kind not in "biuf":  # complex numbers or times would be cast to float32 silently
+        raise MpitrainError(f"{name}: features must be real numbers, got dtype {x.dtype}")
+    if not np.all(np.isfinite(x)):
+        raise MpitrainError(f"{name}: features must be finite (found NaN or Inf)")
     return x.reshape(len(x), -1).astype(np.float32)
 
 
-def prepare(source, out, test_fraction=0.2, seed=0, **source_opts):
-    """Write the HDF5 file for `source` to `out` (atomically).  Returns a one-line description."""
+def _class_count(source, classes, labels):
+    """--classes if given (refusing labels beyond it), else the largest label + 1; never fewer than 2."""
+    if classes is None:
+        top = max(int(y.max()) for y in labels.values())
+        if top == 0:  # train refuses a 1-class file: say so now, where the labels are
+            raise MpitrainError(f"{source}: every label is 0, so the file would have 1 class; "
+                                f"expected ≥ 2 (or pass --classes)")
+        return top + 1
+    for name, y in labels.items():
+        beyond = int(np.count_nonzero(y >= classes))
+        if beyond:
+            raise MpitrainError(f"{source} {name}: {beyond} label(s) ≥ --classes {classes}; "
+                                f"expected 0…{classes - 1}")
+    return classes
+
+
+def prepare(source, out, test_fraction=0.2, seed=0, classes=None, **source_opts):
+    """Write the HDF5 file for `source` to `out` (atomically).  Returns a one-line description.
+
+    classes: the n_classes attribute; None = the largest label + 1 (synthetic: SYNTHETIC_CLASSES).
+    """
     import h5py
 
-    x, y, x_test, y_test = load_source(source, seed=seed, **source_opts)
-    feature_shape = np.asarray(x).shape[1:]
+    if classes is not None and classes < 2:
+        raise MpitrainError(f"--classes {classes}: expected ≥ 2")
+    if source == "synthetic" and classes is None:
+        classes = SYNTHETIC_CLASSES
+    x, y, x_test, y_test = load_source(source, seed=seed, classes=classes, **source_opts)
+    feature_shape = np.shape(x)[1:]
     x = _features(x, f"{source} x")
     y = _labels(y, f"{source} y", len(x))
+    labels = {"y": y}
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xDA7A]))
     order = rng.permutation(len(x))
     if x_test is None:
@@ -127,17 +223,19 @@ def prepare(source, out, test_fraction=0.2, seed=0, **source_opts):
         order, test_order = order[n_test:], order[:n_test]
         x_test, y_test = x[test_order], y[test_order]
     else:
+        test_shape = np.shape(x_test)[1:]
         x_test = _features(x_test, f"{source} x_test")
-        y_test = _labels(y_test, f"{source} y_test", len(x_test))
-        if x_test.shape[1] != x.shape[1]:
-            raise MpitrainError(f"{source}: x_test has {x_test.shape[1]} features, x has {x.shape[1]}")
+        if test_shape != feature_shape:  # equal sizes are not enough: (3, 2) flattened is not (2, 3) flattened
+            raise MpitrainError(f"{source}: x_test samples have shape {test_shape}, x samples {feature_shape}; "
+                                f"expected the same")
+        y_test = labels["y_test"] = _labels(y_test, f"{source} y_test", len(x_test))
+    n_classes = _class_count(source, classes, labels)
     x, y = x[order], y[order]
     mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
     std = x.std(axis=0, dtype=np.float64).astype(np.float32)
     std[std < 1e-6] = 1.0  # constant features (e.g. the corners of digits) stay at 0
     x = (x - mean) / std
     x_test = (x_test - mean) / std
-    n_classes = int(max(y.max(), y_test.max())) + 1
 
     digest = hashlib.sha256()
     for a in (x, y, x_test, y_test):
