@@ -43,14 +43,16 @@ class Optimizer:
 
 
 def schedule(kind, lr, total_steps, warmup_steps=0, step_size=1000, gamma=0.1, lr_min=0.0):
-    """Return step -> learning rate: linear warmup from 0 over warmup_steps, then constant, a step decay
-    (× gamma every step_size steps) or a cosine decay to lr_min at total_steps."""
+    """Return step -> learning rate.  Linear warmup as Hugging Face's get_linear_schedule_with_warmup: step
+    i < warmup_steps takes lr·i/warmup_steps (step 0 takes 0), step warmup_steps the peak lr; from there
+    constant, a step decay (× gamma every step_size steps) or a cosine decay reaching lr_min at step
+    total_steps, just past the last update."""
     if kind not in SCHEDULES:
         raise MpitrainError(f"train.schedule = {kind!r}: expected one of {', '.join(SCHEDULES)}")
 
     def lr_at(step):
         if step < warmup_steps:
-            return lr * (step + 1) / warmup_steps
+            return lr * step / warmup_steps
         s = step - warmup_steps
         if kind == "step":
             return lr * gamma ** (s // step_size)

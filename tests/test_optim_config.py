@@ -29,14 +29,26 @@ def test_constant():
 
 @pytest.mark.parametrize("kind", SCHEDULES)
 def test_warmup_ramps_linearly(kind):
+    """As Hugging Face's get_linear_schedule_with_warmup: step i < W takes lr·i/W, step W the peak."""
     lr, w = 0.4, 8
     lr_at = schedule(kind, lr, total_steps=100, warmup_steps=w, step_size=10, gamma=0.5)
     ramp = np.array([lr_at(s) for s in range(w)])
-    np.testing.assert_allclose(ramp, lr * np.arange(1, w + 1) / w, rtol=1e-12)
-    assert 0 < ramp[0] < lr
+    np.testing.assert_allclose(ramp, lr * np.arange(w) / w, rtol=1e-12)
+    assert ramp[0] == 0.0  # from 0
     np.testing.assert_allclose(np.diff(ramp), lr / w, rtol=1e-12)  # linear
-    assert ramp[-1] == pytest.approx(lr)  # reaches the base rate at the end of the warmup
+    assert ramp[-1] < lr  # the peak is not reached inside the warmup
     assert lr_at(w) == pytest.approx(lr)  # and the schedule proper starts from the base rate
+
+
+@pytest.mark.parametrize("lr_min", [0.0, 0.01])
+def test_warmup_then_cosine_exact_sequence(lr_min):
+    lr, w, total = 0.8, 4, 8
+    lr_at = schedule("cosine", lr, total_steps=total, warmup_steps=w, lr_min=lr_min)
+    c = [lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * s / 4)) for s in range(5)]  # 4 steps left
+    expected = [0.0, 0.2, 0.4, 0.6, *c]  # steps 0…8: the peak once (step 4), lr_min at step 8 = total
+    got = [lr_at(s) for s in range(total + 1)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+    assert np.isclose(got, lr, rtol=1e-12, atol=0).sum() == 1
 
 
 def test_step_decay():
