@@ -138,20 +138,33 @@ def resolve_resume(resume, directory):
     return None, None, None, skipped
 
 
+class Saved(dict):
+    """A checkpoint's arrays: a name it lacks is one clear error (a checkpoint of another kind of run,
+    or of an older mpitrain), not a KeyError traceback."""
+
+    def __init__(self, path, arrays):
+        super().__init__(arrays)
+        self.path = path
+
+    def __missing__(self, name):
+        raise MpitrainError(f"{self.path}: the checkpoint holds no {name}: it was written by another kind of run",
+                            agreed=True)
+
+
 class Checkpointer:
     """When and where a run checkpoints, and resuming from one.  Rank 0 writes; every rank waits at a
     barrier before training continues (no rank runs ahead into a collective while the file is written)."""
 
-    def __init__(self, comm, cfg, out, spec, config_text, data_checksum, setting):
-        """setting: (name, value) of the setting that gives the saved state its meaning (train.optimizer,
-        fed.strategy); a checkpoint of another value is refused on resume."""
+    def __init__(self, comm, cfg, out, spec, config_text, data_checksum, meaning):
+        """meaning: {setting: value} of every setting that gives the saved state, or the privacy
+        accounting of the run so far, its meaning: the run kind, train.optimizer / fed.strategy, the
+        partition, the DP settings the accountants depend on.  Each is written as an attribute and a
+        checkpoint that differs in any of them, or lacks one, is refused on resume."""
         c = cfg.checkpoint
         self.comm, self.every, self.every_seconds, self.keep = comm, c.every, c.every_seconds, c.keep
         self.dir = c.dir or os.path.join(out, "checkpoints")
-        self.setting, value = setting
-        self.setting_key = self.setting.rsplit(".", 1)[-1]  # the file attribute: "optimizer" / "strategy"
-        self.attrs = {**spec.attrs(), "config": config_text, "data_checksum": data_checksum,
-                      self.setting_key: value}
+        self.meaning = {k: str(v) for k, v in meaning.items()}
+        self.attrs = {**spec.attrs(), "config": config_text, "data_checksum": data_checksum, **self.meaning}
         self.last = time.monotonic()
 
     def time_due(self):
@@ -175,7 +188,7 @@ class Checkpointer:
         self.last = time.monotonic()
 
     def resume(self, resume, say):
-        """(index, arrays, attrs) of the checkpoint to continue from, or None; checked against this run."""
+        """(path, index, arrays, attrs) of the checkpoint to continue from, or None; checked against this run."""
         path, arrays, attrs, skipped = self.comm.agree(resolve_resume, resume, self.dir)
         for message in skipped:
             say(f"skipping {message}")
@@ -185,10 +198,11 @@ class Checkpointer:
             if key not in attrs or not np.array_equal(attrs[key], self.attrs[key]):
                 raise MpitrainError(f"{path}: checkpoint of another model or dataset ({key} = "
                                     f"{attrs.get(key)!r}, this run has {self.attrs[key]!r})", agreed=True)
-        mine = self.attrs[self.setting_key]
-        theirs = str(attrs.get(self.setting_key, mine))  # checkpoints written before this attribute carry none
-        if theirs != mine:  # its state vectors mean something else
-            raise MpitrainError(f"{path}: the checkpoint of step/round {attrs['index']} is of a {self.setting} = "
-                                f"{theirs} run; this run has {mine}", agreed=True)
+        for key, mine in self.meaning.items():
+            theirs = str(attrs[key]) if key in attrs else "(not recorded)"
+            if theirs != mine:
+                raise MpitrainError(f"{path}: the checkpoint of step/round {attrs['index']} is of a {key} = "
+                                    f"{theirs} run; this run has {mine} (a resume keeps {key}: it gives the "
+                                    "saved state or the privacy accounting its meaning)", agreed=True)
         say(f"resuming from {path}")
-        return int(attrs["index"]), arrays, attrs
+        return path, int(attrs["index"]), Saved(path, arrays), attrs

@@ -68,8 +68,11 @@ class SecAggConfig:
 
 @dataclass
 class DPConfig:
-    """[fed.dp]: client-level differential privacy (DP-FedAvg, McMahan et al. 2018); on when noise_multiplier > 0."""
+    """[fed.dp]: client-level differential privacy (DP-FedAvg, McMahan et al. 2018); on when noise_multiplier > 0
+    (or clip_only).  Its other keys are refused while it is off: a clip that silently does nothing would
+    look like a protection."""
     noise_multiplier: float = 0.0  # z: noise std z·S on the sum of clipped updates; 0 = off
+    clip_only: bool = False     # true: clipping, uniform weights and DP sampling without noise (ε = ∞; ablations)
     clip: float = 1.0           # S: L2 clip norm of each client update (initial value when adaptive)
     delta: float = 1e-5         # δ of the reported (ε, δ)
     target_epsilon: float = 0.0  # > 0: stop before a round would spend more than this ε
@@ -83,7 +86,8 @@ class DPConfig:
 
 @dataclass
 class DPSGDConfig:
-    """[fed.dpsgd]: record-level DP-SGD inside every client (per-example clipping + Gaussian noise)."""
+    """[fed.dpsgd]: record-level DP-SGD inside every client (per-example clipping + Gaussian noise); on when
+    noise_multiplier > 0, its other keys refused while it is off."""
     noise_multiplier: float = 0.0  # σ: noise std σ·C on each step's sum of clipped per-example gradients; 0 = off
     clip: float = 1.0           # C: per-example gradient L2 clip norm
     delta: float = 1e-5         # δ of the reported record-level (ε, δ)
@@ -177,7 +181,11 @@ class Config:
         for key in ("server_momentum", "beta1", "beta2"):
             _check(0 <= getattr(f, key) < 1, f"fed.{key}", getattr(f, key), "in [0, 1)")
         _check(f.weighting in ("samples", "uniform"), "fed.weighting", f.weighting, "samples or uniform")
-        _validate_privacy(f)
+        _validate_privacy(f, getattr(self, "given", set()))
+        if f.strategy == "fednova" and t.optimizer == "adam":
+            raise MpitrainError("fed.strategy = 'fednova' with train.optimizer = 'adam': FedNova divides each "
+                                "update by the sum of its steps' gradient coefficients, which Adam's per-"
+                                "coordinate steps do not have; use sgd, momentum or nesterov")
         m = self.comm
         _check(m.mode in MODES, "comm.mode", m.mode, "one of " + ", ".join(MODES))
         _check(m.bucket_mb > 0, "comm.bucket_mb", m.bucket_mb, "> 0")
@@ -196,7 +204,7 @@ AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multikrum", "norm_boun
 ATTACKS = ("none", "sign_flip", "scale", "label_flip")
 
 
-def _validate_privacy(f):
+def _validate_privacy(f, given):
     """[fed] privacy/robustness keys and the combinations that cannot work (data-dependent checks, such as
     the cohort size against the secure-aggregation threshold, run at federate start)."""
     _check(0 <= f.dropout_rate < 1, "fed.dropout_rate", f.dropout_rate, "in [0, 1)")
@@ -206,7 +214,9 @@ def _validate_privacy(f):
     _check(f.attack_scale > 0, "fed.attack_scale", f.attack_scale, "> 0")
     s, d, g, r = f.secagg, f.dp, f.dpsgd, f.robust
     _check(s.threshold >= 0, "fed.secagg.threshold", s.threshold, "≥ 0 (0 = majority of a neighbourhood)")
-    _check(s.neighbors >= 0, "fed.secagg.neighbors", s.neighbors, "≥ 0 (0 = automatic)")
+    _check(s.neighbors >= 0 and s.neighbors % 2 == 0, "fed.secagg.neighbors", s.neighbors,
+           "an even number ≥ 0 (0 = automatic; the mask graph is a Harary graph of even degree; "
+           "≥ the cohort − 1 = complete)")
     _check(s.clip_range > 0, "fed.secagg.clip_range", s.clip_range, "> 0")
     _check(d.noise_multiplier >= 0, "fed.dp.noise_multiplier", d.noise_multiplier, "≥ 0 (0 = off)")
     _check(d.clip > 0, "fed.dp.clip", d.clip, "> 0")
@@ -223,7 +233,23 @@ def _validate_privacy(f):
     _check(0 <= r.fraction < 0.5, "fed.robust.fraction", r.fraction, "in [0, 0.5)")
     _check(r.norm_bound >= 0, "fed.robust.norm_bound", r.norm_bound, "≥ 0 (0 = the round's median norm)")
     _check(r.mixing in ("none", "nnm"), "fed.robust.mixing", r.mixing, "none or nnm")
-    dp = d.noise_multiplier > 0
+    dp = d.noise_multiplier > 0 or d.clip_only
+    if d.clip_only and (d.noise_multiplier > 0 or d.target_epsilon > 0):
+        raise MpitrainError(f"fed.dp.clip_only = true clips without noise (ε = ∞): it cannot be combined with "
+                            f"fed.dp.noise_multiplier = {d.noise_multiplier:g} or fed.dp.target_epsilon = "
+                            f"{d.target_epsilon:g}")
+    # given and not the default: a saved config.toml, which lists every key, loads again
+    changed = {k for k in given if _lookup(k, f) != _lookup(k, FedConfig())}
+    for section, on, why in (("fed.dp", dp, "client-level differential privacy is off (set fed.dp.noise_multiplier "
+                                             "> 0, or fed.dp.clip_only = true to clip without noise)"),
+                             ("fed.dpsgd", g.noise_multiplier > 0, "record-level DP-SGD is off (set "
+                                                                   "fed.dpsgd.noise_multiplier > 0)")):
+        used = {section + ".noise_multiplier"}
+        if g.noise_multiplier > 0:
+            used.add("fed.dp.noise_seed")  # DP-SGD draws its noise from it too
+        unused = sorted(k for k in changed if k.startswith(section + ".") and k not in used)
+        if unused and not on:
+            raise MpitrainError(f"{unused[0]} has no effect: {why}")
     if r.mixing != "none" and f.aggregator == "mean":
         raise MpitrainError(f"fed.robust.mixing = {r.mixing!r} mixes the updates before a robust rule; choose "
                             "one with fed.aggregator (median, trimmed_mean, krum, multikrum, norm_bound)")
@@ -239,6 +265,16 @@ def _validate_privacy(f):
         raise MpitrainError("fed.strategy = 'fednova' with fed.dp.noise_multiplier > 0: FedNova normalises by "
                             "each client's local step count, which depends on its data size and is not "
                             "privatised; use fedavg, fedprox, fedavgm or a FedOpt strategy")
+
+
+def _lookup(key, fed):
+    """The value of a fed.… key in a FedConfig (None for keys of other sections)."""
+    section, *path = key.split(".")
+    if section != "fed":
+        return None
+    for part in path:
+        fed = getattr(fed, part)
+    return fed
 
 
 def _check(ok, key, value, expected):
@@ -286,6 +322,7 @@ def _set(cfg, section, key, value, where, text=None):
     if text is not None:
         value = _parse_value(text, typ)
     setattr(sub, key, _coerce(f"{path}.{key}", value, typ))
+    cfg.given.add(f"{path}.{key}")
 
 
 def _set_table(cfg, path, table, where):
@@ -311,6 +348,7 @@ def _parse_value(text, typ):
 
 def load(path=None, overrides=()):
     cfg = Config()
+    cfg.given = set()  # the keys the file and --set gave: validation refuses those that would do nothing
     if path:
         try:
             with open(path, "rb") as f:

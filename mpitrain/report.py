@@ -1,20 +1,74 @@
 """What rank 0 tells the user and writes into the run directory; a no-op on every other rank."""
+import fcntl
+import itertools
 import json
 import os
 import sys
 import time
 
 from .checkpoint import atomic_write
+from .errors import MpitrainError
 
 
 def make_run_dir(comm, out):
-    """The run directory (default runs/<timestamp>, named by rank 0 and shared with the others)."""
+    """(run directory, lock): rank 0 alone creates and locks it (see _lock) and names it to the others,
+    whose lock is None.  The default is runs/<timestamp>, or runs/<timestamp>-2, -3, … when other runs
+    took that name in the same second."""
+    path, lock = comm.agree(_claim, comm.rank, out)
     if out is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S").encode() if comm.rank == 0 else b""
-        out = os.path.join("runs", comm.bcast_bytes(stamp).decode())
-    if comm.rank == 0:
-        os.makedirs(out, exist_ok=True)
-    return out
+        path = comm.bcast_bytes(path.encode() if comm.rank == 0 else b"").decode()
+    return path, lock
+
+
+def _claim(rank, out):
+    if rank != 0:
+        return out, None
+    try:
+        if out is None:
+            path = _new_default()
+        else:
+            path = out
+            os.makedirs(path, exist_ok=True)
+        return path, _lock(path)
+    except OSError as exc:
+        raise MpitrainError(f"{out or 'runs'}: cannot create or lock the run folder ({exc.strerror}); "
+                            "choose another --out") from None
+
+
+def _new_default():
+    os.makedirs("runs", exist_ok=True)
+    path, _ = first_free(os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")), os.mkdir)
+    return path
+
+
+def first_free(base, create):
+    """(name, create(name)) for the first of base, base-2, base-3, … that no other run took: create must
+    raise FileExistsError atomically (os.mkdir, open(…, "x")), so runs started in the same second get
+    names of their own."""
+    for n in itertools.count(1):
+        path = base if n == 1 else f"{base}-{n}"
+        try:
+            return path, create(path)
+        except FileExistsError:
+            continue
+
+
+def _lock(out):
+    """An exclusive flock on out/.lock, which holds the pid, for the run's lifetime: no second live run
+    writes into this folder, and the lock dies with its process, so a killed run leaves none behind."""
+    f = open(os.path.join(out, ".lock"), "a+", encoding="utf-8")  # a+: the holder's pid stays readable
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"  # "?": the holder has not written it yet
+        f.close()
+        raise MpitrainError(f"{out}: another run (pid {pid}) is using this run folder; "
+                            "choose another --out") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def write_json(path, obj):
@@ -28,12 +82,13 @@ def write_json(path, obj):
 
 class RunLog:
     """metrics.jsonl (one JSON object per line) plus progress: a tqdm bar on a terminal, plain lines
-    otherwise (one per test evaluation)."""
+    otherwise (one per test evaluation).  Holds the run directory's lock (make_run_dir) until finish."""
 
-    def __init__(self, comm, out_dir, total_steps, quiet=False):
+    def __init__(self, comm, out_dir, lock, total_steps, quiet=False):
         self.active = comm.rank == 0
         self.quiet = quiet
         self.out_dir = out_dir
+        self.lock = lock
         self.bar = None
         if not self.active:
             return
@@ -64,10 +119,12 @@ class RunLog:
             print(text, flush=True)
 
     def finish(self, summary):
-        """Close the outputs; write summary.json unless summary is None (a run stopped early)."""
+        """Close the outputs; write summary.json unless summary is None (a run stopped early); then release
+        the folder, last, so that a run resuming in it (also in this process) finds it complete."""
         if self.active:
             if self.bar is not None:
                 self.bar.close()
             self.metrics.close()
             if summary is not None:
                 write_json(os.path.join(self.out_dir, "summary.json"), summary)
+            self.lock.close()

@@ -46,23 +46,33 @@ class Session:
         self.kernels = comm.agree(compiled, comm, cfg.train.device)
         self.model = Model(self.spec, cfg.train.device)
 
-    def open(self, out, total, quiet, resume, setting):
+    def open(self, out, total, quiet, resume, meaning):
         """Create the run directory and its log; returns (index, arrays, attrs) of the checkpoint to
-        resume from, or None.  setting: see Checkpointer."""
-        self.out = make_run_dir(self.comm, out)
+        resume from, or None.  meaning: see Checkpointer."""
+        self.out, lock = make_run_dir(self.comm, out)
         if self.comm.rank == 0:
             with open(os.path.join(self.out, "config.toml"), "w", encoding="utf-8") as f:
                 f.write(self.config_text)
-        self.log = RunLog(self.comm, self.out, total, quiet)
+        self.log = RunLog(self.comm, self.out, lock, total, quiet)
         self.ckpt = Checkpointer(self.comm, self.cfg, self.out, self.spec, self.config_text, self.data.checksum,
-                                 setting)
+                                 meaning)
         resumed = self.ckpt.resume(resume, self.log.say)
-        if resumed and resumed[0] > total:
-            raise MpitrainError(f"{self.ckpt.dir}: the checkpoint of step/round {resumed[0]} lies past this run's "
-                                f"last ({total}): it is another run's (use another --out or checkpoint.dir)",
-                                agreed=True)
-        self.log.advance(resumed[0] if resumed else 0)
-        return resumed
+        if resumed is None:
+            self.log.advance(0)
+            return None
+        path, index, arrays, attrs = resumed
+        if index > total:
+            advice = ("it is another run's (use another --out or checkpoint.dir)" if resume == "auto" else
+                      "raise train.steps / fed.rounds to continue it")
+            raise MpitrainError(f"{path}: the checkpoint of step/round {index} lies past this run's last "
+                                f"({total}): {advice}", agreed=True)
+        self.log.advance(index)
+        return index, arrays, attrs
+
+    def diverged(self, where, what):
+        """The one line of a run whose loss or update stopped being finite (train and federate alike)."""
+        return MpitrainError(f"{where}: {what} is not finite; stopping before it reaches a checkpoint (the "
+                             f"last good one stays in {self.ckpt.dir})", agreed=True)
 
     def stop(self, index):
         """After the checkpoint of a requested stop: close the log and raise Preempted (exit 75) on every rank."""

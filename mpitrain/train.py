@@ -10,7 +10,6 @@ import numpy as np
 from . import __version__
 from . import preempt
 from .data.shard import TrainShard
-from .errors import MpitrainError
 from .evaluate import evaluate
 from .kernels import HOST
 from .optim import Optimizer, schedule
@@ -69,7 +68,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
     part = sync.part  # the parameters this rank updates: all of them, or its shard (comm.mode = sharded)
     opt = comm.agree(Optimizer, run.kernels, t.optimizer, part.stop - part.start, t.momentum, t.beta1,
                      t.beta2, t.eps, t.weight_decay)
-    resumed = run.open(out, total, quiet, resume, ("train.optimizer", t.optimizer))
+    resumed = run.open(out, total, quiet, resume, {"run": "train", "train.optimizer": t.optimizer})
     log, ckpt = run.log, run.ckpt
     if resumed:
         first, arrays, attrs = resumed
@@ -104,8 +103,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         loss, correct = step_fn(params, *shard.batch_at(order[s]), lr_now, scale)
         train_seconds += time.perf_counter() - tic
         if not np.isfinite(loss):
-            raise MpitrainError(f"step {step + 1}: the loss is not finite ({loss}); stopping before it reaches "
-                                f"a checkpoint (the last good one stays in {ckpt.dir})", agreed=True)
+            raise run.diverged(f"step {step + 1}", "the loss")
         stop, timed = step_fn.flags > 0
         last = {"train_loss": loss * scale, "train_accuracy": correct * scale}
         if (step + 1) % max(t.log_every, 1) == 0 or step + 1 == total:

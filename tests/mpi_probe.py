@@ -86,7 +86,7 @@ def nonfinite_checkpoint(out):
 
     comm = Comm()
     install_abort_hook(comm)
-    ckpt = Checkpointer(comm, Config(), out, ModelSpec("softmax", 4, 3), "", "", ("train.optimizer", "sgd"))
+    ckpt = Checkpointer(comm, Config(), out, ModelSpec("softmax", 4, 3), "", "", {"run": "train", "train.optimizer": "sgd"})
     state = np.float32([np.inf, 1.0]) if comm.rank == 0 else np.float32([1.0])
     try:
         ckpt.save(1, {"params": np.ones(15, np.float32), "opt/v": state})

@@ -1,6 +1,7 @@
 """Checkpoints, resume, and faults: bit-exact continuation, corrupted files, signals, killed ranks."""
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,7 +168,7 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, synth):
             data=synth, timeout=120)
     assert r.returncode == 2
     (line,) = r.error_lines()
-    assert line.startswith("mpitrain: error: step ") and "the loss is not finite" in line
+    assert line.startswith("mpitrain: error: step ") and "the loss is not finite; stopping before" in line
 
 
 def test_ranks_with_different_configs_are_refused(tmp_path, synth):
@@ -213,3 +214,51 @@ def test_stop_requested_in_the_last_step_ends_the_run(tmp_path, synth):
     r = mpirun(2, probe, "stop-at-end", synth, out, module=False, timeout=120)
     assert r.returncode == 0, r.stderr
     assert summary(out)["steps"] == 1 and os.path.exists(os.path.join(out, "model.h5"))
+
+
+@pytest.fixture(scope="module")
+def fed_data(tmp_path_factory):
+    """digits partitioned IID over 8 clients."""
+    data = str(tmp_path_factory.mktemp("fed") / "d8.h5")
+    ok(mpirun(1, "prepare", "--source", "digits", "--out", data, "--partition", "iid", "--clients", 8))
+    return data
+
+
+FED = ["model.kind=softmax", "fed.rounds=2", "fed.local_epochs=1", "fed.fraction=0.5", "checkpoint.every=1"]
+
+
+def refused(r, needle):
+    assert r.returncode == 2, r.stderr
+    (line,) = r.error_lines()
+    assert line.startswith("mpitrain: error: ") and needle in line, line
+    return line
+
+
+def test_resume_refuses_every_checkpoint_of_another_meaning(tmp_path, fed_data, synth):
+    """The run kind, the server strategy, the partition and every input of the privacy accountant are
+    compared on resume; a checkpoint that differs in one, or lacks it, is one line and exit 2 (before:
+    a wrong ε, rounds that never ran, or KeyError tracebacks)."""
+    dp, plain, trained = str(tmp_path / "dp"), str(tmp_path / "plain"), str(tmp_path / "train")
+    ok(run(2, "federate", dp, *FED, "fed.dp.noise_multiplier=0.3", data=fed_data))
+    longer = [*FED, "fed.rounds=4"]
+    refused(run(2, "federate", dp, *longer, "fed.dp.noise_multiplier=5", resume="auto", data=fed_data),
+            "is of a fed.dp.noise_multiplier = 0.3 run; this run has 5.0")
+    refused(run(2, "federate", dp, *longer, "fed.dp.noise_multiplier=0.3", "fed.fraction=0.75", resume="auto",
+                data=fed_data), "is of a fed.fraction = 0.5 run; this run has 0.75")
+    refused(run(2, "train", dp, "model.kind=softmax", resume="auto", data=fed_data),
+            "is of a run = federate run; this run has train")
+    ok(run(2, "federate", plain, *FED, data=fed_data))
+    refused(run(2, "federate", plain, *longer, "fed.dp.noise_multiplier=1", resume="auto", data=fed_data),
+            "is of a fed.dp.noise_multiplier = 0.0 run; this run has 1.0")
+    ok(run(1, "train", trained, "model.kind=softmax", "train.steps=4", "checkpoint.every=2", data=fed_data))
+    refused(run(2, "federate", trained, *longer, "fed.strategy=fedadam", resume="auto", data=fed_data),
+            "is of a run = train run; this run has federate")
+    other = str(tmp_path / "repartitioned.h5")
+    shutil.copy(fed_data, other)
+    ok(mpirun(1, "prepare", "--out", other, "--partition", "iid", "--clients", 8, "--seed", 1))
+    refused(run(2, "federate", str(tmp_path / "o"), *longer, resume=checkpoints(plain)[-1], data=other),
+            "is of a partition = ")
+    last = checkpoints(plain)[-1]  # an explicit path past the run's end: the file is named, not the folder
+    line = refused(run(2, "federate", str(tmp_path / "p"), *FED, "fed.rounds=1", resume=last, data=fed_data),
+                   "lies past this run's last (1): raise train.steps / fed.rounds to continue it")
+    assert line.startswith(f"mpitrain: error: {last}: ")

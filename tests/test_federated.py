@@ -67,8 +67,8 @@ def test_same_seed_same_model_and_rank_count_invariance(tmp_path, digits):
 
 
 def test_only_model_sized_vectors_and_scalars_cross_ranks(tmp_path, digits):
-    """Every message any rank sends (traced by the comm layer) is the model (plus 2 flags on the way out,
-    6 sums on the way back) or a handful of scalars: never samples or labels."""
+    """Every message any rank sends (traced by the comm layer) is the model (plus 3 flags on the way out,
+    7 sums on the way back) or a handful of scalars: never samples or labels."""
     trace = str(tmp_path / "trace")
     s = federate(4, digits["dirichlet"], str(tmp_path / "o"), *FEDAVG, "fed.rounds=3",
                  env={"MPITRAIN_COMM_TRACE": trace})
@@ -81,8 +81,8 @@ def test_only_model_sized_vectors_and_scalars_cross_ranks(tmp_path, digits):
             op, dtype, shape, nbytes = line.split()
             seen.add((op, dtype, shape))
             count = int(np.prod([int(d) for d in shape.split("x")]))
-            assert (dtype == "float32" and count in (n, n + 2, n + 6)) or (dtype in ("float64", "int64") and count <= 4), line
-    assert ("Reduce", "float32", str(n + 6)) in seen and ("Bcast", "float32", str(n + 2)) in seen
+            assert (dtype == "float32" and count in (n, n + 3, n + 7)) or (dtype in ("float64", "int64") and count <= 4), line
+    assert ("Reduce", "float32", str(n + 7)) in seen and ("Bcast", "float32", str(n + 3)) in seen
 
 
 def test_thousand_virtual_clients_on_eight_client_ranks(tmp_path):
@@ -168,3 +168,35 @@ def test_round_is_the_sample_weighted_mean_of_client_models(tmp_path):
     got = params(str(tmp_path / "o"))
     assert np.max(np.abs(got - expected)) <= 1e-6 * np.abs(expected).max()
     assert np.max(np.abs(got - np.mean(models, axis=0))) > 1e-3  # the weighting matters here
+
+
+@pytest.mark.parametrize("layer", [[], ["fed.secure_aggregation=true"], ["fed.aggregator=median"],
+                                   ["fed.dp.noise_multiplier=1"]], ids=["plain", "secure", "median", "dp"])
+def test_a_diverging_run_stops_at_its_first_non_finite_round_on_every_aggregation_path(tmp_path, digits, layer):
+    """Before: the plain path ran every round on NaN and then failed to checkpoint; secure aggregation
+    encoded NaN as 0 and 'succeeded'.  Now every path stops with train's one line, writing nothing more."""
+    out = str(tmp_path / "nan")
+    args = ["federate", "--quiet", "--data", digits["iid"], "--out", out]
+    for s in ["train.optimizer=sgd", "train.lr=1e30", "fed.local_epochs=1", "fed.fraction=0.25", "fed.rounds=4",
+              "checkpoint.every=1", *layer]:
+        args += ["--set", s]
+    r = mpirun(3, *args, timeout=120)
+    assert r.returncode == 2, r.stderr
+    (line,) = [x for x in r.stderr.splitlines() if x.strip()]
+    assert line.startswith("mpitrain: error: round ") and "the loss or a client update is not finite; " \
+        "stopping before it reaches a checkpoint" in line, line
+    failed = int(line.split("round ")[1].split(":")[0])
+    saved = [int(os.path.basename(p)[5:14]) for p in glob.glob(os.path.join(out, "checkpoints", "ckpt-*.h5"))]
+    assert all(i < failed for i in saved)
+    assert not os.path.exists(os.path.join(out, "summary.json")) and not os.path.exists(os.path.join(out, "model.h5"))
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        assert "NaN" not in f.read()
+
+
+def test_federated_evaluation_without_local_test_splits_is_null(tmp_path):
+    data = str(tmp_path / "d.h5")
+    r = mpirun(1, "prepare", "--source", "digits", "--out", data, "--partition", "iid", "--clients", 4,
+               "--client-test-fraction", 0)
+    assert r.returncode == 0, r.stderr
+    s = federate(2, data, str(tmp_path / "o"), "model.kind=softmax", "fed.rounds=1", "fed.local_epochs=1")
+    assert s["federated_accuracy"] is None and s["worst_client_accuracy"] is None and s["test_accuracy"] > 0.5

@@ -17,10 +17,11 @@ from mpitrain.data.partition import SCHEMES, split_clients, write_partition
 from mpitrain.data.prepare import prepare
 from mpitrain.data.shard import DataFile
 from mpitrain.errors import MpitrainError
-from mpitrain.federated.aggregation import N_STATS
+from mpitrain.federated.aggregation import N_STATS, MeanAggregator
+from mpitrain.federated.robust import GatherAggregator
 from mpitrain.federated.run import Client, Partition, sample_clients
 from mpitrain.federated.strategies import (DEFAULT_SERVER_LR, STRATEGIES, check, init_state,
-                                           server_update)
+                                           server_update, step_norm)
 from mpitrain.kernels import cpu
 from mpitrain.model import Model, ModelSpec
 from mpitrain.optim import Optimizer
@@ -664,3 +665,90 @@ def test_client_training_is_deterministic_and_fresh_each_time(client_data, optim
 
 
 # --------------------------------------------------------------------------------------------------
+# 8. FedNova with a local optimizer: a_k = ‖a_k‖₁ (Wang et al. 2020)
+# --------------------------------------------------------------------------------------------------
+
+def _coefficients(optimizer, rho, tau, lr=0.1, g=0.5):
+    """The coefficient of each local step's gradient in the total displacement, from the real kernel: only
+    step j sees the gradient g, the displacement over all τ steps divided by −lr·g."""
+    out = []
+    for j in range(tau):
+        opt, p = Optimizer(cpu, optimizer, 1, momentum=rho), np.zeros(1, f32)
+        for s in range(tau):
+            opt.update(p, vec(g if s == j else 0.0), lr, 1.0)
+        out.append(-float(p[0]) / (lr * g))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov"])
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("tau", [1, 2, 7])
+def test_step_norm_is_the_sum_of_the_kernels_gradient_coefficients(optimizer, rho, tau):
+    cfg = _cfg("fednova", optimizer)
+    cfg.train.momentum = rho
+    got = step_norm(cfg.fed, cfg.train, tau)
+    heavy = (tau - rho * (1 - rho ** tau) / (1 - rho)) / (1 - rho)  # the paper's closed form for momentum
+    closed = {"sgd": tau, "momentum": heavy, "nesterov": tau + rho * heavy}[optimizer]
+    assert got == pytest.approx(closed, rel=1e-12)
+    assert got == pytest.approx(_coefficients(optimizer, rho, tau).sum(), rel=1e-5)
+    # a constant gradient moves the parameters by lr·g·‖a‖₁
+    opt, p = Optimizer(cpu, optimizer, 1, momentum=rho), np.zeros(1, f32)
+    for _ in range(tau):
+        opt.update(p, vec(0.5), 0.1, 1.0)
+    assert -float(p[0]) / 0.05 == pytest.approx(got, rel=1e-5)
+    if optimizer != "sgd" and rho > 0 and tau > 1:
+        assert got > tau
+    cfg.fed.strategy = "fedavg"  # the other strategies report the step count
+    assert step_norm(cfg.fed, cfg.train, tau) == tau
+
+
+def test_fednova_refuses_adam():
+    from mpitrain import config
+
+    with pytest.raises(MpitrainError, match=r"fed\.strategy = 'fednova' with train\.optimizer = 'adam'"):
+        config.load(overrides=["fed.strategy=fednova", "train.optimizer=adam"])
+    for opt in ("sgd", "momentum", "nesterov"):
+        config.load(overrides=["fed.strategy=fednova", f"train.optimizer={opt}"])
+    config.load(overrides=["fed.strategy=fedavg", "train.optimizer=adam"])
+
+
+class _OneRank:
+    """The comm of a run whose only sender is rank 0 itself: Reduce and Gatherv of one buffer."""
+    rank, size = 0, 2
+
+    def reduce_sum(self, buf):
+        pass
+
+    def gatherv(self, buf):
+        return buf.copy(), np.array([len(buf)])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov"])
+@pytest.mark.parametrize("aggregator", ["mean", "gather"])
+def test_fednova_round_with_local_momentum_against_the_paper(client_data, optimizer, aggregator):
+    """Clients of 4 and 10 samples (2 and 5 local steps of batch 2) train with the local optimizer; their
+    updates are aggregated and applied as federate does.  Reference (Wang et al. 2020):
+    d_i = (x − y_i)/‖a_i‖₁, τ_eff = Σ p_i ‖a_i‖₁, x ← x − τ_eff Σ p_i d_i, with ‖a_i‖₁ summed from the
+    kernel's coefficients."""
+    d = client_data
+    cfg = _cfg("fednova", optimizer, batch=2, epochs=1, lr=0.2)
+    client, n = _client(d, cfg), d.spec.n_params
+    agg = (MeanAggregator(_OneRank(), n, "fednova") if aggregator == "mean" else
+           GatherAggregator(_OneRank(), n, "fednova", "mean", 0.0, 0.0, "none"))
+    sizes = np.array([4.0, 10.0])
+    agg.begin(0, np.arange(2), np.arange(2))
+    ys, norms = [], []
+    for k, m in enumerate(sizes.astype(int)):
+        delta, a, loss, seen = client.train(k, 0, d.x[:m], d.y[:m], d.w0)
+        agg.add(k, delta, float(m), a, loss, seen)
+        ys.append(d.w0.astype(np.float64) + delta)
+        norms.append(_coefficients(optimizer, cfg.train.momentum, m // 2).sum())
+    res = agg.finish(0.0, 0.0)
+    x = d.w0.copy()
+    server_update("fednova", x, res.mean().astype(f32, copy=False), {}, 1.0, tau_eff=res.tau_eff())
+    x0, p = d.w0.astype(np.float64), sizes / sizes.sum()
+    tau_eff = p @ np.array(norms)
+    ref = x0 - tau_eff * sum(pi * (x0 - y) / a for pi, y, a in zip(p, ys, norms))
+    assert res.tau_eff() == pytest.approx(tau_eff, rel=1e-5)
+    close(x, ref, rtol=1e-5, atol=1e-6)
+    assert np.abs(ref - x0).max() > 0.05

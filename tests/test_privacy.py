@@ -617,6 +617,56 @@ def test_nested_sections_in_toml_and_set(tmp_path):
         config.load(str(path))
 
 
+def test_privacy_settings_that_would_do_nothing_are_refused():
+    """fed.dp.* while client-level DP is off, fed.dpsgd.* while DP-SGD is off, an odd mask-graph degree
+    (it was silently rounded up): one line each; the same keys with their layer on load fine."""
+    from mpitrain import config
+    from mpitrain.errors import MpitrainError
+
+    for sets, needle in ((["fed.dp.clip=0.5"], "fed.dp.clip has no effect: client-level differential privacy is off"),
+                         (["fed.dp.sampling=fixed", "fed.dp.delta=1e-6"], "fed.dp.delta has no effect"),
+                         (["fed.dpsgd.clip=2"], "fed.dpsgd.clip has no effect: record-level DP-SGD is off"),
+                         (["fed.dp.noise_seed=3"], "fed.dp.noise_seed has no effect"),
+                         (["fed.dp.clip_only=true", "fed.dp.noise_multiplier=1"], "fed.dp.clip_only = true clips "
+                                                                                  "without noise"),
+                         (["fed.secagg.neighbors=5"], "fed.secagg.neighbors = 5: expected an even number")):
+        with pytest.raises(MpitrainError) as e:
+            config.load(overrides=sets)
+        assert needle in str(e.value), (sets, str(e.value))
+    for sets in (["fed.dp.clip=0.5", "fed.dp.noise_multiplier=1"], ["fed.dp.clip=0.5", "fed.dp.clip_only=true"],
+                 ["fed.dpsgd.clip=2", "fed.dpsgd.noise_multiplier=1", "fed.dp.noise_seed=3"],
+                 ["fed.secagg.neighbors=6"]):
+        config.load(overrides=sets)
+
+
+def test_clipping_only_clips_without_noise(digits, tmp_path):
+    """fed.dp.clip_only: a clip of 1e-6 keeps the model at its initialisation (without it the same run
+    moves it), no ε is reported."""
+    from mpitrain.model import Model, ModelSpec
+
+    sets = ["model.kind=softmax", "fed.rounds=2", "fed.local_epochs=1", "fed.fraction=0.25"]
+    clipped = federate(3, digits[16], str(tmp_path / "c"), *sets, "fed.dp.clip_only=true", "fed.dp.clip=1e-6")
+    federate(3, digits[16], str(tmp_path / "p"), *sets)
+    init = Model(ModelSpec("softmax", 64, 10)).init_params(0)
+    assert np.max(np.abs(params(str(tmp_path / "c")) - init)) < 1e-5
+    assert np.max(np.abs(params(str(tmp_path / "p")) - init)) > 1e-2
+    assert clipped["epsilon"] is None and clipped["noise_multiplier"] == 0.0
+
+
+def test_secure_aggregation_clips_each_coordinate_of_the_update_before_weighting():
+    """fed.secagg.clip_range R bounds every coordinate of Δ_k (README), not of ω_k·Δ_k."""
+    from types import SimpleNamespace
+
+    from mpitrain.comm import Comm
+    from mpitrain.config import SecAggConfig
+    from mpitrain.federated.secagg import SecureAggregator
+
+    agg = SecureAggregator(Comm(), SimpleNamespace(clients=4), 3, "fedavg", SecAggConfig(), 0,
+                           lambda n: np.full(3 + 5, 100.0), clip=2.0)
+    v = agg.contribution(0, np.float32([5.0, -1.0, -3.0]), 10.0, 4, 0.5, 10.0)
+    assert np.array_equal(v[:3], [20.0, -10.0, -20.0]) and np.array_equal(v[3:], [10.0, 40.0, 0.5, 10.0, 1.0])
+
+
 BAD = {
     "secagg with 2 sampled clients": (["fed.secure_aggregation=true", "fed.fraction=0.1"],
                                       "needs at least 3 sampled clients per round"),
@@ -692,7 +742,7 @@ def _probe_secagg(out, clients, n_params, rounds, dropout, neighbors, fraction):
         for k in active[(active >= lo) & (active < hi)]:
             delta, w = client(int(k), rnd)
             agg.add(int(k), delta, w, steps, 0.5, 10.0)
-        res = agg.finish(0.0)
+        res = agg.finish(0.0, 0)
         if comm.rank == 0:
             exact = sum(client(int(k), rnd)[1] * client(int(k), rnd)[0].astype(np.float64) for k in active)
             weight = sum(client(int(k), rnd)[1] for k in active)

@@ -99,8 +99,11 @@ def run(args, comm):
 def save(out, name, rows, params):
     """rows (list of dicts) → out/NAME-<time>.json (with parameters) and .csv; returns the JSON path."""
     os.makedirs(out, exist_ok=True)
-    base = os.path.join(out, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    with open(base + ".json", "w", encoding="utf-8") as f:
+    from ..report import first_free  # a second run in the same second gets its own files
+
+    base, f = first_free(os.path.join(out, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"),
+                         lambda b: open(b + ".json", "x", encoding="utf-8"))
+    with f:
         json.dump({"bench": name, "params": params, "results": rows}, f, indent=2, default=str)
     with open(base + ".csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))

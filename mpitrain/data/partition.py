@@ -4,6 +4,8 @@
 client k's samples are the contiguous rows offsets[k] … offsets[k+1]-1 — one hyperslab that only its host
 rank reads; the first n_train[k] of them are its training data, the rest its local test split.
 """
+import hashlib
+
 import numpy as np
 
 from ..errors import MpitrainError
@@ -69,7 +71,10 @@ def write_partition(path, scheme, clients, alpha=0.5, shards_per_client=2, seed=
         g.create_dataset("y", data=y[order])
         g["offsets"] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         g["n_train"] = n_train
+        digest = hashlib.sha256()  # with the file's checksum of train/, this names the partition exactly
+        for a in (order.astype(np.int64), sizes, n_train):
+            digest.update(a.tobytes())
         g.attrs.update(scheme=scheme, clients=clients, alpha=alpha, shards_per_client=shards_per_client,
-                       seed=seed, test_fraction=test_fraction)
+                       seed=seed, test_fraction=test_fraction, checksum=digest.hexdigest())
     return (f"{path}: partition {scheme} over {clients} clients "
             f"({sizes.min()}–{sizes.max()} samples each, {int(n_train.sum())} for training)")

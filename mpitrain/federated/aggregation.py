@@ -1,9 +1,11 @@
 """What a round sums, and the plain path: one Reduce(SUM) of [Σ ω_k·Δ_k | Σω, Σω·a, Σloss, Σsamples,
-Σclients, stop (| Σ(b_k − ½) with adaptive clipping)].
+Σclients, stop, diverged (| Σ(b_k − ½) with adaptive clipping)].
 
 An aggregator has three calls per round, made by every rank in the same order: ``begin(rnd, cohort,
 active)`` (False = the round is skipped), ``add(k, delta, w, steps, loss, seen, below)`` for each hosted
-active client, ``finish(stop)`` → a Result on rank 0 (None elsewhere).  The secure (secagg.py) and the
+active client with a finite update, ``finish(stop, diverged)`` → a Result on rank 0 (None elsewhere);
+stop and diverged (this rank's count of clients whose loss or update is not finite, which were not added)
+are summed over ranks on every path alike.  The secure (secagg.py) and the
 robust (robust.py) aggregators have the same three calls, so the round loop in run.py is one loop.
 """
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ class Result:
     seen: float = 0.0
     clients: float = 0.0
     stop: float = 0.0
+    diverged: float = 0.0       # clients whose loss or update was not finite: the run stops (run.py)
     below: float = 0.0          # Σ (1[‖Δ_k‖ ≤ C] − ½): adaptive clipping
     denominator: float = None
     skipped: bool = False       # nothing was aggregated (secure aggregation could not complete)
@@ -48,7 +51,7 @@ class MeanAggregator:
 
     def __init__(self, comm, n, strategy, adaptive=False):
         self.comm, self.n, self.strategy, self.adaptive = comm, n, strategy, adaptive
-        self.buf = np.zeros(n + N_STATS + 1 + int(adaptive), np.float32)
+        self.buf = np.zeros(n + N_STATS + 2 + int(adaptive), np.float32)
         self.bytes = (comm.size - 1) * self.buf.nbytes
 
     def begin(self, rnd, cohort, active):
@@ -60,13 +63,14 @@ class MeanAggregator:
         buf[:n] += contribution_scale(self.strategy, w, steps) * delta
         buf[n:n + N_STATS] += (w, w * steps, loss, seen, 1)
         if self.adaptive:
-            buf[n + N_STATS + 1] += float(below) - 0.5
+            buf[n + N_STATS + 2] += float(below) - 0.5
 
-    def finish(self, stop):
+    def finish(self, stop, diverged):
         n, buf = self.n, self.buf
-        buf[n + N_STATS] = stop
+        buf[n + N_STATS:n + N_STATS + 2] = stop, diverged
         self.comm.reduce_sum(buf)
         if self.comm.rank != 0:
             return None
         s = buf[n:]  # float32 scalars: the same arithmetic as before these layers existed
-        return Result(buf[:n], *s[:N_STATS], stop=s[N_STATS], below=s[N_STATS + 1] if len(s) > N_STATS + 1 else 0.0)
+        return Result(buf[:n], *s[:N_STATS], stop=s[N_STATS], diverged=s[N_STATS + 1],
+                      below=s[N_STATS + 2] if len(s) > N_STATS + 2 else 0.0)

@@ -152,7 +152,7 @@ class ClientDP:
                 raise MpitrainError(f"fed.dp.count_stddev = {self.sigma_b:g}: adaptive clipping needs "
                                     f"2·count_stddev > fed.dp.noise_multiplier = {self.z:g} (the update noise "
                                     "is z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2))")
-            self.z_delta = (self.z ** -2 - (2 * self.sigma_b) ** -2) ** -0.5
+            self.z_delta = (self.z ** -2 - (2 * self.sigma_b) ** -2) ** -0.5 if self.z > 0 else 0.0
         else:
             self.z_delta = self.z
         self.key = noise_key(self.noise_seed)
@@ -167,9 +167,10 @@ class ClientDP:
         return {"dp/clip": np.array([self.clip], np.float64), "dp/noise_key": np.frombuffer(self.key, np.uint8)}
 
     def restore(self, arrays, root):
-        """The clip norm on every rank; the noise key on rank 0 only (it is the aggregator's secret: client
-        ranks keep their own fresh keys)."""
-        self.clip = float(arrays["dp/clip"][0])
+        """The adapted clip norm on every rank (a fixed one is the configuration's); the noise key on rank 0
+        only (it is the aggregator's secret: client ranks keep their own fresh keys)."""
+        if self.adaptive:
+            self.clip = float(arrays["dp/clip"][0])
         if root:
             self.key = noise_key(self.noise_seed, arrays.get("dp/noise_key"))
 

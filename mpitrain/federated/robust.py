@@ -120,18 +120,18 @@ class GatherAggregator:
         d = delta / np.float32(steps) if self.strategy == "fednova" else delta
         self.rows.append(np.concatenate([d, np.array([w, w * steps, loss, seen], np.float32)]))
 
-    def finish(self, stop):
-        buf = np.concatenate([np.array([stop], np.float32), *self.rows])
+    def finish(self, stop, diverged):
+        buf = np.concatenate([np.array([stop, diverged], np.float32), *self.rows])
         got, counts = self.comm.gatherv(buf)
         if self.comm.rank != 0:
             return None
         self.bytes = got.nbytes + (self.comm.size - 1) * 8
         starts = np.concatenate([[0], np.cumsum(counts)])
-        stop = float(got[starts[:-1]].sum())
-        rows = [got[a + 1:b].reshape(-1, self.row) for a, b in zip(starts[:-1], starts[1:])]
+        stop, diverged = float(got[starts[:-1]].sum()), float(got[starts[:-1] + 1].sum())
+        rows = [got[a + 2:b].reshape(-1, self.row) for a, b in zip(starts[:-1], starts[1:])]
         x = np.concatenate(rows) if rows else np.zeros((0, self.row), np.float32)
         n = self.n
         est = aggregate(self.rule, x[:, :n], x[:, n], self.fraction, self.norm_bound, self.mixing)
         s = x[:, n:].astype(np.float64).sum(axis=0)
         return Result(est, weight=s[0], weight_steps=s[1], loss=s[2], seen=s[3], clients=float(len(x)),
-                      stop=stop, denominator=1.0)
+                      stop=stop, diverged=diverged, denominator=1.0)

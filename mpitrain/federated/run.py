@@ -27,7 +27,7 @@ from .aggregation import MeanAggregator
 from .dp import DPSGD, ClientDP, dp_cohort, noise_key
 from .robust import GatherAggregator, attack_update, attackers
 from .secagg import SecureAggregator
-from .strategies import DEFAULT_SERVER_LR, check, init_state, local_schedule, server_update
+from .strategies import DEFAULT_SERVER_LR, check, init_state, local_schedule, server_update, step_norm
 
 
 
@@ -41,6 +41,7 @@ class Partition:
                                 f"--out {data.path} --partition iid --clients N)")
         self.offsets = f["partition/offsets"][...].astype(np.int64)
         self.n_train = f["partition/n_train"][...].astype(np.int64)
+        self.checksum = str(f["partition"].attrs.get("checksum", ""))  # files partitioned before it carry none
         self.clients = len(self.n_train)
         if comm.size < 2:
             raise MpitrainError("federate needs at least 2 ranks: rank 0 aggregates, ranks 1… host clients")
@@ -73,7 +74,7 @@ class Client:
             self.stepper.loss_grad = dpsgd.loss_grad
 
     def train(self, k, rnd, x, y, global_params):
-        """Train client k from the global model; returns (Δ_k, local steps a_k, loss sum, samples seen)."""
+        """Train client k from the global model; returns (Δ_k, a_k (strategies.step_norm), loss sum, samples seen)."""
         t, f = self.t, self.f
         self.params[:] = global_params
         self.stepper.opt.reset()
@@ -96,7 +97,7 @@ class Client:
                 scale = 1.0 / len(rows)
             l, _ = self.stepper(self.params, x[rows], y[rows], t.lr, scale)
             loss, seen = loss + l, seen + len(rows)
-        return self.params - global_params, steps, loss, seen
+        return self.params - global_params, step_norm(f, t, steps), loss, seen  # FedNova: ‖a_k‖₁, not τ
 
 
 def cohort_size(clients, fraction, min_clients):
@@ -125,7 +126,7 @@ class Layers:
         n = model.n_params
         self.dp = self.dpsgd = None
         self.fixed = cohort_size(part.clients, f.fraction, f.min_clients)
-        dp_on = f.dp.noise_multiplier > 0
+        dp_on = f.dp.noise_multiplier > 0 or f.dp.clip_only
         self.weighting = "uniform" if dp_on else f.weighting
         if dp_on:
             self.dp = ClientDP(f, part.clients, self.fixed, f.secure_aggregation, t.seed)
@@ -140,6 +141,7 @@ class Layers:
         adaptive = bool(self.dp and self.dp.adaptive)
         if f.secure_aggregation:
             steps = np.array([local_schedule(f, int(m))[1] for m in part.n_train])
+            a_max = max(step_norm(f, t, int(s)) for s in steps)  # the largest a_k a client reports
             w_max = 1.0 if self.weighting == "uniform" else float(part.n_train.max())
             seen_max = float((steps * part.n_train).max())
             dp = self.dp
@@ -150,13 +152,14 @@ class Layers:
                 else:
                     root = math.sqrt(dp.n_min(cohort))
                     coord, b = dp.clip + 8 * dp.z_delta * dp.clip / root, [0.5 + 8 * dp.sigma_b / root] * adaptive
-                return np.array([coord] * n + [w_max, w_max * steps.max(), 64 * seen_max, seen_max, 1.0] + b)
+                return np.array([coord] * n + [w_max, w_max * a_max, 64 * seen_max, seen_max, 1.0] + b)
 
             def noise(k, rnd, cohort):  # distributed DP: client k's share of the round's noise
                 return dp.share_noise(dp.key, k, rnd, cohort, n + adaptive, n)
 
             self.agg = SecureAggregator(comm, part, n, f.strategy, f.secagg, t.seed, bounds,
-                                        noise if dp else None, dp.n_min if dp else None, f.dropout_rate)
+                                        noise if dp else None, dp.n_min if dp else None, f.dropout_rate,
+                                        clip=None if dp else f.secagg.clip_range)
             if dp is None or dp.sampling == "fixed":
                 self.agg.check(self.fixed, f"fed.fraction = {f.fraction:g} of {part.clients} clients with "
                                            f"fed.min_clients = {f.min_clients}")
@@ -193,9 +196,9 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
     n = spec.n_params
     state = init_state(f.strategy, n)
     server_lr = f.server_lr or DEFAULT_SERVER_LR.get(f.strategy, 1.0)
-    model_buf = np.zeros(n + 2, np.float32)  # [model | stop, checkpoint due]: the round's one Bcast
+    model_buf = np.zeros(n + 3, np.float32)  # [model | stop, checkpoint due, diverged]: the round's one Bcast
     params = model_buf[:n]
-    resumed = run.open(out, f.rounds, quiet, resume, ("fed.strategy", f.strategy))
+    resumed = run.open(out, f.rounds, quiet, resume, resume_meaning(f, part, layers))
     log, ckpt = run.log, run.ckpt
     if resumed:
         first, arrays, attrs = resumed
@@ -213,6 +216,7 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
     rounds, accountant, record_acc = f.rounds, None, None
     if dp is not None:  # cohorts come from rank 0's secret key; rank 0 alone accounts
         dp.cohort_key = comm.bcast(np.frombuffer(dp.sampling_key(), np.uint8).copy()).tobytes()
+    if dp is not None and dp.z > 0:  # clipping only (z = 0) has ε = ∞: nothing to account
         from .dp import client_accountant
 
         accountant = comm.agree(client_accountant, dp, part.clients) if comm.rank == 0 else comm.agree(_nothing)
@@ -231,8 +235,9 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
             f"rank(s) × {run.threads} thread(s), {spec.kind} {'-'.join(map(str, spec.sizes))}, "
             f"rounds {first + 1}…{rounds} → {run.out}")
     if dp is not None:
-        log.say(f"differential privacy: clip {dp.clip:g}{' (adaptive)' if dp.adaptive else ''}, noise "
-                f"multiplier {dp.z:g}, {dp.sampling} sampling, uniform client weights over the fixed "
+        log.say(f"differential privacy: clip {dp.clip:g}{' (adaptive)' if dp.adaptive else ''}, "
+                + (f"noise multiplier {dp.z:g}" if dp.z > 0 else "no noise (clipping only: ε = ∞)")
+                + f", {dp.sampling} sampling, uniform client weights over the fixed "
                 f"denominator m = {dp.m:g}" + (" (fed.weighting = samples is not used under DP)"
                                                if f.weighting == "samples" else ""))
 
@@ -251,11 +256,15 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
         cohort = draw(rnd)
         dropped = dropouts(t.seed, rnd, cohort, f.dropout_rate)
         active = np.setdiff1d(cohort, dropped)
+        diverged = 0  # clients whose loss or update is not finite: checked before any aggregator encodes it
         if agg.begin(rnd, cohort, active):
             for k in active[(active >= part.hosted.start) & (active < part.hosted.stop)]:
                 a, b = part.offsets[k] - lo, part.offsets[k] - lo + part.n_train[k]
                 labels = flip - cy[a:b] if f.attack == "label_flip" and layers.attackers[k] else cy[a:b]
                 delta, steps, loss, seen = client.train(int(k), rnd, cx[a:b], labels, params)
+                if not (np.isfinite(loss) and np.all(np.isfinite(delta))):
+                    diverged += 1
+                    continue
                 if layers.attackers[k] and f.attack in ("sign_flip", "scale"):
                     delta = attack_update(f.attack, delta, f.attack_scale)
                 below = None
@@ -263,20 +272,24 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
                     delta, below = dp.clip_update(delta)
                 w = float(part.n_train[k]) if layers.weighting == "samples" else 1.0
                 agg.add(int(k), delta, w, steps, loss, seen, below)
-        res = agg.finish(preempt.requested())
+        res = agg.finish(preempt.requested(), diverged)
         clip_now = None
         if comm.rank == 0:
-            if not res.skipped:
+            bad = res.diverged > 0 or not np.isfinite(res.loss)
+            if not (res.skipped or bad):
                 if dp is not None:
                     dp.server(res, rnd)
                 server_update(f.strategy, params, res.mean().astype(np.float32, copy=False), state, server_lr,
                               f.beta1, f.beta2, f.tau, f.server_momentum, tau_eff=res.tau_eff())
-            model_buf[n:] = (res.stop + preempt.requested(), ckpt.time_due())
+                bad = not np.all(np.isfinite(params))
+            model_buf[n:] = (res.stop + preempt.requested(), ckpt.time_due(), bad)
         comm.bcast(model_buf)  # the new model and rank 0's decisions reach every rank together
+        if model_buf[n + 2]:
+            raise run.diverged(f"round {rnd + 1}", "the loss or a client update")
         if dp is not None and dp.adaptive:
             dp.clip = float(comm.bcast(np.array([dp.clip]))[0])
             clip_now = dp.clip
-        stop, timed = model_buf[n:] > 0
+        stop, timed = model_buf[n:n + 2] > 0
         round_seconds.append(time.perf_counter() - tic)
         round_bytes.append((comm.size - 1) * model_buf.nbytes + (agg.bytes if comm.rank == 0 else 0))
         record = {"round": rnd + 1, "clients": len(cohort), "bytes": round_bytes[-1],
@@ -301,8 +314,8 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
                           worst_client_accuracy=worst)
             if rounds_to_target is None and test_acc >= f.target_accuracy:
                 rounds_to_target = rnd + 1
-            log.say(f"round {rnd + 1}/{rounds}  clients {len(cohort)}  test acc {test_acc:.4f}  "
-                    f"federated acc {fed_acc:.4f}  worst client {worst:.4f}"
+            log.say(f"round {rnd + 1}/{rounds}  clients {len(cohort)}  test acc {test_acc:.4f}"
+                    + (f"  federated acc {fed_acc:.4f}  worst client {worst:.4f}" if fed_acc is not None else "")
                     + (f"  ε {epsilon:.3f}" if epsilon is not None else ""))
         log.record(**record)
         log.advance(1)
@@ -346,8 +359,28 @@ def _nothing():
     return None
 
 
+def resume_meaning(f, part, layers):
+    """The settings that give a federated checkpoint's state, and the privacy spent so far, their meaning
+    (Checkpointer refuses a resume that changes any): the server state's strategy, the partition, whether
+    each kind of DP is on, and every input of the accountants.  Refusing is what keeps ε exact: the
+    accountants compose one event per round, the same event in every round."""
+    d, g = f.dp, f.dpsgd
+    meaning = {"run": "federate", "fed.strategy": f.strategy, "partition": part.checksum,
+               "fed.dp.noise_multiplier": d.noise_multiplier, "fed.dp.clip_only": d.clip_only,
+               "fed.dpsgd.noise_multiplier": g.noise_multiplier}
+    if layers.dp is not None:  # q (poisson) or the cohort size m (fixed); the clip state's meaning
+        meaning.update({"fed.dp.sampling": d.sampling, "fed.fraction": f.fraction, "fed.dp.adaptive": d.adaptive})
+        if d.sampling == "fixed":
+            meaning["fed.min_clients"] = f.min_clients
+    if layers.dpsgd is not None:  # every client's batch and local steps per round
+        meaning.update({"fed.local_batch": f.local_batch, "fed.local_epochs": f.local_epochs,
+                        "fed.local_steps": f.local_steps})
+    return meaning
+
+
 def federated_eval(comm, model, params, part, cx, cy, lo):
-    """Clients score the global model on their local test splits: (weighted accuracy, worst client)."""
+    """Clients score the global model on their local test splits: (weighted accuracy, worst client), or
+    (None, None) when no client has a local test split (prepare --client-test-fraction 0)."""
     correct = count = 0.0
     worst = 1.0
     for k in part.hosted:
@@ -356,4 +389,5 @@ def federated_eval(comm, model, params, part, cx, cy, lo):
             _, c = model.score(params, cx[a:b], cy[a:b])
             correct, count, worst = correct + c, count + (b - a), min(worst, c / (b - a))
     correct, count = comm.allreduce([correct, count])
-    return correct / max(count, 1), comm.allreduce([worst], "min")[0]
+    worst = comm.allreduce([worst], "min")[0]
+    return (correct / count, worst) if count else (None, None)

@@ -257,8 +257,12 @@ class SecureAggregator:
     slots after the stats (the coordinates, then the clipped-count slot), or None; `n_min(n)` the
     survivors a round needs (DP: the noise shares are calibrated to them)."""
 
-    def __init__(self, comm, part, n_params, strategy, cfg, seed, bounds, noise=None, n_min=None, dropout=0.0):
+    def __init__(self, comm, part, n_params, strategy, cfg, seed, bounds, noise=None, n_min=None, dropout=0.0,
+                 clip=None):
+        """clip: R, each coordinate of Δ_k is clipped to ±R before weighting (fed.secagg.clip_range; None
+        under DP, whose norm clip bounds the coordinates)."""
         self.comm, self.part, self.n, self.strategy, self.seed = comm, part, n_params, strategy, seed
+        self.clip = clip
         self.neighbors, self.t_cfg, self.dropout = cfg.neighbors, cfg.threshold, dropout
         self.bounds_for = bounds
         self.length = len(bounds(3))
@@ -384,7 +388,10 @@ class SecureAggregator:
     def contribution(self, k, delta, w, steps, loss, seen, below=None):
         """Client k's vector before masking: [ω·Δ | ω, ω·a, loss, samples, 1 (| b − ½)] (+ DP noise share)."""
         n, v = self.n, np.empty(self.length, np.float64)
-        v[:n] = contribution_scale(self.strategy, w, steps) * delta.astype(np.float64)
+        v[:n] = delta
+        if self.clip is not None:
+            np.clip(v[:n], -self.clip, self.clip, out=v[:n])
+        v[:n] *= contribution_scale(self.strategy, w, steps)
         loss = min(float(loss), 64.0 * seen) if np.isfinite(loss) else 64.0 * seen
         v[n:n + N_STATS] = (w, w * steps, loss, seen, 1.0)
         if self.length > n + N_STATS:  # adaptive clipping's count slot
@@ -416,17 +423,17 @@ class SecureAggregator:
         self.sum += y
         self.included.append(i)
 
-    def finish(self, stop):
+    def finish(self, stop, diverged):
         comm, L = self.comm, self.length
         vec = self.sum if self.included else np.zeros(0, np.uint32)
         masked, counts = comm.gatherv(vec)
-        ids, id_counts = comm.gatherv(np.array([stop, *self.included], np.int64))
+        ids, id_counts = comm.gatherv(np.array([stop, diverged, *self.included], np.int64))
         survivors = None
         if comm.rank == 0:
             self.bytes += masked.nbytes + ids.nbytes
             starts = np.concatenate([[0], np.cumsum(id_counts)])
-            stop = float(ids[starts[:-1]].sum())
-            got = [int(x) for r in range(comm.size) for x in ids[starts[r] + 1:starts[r + 1]]]
+            stop, diverged = float(ids[starts[:-1]].sum()), float(ids[starts[:-1] + 1].sum())
+            got = [int(x) for r in range(comm.size) for x in ids[starts[r] + 2:starts[r + 1]]]
             if self.dump:  # tests: exactly what rank 0 received in this round
                 np.savez(f"{self.dump}-{self.rnd}.npz", masked=masked, counts=counts, ids=np.array(got, np.int64))
             total = np.zeros(L, np.uint32)
@@ -440,7 +447,7 @@ class SecureAggregator:
             self.bytes += survivors.nbytes * (comm.size - 1)
         ok, alive = bool(survivors[0]), {int(x) for x in survivors[1:]}
         if not ok:  # too few clients sampled or surviving: the round is abandoned, nothing is unmasked
-            return Result(np.zeros(self.n), stop=stop, skipped=True,
+            return Result(np.zeros(self.n), stop=stop, diverged=diverged, skipped=True,
                           metrics={"survivors": len(alive)}) if comm.rank == 0 else None
 
         # 4. Unmasking: each surviving holder reveals one kind of share per neighbour
@@ -478,6 +485,6 @@ class SecureAggregator:
         values = decode(total, self.scales)
         n = self.n
         s = values[n:]
-        return Result(values[:n], *s[:N_STATS], stop=stop, below=s[N_STATS] if len(s) > N_STATS else 0.0,
+        return Result(values[:n], *s[:N_STATS], stop=stop, diverged=diverged, below=s[N_STATS] if len(s) > N_STATS else 0.0,
                       metrics={"survivors": len(alive), "dropped": len(dropped), "neighbors": self.k,
                                "threshold": self.t})

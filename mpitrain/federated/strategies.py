@@ -2,8 +2,8 @@
 local schedule a strategy gives its clients.
 
 `delta` is the weighted mean over sampled clients of Δ_k = x_k − x (FedNova: of Δ_k / a_k, with a_k the
-client's number of local steps, and `tau_eff` = Σ p_k a_k).  Equations: ../shared/reference.md
-(McMahan et al. 2017; Hsu et al. 2019; Reddi et al. 2020, Alg. 2; Wang et al. 2020).
+‖a_k‖₁ of the client's local steps (step_norm), and `tau_eff` = Σ p_k a_k).  Equations:
+../shared/reference.md (McMahan et al. 2017; Hsu et al. 2019; Reddi et al. 2020, Alg. 2; Wang et al. 2020).
 """
 import numpy as np
 
@@ -25,6 +25,21 @@ def local_schedule(f, n):
         return n, 1
     batch = min(f.local_batch, n)
     return batch, f.local_steps or f.local_epochs * -(-n // batch)
+
+
+def step_norm(f, t, steps):
+    """The a_k a client reports after `steps` local steps at the constant lr train.lr.  FedNova: ‖a_k‖₁,
+    the sum over the steps of each step's gradient coefficient in Δ_k / (−lr) (Wang et al. 2020; weight
+    decay is part of the gradient), from kernels/cpu.py momentum_update: SGD τ; heavy ball with ρ =
+    train.momentum (v ← ρv + g, x ← x − lr·v: step j's gradient moves x by 1 + ρ + … + ρ^(τ−j))
+    [τ − ρ(1 − ρ^τ)/(1 − ρ)]/(1 − ρ); Nesterov (x ← x − lr·(g + ρv): each coefficient is 1 + ρ·heavy
+    ball's) τ + ρ times that.  Adam has no such coefficients: config.py refuses it with FedNova.  The other
+    strategies: the step count."""
+    if f.strategy != "fednova" or t.optimizer == "sgd":
+        return steps
+    rho = t.momentum
+    heavy = (steps - rho * (1 - rho ** steps) / (1 - rho)) / (1 - rho)
+    return steps + rho * heavy if t.optimizer == "nesterov" else heavy
 
 
 def init_state(strategy, n):
