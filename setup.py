@@ -19,6 +19,7 @@ setup(
         "scipy>=1.10",  # secure aggregation plans its threshold with scipy.stats; Numba loads scipy.linalg
         "h5py>=3.8",
         "scikit-learn>=1.3",  # the embedded default dataset (handwritten digits)
+        "pillow>=9.1",  # prepare --source images:DIR decodes PNG/JPEG (9.1: Image.Resampling)
         "threadpoolctl>=3.1",
         "tqdm>=4.60",
         "cryptography>=41",  # secure aggregation: X25519, HKDF, ChaCha20

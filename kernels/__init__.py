@@ -14,6 +14,7 @@ DEVICES = ("cpu", "cuda")
 # already where the kernels compute, so moving them is the identity (no copy).
 HOST = SimpleNamespace(zeros=lambda shape: np.zeros(shape, np.float32),
                        empty=lambda shape: np.empty(shape, np.float32),
+                       ints=lambda shape: np.empty(shape, np.int32),  # max-pool arg-max indices
                        staging=lambda n: np.zeros(n, np.float32),
                        to_device=lambda a: a, to_host=lambda a: a)
 

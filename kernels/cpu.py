@@ -192,6 +192,7 @@ def warmup():
     idx, val = np.zeros(2, np.uint32), np.zeros(2, f4)
     topk_select(b, 2, idx, val)
     scatter_add(b, idx, val)
+    warmup_conv()
 
 
 # -- 16-bit wire formats of the compressed gradient allreduce (host buffers: MPI sends from the host) ----
@@ -314,3 +315,215 @@ def scatter_add(g, idx, val):
     """g[idx[j]] += val[j] for every j (repeated indices add up)."""
     for j in range(idx.size):
         g[idx[j]] += val[j]
+
+
+# -- Convolution and pooling, NHWC ---------------------------------------------------------------------
+# Activations are x (N, H, W, C) float32 C-contiguous; a 1-d conv is H = 1 with KH = 1.  Conv weights are
+# w (C_out, KH·KW·C_in) row-major, column ((kh·KW + kw)·C_in + c): (C_out, KH, KW, C_in) flattened; bias
+# b (C_out,).  Geometry is geom = (KH, KW, SH, SW, PH, PW, OH, OW): kernel, stride, top/left padding and
+# the output size, all chosen by the caller, so asymmetric 'same' padding works (input positions outside
+# [0, H)×[0, W) read as 0; output pixel (oh, ow) reads input rows oh·SH − PH + kh, columns ow·SW − PW + kw).
+# The convolution is im2col + one GEMM over the whole batch: cols (N·OH·OW, KH·KW·C_in), row
+# ((n·OH + oh)·OW + ow); cols @ w.T (N·OH·OW, C_out) is the NHWC output (N, OH, OW, C_out) as it stands.
+
+@njit(cache=True, parallel=True)
+def im2col(x, KH, KW, SH, SW, PH, PW, OH, OW, cols):
+    """cols[(n·OH + oh)·OW + ow, (kh·KW + kw)·C + c] ← x[n, oh·SH − PH + kh, ow·SW − PW + kw, c], 0 where
+    that position is outside x (every entry of cols is written)."""
+    N, H, W, C = x.shape
+    if cols.shape[0] != N * OH * OW or cols.shape[1] != KH * KW * C:
+        raise ValueError("im2col: cols must be (N*OH*OW, KH*KW*C)")
+    for n in prange(N):
+        for oh in range(OH):
+            for ow in range(OW):
+                r = (n * OH + oh) * OW + ow
+                for kh in range(KH):
+                    ih = oh * SH - PH + kh
+                    for kw in range(KW):
+                        iw = ow * SW - PW + kw
+                        o = (kh * KW + kw) * C
+                        if 0 <= ih < H and 0 <= iw < W:
+                            for c in range(C):
+                                cols[r, o + c] = x[n, ih, iw, c]
+                        else:
+                            for c in range(C):
+                                cols[r, o + c] = 0.0
+
+
+@njit(cache=True, parallel=True)
+def col2im(dcols, KH, KW, SH, SW, PH, PW, OH, OW, dx):
+    """The adjoint of im2col with the same geometry: dx ← 0, then every in-range entry of dcols is added
+    to the x position im2col read it from (entries of the padding are dropped)."""
+    N, H, W, C = dx.shape
+    if dcols.shape[0] != N * OH * OW or dcols.shape[1] != KH * KW * C:
+        raise ValueError("col2im: dcols must be (N*OH*OW, KH*KW*C)")
+    for n in prange(N):  # each sample scatters into its own dx[n]: no races
+        dx[n] = 0.0
+        for oh in range(OH):
+            for ow in range(OW):
+                r = (n * OH + oh) * OW + ow
+                for kh in range(KH):
+                    ih = oh * SH - PH + kh
+                    if ih < 0 or ih >= H:
+                        continue
+                    for kw in range(KW):
+                        iw = ow * SW - PW + kw
+                        if iw < 0 or iw >= W:
+                            continue
+                        o = (kh * KW + kw) * C
+                        for c in range(C):
+                            dx[n, ih, iw, c] += dcols[r, o + c]
+
+
+def _rows(a, m):
+    """The (·, m) view of a C-contiguous array: a ValueError, never a copy that in-place results would miss."""
+    return np.reshape(a, (-1, m), copy=False)
+
+
+def conv_forward(x, w, b, act, geom, cols, out):
+    """out ← act(conv(x, w) + b): cols ← im2col(x, *geom), out ← cols @ w.T, bias and activation in
+    place.  out is (N, OH, OW, C_out) (or its (N·OH·OW, C_out) view), C-contiguous; cols is kept for
+    conv_backward."""
+    im2col(x, *geom, cols)
+    z = _rows(out, w.shape[0])
+    _gemm(cols, w.T, z)
+    bias_act(z, b, act)
+
+
+def conv_backward(cols, w, y, dy, act, geom, dw, db, dcols, dx):
+    """Given y = act(conv(x, w) + b), cols = im2col(x, *geom) saved by conv_forward and dy = dL/dy:
+    dy ← dL/dz (in place), db ← sum dz over N·OH·OW, dw ← dz.T @ cols, and, when dx is not None,
+    dcols ← dz @ w and dx ← col2im(dcols, *geom).  dcols may be cols itself (cols is read before dcols is
+    written); with dx None, dcols is not used."""
+    z_grad = _rows(dy, w.shape[0])
+    act_grad(_rows(y, w.shape[0]), z_grad, act, db)
+    _gemm(z_grad.T, cols, dw)
+    if dx is not None:
+        _gemm(z_grad, w, dcols)
+        col2im(dcols, *geom, dx)
+
+
+@njit(cache=True, parallel=True)
+def maxpool_forward(x, KH, KW, SH, SW, out, arg):
+    """Max pooling without padding, out (N, OH, OW, C) with OH ≤ (H − KH)//SH + 1 (likewise OW):
+    out[n, oh, ow, c] ← max over the window at (oh·SH, ow·SW), and arg[n, oh, ow, c] ← the flat index
+    (ih·W + iw)·C + c of that maximum in sample n's x[n] (ties: the first in row-major window order; a NaN
+    wins, so it propagates).  arg is an integer array shaped like out (int32 is enough)."""
+    N, H, W, C = x.shape
+    OH, OW = out.shape[1], out.shape[2]
+    if out.shape[0] != N or out.shape[3] != C or (OH - 1) * SH + KH > H or (OW - 1) * SW + KW > W:
+        raise ValueError("maxpool_forward: out must be (N, OH, OW, C) with the windows inside x")
+    for n in prange(N):
+        for oh in range(OH):
+            for ow in range(OW):
+                ih, iw = oh * SH, ow * SW
+                for c in range(C):
+                    out[n, oh, ow, c] = x[n, ih, iw, c]
+                    arg[n, oh, ow, c] = (ih * W + iw) * C + c
+                for kh in range(KH):
+                    for kw in range(KW):
+                        if kh == 0 and kw == 0:
+                            continue
+                        ih, iw = oh * SH + kh, ow * SW + kw
+                        for c in range(C):
+                            v = x[n, ih, iw, c]
+                            if v > out[n, oh, ow, c] or v != v:
+                                out[n, oh, ow, c] = v
+                                arg[n, oh, ow, c] = (ih * W + iw) * C + c
+
+
+@njit(cache=True, parallel=True)
+def maxpool_backward(dy, arg, dx):
+    """The gradient of maxpool_forward: dx ← 0, then dx[n].flat[arg[n, oh, ow, c]] += dy[n, oh, ow, c]
+    (overlapping windows, stride < kernel, add up)."""
+    N, OH, OW, C = dy.shape
+    if arg.shape != dy.shape or dx.shape[0] != N or dx.shape[3] != C:
+        raise ValueError("maxpool_backward: arg must be shaped like dy, dx like the forward's x")
+    for n in prange(N):
+        flat = dx[n].reshape(-1)
+        flat[:] = 0.0
+        for oh in range(OH):
+            for ow in range(OW):
+                for c in range(C):
+                    flat[arg[n, oh, ow, c]] += dy[n, oh, ow, c]
+
+
+@njit(cache=True, parallel=True)
+def avgpool_forward(x, KH, KW, SH, SW, out):
+    """Average pooling without padding (out as for maxpool_forward): out ← the mean of each window."""
+    N, H, W, C = x.shape
+    OH, OW = out.shape[1], out.shape[2]
+    if out.shape[0] != N or out.shape[3] != C or (OH - 1) * SH + KH > H or (OW - 1) * SW + KW > W:
+        raise ValueError("avgpool_forward: out must be (N, OH, OW, C) with the windows inside x")
+    scale = np.float32(1.0 / (KH * KW))
+    for n in prange(N):
+        for oh in range(OH):
+            for ow in range(OW):
+                for c in range(C):
+                    out[n, oh, ow, c] = 0.0
+                for kh in range(KH):
+                    for kw in range(KW):
+                        ih, iw = oh * SH + kh, ow * SW + kw
+                        for c in range(C):
+                            out[n, oh, ow, c] += x[n, ih, iw, c]
+                for c in range(C):
+                    out[n, oh, ow, c] *= scale
+
+
+@njit(cache=True, parallel=True)
+def avgpool_backward(dy, KH, KW, SH, SW, dx):
+    """The gradient (adjoint) of avgpool_forward: dx ← 0, then dy/(KH·KW) added to every position of
+    each window."""
+    N, OH, OW, C = dy.shape
+    H, W = dx.shape[1], dx.shape[2]
+    if dx.shape[0] != N or dx.shape[3] != C or (OH - 1) * SH + KH > H or (OW - 1) * SW + KW > W:
+        raise ValueError("avgpool_backward: dx must be (N, H, W, C) with the windows inside it")
+    scale = np.float32(1.0 / (KH * KW))
+    for n in prange(N):
+        dx[n] = 0.0
+        for oh in range(OH):
+            for ow in range(OW):
+                for kh in range(KH):
+                    for kw in range(KW):
+                        ih, iw = oh * SH + kh, ow * SW + kw
+                        for c in range(C):
+                            dx[n, ih, iw, c] += dy[n, oh, ow, c] * scale
+
+
+def warmup_conv():
+    """warmup() for the convolution and pooling kernels (float32 activations, int32 arg-max)."""
+    f4 = np.float32
+    x = np.zeros((1, 2, 2, 1), f4)
+    cols = np.zeros((4, 4), f4)
+    im2col(x, 2, 2, 1, 1, 0, 0, 2, 2, cols)
+    col2im(cols, 2, 2, 1, 1, 0, 0, 2, 2, x)
+    out, arg = np.zeros((1, 1, 1, 1), f4), np.zeros((1, 1, 1, 1), np.int32)
+    maxpool_forward(x, 2, 2, 2, 2, out, arg)
+    maxpool_backward(out, arg, x)
+    avgpool_forward(x, 2, 2, 2, 2, out)
+    avgpool_backward(out, 2, 2, 2, 2, x)
+
+
+@njit(cache=True, parallel=True)
+def to_nhwc(x, out):
+    """out (N, H, W, C) ← x (N, C·H·W), a batch stored channels first (the dataset's layout)."""
+    N, H, W, C = out.shape
+    for n in prange(N):
+        for c in range(C):
+            for h in range(H):
+                for w in range(W):
+                    out[n, h, w, c] = x[n, (c * H + h) * W + w]
+
+
+@njit(cache=True, parallel=True)
+def conv_sqnorms(cols, dz, rows, sq):
+    """DP-SGD, per-example clipping of a conv layer: sq[i] += ‖dz_iᵀ cols_i‖² + ‖Σ_p dz_i[p]‖², the squared
+    norm of example i's weight and bias gradient, where example i owns `rows` consecutive rows of cols
+    (its im2col) and dz (dL/dz).  One small GEMM per example, never all of them at once."""
+    N = sq.size
+    for i in prange(N):
+        a = cols[i * rows:(i + 1) * rows]
+        d = dz[i * rows:(i + 1) * rows]
+        g = np.dot(d.T.copy(), a)
+        bias = d.sum(axis=0)
+        sq[i] += np.sum(g.astype(np.float64) ** 2) + np.sum(bias.astype(np.float64) ** 2)

@@ -194,7 +194,7 @@ class Checkpointer:
             say(f"skipping {message}")
         if path is None:
             return None
-        for key in ("kind", "n_in", "n_out", "hidden", "activation", "data_checksum"):
+        for key in ("kind", "n_in", "n_out", "hidden", "activation", "layers", "feature_shape", "data_checksum"):
             if key not in attrs or not np.array_equal(attrs[key], self.attrs[key]):
                 raise MpitrainError(f"{path}: checkpoint of another model or dataset ({key} = "
                                     f"{attrs.get(key)!r}, this run has {self.attrs[key]!r})", agreed=True)

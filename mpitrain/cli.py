@@ -41,7 +41,7 @@ def _parser():
 
     pr = sub.add_parser("prepare", help="write a dataset as HDF5 (train/test split, standardised)",
                         description="Turn a source into the HDF5 layout every rank reads its shard from.")
-    pr.add_argument("--source", help="digits | synthetic | npz:PATH | csv:PATH "
+    pr.add_argument("--source", help="digits | synthetic | npz:PATH | csv:PATH | images:DIR "
                                      "(may be left out with --partition to re-partition an existing --out)")
     pr.add_argument("--out", required=True, metavar="FILE.h5")
     pr.add_argument("--test-fraction", type=float, default=0.2,
@@ -53,6 +53,13 @@ def _parser():
                     help="number of classes (synthetic: default 10; other sources: default the largest "
                          "label + 1, and labels beyond --classes are refused)")
     pr.add_argument("--label-column", help="csv: label column name or index (default: the last column)")
+    pr.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                    help="images: resize every image to H×W pixels (Pillow's bilinear filter; default: keep "
+                         "the size, which must then be the same for all)")
+    pr.add_argument("--grayscale", action="store_true",
+                    help="images: convert to one grey channel (default: three RGB channels)")
+    pr.add_argument("--skip-bad", action="store_true",
+                    help="images: skip (and count) unreadable or corrupt files instead of stopping at the first")
     pr.add_argument("--partition", choices=("iid", "dirichlet", "shards", "quantity"),
                     help="also store a federated partition of the training split over --clients clients")
     pr.add_argument("--clients", type=int, default=16, help="number of federated clients (default 16)")
@@ -152,7 +159,8 @@ def _dispatch(args, comm):
                     raise MpitrainError("prepare: --source is required (unless --partition re-partitions --out)")
                 lines.append(prepare(args.source, args.out, args.test_fraction, args.seed, samples=args.samples,
                                      features=args.features, classes=args.classes,
-                                     label_column=args.label_column))
+                                     label_column=args.label_column, image_size=args.image_size,
+                                     grayscale=args.grayscale, skip_bad=args.skip_bad))
             if args.partition:
                 lines.append(write_partition(args.out, args.partition, args.clients, args.alpha,
                                              args.shards_per_client, args.seed, args.client_test_fraction))

@@ -30,9 +30,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "mlp"           # softmax | mlp
-    hidden: list[int] = field(default_factory=lambda: [128])  # ignored by softmax
-    activation: str = "relu"    # relu | tanh
+    kind: str = "mlp"           # softmax | mlp | lenet5 | fedavg_cnn | layers
+    hidden: list[int] = field(default_factory=lambda: [128])  # mlp only
+    activation: str = "relu"    # relu | tanh (mlp)
+    layers: list[str] = field(default_factory=list)  # kind = layers: e.g. ["conv2d 16 3 same", "relu", …] (model/layers.py)
 
 
 @dataclass

@@ -20,3 +20,6 @@ def check_compatible(spec, data, model_path):
     if spec.n_in != data.n_features or spec.n_out != data.n_classes:
         raise MpitrainError(f"{model_path}: the model takes {spec.n_in} features and {spec.n_out} classes, "
                             f"{data.path} has {data.n_features} features and {data.n_classes} classes")
+    if spec.sizes is None and spec.feature_shape != data.feature_shape:  # conv/pool read the shape
+        raise MpitrainError(f"{model_path}: the model takes samples of shape {list(spec.feature_shape)}, "
+                            f"{data.path} has {list(data.feature_shape)}")

@@ -41,7 +41,8 @@ class Session:
         self.config_text = to_toml(cfg)
         check_world(comm, self.config_text, self.data.checksum)
         self.spec = comm.agree(ModelSpec, cfg.model.kind, self.data.n_features, self.data.n_classes,
-                               tuple(cfg.model.hidden), cfg.model.activation)
+                               tuple(cfg.model.hidden), cfg.model.activation, tuple(cfg.model.layers),
+                               self.data.feature_shape)
         self.test_x, self.test_y = read_part(comm, self.data)
         self.kernels = comm.agree(compiled, comm, cfg.train.device)
         self.model = Model(self.spec, cfg.train.device)

@@ -80,7 +80,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         params = model.init_params(t.seed) if comm.rank == 0 else np.empty(spec.n_params, np.float32)
         comm.bcast(params)
     params = model.xp.to_device(params)  # the parameters stay on the device (the identity on the host)
-    log.say(f"mpitrain {__version__}: {spec.kind} {'-'.join(map(str, spec.sizes))} ({spec.n_params} params) "
+    log.say(f"mpitrain {__version__}: {spec.kind} {spec.describe()} ({spec.n_params} params) "
             f"on {comm.size} rank(s) × {run.threads} thread(s), {data.n_train} train samples, "
             f"global batch {t.global_batch}, steps {first + 1}…{total} → {run.out}")
 

@@ -35,7 +35,7 @@ def test_prepare_digits_layout(tmp_path):
     assert r.returncode == 0, r.stderr
     a, attrs, mean, std = _layout(path)
     assert len(a["train/x"]) + len(a["test/x"]) == 1797 and len(a["test/x"]) == 449
-    assert a["train/x"].shape[1] == 64 and list(attrs["feature_shape"]) == [8, 8]
+    assert a["train/x"].shape[1] == 64 and list(attrs["feature_shape"]) == [1, 8, 8]
     assert attrs["n_classes"] == 10 and attrs["source"] == "digits"
     # standardised with training statistics only: train columns have mean 0 and std 1 (or are constant)
     assert np.allclose(a["train/x"].mean(axis=0), 0, atol=1e-5)

@@ -402,15 +402,24 @@ def test_adaptive_clipping_update():
         _dp(noise_multiplier=2.0, adaptive=True, count_stddev=0.5)
 
 
-def _dpsgd_setup(clip=0.5, sigma=0.0):
+DPSGD_MODELS = {
+    "mlp": ("mlp", 6, (5, 4), (), ()),
+    "cnn": ("layers", 2 * 5 * 6, (), ("conv2d 3 3 same stride=2", "relu", "conv2d 4 2 valid", "tanh", "flatten",
+                                      "dense 3"), (2, 5, 6)),
+    "conv1d": ("layers", 12, (), ("conv1d 3 3 same", "relu", "maxpool1d 2", "flatten", "dense 3"), (12,)),
+}
+
+
+def _dpsgd_setup(clip=0.5, sigma=0.0, kind="mlp"):
     from mpitrain.config import DPSGDConfig
     from mpitrain.federated.dp import DPSGD
     from mpitrain.kernels import cpu
     from mpitrain.model import Model, ModelSpec
 
-    model = Model(ModelSpec("mlp", 6, 3, (5, 4)))
+    name, n_in, hidden, layers, shape = DPSGD_MODELS[kind]
+    model = Model(ModelSpec(name, n_in, 3, hidden, layers=layers, feature_shape=shape))
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((9, 6)).astype(np.float32) * 3
+    x = rng.standard_normal((9, n_in)).astype(np.float32) * 3
     y = rng.integers(0, 3, 9).astype(np.int64)
     w = model.init_params(1)
     dpsgd = DPSGD(model, cpu, DPSGDConfig(noise_multiplier=sigma, clip=clip), bytes(32))
@@ -418,17 +427,19 @@ def _dpsgd_setup(clip=0.5, sigma=0.0):
     return model, x, y, w, dpsgd
 
 
-def test_dpsgd_per_example_clipping_matches_explicit_per_example_gradients():
-    model, x, y, w, dpsgd = _dpsgd_setup(clip=0.5)
-    expected = np.zeros(model.n_params)
-    norms = []
+@pytest.mark.parametrize("kind", list(DPSGD_MODELS))
+def test_dpsgd_per_example_clipping_matches_explicit_per_example_gradients(kind):
+    """Dense layers' norms from ‖a_i‖·‖dz_i‖, conv layers' from per-example im2col rows (no Python loop over
+    examples), against one loss_grad per example."""
+    model, x, y, w, dpsgd = _dpsgd_setup(kind=kind)
+    grads = []
     for i in range(len(x)):
         g = np.zeros(model.n_params, np.float32)
         model.loss_grad(w, g, x[i:i + 1], y[i:i + 1])
-        norm = np.linalg.norm(g.astype(np.float64))
-        norms.append(norm)
-        expected += g * min(1.0, 0.5 / norm)
-    assert min(norms) < 0.5 < max(norms)  # some examples clipped, some not
+        grads.append(g.astype(np.float64))
+    norms = [np.linalg.norm(g) for g in grads]
+    dpsgd.clip = clip = float(np.median(norms))  # some examples clipped, some not
+    expected = sum(g * min(1.0, clip / norm) for g, norm in zip(grads, norms))
     grad = np.zeros(model.n_params, np.float32)
     loss, correct = dpsgd.loss_grad(w, grad, x, y)
     np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)

@@ -1,8 +1,9 @@
 """Sources → one HDF5 file (the layout every rank reads its shard from).
 
 Layout: train/x, test/x (float32, samples × features, chunked along samples), train/y, test/y (int64),
-standardize/mean, standardize/std (training-split statistics, already applied), and attributes
-n_classes, feature_shape, source, checksum (sha256 of the four arrays), format.
+standardize/mean, standardize/std (training-split statistics, already applied: one per feature, or for
+images one per channel), and attributes n_classes, feature_shape, source, checksum (sha256 of the four
+arrays), format; images also class_names.
 """
 import csv
 import hashlib
@@ -14,15 +15,17 @@ from .. import __version__
 from ..errors import MpitrainError
 
 FORMAT = 1
-SOURCES = "digits | synthetic | npz:PATH | csv:PATH"
+SOURCES = "digits | synthetic | npz:PATH | csv:PATH | images:DIR"
 SYNTHETIC_CLASSES = 10  # --classes when the synthetic source is not given one
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # compared lower-cased
 
 
 def _digits():
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    return d.images.astype(np.float32), d.target.astype(np.int64), None, None
+    # one channel, as images:DIR --grayscale: feature_shape [1, 8, 8], the same 64 numbers in the same order
+    return d.images.astype(np.float32)[:, None], d.target.astype(np.int64), None, None
 
 
 def _synthetic(samples, features, classes, seed):
@@ -145,6 +148,104 @@ def _csv(path, label_column):
     return np.delete(table, col, axis=1), table[:, col], None, None
 
 
+def _visible(folder):
+    """The entries of folder, without hidden ones (names starting with '.')."""
+    try:
+        with os.scandir(folder) as entries:
+            return [e for e in entries if not e.name.startswith(".")]
+    except OSError as exc:
+        raise MpitrainError(f"{folder}: cannot read ({exc.strerror}); expected a folder") from None
+
+
+def _image_folder(root):
+    """(class names, [(path, label), …]) of an ImageFolder tree: one subfolder per class (names sorted,
+    label = index), its .png/.jpg/.jpeg files sorted; other files and deeper folders are ignored."""
+    names = sorted(e.name for e in _visible(root) if e.is_dir())
+    if len(names) < 2:
+        raise MpitrainError(f"{root}: {len(names)} class folder(s); expected ≥ 2 (one subfolder of "
+                            f"PNG/JPEG images per class)")
+    files = []
+    for label, name in enumerate(names):
+        folder = os.path.join(root, name)
+        try:
+            name.encode("utf-8")  # class_names is stored as UTF-8; os.scandir passes other bytes through
+        except UnicodeEncodeError:
+            raise MpitrainError(f"{folder!r}: folder name is not UTF-8; expected a UTF-8 class name") from None
+        found = sorted(e.path for e in _visible(folder) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
+        if not found:
+            raise MpitrainError(f"{folder}: no .png/.jpg/.jpeg files; expected at least one image per class")
+        files += [(path, label) for path in found]
+    return names, files
+
+
+def _read_image(path, mode, size):
+    """The image as uint8 (C, H, W), or as a string the reason it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path, formats=("PNG", "JPEG")) as im:
+            if im.mode in ("I", "I;16", "I;16B", "I;16L"):
+                # 16-bit grey: keep the high byte, as Pillow itself does with 16-bit colour PNGs
+                # (its convert() would clip every value above 255 to white)
+                im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
+            im = im.convert(mode)  # RGBA/LA lose alpha; palette, 1-bit, grey and CMYK are expanded/mapped
+            if size:
+                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            a = np.asarray(im)
+    except UnidentifiedImageError:
+        return "not a PNG or JPEG image"
+    except Exception as exc:  # Pillow's decoders report bad data as OSError, SyntaxError, ValueError, …
+        return " ".join((getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).split())
+    return a[None] if mode == "L" else a.transpose(2, 0, 1)
+
+
+def _images(root, image_size, grayscale, skip_bad):
+    """x (uint8, samples × C × H × W), y, x_test, y_test, class names, skipped paths of images:DIR.
+
+    DIR holds the class folders, or train/ and test/ that each hold them: the two splits (other folders
+    beside them, such as val/, are ignored).
+    """
+    if all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test")):
+        folders = [os.path.join(root, "train"), os.path.join(root, "test")]
+        (names, train), (test_names, test) = map(_image_folder, folders)
+        if test_names != names:
+            only = [", ".join(sorted(a - b)[:5]) or "none" for a, b in
+                    ((set(names), set(test_names)), (set(test_names), set(names)))]
+            raise MpitrainError(f"{root}: the class folders of train/ and test/ differ (only in train/: "
+                                f"{only[0]}; only in test/: {only[1]}); expected the same")
+        splits = [train, test]
+    else:
+        folders = [root]
+        names, files = _image_folder(root)
+        splits = [files]
+    mode = "L" if grayscale else "RGB"
+    total = sum(map(len, splits))
+    x, y, n, ends, skipped = None, np.empty(total, np.int64), 0, [], []
+    for folder, files in zip(folders, splits):
+        start = n
+        for path, label in files:
+            a = _read_image(path, mode, image_size)
+            if isinstance(a, str):
+                if not skip_bad:
+                    raise MpitrainError(f"{path}: {a}; expected a readable PNG or JPEG image (or pass --skip-bad)")
+                skipped.append(path)
+                continue
+            if x is None:  # the first image fixes the size: every sample is allocated at once
+                x, first = np.empty((total,) + a.shape, np.uint8), path
+            elif a.shape != x.shape[1:]:
+                raise MpitrainError(f"{path}: {a.shape[1]}×{a.shape[2]} pixels (H×W), but {first} is "
+                                    f"{x.shape[2]}×{x.shape[3]}; expected the same size (or pass --image-size H W)")
+            x[n], y[n] = a, label
+            n += 1
+        empty = np.flatnonzero(np.bincount(y[start:n], minlength=len(names)) == 0)
+        if len(empty):
+            raise MpitrainError(f"{os.path.join(folder, names[empty[0]])}: every image skipped as unreadable; "
+                                f"expected at least one readable image per class")
+        ends.append(n)
+    test = (x[ends[0]:n], y[ends[0]:n]) if len(ends) == 2 else (None, None)
+    return x[:ends[0]], y[:ends[0]], *test, names, skipped
+
+
 def load_source(source, samples=10000, features=64, classes=SYNTHETIC_CLASSES, seed=0, label_column=None):
     kind, _, path = source.partition(":")
     if source == "digits":
@@ -196,10 +297,13 @@ def _class_count(source, classes, labels):
     return classes
 
 
-def prepare(source, out, test_fraction=0.2, seed=0, classes=None, **source_opts):
+def prepare(source, out, test_fraction=0.2, seed=0, classes=None, image_size=None, grayscale=False,
+            skip_bad=False, **source_opts):
     """Write the HDF5 file for `source` to `out` (atomically).  Returns a one-line description.
 
-    classes: the n_classes attribute; None = the largest label + 1 (synthetic: SYNTHETIC_CLASSES).
+    classes: the n_classes attribute; None = the largest label + 1 (synthetic: SYNTHETIC_CLASSES;
+    images:DIR: its class folders, and --classes is refused).  image_size (H, W), grayscale, skip_bad:
+    images:DIR only.
     """
     import h5py
 
@@ -207,7 +311,19 @@ def prepare(source, out, test_fraction=0.2, seed=0, classes=None, **source_opts)
         raise MpitrainError(f"--classes {classes}: expected ≥ 2")
     if source == "synthetic" and classes is None:
         classes = SYNTHETIC_CLASSES
-    x, y, x_test, y_test = load_source(source, seed=seed, classes=classes, **source_opts)
+    kind, _, root = source.partition(":")
+    class_names, skipped = None, []
+    if kind == "images" and root:
+        if classes is not None:
+            raise MpitrainError(f"--classes: not for {source} (its classes are its subfolders)")
+        if image_size is not None and min(image_size) < 1:
+            raise MpitrainError(f"--image-size {' '.join(map(str, image_size))}: expected H W ≥ 1")
+        x, y, x_test, y_test, class_names, skipped = _images(root, image_size, grayscale, skip_bad)
+        classes = len(class_names)  # every class folder holds a readable image (checked there)
+    elif image_size is not None or grayscale or skip_bad:
+        raise MpitrainError(f"--image-size, --grayscale, --skip-bad: only for an images:DIR source, not {source!r}")
+    else:
+        x, y, x_test, y_test = load_source(source, seed=seed, classes=classes, **source_opts)
     feature_shape = np.shape(x)[1:]
     x = _features(x, f"{source} x")
     y = _labels(y, f"{source} y", len(x))
@@ -231,11 +347,18 @@ def prepare(source, out, test_fraction=0.2, seed=0, classes=None, **source_opts)
         y_test = labels["y_test"] = _labels(y_test, f"{source} y_test", len(x_test))
     n_classes = _class_count(source, classes, labels)
     x, y = x[order], y[order]
-    mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
-    std = x.std(axis=0, dtype=np.float64).astype(np.float32)
+    if class_names is None:
+        mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+        std = x.std(axis=0, dtype=np.float64).astype(np.float32)
+    else:  # images: one mean/std per channel over all its training pixels (as torchvision's Normalize)
+        pixels = x.reshape(len(x), feature_shape[0], -1)
+        mean = pixels.mean(axis=(0, 2), dtype=np.float64).astype(np.float32)
+        std = pixels.std(axis=(0, 2), dtype=np.float64).astype(np.float32)
     std[std < 1e-6] = 1.0  # constant features (e.g. the corners of digits) stay at 0
-    x = (x - mean) / std
-    x_test = (x_test - mean) / std
+    # a channel's mean/std applies to each of its H·W features (per feature: repeated once)
+    shift, scale = (np.repeat(a, x.shape[1] // len(a)) for a in (mean, std))
+    x = (x - shift) / scale
+    x_test = (x_test - shift) / scale
 
     digest = hashlib.sha256()
     for a in (x, y, x_test, y_test):
@@ -253,10 +376,13 @@ def prepare(source, out, test_fraction=0.2, seed=0, classes=None, **source_opts)
             f.attrs.update(n_classes=n_classes, feature_shape=np.array(feature_shape, np.int64),
                            source=source, checksum=digest.hexdigest(), format=FORMAT,
                            created_by=f"mpitrain {__version__}")
+            if class_names is not None:
+                f.attrs["class_names"] = np.array(class_names, dtype=h5py.string_dtype())
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    note = f" ({len(skipped)} unreadable image(s) skipped, the first {skipped[0]})" if skipped else ""
     return (f"{out}: {len(x)} train + {len(x_test)} test samples, {x.shape[1]} features "
-            f"{tuple(feature_shape)}, {n_classes} classes, from {source}")
+            f"{tuple(feature_shape)}, {n_classes} classes, from {source}{note}")

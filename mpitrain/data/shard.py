@@ -55,6 +55,11 @@ class DataFile:
         self.n_train, self.n_test = len(self.f["train/y"]), len(self.f["test/y"])
         if self.n_train == 0:
             _fail(path, "train/x is empty")
+        # the shape of one sample, channels first ((C, H, W), (H, W), (C, L) or (L,)); rows are stored flat
+        self.feature_shape = tuple(int(d) for d in self.f.attrs.get("feature_shape", ())) or (self.n_features,)
+        if np.prod(self.feature_shape) != self.n_features or min(self.feature_shape) < 1:
+            _fail(path, f"attribute feature_shape = {list(self.feature_shape)} does not hold {self.n_features} "
+                        "features")
 
     def read(self, split, lo, hi, rank):
         """Rows [lo, hi) of split/x and split/y, checked (finite features, labels in range)."""

@@ -239,17 +239,17 @@ class DPSGD:
 
     def loss_grad(self, params, grad, x, y):
         """grad ← Σ_i clip_C(∇ℓ_i) + N(0, (σC)²); returns (loss sum, number correct) of the batch."""
-        model, k = self.model, self.k
+        model = self.model
         loss = correct = 0.0
         if len(x):
-            loss, correct = model.loss_grad(params, grad, x, y)  # fills the model's per-batch scratch
-            ins, dzs = per_layer(model, x)
+            loss, correct = model.loss_grad(params, grad, x, y)  # leaves each layer's input and dL/dz
             sq = np.zeros(len(x), np.float64)
-            for a, dz in zip(ins, dzs):
-                k.dp_sqnorms(a, dz, sq)
+            layers = [PerExample(self.k, *t) for t in model.trace]
+            for l in layers:
+                l.sqnorms(sq)
             factor = np.minimum(1.0, self.clip / np.maximum(np.sqrt(sq), 1e-30)).astype(np.float32)
-            for (dw, db), a, dz in zip(model.layers(grad), ins, dzs):
-                k.dp_clipped_grad(a, dz, factor, dw, db)
+            for l in layers:
+                l.clipped_grad(factor, *l.layer.views(grad))
         else:
             grad[:] = 0.0
         if self.sigma > 0:
@@ -257,14 +257,33 @@ class DPSGD:
         return loss, correct
 
 
-def per_layer(model, x):
-    """After model.loss_grad on x: each dense layer's input and its output gradient dL/dz per example, as
-    left in the model's scratch buffers (last layer: the softmax buffer; others: the buffers flowing down)."""
-    acts, downs = model._bufs(len(x))
-    layers = len(model.shapes)
-    ins = [x] + acts[:-1]
-    dzs = [downs[i] if i < layers - 1 else acts[-1] for i in range(layers)]
-    return ins, dzs
+class PerExample:
+    """One layer's per-example gradients, from its input a and dL/dz as backward left them, never
+    materialised: a dense layer's norms are ‖a_i‖·‖dz_i‖ (kernels.dp_sqnorms); a conv layer's come from
+    its im2col rows (recomputed: backward reused that buffer) per sample (kernels.conv_sqnorms).  The
+    clipped sum is one GEMM over rows scaled by each example's factor."""
+
+    def __init__(self, k, layer, a, dz, scratch):
+        self.k, self.layer, self.conv = k, layer, "cols" in scratch
+        if self.conv:
+            cols = scratch["cols"]
+            k.im2col(a, *layer.geom, cols)
+            self.a, self.dz = cols, dz.reshape(len(cols), -1)
+            self.rows = len(cols) // len(a)  # output positions per example
+        else:
+            self.a, self.dz, self.rows = a, dz, 1
+
+    def sqnorms(self, sq):
+        if self.conv:
+            self.k.conv_sqnorms(self.a, self.dz, self.rows, sq)
+        else:
+            self.k.dp_sqnorms(self.a, self.dz, sq)
+
+    def clipped_grad(self, factor, dw, db):
+        if self.conv:  # dw (C_out, K) = (f·dz)ᵀ cols: the dense rule on the transposed view
+            self.k.dp_clipped_grad(self.a, self.dz, np.repeat(factor, self.rows), dw.T, db)
+        else:
+            self.k.dp_clipped_grad(self.a, self.dz, factor, dw, db)
 
 
 def record_accountants(part, f, g):

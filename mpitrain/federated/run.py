@@ -232,7 +232,7 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
 
         record_acc = comm.agree(record_accountants, part, f, f.dpsgd) if comm.rank == 0 else comm.agree(_nothing)
     log.say(f"mpitrain {__version__} federate: {f.strategy}, {part.clients} clients on {comm.size - 1} client "
-            f"rank(s) × {run.threads} thread(s), {spec.kind} {'-'.join(map(str, spec.sizes))}, "
+            f"rank(s) × {run.threads} thread(s), {spec.kind} {spec.describe()}, "
             f"rounds {first + 1}…{rounds} → {run.out}")
     if dp is not None:
         log.say(f"differential privacy: clip {dp.clip:g}{' (adaptive)' if dp.adaptive else ''}, "

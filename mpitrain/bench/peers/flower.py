@@ -44,7 +44,8 @@ def setup(args):
     data = DataFile(cfg.data.path)
     if "partition" not in data.f:
         raise MpitrainError(f"{data.path}: no partition (prepare --partition iid --clients K)")
-    spec = ModelSpec(cfg.model.kind, data.n_features, data.n_classes, tuple(cfg.model.hidden), cfg.model.activation)
+    spec = ModelSpec(cfg.model.kind, data.n_features, data.n_classes, tuple(cfg.model.hidden), cfg.model.activation,
+                     tuple(cfg.model.layers), data.feature_shape)
     return cfg, data, spec
 
 
