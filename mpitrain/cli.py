@@ -28,13 +28,13 @@ def _parser():
                         help="override one setting, e.g. --set train.lr=0.1 --set model.hidden=[256,128]")
         p_.add_argument("--out", metavar="DIR", help="run directory (default: runs/<timestamp>)")
         p_.add_argument("--quiet", action="store_true", help="print nothing but errors")
+        p_.add_argument("--data", metavar="FILE.h5", help="shorthand for --set data.path=FILE.h5")
         p_.add_argument("--resume", metavar="auto|PATH",
                         help="continue from a checkpoint: auto = the newest good one in the checkpoint folder "
                              "(start afresh if there is none), or a ckpt-*.h5 path")
         p_.add_argument("--checkpoint-every", metavar="N|Ns",
                         help="checkpoint every N steps (train) or rounds (federate), or every N seconds with "
                              "an s suffix (default: every 300 s and at the end)")
-    fe.add_argument("--data", metavar="FILE.h5", help="shorthand for --set data.path=FILE.h5")
     t.add_argument("--device", choices=("cpu", "cuda"),
                    help="kernel backend, shorthand for --set train.device=… (cuda: pip install 'mpitrain[cuda]', "
                         "one GPU per rank)")

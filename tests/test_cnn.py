@@ -83,3 +83,11 @@ def test_fedavg_with_a_cnn_on_a_dirichlet_partition(tmp_path, images):
     s = run(3, "federate", str(tmp_path / "f"), images["digits"], *layers(LENET), "fed.rounds=10",
             "fed.fraction=0.5", "fed.local_epochs=2", "train.optimizer=sgd", "train.lr=0.05")
     assert s["test_accuracy"] >= 0.8 and s["n_params"] > 0
+
+
+def test_federated_cnn_with_secure_aggregation_and_record_level_dp_sgd(tmp_path, images):
+    """The privacy layers see the CNN as one flat vector; DP-SGD clips each example's conv gradients."""
+    s = run(3, "federate", str(tmp_path / "s"), images["digits"], *layers(LENET), "fed.rounds=2",
+            "fed.fraction=0.5", "fed.local_epochs=1", "fed.secure_aggregation=true", "fed.dpsgd.noise_multiplier=1",
+            "fed.dpsgd.clip=1", "fed.dp.noise_seed=3")
+    assert s["secure_aggregation"] and s["record_epsilon"] > 0 and s["rounds"] == 2
