@@ -36,20 +36,24 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def save_model(path, spec, params, **attrs):
+def save_model(path, spec, params, standardize=None, **attrs):
+    """standardize: the data file's (mean, std), so a reader can standardise raw inputs as training did."""
     import h5py
 
     def write(tmp):
         with h5py.File(tmp, "w") as f:
             f.create_dataset("params", data=params)
+            if standardize is not None:
+                f["standardize/mean"], f["standardize/std"] = standardize
             f.attrs.update(spec.attrs())
             f.attrs.update(attrs, mpitrain_version=__version__)
 
     atomic_write(path, write)
 
 
-def load_model(path):
-    """(ModelSpec, flat float32 parameters) from a model.h5."""
+def load_model(path, standardize=False):
+    """(ModelSpec, flat float32 parameters) from a model.h5, and with standardize=True the training data's
+    (mean, std), or None when the file has none."""
     import h5py
 
     if not os.path.exists(path):
@@ -63,11 +67,12 @@ def load_model(path):
                 raise MpitrainError(f"{path}: missing model attribute(s) {', '.join(missing)}")
             spec = ModelSpec.from_attrs(f.attrs)
             params = np.asarray(f["params"][...], np.float32)
+            stats = (f["standardize/mean"][...], f["standardize/std"][...]) if "standardize" in f else None
     except OSError:
         raise MpitrainError(f"{path}: not an HDF5 file (expected a model.h5 written by mpitrain)") from None
     if params.shape != (spec.n_params,):
         raise MpitrainError(f"{path}: params has shape {params.shape}, the model described needs ({spec.n_params},)")
-    return spec, params
+    return (spec, params, stats) if standardize else (spec, params)
 
 
 def _digest(arrays, attrs):

@@ -123,9 +123,7 @@ def _eval(args, comm):
 
 def _dispatch(args, comm):
     if args.command in ("train", "federate"):
-        from .config import load
-
-        from . import preempt
+        from . import api, preempt
 
         overrides = list(args.overrides)
         if getattr(args, "data", None):
@@ -136,14 +134,10 @@ def _dispatch(args, comm):
         if n:  # one cadence replaces the other
             overrides += ([f"checkpoint.every_seconds={n[:-1]}", "checkpoint.every=0"] if n.endswith("s")
                           else [f"checkpoint.every={n}", "checkpoint.every_seconds=0"])
-        cfg = comm.agree(load, args.config, overrides)
         preempt.install()
-        if args.command == "train":
-            from .train import train as run
-        else:
-            from .federated.run import federate as run
+        run = api.train if args.command == "train" else api.federate
         try:
-            run(cfg, comm, args.out, args.quiet, args.resume)
+            run(args.config, overrides, args.out, comm, args.resume, args.quiet)
         except preempt.Preempted:
             return preempt.EXIT_PREEMPTED
     elif args.command == "prepare":

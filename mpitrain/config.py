@@ -348,6 +348,8 @@ def _parse_value(text, typ):
 
 
 def load(path=None, overrides=()):
+    """The validated configuration: defaults, then the TOML file, then the overrides — "section.key=value"
+    strings as --set takes them, or a mapping {"section.key": value} of Python values (the API's)."""
     cfg = Config()
     cfg.given = set()  # the keys the file and --set gave: validation refuses those that would do nothing
     if path:
@@ -362,6 +364,11 @@ def load(path=None, overrides=()):
             if not isinstance(table, dict):
                 raise MpitrainError(f"{path}: {section} must be a [section] table")
             _set_table(cfg, section, table, path)
+    if isinstance(overrides, dict):
+        for name, value in overrides.items():
+            section, _, key = str(name).partition(".")
+            _set(cfg, section, key, value, f"override {name}")
+        overrides = ()
     for item in overrides:
         name, sep, text = item.partition("=")
         section, dot, key = name.strip().partition(".")

@@ -89,8 +89,8 @@ class Session:
                        wall_seconds=time.perf_counter() - self.started, data=self.cfg.data.path,
                        data_checksum=self.data.checksum, mpitrain_version=__version__)
         if self.comm.rank == 0:
-            save_model(os.path.join(self.out, "model.h5"), self.spec, params, data_checksum=self.data.checksum,
-                       **model_attrs)
+            save_model(os.path.join(self.out, "model.h5"), self.spec, params, self.data.standardize,
+                       data_checksum=self.data.checksum, **model_attrs)
         self.log.finish(summary)
         self.comm.barrier()
         return summary

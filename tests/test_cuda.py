@@ -33,7 +33,7 @@ def run_py(code, env):
 def test_under_simulator():
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       check=False, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+                       check=False, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert r.returncode == 0 and " passed" in r.stdout, r.stdout + r.stderr
 
 
@@ -244,3 +244,135 @@ def test_bench_step_and_train_on_cuda(tmp_path):
         with h5py.File(out / "model.h5", "r") as f:
             got[device] = f["params"][...]
     np.testing.assert_allclose(got["cuda"], got["cpu"], rtol=1e-4, atol=1e-5)
+
+
+# -- convolution and pooling (NHWC) --------------------------------------------------------------------
+
+
+def conv_geometry(H, W, KH, KW, SH, SW, same):
+    """(KH, KW, SH, SW, PH, PW, OH, OW): 'same' as TensorFlow pads (the odd pixel at the bottom/right)."""
+    def axis(n, k, s):
+        if not same:
+            return 0, (n - k) // s + 1
+        out = -(-n // s)
+        return max((out - 1) * s + k - n, 0) // 2, out
+
+    (PH, OH), (PW, OW) = axis(H, KH, SH), axis(W, KW, SW)
+    return KH, KW, SH, SW, PH, PW, OH, OW
+
+
+# name, (N, H, W, C_in, C_out), (KH, KW, SH, SW), same, activation
+CONV_CASES = [
+    ("2d-same-3x3", (3, 5, 6, 2, 3), (3, 3, 1, 1), True, cpu.RELU),  # 90 rows: the partial sums of db
+    ("2d-same-2x3-s2", (2, 5, 6, 2, 3), (2, 3, 2, 2), True, cpu.TANH),  # padding only at the bottom/right
+    ("2d-valid-3x2-s2", (2, 5, 6, 3, 2), (3, 2, 2, 2), False, cpu.IDENTITY),
+    ("1d-same-3", (2, 1, 7, 3, 2), (1, 4, 1, 1), True, cpu.RELU),  # even kernel: 1 left, 2 right
+    ("1d-valid-3-s2", (3, 1, 7, 2, 3), (1, 3, 1, 2), False, cpu.TANH),
+]
+
+
+@sim_only
+@pytest.mark.parametrize("case", CONV_CASES, ids=[c[0] for c in CONV_CASES])
+def test_conv_kernels(k, case):
+    _, (N, H, W, C, CO), (KH, KW, SH, SW), same, act = case
+    geom = conv_geometry(H, W, KH, KW, SH, SW, same)
+    OH, OW = geom[6:]
+    rng = np.random.default_rng([N, H, W, C, CO, KH, KW, SH, SW])
+    x, w, b = rand(rng, N, H, W, C), rand(rng, CO, KH * KW * C), rand(rng, CO)
+    rows, K = N * OH * OW, KH * KW * C
+    cols, y = np.empty((rows, K), np.float32), np.empty((N, OH, OW, CO), np.float32)
+    cpu.conv_forward(x, w, b, act, geom, cols, y)
+    gx, gw, gb, gcols, gy = k.to_device(x), k.to_device(w), k.to_device(b), k.empty((rows, K)), k.empty(y.shape)
+    k.conv_forward(gx, gw, gb, act, geom, gcols, gy)
+    np.testing.assert_array_equal(host(gcols), cols)  # im2col: copies and zeros
+    np.testing.assert_allclose(host(gy), y, **F32)
+
+    dcols, gdx = rand(rng, rows, K), k.empty(x.shape)  # col2im on its own, from identical input
+    dx = np.empty_like(x)
+    cpu.col2im(dcols, *geom, dx)
+    k.col2im(k.to_device(dcols), *geom, gdx)
+    np.testing.assert_allclose(host(gdx), dx, **F32)
+
+    dy = rand(rng, *y.shape)
+    gy = k.to_device(y)  # the backward pass from identical activations (relu's kink decides on y > 0)
+    for with_dx in (True, False):
+        dyc, c2 = dy.copy(), cols.copy()
+        dw, db, dx = np.empty_like(w), np.empty_like(b), np.empty_like(x) if with_dx else None
+        cpu.conv_backward(c2, w, y, dyc, act, geom, dw, db, c2, dx)
+        gdy, gc2, gdw, gdb = k.to_device(dy), k.to_device(cols), k.empty(w.shape), k.empty(b.shape)
+        gdx = k.empty(x.shape) if with_dx else None
+        k.conv_backward(gc2, gw, gy, gdy, act, geom, gdw, gdb, gc2, gdx)  # dcols is cols, as the model does
+        pairs = [(gdy, dyc), (gdw, dw), (gdb, db)] + ([(gc2, c2), (gdx, dx)] if with_dx else [])
+        for got, want in pairs:
+            np.testing.assert_allclose(host(got), want, **F32)
+
+
+# name, x shape (N, H, W, C), (KH, KW, SH, SW)
+POOL_CASES = [
+    ("2d-3x3-s2-overlap", (2, 5, 6, 2), (3, 3, 2, 2)),
+    ("2d-2x2", (2, 5, 6, 3), (2, 2, 2, 2)),
+    ("2d-2x3-s1-overlap", (2, 5, 6, 2), (2, 3, 1, 1)),
+    ("1d-3-s2-overlap", (3, 1, 7, 2), (1, 3, 1, 2)),
+]
+
+
+@sim_only
+@pytest.mark.parametrize("case", POOL_CASES, ids=[c[0] for c in POOL_CASES])
+def test_pool_kernels(k, case):
+    _, (N, H, W, C), (KH, KW, SH, SW) = case
+    OH, OW = (H - KH) // SH + 1, (W - KW) // SW + 1
+    rng = np.random.default_rng([N, H, W, C, KH, KW, SH, SW])
+    x = np.round(rand(rng, N, H, W, C))  # few distinct values: ties in most windows
+    x[0, 0, 1, 0] = np.nan  # propagates (and its window's arg is the NaN)
+    out, arg = np.empty((N, OH, OW, C), np.float32), np.empty((N, OH, OW, C), np.int32)
+    cpu.maxpool_forward(x, KH, KW, SH, SW, out, arg)
+    gx, gout, garg = k.to_device(x), k.empty(out.shape), k.ints(out.shape)
+    assert garg.dtype == np.int32
+    k.maxpool_forward(gx, KH, KW, SH, SW, gout, garg)
+    np.testing.assert_array_equal(host(gout), out)
+    np.testing.assert_array_equal(host(garg), arg)
+    dy, dx, gdx = rand(rng, *out.shape), np.empty_like(x), k.empty(x.shape)
+    cpu.maxpool_backward(dy, arg, dx)
+    k.maxpool_backward(k.to_device(dy), garg, gdx)
+    np.testing.assert_allclose(host(gdx), dx, **F32)
+
+    x = rand(rng, N, H, W, C)
+    cpu.avgpool_forward(x, KH, KW, SH, SW, out)
+    k.avgpool_forward(k.to_device(x), KH, KW, SH, SW, gout)
+    np.testing.assert_allclose(host(gout), out, **F32)
+    cpu.avgpool_backward(dy, KH, KW, SH, SW, dx)
+    k.avgpool_backward(k.to_device(dy), KH, KW, SH, SW, gdx)
+    np.testing.assert_allclose(host(gdx), dx, **F32)
+
+
+@sim_only
+@pytest.mark.parametrize("shape", [(2, 5, 6, 2), (2, 1, 7, 3)])
+def test_to_nhwc(k, shape):
+    N, H, W, C = shape
+    x = rand(np.random.default_rng(list(shape)), N, C * H * W)
+    out, gout = np.empty(shape, np.float32), k.empty(shape)
+    cpu.to_nhwc(x, out)
+    k.to_nhwc(k.to_device(x), gout)
+    np.testing.assert_array_equal(host(gout), out)
+    np.testing.assert_array_equal(out, x.reshape(N, C, H, W).transpose(0, 2, 3, 1))
+
+
+@sim_only
+def test_cnn_model_on_device(k):
+    """A CNN on 2-channel maps (the to_nhwc entry, conv, fused relu, max-pool, flatten, dense): loss_grad
+    and score on the device equal the CPU model's."""
+    from mpitrain.model import Model, ModelSpec
+
+    spec = ModelSpec("layers", 2 * 5 * 6, 3, layers=("conv2d 3 3 same", "relu", "maxpool2d 2", "flatten", "dense 3"),
+                     feature_shape=(2, 5, 6))
+    cm, gm = Model(spec, "cpu"), Model(spec, "cuda")
+    params = cm.init_params(5)
+    rng = np.random.default_rng(12)
+    x, y = rand(rng, 3, spec.n_in), rng.integers(0, 3, 3)
+    grad, gparams, ggrad = np.empty_like(params), k.to_device(params), k.zeros(params.size)
+    loss, correct = cm.loss_grad(params, grad, x, y)
+    gloss, gcorrect = gm.loss_grad(gparams, ggrad, k.to_device(x), k.to_device(y))
+    assert gloss == pytest.approx(loss, rel=1e-5) and gcorrect == correct
+    np.testing.assert_allclose(host(ggrad), grad, **F32)
+    score, gscore = cm.score(params, x, y), gm.score(gparams, x, y)
+    assert gscore[0] == pytest.approx(score[0], rel=1e-5) and gscore[1] == score[1]

@@ -25,7 +25,7 @@ from mpitrain.federated.strategies import (DEFAULT_SERVER_LR, STRATEGIES, check,
 from mpitrain.kernels import cpu
 from mpitrain.model import Model, ModelSpec
 from mpitrain.optim import Optimizer
-from mpitrain.train import Stepper
+from mpitrain.trainer import Stepper
 
 f32 = np.float32
 RTOL, ATOL = 2e-6, 1e-7  # float32 state and parameters against float64 hand computations

@@ -130,7 +130,7 @@ def test_plain_mean_degrades_under_attack(attacked, attack):
 
 
 def test_gathered_updates_are_model_sized_rows(tmp_path):
-    """Robust rules gather every client's update: each client rank sends [stop | rows of n + 4] in one
+    """Robust rules gather every client's update: each client rank sends [stop, diverged | rows of n + 4] in one
     float32 Gatherv (after an int64 count); nothing else but the model and scalars crosses ranks."""
     data = str(tmp_path / "d.h5")
     assert mpirun(1, "prepare", "--source", "digits", "--out", data, "--partition", "iid", "--clients", 8).returncode == 0
@@ -146,10 +146,10 @@ def test_gathered_updates_are_model_sized_rows(tmp_path):
             op, dtype, shape, _ = line.split()
             count = int(np.prod([int(x) for x in shape.split("x")]))
             if op == "Gatherv":
-                assert dtype == "float32" and (count - 1) % (n + 4) == 0, line
-                gathered.append((count - 1) // (n + 4))
+                assert dtype == "float32" and (count - 2) % (n + 4) == 0, line
+                gathered.append((count - 2) // (n + 4))
             else:
-                assert (dtype == "float32" and count in (n, n + 2)) or (dtype in ("int64", "float64") and count <= 4), line
+                assert (dtype == "float32" and count in (n, n + 3)) or (dtype in ("int64", "float64") and count <= 4), line
     assert sum(gathered) == 2 * 4  # 4 clients a round, 2 rounds
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
         assert [json.loads(line)["clients"] for line in f] == [4, 4]

@@ -92,7 +92,7 @@ def _twice(data, out):
     """train() twice in one process into one folder, the second resuming: prints its resumed_from_step."""
     from mpitrain.comm import Comm
     from mpitrain.config import load
-    from mpitrain.train import train as run
+    from mpitrain.trainer import train as run
 
     comm = Comm()
     cfg = load(None, [f"data.path={data}", "train.steps=5", "model.hidden=[8]"])

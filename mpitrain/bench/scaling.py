@@ -173,7 +173,7 @@ def measure_point(args, comm, mode):
     from ..optim import Optimizer
     from ..sync import make
     from ..threads import limit
-    from ..train import Stepper
+    from ..trainer import Stepper
 
     limit(args.threads)
     sizes = mlp_sizes(args.features, args.hidden, args.classes)

@@ -38,7 +38,7 @@ def _timed(steps, seconds, repeats):
 def mpitrain_step(sizes, x, y, device="cpu"):
     from ..model import Model, ModelSpec
     from ..optim import Optimizer
-    from ..train import Stepper
+    from ..trainer import Stepper
 
     model = Model(ModelSpec("mlp", sizes[0], sizes[-1], tuple(sizes[1:-1])), device)
     params = model.xp.to_device(model.init_params(0))

@@ -55,6 +55,9 @@ class DataFile:
         self.n_train, self.n_test = len(self.f["train/y"]), len(self.f["test/y"])
         if self.n_train == 0:
             _fail(path, "train/x is empty")
+        # what prepare subtracted and divided by (per feature, or per channel for images): model.h5 keeps it
+        self.standardize = ((self.f["standardize/mean"][...], self.f["standardize/std"][...])
+                            if "standardize" in self.f else None)
         # the shape of one sample, channels first ((C, H, W), (H, W), (C, L) or (L,)); rows are stored flat
         self.feature_shape = tuple(int(d) for d in self.f.attrs.get("feature_shape", ())) or (self.n_features,)
         if np.prod(self.feature_shape) != self.n_features or min(self.feature_shape) < 1:

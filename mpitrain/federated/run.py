@@ -22,7 +22,7 @@ from ..errors import MpitrainError
 from ..evaluate import evaluate
 from ..optim import Optimizer
 from ..session import Session
-from ..train import Stepper
+from ..trainer import Stepper
 from .aggregation import MeanAggregator
 from .dp import DPSGD, ClientDP, dp_cohort, noise_key
 from .robust import GatherAggregator, attack_update, attackers

@@ -186,13 +186,23 @@ class Model:
             d = downs[i]
         return loss, correct
 
+    def logits(self, params, x):
+        """The logits (N, classes) of host rows x, as a host array, in chunks like score."""
+        out = np.empty((len(x), self.spec.n_out), np.float32)
+        chunk = self._chunk()
+        for i in range(0, len(x), chunk):
+            out[i:i + chunk] = self.xp.to_host(self._forward(params, self.xp.to_device(x[i:i + chunk]))[1])
+        return out
+
+    def _chunk(self):
+        """Samples per chunk of evaluation: its buffers stay within ~64 MB."""
+        per_sample = 4 * sum(math.prod(l.out_shape) for l in self.net)
+        per_sample += sum(4 * math.prod(l.geom[6:]) * l.k_len for l in self.net if isinstance(l, Conv))
+        return max(1, min(4096, (64 << 20) // per_sample))
+
     def score(self, params, x, y, chunk=None):
-        """(loss sum, number correct) of the model on host arrays (x, y), in chunks (moved to the device)
-        small enough that a chunk's buffers stay within ~64 MB."""
-        if chunk is None:
-            per_sample = 4 * sum(math.prod(l.out_shape) for l in self.net)
-            per_sample += sum(4 * math.prod(l.geom[6:]) * l.k_len for l in self.net if isinstance(l, Conv))
-            chunk = max(1, min(4096, (64 << 20) // per_sample))
+        """(loss sum, number correct) of the model on host arrays (x, y), in chunks (moved to the device)."""
+        chunk = chunk or self._chunk()
         loss, correct = 0.0, 0
         for i in range(0, len(x), chunk):
             _, logits = self._forward(params, self.xp.to_device(x[i:i + chunk]))
