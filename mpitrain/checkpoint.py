@@ -75,10 +75,26 @@ def load_model(path, standardize=False):
     return (spec, params, stats) if standardize else (spec, params)
 
 
+class Parts:
+    """A vector held in parts across ranks (sharded modes): `local` is this rank's part, gather() — every
+    rank calls it — returns the whole on rank 0 (None elsewhere).  A checkpoint gathers and writes such
+    vectors one at a time, so rank 0 never holds more than one of them whole."""
+
+    def __init__(self, comm, local):
+        self.comm, self.local = comm, local
+
+    def gather(self):
+        return self.comm.gatherv(self.local)[0]
+
+
 def _digest(arrays, attrs):
+    """sha256 over (name, bytes) of the arrays in name order, then the attributes; arrays may be an
+    iterator of (name, array) pairs in name order (a checkpoint being written)."""
     h = hashlib.sha256()
-    for name in sorted(arrays):
-        h.update(name.encode() + np.ascontiguousarray(arrays[name]).tobytes())
+    for name, a in (sorted(arrays.items()) if isinstance(arrays, dict) else arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # the buffer itself, not a copy
+        del a  # before the next one is gathered: rank 0 holds one whole vector at a time
     for name in sorted(attrs):
         h.update(f"{name}={np.asarray(attrs[name]).tolist()!r}".encode())
     return h.hexdigest()
@@ -96,10 +112,15 @@ def save_checkpoint(directory, index, arrays, attrs, keep=3):
 
     def write(tmp):
         with h5py.File(tmp, "w") as f:
-            for name, a in arrays.items():
-                f.create_dataset(name, data=a)
+            def written():  # one array at a time: a Parts is gathered, written, hashed, dropped
+                for name in sorted(arrays):
+                    a = arrays[name].gather() if isinstance(arrays[name], Parts) else arrays[name]
+                    f.create_dataset(name, data=a)
+                    yield name, a
+                    del a
+
+            f.attrs["checksum"] = _digest(written(), attrs)
             f.attrs.update(attrs)
-            f.attrs["checksum"] = _digest(arrays, attrs)
 
     atomic_write(path, write)
     names = sorted(glob.glob(os.path.join(directory, "ckpt-*.h5")))  # zero-padded: name order = step order
@@ -183,12 +204,16 @@ class Checkpointer:
     def save(self, index, arrays, **attrs):
         # decided together: sharded and local-SGD ranks hold different state, and a rank that raised alone
         # would leave the others in the barrier below
-        finite = all(np.all(np.isfinite(a)) for a in arrays.values())
-        if not self.comm.allreduce([finite], op="min")[0]:
+        local = [a.local if isinstance(a, Parts) else a for a in arrays.values()]
+        if not self.comm.allreduce([all(np.all(np.isfinite(a)) for a in local)], op="min")[0]:
             raise MpitrainError(f"step/round {index}: parameters or state are not finite; "
                                 f"not checkpointed (the last good checkpoint stays in {self.dir})", agreed=True)
         if self.comm.rank == 0:
             save_checkpoint(self.dir, index, arrays, {**self.attrs, **attrs}, self.keep)
+        else:  # the gathers rank 0 makes while it writes, in its order
+            for name in sorted(arrays):
+                if isinstance(arrays[name], Parts):
+                    arrays[name].gather()
         self.comm.barrier()
         self.last = time.monotonic()
 

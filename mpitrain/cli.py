@@ -189,3 +189,9 @@ def main(argv=None):
         from .comm import report_error
 
         return report_error(comm, exc)
+    except MemoryError as exc:  # one line, and the whole job ends (the other ranks may be in a collective)
+        from .comm import report_error
+
+        return report_error(comm, MpitrainError(
+            f"out of memory ({exc}): the model with its gradient and optimizer state, or a batch, does not fit "
+            "in this rank's memory; comm.mode = fsdp keeps 1/p of the model on each rank"))

@@ -115,6 +115,16 @@ class Comm:
             self.raw.Allgatherv(self.MPI.IN_PLACE, [buf, counts, displs, self.MPI.FLOAT])
         return buf
 
+    def iallgatherv(self, mine, buf, counts, displs):
+        """Start gathering every rank's `mine` (counts[r] float32 values) into buf at displs[r]; returns
+        the request, or None when there is nothing to wait for (one rank)."""
+        if self.trace:
+            self._note("Iallgatherv", mine)
+        if self.size == 1:
+            buf[:len(mine)] = mine
+            return None
+        return self.raw.Iallgatherv(mine, [buf, counts, displs, self.MPI.FLOAT])
+
     def groups(self, group_size=0):
         """(my group, the group leaders) for two-level collectives: groups are the shared-memory nodes
         (group_size 0) or blocks of group_size consecutive ranks (to emulate nodes on one machine); the

@@ -200,7 +200,7 @@ class Config:
         return self
 
 
-MODES = ("plain", "overlap", "hierarchical", "fp16", "bf16", "topk", "sharded", "local_sgd")  # comm.mode
+MODES = ("plain", "overlap", "hierarchical", "fp16", "bf16", "topk", "sharded", "local_sgd", "fsdp")  # comm.mode
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multikrum", "norm_bound")
 ATTACKS = ("none", "sign_flip", "scale", "label_flip")
 

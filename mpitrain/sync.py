@@ -19,6 +19,10 @@ on every rank the summed scalars and the parameters the plain path would have pr
                 are averaged (Allreduce, weighted by each rank's share of the global batch) every
                 comm.local_steps-th step of the run (counted across resumes) — and whenever the loop
                 evaluates, checkpoints or stops, so that those see one model
+  fsdp          ZeRO-3: each rank holds only its 1/p of the parameters, of the gradient and of the
+                optimizer state; a layer's parameters are Allgathered just before its forward and again
+                before its backward (the next layer's gather started while this one computes), and its
+                gradient is Reduce_scattered as soon as backward has produced it
 
 The scalars (loss, hits, flags) are summed exactly in every mode (a separate few-byte Allreduce where the
 gradient does not travel as plain float32).  `seconds` counts this rank's time in these collectives,
@@ -28,6 +32,7 @@ import time
 
 import numpy as np
 
+from .checkpoint import Parts
 from .errors import MpitrainError
 from .kernels import cpu
 
@@ -51,14 +56,37 @@ def make(cfg, comm, model):
         return Sharded(comm, n)
     if c.mode == "local_sgd":
         return LocalSGD(comm, n, c.local_steps)
+    if c.mode == "fsdp":
+        return FSDP(comm, model)
     return Plain(comm, n)
 
 
 class Plain:
     ready = None  # overlap's backward hook
 
+    def own(self, params):
+        """The parameters the loop trains, from a full vector (fsdp keeps its shard of it)."""
+        return params
+
+    def full(self, params):
+        """A full parameter vector on every rank, for evaluation (fsdp gathers one)."""
+        return params
+
+    def saved(self, params):
+        """The parameters a checkpoint or model.h5 holds: the vector, or Parts of it (see gather_state)."""
+        return params
+
+    def bytes_per_rank(self, params, grad):
+        """(parameter bytes, gradient bytes) this rank holds, from the live buffers."""
+        return params.nbytes, grad.nbytes
+
+    def gradient(self, buf):
+        """Where backward writes the gradient: the first n slots of the step's buffer (fsdp: itself)."""
+        return buf[:self.n]
+
     def __init__(self, comm, n):
         self.comm, self.n = comm, n
+        self.slots = n  # gradient slots of the step's buffer (the scalars follow)
         self.part = slice(0, n)  # the parameters this rank updates (and keeps optimizer state for)
         self.due = False  # local_sgd: the loop evaluates or checkpoints after this step
         self.step = 0  # the global number of the last step reduced (a resumed loop starts it at its step)
@@ -239,12 +267,8 @@ class Sharded(Plain):
         self.bytes += ring_bytes(4 * self.n, self.comm.size, "allgather")
 
     def gather_state(self, state):
-        """Rank 0 receives the full vectors (Gatherv); the other ranks keep their parts (not written)."""
-        out = {}
-        for name, v in state.items():
-            full, _ = self.comm.gatherv(v)
-            out[name] = full if self.comm.rank == 0 else v
-        return out
+        """Parts: the checkpoint gathers each vector onto rank 0 as it writes it."""
+        return {name: Parts(self.comm, v) for name, v in state.items()}
 
 
 class LocalSGD(Plain):
@@ -273,3 +297,98 @@ class LocalSGD(Plain):
             row = self._own_row(arrays, f"opt/{name}")
             if row is not None:
                 v[:] = row
+
+
+class FSDP(Sharded):
+    """comm.mode = "fsdp" (module doc).  The flat vector is cut as in sharded mode (rank r owns
+    [⌊rn/p⌋, ⌊(r+1)n/p⌋)); a layer's slice [a, b) spans some ranks' shards, so its Allgatherv takes from
+    each rank the overlap of its shard with [a, b), in rank order, which is the slice itself.  The model
+    sees this object instead of flat vectors (Model.loss_grad asks fetch(layer) for the parameters and
+    grad_of(layer) for where to write the gradient, and ready(offset) after each layer's backward).
+    Memory: the shards, two gather buffers and one gradient buffer of the largest layer."""
+
+    def __init__(self, comm, model):
+        super().__init__(comm, model.n_params)
+        self.slots = 0
+        self.order = model.with_params  # forward order
+        self.plan = {}
+        r = comm.rank
+        for i, l in enumerate(self.order):
+            a, b = l.offset, l.offset + l.n_params
+            lo, hi = np.maximum(self.displs, a), np.minimum(self.displs + self.counts, b)
+            counts = np.maximum(hi - lo, 0)
+            mine = slice(int(lo[r] - self.part.start), int(lo[r] - self.part.start + counts[r]))
+            self.plan[l.offset] = (i, counts, np.concatenate([[0], np.cumsum(counts)[:-1]]), mine)
+        size = max(l.n_params for l in self.order)
+        self.shard = np.zeros(self.counts[r], np.float32)
+        self.gshard = self.mine  # this rank's part of the summed gradient, filled layer by layer
+        self.bufs = [np.empty(size, np.float32), np.empty(size, np.float32)]
+        self.gbuf = np.empty(size, np.float32)
+        self.held = [None, None]  # the layer index whose parameters each buffer holds
+        self.pending = None  # (buffer, request) of the prefetch in flight
+
+    def own(self, params):
+        self.shard[:] = params[self.part]
+        return self
+
+    def full(self, params):
+        out = np.empty(self.n, np.float32)
+        out[self.part] = self.shard
+        return self.comm.allgatherv_inplace(out, self.counts, self.displs)
+
+    def saved(self, params):
+        return Parts(self.comm, self.shard)
+
+    def bytes_per_rank(self, params, grad):
+        return self.shard.nbytes, self.gshard.nbytes
+
+    def gradient(self, buf):
+        return self
+
+    def _gather(self, i, j):
+        """Start gathering layer i's parameters into buffer j."""
+        _, counts, displs, mine = self.plan[self.order[i].offset]
+        self.held[j] = i
+        self.bytes += ring_bytes(4 * int(counts.sum()), self.comm.size, "allgather")
+        return self.comm.iallgatherv(self.shard[mine], self.bufs[j], counts, displs)
+
+    def fetch(self, layer, down=False):
+        """The layer's (W, b) views on its gathered parameters, waited for; then the gather of the layer
+        the pass needs next (up in forward, down in backward) is started, to overlap this one's compute."""
+        t = time.perf_counter()
+        i = self.plan[layer.offset][0]
+        if self.pending is not None and self.held[self.pending[0]] == i:
+            j, req = self.pending
+            self.pending = None
+            if req is not None:
+                req.Wait()
+        elif i in self.held:  # the top layer when backward starts, or the one below it
+            j = self.held.index(i)
+        else:
+            j = 1 - self.pending[0] if self.pending is not None else 0
+            req = self._gather(i, j)
+            if req is not None:
+                req.Wait()
+        nxt = i - 1 if down else i + 1
+        if 0 <= nxt < len(self.order) and nxt not in self.held and self.pending is None:
+            self.pending = (1 - j, self._gather(nxt, 1 - j))
+        self.seconds += time.perf_counter() - t
+        return layer.views(self.bufs[j], at=0)
+
+    def grad_of(self, layer):
+        return layer.views(self.gbuf, at=0)
+
+    def ready(self, offset):
+        """Backward has written this layer's gradient: Reduce_scatter it into this rank's shard."""
+        _, counts, _, mine = self.plan[offset]
+        t = time.perf_counter()
+        self.comm.reduce_scatter_sum(self.gbuf[:int(counts.sum())], self.gshard[mine], counts)
+        self.bytes += ring_bytes(4 * int(counts.sum()), self.comm.size, "reduce_scatter")
+        self.seconds += time.perf_counter() - t
+
+    def _reduce(self, buf, scale):
+        self._sum(buf)  # the step's scalars; the gradient went layer by layer
+
+    def update(self, opt, params, grad, lr, scale, count):
+        opt.update(self.shard, self.gshard, lr, scale)
+        self.held = [None, None]  # the gathered copies are stale now

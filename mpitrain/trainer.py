@@ -9,6 +9,7 @@ import numpy as np
 
 from . import __version__
 from . import preempt
+from .checkpoint import Parts
 from .data.shard import TrainShard
 from .evaluate import evaluate
 from .kernels import HOST
@@ -24,12 +25,13 @@ class Stepper:
     def __init__(self, model, optimizer, sync=None, flags=0):
         self.model, self.opt, self.sync = model, optimizer, sync
         n, xp = model.n_params, model.xp
-        self.buf = xp.staging(n + 2 + flags)  # [gradient | loss sum | number correct | flags]; pinned on a GPU
+        self.n = n if sync is None else sync.slots  # fsdp: no full gradient (it leaves layer by layer)
+        self.buf = xp.staging(self.n + 2 + flags)  # [gradient | loss sum | number correct | flags]; pinned on a GPU
         # On the host the gradient is a view of the buffer MPI reduces; on a GPU it stays on the device and
         # passes through the buffer's first n slots, one copy each way per step.
         self.staged = xp is not HOST
-        self.grad = xp.zeros(n) if self.staged else self.buf[:n]
-        self.flags = self.buf[n + 2:]  # set before a step; summed over ranks with the gradient
+        self.grad = xp.zeros(n) if self.staged else self.buf[:n] if sync is None else sync.gradient(self.buf)
+        self.flags = self.buf[self.n + 2:]  # set before a step; summed over ranks with the gradient
         self.prox = None  # (mu, anchor): FedProx adds (mu/2)·||params − anchor||² per sample
         self.loss_grad = model.loss_grad  # (params, grad, x, y) → (loss sum, correct); DP-SGD swaps in its own
         if sync is not None:
@@ -39,7 +41,7 @@ class Stepper:
 
     def __call__(self, params, x, y, lr, scale):
         """Returns (loss sum, number correct), summed over ranks when reducing."""
-        n, xp = self.model.n_params, self.model.xp
+        n, xp = self.n, self.model.xp
         x, y = xp.to_device(x), xp.to_device(y)  # the identity on the host
         self.buf[n], self.buf[n + 1] = self.loss_grad(params, self.grad, x, y)
         if self.prox is not None:  # gradient of the summed loss: the proximal term counts once per sample
@@ -79,7 +81,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         first = 0
         params = model.init_params(t.seed) if comm.rank == 0 else np.empty(spec.n_params, np.float32)
         comm.bcast(params)
-    params = model.xp.to_device(params)  # the parameters stay on the device (the identity on the host)
+    params = sync.own(model.xp.to_device(params))  # on the device (the identity on the host); fsdp: its shard
     log.say(f"mpitrain {__version__}: {spec.kind} {spec.describe()} ({spec.n_params} params) "
             f"on {comm.size} rank(s) × {run.threads} thread(s), {data.n_train} train samples, "
             f"global batch {t.global_batch}, steps {first + 1}…{total} → {run.out}")
@@ -109,7 +111,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         if (step + 1) % max(t.log_every, 1) == 0 or step + 1 == total:
             log.record(step=step + 1, epoch=epoch, lr=lr_now, **last)
         if (step + 1) % eval_every == 0 or step + 1 == total:
-            test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
+            test_loss, test_acc = evaluate(comm, model, sync.full(params), run.test_x, run.test_y)
             log.record(step=step + 1, epoch=epoch, test_loss=test_loss, test_accuracy=test_acc)
             log.say(f"step {step + 1}/{total}  epoch {epoch + 1}  loss {last['train_loss']:.4f}  "
                     f"test loss {test_loss:.4f}  test acc {test_acc:.4f}")
@@ -117,21 +119,31 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         if ckpt.due(step + 1, stop or timed) or step + 1 == total:
             host = model.xp.to_host
             state = sync.gather_state({f"opt/{k}": host(v) for k, v in opt.state.items()})
-            ckpt.save(step + 1, {"params": host(params), **state}, opt_t=opt.t)
+            ckpt.save(step + 1, {"params": host(sync.saved(params)), **state}, opt_t=opt.t)
         if stop and step + 1 < total:  # at the last step the run simply ends (model.h5, summary, exit 0)
             run.stop(f"step {step + 1}")
     if test_acc is None:  # resumed at the end: score the restored model
-        test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
-    state_bytes = sum(v.nbytes for v in opt.state.values())
-    train_seconds, comm_seconds, state_bytes = comm.allreduce([train_seconds, sync.seconds, state_bytes], op="max")
+        test_loss, test_acc = evaluate(comm, model, sync.full(params), run.test_x, run.test_y)
+    memory = [sum(v.nbytes for v in opt.state.values()), *sync.bytes_per_rank(params, step_fn.grad), peak_rss()]
+    train_seconds, comm_seconds, *memory = comm.allreduce([train_seconds, sync.seconds, *memory], op="max")
     summary = {
         "test_accuracy": test_acc, "test_loss": test_loss, **last,
         "steps": total, "epochs": total / shard.steps_per_epoch, "global_batch": t.global_batch,
         "samples_per_second": (total - first) * t.global_batch / train_seconds if train_seconds else None,
         "comm_seconds": comm_seconds, "comm_mode": cfg.comm.mode,
-        "comm_bytes_per_step": sync.bytes / max(sync.steps, 1), "optimizer_state_bytes_per_rank": int(state_bytes),
+        "comm_bytes_per_step": sync.bytes / max(sync.steps, 1), "optimizer_state_bytes_per_rank": int(memory[0]),
+        "param_bytes_per_rank": int(memory[1]), "grad_bytes_per_rank": int(memory[2]), "peak_rss_bytes": int(memory[3]),
         "resumed_from_step": first,
     }
     log.say(f"done: test accuracy {test_acc:.4f}, {summary['samples_per_second'] or 0:.0f} samples/s, "
             f"{train_seconds:.1f} s ({comm_seconds:.1f} s in {cfg.comm.mode} communication) → {run.out}")
-    return run.finish(summary, model.xp.to_host(params), steps=total)
+    final = sync.saved(params)
+    final = final.gather() if isinstance(final, Parts) else model.xp.to_host(final)  # whole on rank 0
+    return run.finish(summary, final, steps=total)
+
+
+def peak_rss():
+    """This process's peak resident memory in bytes (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

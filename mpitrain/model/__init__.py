@@ -159,7 +159,7 @@ class Model:
             if isinstance(l, Flatten):
                 x = x.reshape(n, -1)
             else:
-                l.forward(self.k, l.views(params), x, out, s)
+                l.forward(self.k, _weights(params, l), x, out, s)
                 x = out
         return ins, x
 
@@ -178,7 +178,8 @@ class Model:
                 continue
             if i == 0 and not l.n_params:  # a first pooling layer: nothing below needs its gradient
                 break
-            l.backward(self.k, l.views(params), l.views(grad), ins[i], outs[i], d, downs[i], scratch[i])
+            g = grad.grad_of(l) if hasattr(grad, "grad_of") else l.views(grad)
+            l.backward(self.k, _weights(params, l, down=True), g, ins[i], outs[i], d, downs[i], scratch[i])
             if l.n_params:
                 self.trace.append((l, ins[i], d, scratch[i]))  # d is dL/dz now (the activation's gradient applied)
                 if ready is not None:
@@ -209,3 +210,11 @@ class Model:
             l, c = self.k.softmax_xent(logits, self.xp.to_device(y[i:i + chunk]))
             loss, correct = loss + l, correct + c
         return loss, correct
+
+
+def _weights(params, l, down=False):
+    """A layer's (W, b): views of the flat vector, or gathered for it by a store that holds only a shard
+    (sync.FSDP: fetch, and grad_of for the gradient); None for a layer without parameters."""
+    if not l.n_params:
+        return None
+    return params.fetch(l, down) if hasattr(params, "fetch") else l.views(params)

@@ -47,7 +47,8 @@ class Layer:
     n_params = 0
     act = IDENTITY
 
-    def views(self, flat):
+    def views(self, flat, at=None):
+        """(W, b) on flat at the layer's offset (or at `at`), None for a layer without parameters."""
         return None
 
     def scratch(self, n, xp):
@@ -65,8 +66,8 @@ class Dense(Layer):
     def text(self):
         return f"dense {self.units}"
 
-    def views(self, flat):
-        o, a, b = self.offset, self.n_in, self.units
+    def views(self, flat, at=None):
+        o, a, b = self.offset if at is None else at, self.n_in, self.units
         return flat[o:o + a * b].reshape(a, b), flat[o + a * b:o + a * b + b]
 
     def forward(self, k, p, x, out, s):
@@ -97,8 +98,8 @@ class Conv(Layer):
         k, s = (f"{KW}", f"{SW}") if self.dims == 1 else (f"{KH}x{KW}", f"{SH}x{SW}")
         return f"conv{self.dims}d {self.channels} {k} {'same' if self.same else 'valid'} stride={s}"
 
-    def views(self, flat):
-        o, a, b = self.offset, self.channels, self.k_len
+    def views(self, flat, at=None):
+        o, a, b = self.offset if at is None else at, self.channels, self.k_len
         return flat[o:o + a * b].reshape(a, b), flat[o + a * b:o + a * b + a]
 
     def scratch(self, n, xp):
