@@ -1,11 +1,11 @@
-"""Command line: ``python -m mpitrain [train|prepare|eval|info|bench] ...`` (no subcommand = train)."""
+"""Command line: ``python -m mpitrain [train|federate|prepare|eval|info|bench|plot] ...`` (no subcommand = train)."""
 import argparse
 import json
 import sys
 
 from .errors import MpitrainError
 
-COMMANDS = ("train", "federate", "prepare", "eval", "info", "bench")
+COMMANDS = ("train", "federate", "prepare", "eval", "info", "bench", "plot")
 
 
 def _parser():
@@ -21,7 +21,9 @@ def _parser():
                                    "summary.json and model.h5 into --out.")
     fe = sub.add_parser("federate", help="federated rounds: rank 0 aggregates, ranks 1… host the clients",
                         description="Federated learning over the partition stored in the data file "
-                                    "(prepare --partition); writes the same run files as train.")
+                                    "(prepare --partition; without data.path: the embedded digits, "
+                                    "partitioned Dirichlet(0.5) over 16 clients on first use); writes the "
+                                    "same run files as train.")
     for p_ in (t, fe):
         p_.add_argument("--config", metavar="FILE", help="TOML file with [data], [model], [train], [fed] sections")
         p_.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -79,6 +81,15 @@ def _parser():
     from .bench import add_arguments
 
     add_arguments(b)
+
+    pl = sub.add_parser("plot", help="PNG of loss and accuracy curves from run directories",
+                        description="Plot train/test loss and accuracy against steps (train runs) or rounds "
+                                    "(federated runs, plus the worst client's accuracy and ε under DP) from "
+                                    "each run's metrics.jsonl, several runs overlaid by folder name; train "
+                                    "and federated runs together get separate panels.")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--out", metavar="FILE.png", default="plot.png",
+                    help="where to write the PNG (default: plot.png in the current folder)")
     return p
 
 
@@ -121,6 +132,20 @@ def _eval(args, comm):
         print(json.dumps({"split": args.split, "samples": n, "accuracy": acc, "loss": loss}))
 
 
+def _federate_default(args, overrides, comm):
+    """["data.path=…"] naming federate's own default file when neither --config nor --set/--data gives a
+    data.path (train's digits.h5 has no partition); session.ensure_default_data prepares it."""
+    from .config import DEFAULT_PARTITION as d, default_federated_data_path, load
+
+    if "data.path" in comm.agree(load, args.config, overrides).given:
+        return []
+    path = default_federated_data_path()
+    if comm.rank == 0 and not args.quiet:
+        print(f"federate: no data.path given, using the embedded digits partitioned {d['scheme'].capitalize()}"
+              f"({d['alpha']:g}) over {d['clients']} clients: {path}", flush=True)
+    return [f"data.path={path}"]
+
+
 def _dispatch(args, comm):
     if args.command in ("train", "federate"):
         from . import api, preempt
@@ -134,6 +159,8 @@ def _dispatch(args, comm):
         if n:  # one cadence replaces the other
             overrides += ([f"checkpoint.every_seconds={n[:-1]}", "checkpoint.every=0"] if n.endswith("s")
                           else [f"checkpoint.every={n}", "checkpoint.every_seconds=0"])
+        if args.command == "federate":
+            overrides += _federate_default(args, overrides, comm)
         preempt.install()
         run = api.train if args.command == "train" else api.federate
         try:
@@ -167,6 +194,10 @@ def _dispatch(args, comm):
         _eval(args, comm)
     elif args.command == "info":
         _info(comm)
+    elif args.command == "plot":
+        from .plot import main as plot
+
+        comm.agree(lambda: plot(args.runs, args.out) if comm.rank == 0 else None)  # one writer
     else:
         from .bench import run
 

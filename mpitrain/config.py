@@ -23,6 +23,17 @@ def default_data_path():
     return os.path.join(cache, "mpitrain", "digits.h5")
 
 
+# federate's default when no data.path is given: the same digits, partitioned on first use into a file of
+# its own (train's digits.h5 stays partition-free)
+DEFAULT_PARTITION = {"scheme": "dirichlet", "clients": 16, "alpha": 0.5, "seed": 0}
+
+
+def default_federated_data_path():
+    """federate's embedded default: digits partitioned Dirichlet(0.5) over 16 clients (seed 0)."""
+    p = DEFAULT_PARTITION
+    return os.path.join(os.path.dirname(default_data_path()), f"digits-{p['scheme']}{p['clients']}.h5")
+
+
 @dataclass
 class DataConfig:
     path: str = field(default_factory=default_data_path)

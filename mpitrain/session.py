@@ -4,8 +4,8 @@ import os
 import time
 
 from . import __version__
-from .checkpoint import Checkpointer, save_model
-from .config import default_data_path, to_toml
+from .checkpoint import Checkpointer, atomic_write, save_model
+from .config import DEFAULT_PARTITION, default_data_path, default_federated_data_path, to_toml
 from .data.shard import DataFile
 from .errors import MpitrainError
 from .evaluate import read_part
@@ -20,7 +20,7 @@ def ensure_default_data(comm, path):
     """Prepare the embedded default dataset on first use: rank 0 writes it, the others wait.  Whether to
     wait depends on the path only, never on what a rank sees on disk: a rank that looked after rank 0 had
     written the file would otherwise skip the wait and leave rank 0 alone in it."""
-    if path == default_data_path():
+    if path in (default_data_path(), default_federated_data_path()):
         comm.agree(_prepare_default, comm.rank, path)
 
 
@@ -28,7 +28,20 @@ def _prepare_default(rank, path):
     if rank == 0 and not os.path.exists(path):
         from .data.prepare import prepare
 
-        print(prepare("digits", path), flush=True)
+        if path == default_data_path():
+            print(prepare("digits", path), flush=True)
+            return
+        from .data.partition import write_partition
+
+        p, lines = DEFAULT_PARTITION, []
+
+        def write(tmp):  # prepared and partitioned under a temporary name: the cache holds a whole file or none
+            for line in (prepare("digits", tmp),
+                         write_partition(tmp, p["scheme"], p["clients"], p["alpha"], seed=p["seed"])):
+                lines.append(path + line[len(tmp):])
+
+        atomic_write(path, write)
+        print("\n".join(lines), flush=True)
 
 
 class Session:
