@@ -11,12 +11,18 @@ def add_arguments(parser):
                                 metavar="{step,allreduce,federated,checkpoint,scaling,model,peers}")
     s = sub.add_parser("step", help="training-step throughput per rank vs NumPy and PyTorch",
                        description="Samples/s of one training step (forward, backward, optimizer update) "
-                                   "per rank, for mpitrain's kernels, a plain NumPy step and PyTorch CPU "
-                                   "(when installed), measured side by side; on the CPU also the floor: "
-                                   "the step's GEMMs and update alone, with weight rows as stored and "
-                                   "padded by 16 floats.")
+                                   "per rank, for mpitrain's kernels, a plain NumPy step (MLP only) and "
+                                   "PyTorch CPU (when installed) on the same model, measured side by side; "
+                                   "on the CPU also the floor: the step's GEMMs and update alone (MLP: with "
+                                   "weight rows as stored and padded by 16 floats; CNN: every conv's three "
+                                   "GEMMs on its im2col shapes, without im2col/col2im/pooling), and the "
+                                   "per-rank memory of a step.")
     s.add_argument("--batches", default="32,128", help="per-rank batch sizes (default 32,128)")
     mlp_arguments(s)
+    model_arguments(s)
+    s.add_argument("--breakdown", action="store_true",
+                   help="also time each CPU kernel of mpitrain's step (GEMMs, im2col, col2im, pooling, ...) and "
+                        "PyTorch's operators (torch.profiler) at every batch size: where the step's time goes")
     s.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
     s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where mpitrain and PyTorch compute (default cpu; NumPy always on the CPU)")
@@ -58,6 +64,61 @@ def mlp_arguments(p, features=784, hidden="1024,1024", classes=10):
     p.add_argument("--hidden", default=hidden, help=f"hidden layer sizes, comma-separated (default {hidden})")
     if classes is not None:
         p.add_argument("--classes", type=int, default=classes, help=f"classes (default {classes})")
+
+
+def model_arguments(p):
+    """--model and --input-shape: the network a benchmark trains (mlp: the --features/--hidden/--classes MLP)."""
+    p.add_argument("--model", default="mlp", metavar="{mlp,lenet5,fedavg_cnn,JSON}",
+                   help="mlp (default: --features, --hidden, --classes), a preset CNN (lenet5, fedavg_cnn: "
+                        "--classes outputs), or a stack as a JSON list of layer strings, as model.layers, e.g. "
+                        "'[\"conv2d 16 3 same\", \"relu\", \"maxpool2d 2\", \"flatten\", \"dense 10\"]'")
+    p.add_argument("--input-shape", metavar="C,H,W",
+                   help="feature shape of a CNN's samples, channels first: C,H,W for 2-d layers, C,L for 1-d "
+                        "ones (default 1,28,28 for 2-d stacks; a 1-d stack needs it)")
+
+
+def model_spec(args):
+    """The ModelSpec of --model/--input-shape (mlp: --features, --hidden, --classes), or one MpitrainError."""
+    import json
+    import math
+
+    from ..errors import MpitrainError
+    from ..model import PRESETS, ModelSpec
+
+    name = getattr(args, "model", "mlp") or "mlp"
+    classes = getattr(args, "classes", 10)
+    if name == "mlp":
+        hidden = tuple(int(h) for h in str(args.hidden).split(",") if h)
+        return ModelSpec("mlp", args.features, classes, hidden)
+    if name in PRESETS:
+        stack = PRESETS[name]
+    else:
+        try:
+            stack = json.loads(name)
+        except ValueError:
+            stack = None
+        if not isinstance(stack, list) or not stack or not all(isinstance(t, str) for t in stack):
+            raise MpitrainError(f"--model {name}: expected mlp, {', '.join(PRESETS)} or a JSON list of layer "
+                                "strings ending in 'dense <classes>'")
+    first = stack[0].split()[0] if stack[0].split() else ""
+    if args.input_shape:
+        try:
+            shape = tuple(int(d) for d in str(args.input_shape).split(","))
+        except ValueError:
+            shape = ()
+        if not 1 <= len(shape) <= 3 or min(shape) < 1:
+            raise MpitrainError(f"--input-shape {args.input_shape}: expected positive C,H,W (2-d) or C,L (1-d)")
+    elif first.endswith("2d"):
+        shape = (1, 28, 28)
+    elif first.endswith("1d"):
+        raise MpitrainError(f"--model {name}: a 1-d stack needs --input-shape C,L")
+    else:
+        shape = (args.features,)
+    if name in PRESETS:
+        return ModelSpec(name, math.prod(shape), classes, feature_shape=shape)
+    last = stack[-1].split()
+    n_out = int(last[1]) if len(last) == 2 and last[0] == "dense" and last[1].isdigit() else classes
+    return ModelSpec("layers", math.prod(shape), n_out, layers=tuple(stack), feature_shape=shape)
 
 
 def comm_modes(text):
