@@ -5,7 +5,7 @@ import sys
 
 from .errors import MpitrainError
 
-COMMANDS = ("train", "federate", "prepare", "eval", "info", "bench", "plot")
+COMMANDS = ("train", "federate", "prepare", "eval", "info", "bench", "plot", "export")
 
 
 def _parser():
@@ -74,6 +74,15 @@ def _parser():
     e.add_argument("--model", required=True, metavar="DIR/model.h5")
     e.add_argument("--data", required=True, metavar="FILE.h5")
     e.add_argument("--split", choices=("test", "train"), default="test")
+
+    ex = sub.add_parser("export", help="write a saved model as ONNX or as PyTorch-layout weights (npz)",
+                        description="Export model.h5 (rank 0 writes, atomically): --format onnx is an ONNX graph "
+                                    "x [N, *feature_shape] → logits [N, classes] (pip install 'mpitrain[export]'); "
+                                    "--format npz the state_dict of a torch.nn.Sequential plus a JSON "
+                                    "description of its modules.")
+    ex.add_argument("--model", required=True, metavar="DIR/model.h5")
+    ex.add_argument("--format", required=True, choices=("onnx", "npz"))
+    ex.add_argument("--out", required=True, metavar="FILE")
 
     sub.add_parser("info", help="versions of mpitrain, MPI, mpi4py, numba, h5py; threads per rank")
 
@@ -192,6 +201,15 @@ def _dispatch(args, comm):
             print(text)
     elif args.command == "eval":
         _eval(args, comm)
+    elif args.command == "export":
+        from .export import export
+
+        def export_on_root():  # one writer, however the command was launched
+            return export(args.model, args.format, args.out) if comm.rank == 0 else None
+
+        text = comm.agree(export_on_root)
+        if text:
+            print(text)
     elif args.command == "info":
         _info(comm)
     elif args.command == "plot":

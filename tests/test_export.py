@@ -1,0 +1,338 @@
+"""`mpitrain export`: models trained with the real CLI, exported to ONNX (run with onnxruntime) and to
+PyTorch-layout npz (rebuilt in NumPy from the arrays and the description, and in torch when it is
+installed); the logits must match mpitrain's own and the accuracy eval's.  Then the error cases."""
+import json
+import os
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from conftest import launch, mpirun, summary
+
+from mpitrain.checkpoint import load_model, save_model
+from mpitrain.errors import MpitrainError
+from mpitrain.model import Model, ModelSpec
+
+TOL = 1e-4
+
+
+def export_cli(*args, n=None):
+    """`python -m mpitrain export ARGS`, under mpiexec -n N when n is given."""
+    if n:
+        return mpirun(n, "export", *args)
+    return launch([sys.executable, "-m", "mpitrain", "export", *map(str, args)])
+
+
+def split_of(path):
+    with h5py.File(path, "r") as f:
+        return np.asarray(f["test/x"][...], np.float32), np.asarray(f["test/y"][...])
+
+
+def onnx_logits(path, x):
+    ort = pytest.importorskip("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
+    assert (inp.name, out.name) == ("x", "logits") and isinstance(inp.shape[0], str)  # N is dynamic
+    return sess.run(None, {"x": x.reshape(len(x), *inp.shape[1:])})[0]
+
+
+# ---- the npz rebuilt in NumPy from its description alone ----
+
+def _windows(x, kernel, stride):
+    """(N, C, OH, OW, KH, KW) windows of x (N, C, H, W)."""
+    w = np.lib.stride_tricks.sliding_window_view(x, kernel, axis=(2, 3))
+    return w[:, :, ::stride[0], ::stride[1]]
+
+
+def _two(v, one):
+    """A PyTorch size argument as a pair: 1-d modules are run as 2-d ones of height 1."""
+    return (one, v) if isinstance(v, int) else tuple(v)
+
+
+def numpy_sequential(description, arrays, x):
+    x = x.astype(np.float64)
+    for m in description["modules"]:
+        name, args, kw, i = m["module"], m["args"], m["kwargs"], m["index"]
+        one_d = name.endswith("1d")
+        if one_d:
+            x = x[:, :, None, :]
+        if name == "Linear":
+            assert args == list(arrays[f"{i}.weight"].shape[::-1])
+            x = x @ arrays[f"{i}.weight"].T + arrays[f"{i}.bias"]
+        elif name in ("Conv1d", "Conv2d"):
+            w = arrays[f"{i}.weight"].astype(np.float64)
+            assert w.shape[:2] == (args[1], args[0])
+            w = w[:, :, None, :] if one_d else w
+            (ph, pw), kernel = _two(kw["padding"], 0), _two(args[2], 1)
+            assert w.shape[2:] == kernel
+            x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+            x = np.einsum("nchwij,ocij->nohw", _windows(x, kernel, _two(kw["stride"], 1)), w)
+            x = x + arrays[f"{i}.bias"][None, :, None, None]
+        elif name == "ZeroPad2d":
+            left, right, top, bottom = args[0]
+            x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+        elif name == "ConstantPad1d":
+            (left, right), value = args
+            x = np.pad(x, ((0, 0), (0, 0), (0, 0), (left, right)), constant_values=value)
+        elif name in ("MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d"):
+            win = _windows(x, _two(args[0], 1), _two(kw["stride"], 1))
+            x = win.max(axis=(-2, -1)) if name.startswith("Max") else win.mean(axis=(-2, -1))
+        elif name == "ReLU":
+            x = np.maximum(x, 0)
+        elif name == "Tanh":
+            x = np.tanh(x)
+        elif name == "Flatten":
+            x = x.reshape(len(x), -1)
+        else:
+            raise AssertionError(f"unexpected module {name}")
+        if one_d:
+            x = x[:, :, 0, :]
+    return x
+
+
+def torch_logits(description, arrays, x):
+    """The Sequential built from description['sequential'] with the state_dict loaded strictly; None
+    without torch."""
+    try:
+        import torch
+        from torch import nn
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    net = eval(description["sequential"], {"nn": nn})  # the description's own constructor text
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()}, strict=True)
+    with torch.no_grad():
+        return net.eval()(torch.from_numpy(x)).numpy()
+
+
+def read_npz(path):
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    description = json.loads(str(arrays.pop("description")))
+    return arrays, description
+
+
+def check_npz(path, spec, x, ref):
+    arrays, d = read_npz(path)
+    assert d["format"] == "mpitrain-torch-sequential" and d["classes"] == spec.n_out
+    assert d["feature_shape"] == list(spec.feature_shape) and d["mpitrain_layers"] == list(spec.stack)
+    assert sorted(arrays) == sorted(d["state_dict"]) and all(a.dtype == np.float32 for a in arrays.values())
+    xin = x.reshape(len(x), *d["input_shape"])
+    assert np.abs(numpy_sequential(d, arrays, xin) - ref).max() <= TOL
+    got = torch_logits(d, arrays, xin)
+    if got is not None:
+        assert np.abs(got - ref).max() <= TOL
+    return d
+
+
+# ---- models trained with the real CLI ----
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory, synth):
+    """synth (12 features), digits (1×8×8), a 3-channel 6×5 image set and a 2-channel signal set (2×24)."""
+    root = tmp_path_factory.mktemp("export-data")
+    rng = np.random.default_rng(7)
+    out = {"synth": synth}
+    for name, shape, classes in (("rgb", (3, 6, 5), 3), ("signal", (2, 24), 3)):
+        x = rng.normal(size=(600, *shape)).astype(np.float32)
+        y = np.argmax(x.reshape(len(x), -1) @ rng.normal(size=(x[0].size, classes)), axis=1)
+        np.savez(root / f"{name}.npz", x=x, y=y)
+        out[name] = str(root / f"{name}.h5")
+        r = launch([sys.executable, "-m", "mpitrain", "prepare", "--source", f"npz:{root / name}.npz",
+                    "--out", out[name]])
+        assert r.returncode == 0, r.stderr
+    out["digits"] = str(root / "digits.h5")
+    r = launch([sys.executable, "-m", "mpitrain", "prepare", "--source", "digits", "--out", out["digits"]])
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+CASES = {
+    "mlp": ("synth", ["model.kind=mlp", "model.hidden=[16]"]),
+    "cnn_digits": ("digits", ["model.kind=layers", 'model.layers=["conv2d 4 4 same stride=2", "tanh", '
+                              '"avgpool2d 2", "flatten", "dense 10"]']),
+    # C = 3: the batch is transposed to NHWC inside mpitrain; asymmetric 'same' pads (odd pixel at the end)
+    "cnn_rgb": ("rgb", ["model.kind=layers", 'model.layers=["conv2d 4 2 same stride=2", "tanh", '
+                        '"avgpool2d 2 stride=1", "conv2d 3 3x2 same", "relu", "maxpool2d 2x1", "flatten", '
+                        '"dense 3"]']),
+    "cnn_1d": ("signal", ["model.kind=layers", 'model.layers=["conv1d 4 4 same stride=2", "relu", '
+                          '"maxpool1d 2", "conv1d 3 3 same", "tanh", "avgpool1d 2 stride=1", "flatten", '
+                          '"dense 8", "relu", "dense 3"]']),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_trained_model_exports(case, datasets, tmp_path):
+    pytest.importorskip("onnxruntime")
+    data_name, settings = CASES[case]
+    data = datasets[data_name]
+    run = tmp_path / "run"
+    sets = [a for s in settings + ["train.steps=30", f"data.path={data}"] for a in ("--set", s)]
+    r = mpirun(2, "train", "--quiet", "--out", run, *sets)
+    assert r.returncode == 0, r.stderr
+    model_h5 = str(run / "model.h5")
+    r = mpirun(2, "eval", "--model", model_h5, "--data", data)
+    assert r.returncode == 0, r.stderr
+    accuracy = json.loads(r.stdout)["accuracy"]
+    assert accuracy == pytest.approx(summary(run)["test_accuracy"])
+
+    spec, params = load_model(model_h5)
+    x, y = split_of(data)
+    ref = Model(spec).logits(params, x)
+
+    out = tmp_path / "model.onnx"
+    r = export_cli("--model", model_h5, "--format", "onnx", "--out", out, n=2)  # rank 0 alone writes
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1 and str(out) in r.stdout
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "run"]  # no temp file left behind
+    import onnx
+
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto)
+    assert proto.opset_import[0].version >= 13
+    logits = onnx_logits(str(out), x)
+    assert logits.shape == (len(x), spec.n_out)
+    assert np.abs(logits - ref).max() <= TOL
+    correct = int((logits.argmax(axis=1) == y).sum())
+    assert correct == round(accuracy * len(y)) and correct / len(y) == pytest.approx(accuracy, abs=1e-12)
+
+    npz = tmp_path / "model.npz"
+    r = export_cli("--model", model_h5, "--format", "npz", "--out", npz)
+    assert r.returncode == 0, r.stderr
+    d = check_npz(str(npz), spec, x, ref)
+    assert d["standardize"] is not None and len(d["standardize"]["mean"]) in (spec.n_in, spec.feature_shape[0])
+
+
+# ---- every model kind, from a model.h5 written directly (random weights) ----
+
+KINDS = [
+    dict(kind="softmax", n_in=64, n_out=10, feature_shape=(1, 8, 8)),
+    dict(kind="mlp", n_in=12, n_out=4, hidden=(16, 8), activation="tanh"),
+    dict(kind="lenet5", n_in=784, n_out=10, feature_shape=(1, 28, 28)),
+    dict(kind="fedavg_cnn", n_in=784, n_out=10, feature_shape=(28, 28)),  # (H, W): reshaped to one channel
+    dict(kind="layers", n_in=40, n_out=5, feature_shape=(40,),  # (L,): one channel; asymmetric 1-d pads
+         layers=("conv1d 4 4 same stride=3", "relu", "maxpool1d 2", "conv1d 3 2 same", "tanh",
+                 "avgpool1d 2 stride=1", "flatten", "dense 5")),
+    dict(kind="layers", n_in=30, n_out=3, feature_shape=(6, 5),  # a pool first, a flatten of flat features
+         layers=("maxpool2d 2", "conv2d 2 2 valid stride=2", "flatten", "flatten", "dense 3")),
+]
+
+
+@pytest.mark.parametrize("kw", KINDS, ids=[f"{k['kind']}-{'x'.join(map(str, k.get('feature_shape', ())))}"
+                                           for k in KINDS])
+def test_every_kind_exports(kw, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from mpitrain.export import export
+
+    spec = ModelSpec(**kw)
+    model = Model(spec)
+    rng = np.random.default_rng(1)
+    params = model.init_params(3) + rng.normal(0, 0.05, spec.n_params).astype(np.float32)
+    save_model(str(tmp_path / "model.h5"), spec, params)
+    x = rng.normal(size=(19, spec.n_in)).astype(np.float32)
+    ref = model.logits(params, x)
+    export(str(tmp_path / "model.h5"), "onnx", str(tmp_path / "m.onnx"))
+    assert np.abs(onnx_logits(str(tmp_path / "m.onnx"), x) - ref).max() <= TOL
+    export(str(tmp_path / "model.h5"), "npz", str(tmp_path / "m.npz"))
+    d = check_npz(str(tmp_path / "m.npz"), spec, x, ref)
+    assert d["standardize"] is None
+
+
+def test_npz_description_names_pytorch_modules(tmp_path):
+    from mpitrain.export import export
+
+    spec = ModelSpec(kind="lenet5", n_in=784, n_out=10, feature_shape=(1, 28, 28))
+    save_model(str(tmp_path / "model.h5"), spec, Model(spec).init_params(0))
+    export(str(tmp_path / "model.h5"), "npz", str(tmp_path / "m.npz"))
+    arrays, d = read_npz(str(tmp_path / "m.npz"))
+    assert d["input_shape"] == [1, 28, 28] and d["classes"] == 10
+    assert [m["module"] for m in d["modules"]] == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d",
+                                                   "Flatten", "Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    assert d["modules"][0]["torch"] == "nn.Conv2d(1, 6, (5, 5), stride=(1, 1), padding=(2, 2))"
+    assert [m["source"] for m in d["modules"][:2]] == ["model.layers[0] (conv2d 6 5x5 same stride=1x1)",
+                                                       "model.layers[1] (relu)"]
+    assert {k: v.shape for k, v in arrays.items()} == {
+        "0.weight": (6, 1, 5, 5), "0.bias": (6,), "3.weight": (16, 6, 5, 5), "3.bias": (16,),
+        "7.weight": (120, 400), "7.bias": (120,), "9.weight": (84, 120), "9.bias": (84,),
+        "11.weight": (10, 84), "11.bias": (10,)}
+    assert d["state_dict"] == ["0.bias", "0.weight", "3.bias", "3.weight", "7.bias", "7.weight", "9.bias",
+                               "9.weight", "11.bias", "11.weight"]
+
+
+# ---- errors ----
+
+def one_error(r):
+    lines = r.error_lines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("mpitrain: error: "), r.stderr
+    return lines[0]
+
+
+def test_bad_model_file(tmp_path):
+    out = tmp_path / "m.onnx"
+    assert "no such model file" in one_error(export_cli("--model", tmp_path / "nope.h5", "--format", "npz",
+                                                        "--out", out))
+    bad = tmp_path / "model.h5"
+    bad.write_bytes(b"not hdf5 at all\n" * 10)
+    assert "not an HDF5 file" in one_error(export_cli("--model", bad, "--format", "onnx", "--out", out, n=2))
+    assert sorted(os.listdir(tmp_path)) == ["model.h5"]
+
+
+def test_onnx_missing_is_one_line(tmp_path):
+    spec = ModelSpec(kind="mlp", n_in=12, n_out=4, hidden=(8,))
+    save_model(str(tmp_path / "model.h5"), spec, Model(spec).init_params(0))
+    script = ("import sys; sys.modules['onnx'] = None; from mpitrain.cli import main; "
+              "sys.exit(main(sys.argv[1:]))")
+
+    def run(fmt, out):
+        return launch([sys.executable, "-c", script, "export", "--model", str(tmp_path / "model.h5"),
+                       "--format", fmt, "--out", str(tmp_path / out)])
+
+    assert "pip install 'mpitrain[export]'" in one_error(run("onnx", "m.onnx"))
+    r = run("npz", "m.npz")  # npz needs no onnx
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["m.npz", "model.h5"]
+
+
+def test_layer_without_equivalent_names_it(tmp_path, monkeypatch):
+    from mpitrain import export as ex
+    from mpitrain.model.layers import Layer, build
+
+    class Dropout(Layer):
+        def __init__(self, shape):
+            self.in_shape = self.out_shape = shape
+
+        def text(self):
+            return "flatten"
+
+    real = build
+    monkeypatch.setattr(ex, "build", lambda stack, fs, n: [Dropout((6,)), *real(stack, fs, n)[1:]])
+    spec = ModelSpec(kind="layers", n_in=6, n_out=3, layers=("flatten", "dense 3"))
+    save_model(str(tmp_path / "model.h5"), spec, Model(spec).init_params(0))
+    with pytest.raises(MpitrainError, match=r"^model.layers\[0\] \(flatten\): this layer cannot be exported to npz"):
+        ex.export(str(tmp_path / "model.h5"), "npz", str(tmp_path / "m.npz"))
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    from mpitrain.export import export
+
+    spec = ModelSpec(kind="softmax", n_in=12, n_out=4)
+    save_model(str(tmp_path / "model.h5"), spec, Model(spec).init_params(0))
+    out = tmp_path / "m.npz"
+    out.write_bytes(b"the previous export")
+
+    def failing_savez(f, **arrays):
+        f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", failing_savez)
+    with pytest.raises(MpitrainError, match="m.npz: cannot write .No space left on device."):
+        export(str(tmp_path / "model.h5"), "npz", str(out))
+    assert out.read_bytes() == b"the previous export"
+    assert sorted(os.listdir(tmp_path)) == ["m.npz", "model.h5"]
+    monkeypatch.undo()
+    with pytest.raises(MpitrainError, match="no such directory"):
+        export(str(tmp_path / "model.h5"), "npz", str(tmp_path / "missing" / "m.npz"))
