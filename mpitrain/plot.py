@@ -6,7 +6,8 @@ Reads each run folder's metrics.jsonl (report.RunLog; fields from trainer.py and
   `test_accuracy` (separate records, at every evaluation);
 * federated runs — x = round: `train_loss` every round, `test_loss`, `test_accuracy`, `federated_accuracy`
   and `worst_client_accuracy` (null without local test splits) at evaluations, `epsilon` (and
-  `record_epsilon` under DP-SGD) when differential privacy is on.
+  `record_epsilon` under DP-SGD) when differential privacy is on; a round with no client sampled
+  records a train_loss of 0, which is left out.
 
 One row of panels per kind (train runs against steps, federated runs against rounds; a mix gets both
 rows): loss, accuracy and, when a federated run has DP, ε.  Colours are runs (named by their folder),
@@ -15,6 +16,7 @@ last record of a step wins.  Agg renderer without pyplot (no display, no global 
 written atomically.
 """
 import json
+import math
 import os
 
 from .errors import MpitrainError
@@ -56,6 +58,8 @@ class Run:
         x = "round" if self.kind == "federated" else "step"
         self.series = {}  # field → {x: value}; later records of the same x (a resumed run) replace earlier
         for r in records:
+            if r.get("clients") == 0:  # a round that sampled no client (DP's Poisson draw) trained nothing
+                r.pop("train_loss", None)
             for key, value in r.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != x:
                     self.series.setdefault(key, {})[r[x]] = value
@@ -65,6 +69,10 @@ class Run:
                 self.delta = json.load(f).get("delta")
         except (OSError, ValueError, AttributeError):
             pass  # a run still going (or stopped early) has no summary yet
+
+    def length(self):
+        """The number of points in the run's longest series."""
+        return max(map(len, self.series.values()), default=0)
 
     def points(self, key):
         """(xs, ys) of one field, sorted by x; null values (e.g. no local test split) are left out."""
@@ -129,12 +137,14 @@ def figure(runs):
         axes = sub.subplots(1, cols, squeeze=False)[0]
         used = set()
         for ax, (title, ylabel, fields) in zip(axes, panels):
+            low = 1.0
             for run, color in members:
+                few = run.length() <= 30  # a short run: mark its points, a line alone hides them
                 for key, style in fields:
                     xs, ys = run.points(key)
                     if not xs:
                         continue
-                    few = len(xs) <= 30  # a short run: mark its points, a line alone hides them
+                    low = min(low, *ys)
                     ax.plot(xs, ys, STYLES[style][1], color=color, marker="o" if few else None, markersize=3,
                             linewidth=1.6 if style != "train" or kind == "federated" else 1.0,
                             alpha=0.75 if style == "train" and kind == "train" else 1.0,
@@ -144,21 +154,22 @@ def figure(runs):
                 deltas = {r.delta for r, _ in members if r.delta is not None}
                 title += f" (δ = {deltas.pop():g})" if len(deltas) == 1 else ""
             ax.set(title=title, xlabel=XLABEL[kind], ylabel=ylabel)
-            if ylabel == "accuracy":
-                ax.set_ylim(-0.02, 1.02)
+            if ylabel == "accuracy":  # from a tenth below the lowest point to 1: high accuracies stay apart
+                bottom = max(0.0, math.floor(low * 10 - 0.5) / 10)
+                ax.set_ylim(bottom - 0.02 * (1 - bottom), 1 + 0.02 * (1 - bottom))
             elif ylabel == "loss":
                 ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
             ax.margins(x=0.02)
         for ax in axes[len(panels):]:
             ax.set_axis_off()
-        # colours = runs (in the loss panel, where the upper right is mostly free once the loss falls);
-        # styles = metrics (in the accuracy panel, where the lower right is free once it rises)
+        # colours = runs (in the loss panel), styles = metrics (in the accuracy panel), each where it hides
+        # the fewest points
         axes[0].legend([Line2D([], [], color=c, linewidth=2) for _, c in members], [r.name for r, _ in members],
-                       title="run", fontsize="small", loc="upper right")
+                       title="run", fontsize="small", loc="best")
         order = [s for s in STYLES if s in used and s != "record"]
         axes[1].legend([Line2D([], [], color="0.35", linestyle=STYLES[s][1]) for s in order],
-                       [STYLES[s][0] for s in order], title="metric", fontsize="small", loc="lower right")
+                       [STYLES[s][0] for s in order], title="metric", fontsize="small", loc="best")
         if len(panels) > 2 and "record" in used:
             axes[2].legend([Line2D([], [], color="0.35", linestyle=s) for s in ("-", ":")],
                            ["client-level ε", STYLES["record"][0]], fontsize="small", loc="upper left")
