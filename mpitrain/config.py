@@ -114,6 +114,14 @@ class RobustConfig:
 
 
 @dataclass
+class HEConfig:
+    """[fed.he]: CKKS parameters of fed.encryption = "ckks" (TenSEAL; defaults as NVFlare's HE filter)."""
+    poly_modulus_degree: int = 8192  # N: a power of two; N/2 values per ciphertext
+    coeff_mod_bit_sizes: list[int] = field(default_factory=lambda: [60, 40, 40])  # first, middle(s), special prime
+    scale_bits: int = 40        # the encoding scale 2^scale_bits
+
+
+@dataclass
 class FedConfig:
     """Federated rounds (`federate`); clients train locally with [train] optimizer, lr and seed."""
     rounds: int = 50
@@ -138,10 +146,12 @@ class FedConfig:
     attack: str = "none"        # none | sign_flip | scale | label_flip (simulation)
     attack_fraction: float = 0.2  # share of clients that attack (a seeded set)
     attack_scale: float = 10.0  # scale attack: Δ → −attack_scale·Δ
+    encryption: str = "none"    # none | ckks: the aggregate under homomorphic encryption (see [fed.he])
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     dpsgd: DPSGDConfig = field(default_factory=DPSGDConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
+    he: HEConfig = field(default_factory=HEConfig)
 
 
 @dataclass
@@ -214,6 +224,10 @@ class Config:
 MODES = ("plain", "overlap", "hierarchical", "fp16", "bf16", "topk", "sharded", "local_sgd", "fsdp")  # comm.mode
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multikrum", "norm_bound")
 ATTACKS = ("none", "sign_flip", "scale", "label_flip")
+ENCRYPTIONS = ("none", "ckks")
+HE_DEGREES = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}  # N: max Σ bits at 128-bit security
+HE_LINEAR = ("fedsgd", "fedavg", "fedprox", "fedavgm", "fednova")  # server steps linear in the aggregate
+HE_REFUSED = ("fedadam", "fedyogi", "fedadagrad")  # adaptive: need the plaintext aggregate's squares
 
 
 def _validate_privacy(f, given):
@@ -245,6 +259,19 @@ def _validate_privacy(f, given):
     _check(0 <= r.fraction < 0.5, "fed.robust.fraction", r.fraction, "in [0, 0.5)")
     _check(r.norm_bound >= 0, "fed.robust.norm_bound", r.norm_bound, "≥ 0 (0 = the round's median norm)")
     _check(r.mixing in ("none", "nnm"), "fed.robust.mixing", r.mixing, "none or nnm")
+    h = f.he
+    _check(f.encryption in ENCRYPTIONS, "fed.encryption", f.encryption, "one of " + ", ".join(ENCRYPTIONS))
+    _check(h.poly_modulus_degree in HE_DEGREES, "fed.he.poly_modulus_degree", h.poly_modulus_degree,
+           "a power of two from 1024 to 32768")
+    bits = h.coeff_mod_bit_sizes
+    _check(len(bits) >= 3 and all(20 <= b <= 60 for b in bits), "fed.he.coeff_mod_bit_sizes", bits,
+           "at least 3 prime sizes (first, one per multiplication, special), each from 20 to 60 bits")
+    _check(sum(bits) <= HE_DEGREES.get(h.poly_modulus_degree, 0), "fed.he.coeff_mod_bit_sizes", bits,
+           f"at most {HE_DEGREES.get(h.poly_modulus_degree)} bits in all for 128-bit security at "
+           f"fed.he.poly_modulus_degree = {h.poly_modulus_degree}")
+    _check(20 <= h.scale_bits < bits[0] and h.scale_bits <= min(bits[1:-1]), "fed.he.scale_bits", h.scale_bits,
+           f"from 20 to {min(bits[0] - 1, min(bits[1:-1]))} (below the first prime's {bits[0]} bits, which hold "
+           "the integer part, and at most the middle primes' sizes)")
     dp = d.noise_multiplier > 0 or d.clip_only
     if d.clip_only and (d.noise_multiplier > 0 or d.target_epsilon > 0):
         raise MpitrainError(f"fed.dp.clip_only = true clips without noise (ε = ∞): it cannot be combined with "
@@ -255,7 +282,9 @@ def _validate_privacy(f, given):
     for section, on, why in (("fed.dp", dp, "client-level differential privacy is off (set fed.dp.noise_multiplier "
                                              "> 0, or fed.dp.clip_only = true to clip without noise)"),
                              ("fed.dpsgd", g.noise_multiplier > 0, "record-level DP-SGD is off (set "
-                                                                   "fed.dpsgd.noise_multiplier > 0)")):
+                                                                   "fed.dpsgd.noise_multiplier > 0)"),
+                             ("fed.he", f.encryption != "none", "fed.encryption = 'none' (set fed.encryption = "
+                                                                "\"ckks\")")):
         used = {section + ".noise_multiplier"}
         if g.noise_multiplier > 0:
             used.add("fed.dp.noise_seed")  # DP-SGD draws its noise from it too
@@ -273,6 +302,17 @@ def _validate_privacy(f, given):
         raise MpitrainError(f"fed.aggregator = {f.aggregator!r} with fed.dp.noise_multiplier > 0: the Gaussian "
                             "noise is calibrated to the sensitivity S/m of the clipped mean; use "
                             "fed.aggregator = mean with differential privacy")
+    if f.encryption != "none":
+        if f.secure_aggregation:
+            raise MpitrainError(f"fed.encryption = {f.encryption!r} with fed.secure_aggregation = true: both hide "
+                                "each client rank's contribution from the aggregator; choose one")
+        if f.aggregator != "mean":
+            raise MpitrainError(f"fed.aggregator = {f.aggregator!r} needs every client's update in plaintext at the "
+                                f"server, which fed.encryption = {f.encryption!r} hides; use fed.aggregator = mean")
+        if f.strategy in HE_REFUSED:
+            raise MpitrainError(f"fed.strategy = {f.strategy!r} with fed.encryption = {f.encryption!r}: its server "
+                                "step is not linear in the aggregate, so the aggregator would need plaintext values "
+                                "beyond the global models; use " + ", ".join(HE_LINEAR))
     if dp and f.strategy == "fednova":
         raise MpitrainError("fed.strategy = 'fednova' with fed.dp.noise_multiplier > 0: FedNova normalises by "
                             "each client's local step count, which depends on its data size and is not "

@@ -118,7 +118,7 @@ def dropouts(seed, rnd, cohort, rate):
 class Layers:
     """The privacy and robustness layers around a round, checked once on every rank (no collectives
     here, so comm.agree can report a bad combination as one line): the cohort rule, differential privacy
-    (client level and record level), the aggregator (mean Reduce, secure sum, robust Gather) and the
+    (client level and record level), the aggregator (mean Reduce, secure sum, CKKS sum, robust Gather) and the
     simulated attackers."""
 
     def __init__(self, cfg, comm, part, model, kernels):
@@ -128,8 +128,9 @@ class Layers:
         self.fixed = cohort_size(part.clients, f.fraction, f.min_clients)
         dp_on = f.dp.noise_multiplier > 0 or f.dp.clip_only
         self.weighting = "uniform" if dp_on else f.weighting
-        if dp_on:
-            self.dp = ClientDP(f, part.clients, self.fixed, f.secure_aggregation, t.seed)
+        he = f.encryption == "ckks"
+        if dp_on:  # distributed noise (drawn by the clients) under secure aggregation or encryption
+            self.dp = ClientDP(f, part.clients, self.fixed, f.secure_aggregation or he, t.seed)
             self.expected = self.dp.m
         else:
             self.expected = self.fixed
@@ -166,6 +167,10 @@ class Layers:
             else:
                 self.agg.check(max(int(self.expected), 0), f"Poisson sampling with q = fed.fraction = "
                                                            f"{f.fraction:g} of {part.clients} clients on average")
+        elif he:  # CKKS: rank 0 adds ciphertexts and never holds the secret key (he.py)
+            from .he import HEAggregator
+
+            self.agg = HEAggregator(comm, part, n, f, t, self.dp, adaptive)
         elif f.aggregator != "mean":
             active = self.fixed - math.floor(f.dropout_rate * self.fixed + 1e-9)
             byz = math.floor(f.robust.fraction * active + 1e-9)
@@ -338,6 +343,7 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
         "bytes_per_round": int(np.mean(round_bytes)) if round_bytes else None, "resumed_from_round": first,
         "seconds_per_round": float(np.median(round_seconds)) if round_seconds else None,
         "aggregator": f.aggregator, "secure_aggregation": f.secure_aggregation, "weighting": layers.weighting,
+        "encryption": f.encryption,
     }
     if f.secure_aggregation or f.dropout_rate:
         summary.update(dropout_rate=f.dropout_rate, skipped_rounds=skipped)
