@@ -47,8 +47,9 @@ def test_uneven_split_three_ranks(tmp_path, synth):
     assert np.max(np.abs(p1 - p3)) <= 1e-5 * np.abs(p1).max()
 
 
-def test_default_job_mlp_on_digits(tmp_path, cache_home):
+def test_default_job_mlp_on_digits(tmp_path):
     """`mpiexec -n 4 python -m mpitrain` with no arguments: prepares digits once, MLP reaches ≥ 97 %."""
+    cache_home = str(tmp_path / "xdg")  # its own empty cache: the session's may hold digits.h5 already
     out = tmp_path / "run"
     os.makedirs(out)
     r = mpirun(4, env={"XDG_CACHE_HOME": cache_home}, cwd=str(out))

@@ -8,11 +8,17 @@ Every measurement is its own process tree, started from this one process:
   first reaches --target × mean training seconds per step (evaluation not counted);
 - federated round: `mpiexec -n 1+C python -m mpitrain federate` against `python -m
   mpitrain.bench.peers.flower` with the same file, partition and --set settings; median seconds per
-  round over rounds 2…
+  round over rounds 2…;
+- CNN step throughput (--cnn, default LeNet-5 on 1×28×28 random images): mpitrain's data-parallel step of
+  the CNN (`mpiexec -n P … bench peers --point`: per-rank random batches gathered as `bench scaling
+  --point` does, the plain gradient allreduce, momentum update; the median step, max over ranks) against
+  torch_ddp --model with the same CNN, batches, optimizer and threads.
+--compare picks the comparisons (default all four: ddp = the MLP's step throughput, tta, flower, cnn).
 A peer that is not installed is skipped, saying so; mpitrain's side is measured all the same.
 speedup = how many times mpitrain is faster (samples/s ratio, or the peer's seconds over mpitrain's).
 """
 import argparse
+import glob
 import importlib.util
 import json
 import os
@@ -24,9 +30,10 @@ import tempfile
 import numpy as np
 
 from ...errors import MpitrainError
-from .. import loop_arguments, mlp_arguments, table
+from .. import loop_arguments, mlp_arguments, model_spec, table
 
 COLUMNS = ["comparison", "peer_name", "ranks", "metric", "mpitrain", "peer", "speedup", "target"]
+COMPARISONS = ("ddp", "tta", "flower", "cnn")
 INSTALL = "(pip install 'mpitrain[peers]')"
 
 
@@ -59,8 +66,17 @@ def add_parser(sub):
     s.add_argument("--fed-samples", type=int, default=20000)
     s.add_argument("--fed-features", type=int, default=64)
     s.add_argument("--fed-hidden", default="128")
+    s.add_argument("--cnn", default="lenet5", metavar="{lenet5,fedavg_cnn,JSON}",
+                   help="the CNN of the CNN step-throughput comparison: a preset or a JSON list of layer "
+                        "strings (--classes outputs for a preset; default lenet5)")
+    s.add_argument("--cnn-input-shape", metavar="C,H,W", help="its samples' shape (default 1,28,28 for 2-d stacks)")
+    s.add_argument("--compare", default=",".join(COMPARISONS),
+                   help="comparisons to run, comma-separated: ddp (MLP step throughput), tta (MLP time to "
+                        "target), flower (federated round), cnn (CNN step throughput) (default all)")
     s.add_argument("--timeout", type=float, default=600, help="seconds before one run is killed (default 600)")
     s.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
+    # internal: what the driver's `mpiexec -n P` runs to measure mpitrain's CNN step on its world
+    s.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
 
 
 def _run(cmd, timeout, threads, what):
@@ -110,41 +126,127 @@ def _row(comparison, peer_name, ranks, metric, mine, theirs, target="", higher_i
             "peer": theirs, "speedup": speedup, "target": target, **details}
 
 
-def ddp_rows(args, p, data, tmp, have_torch):
-    """Throughput and time to target of mpitrain vs PyTorch DDP on p ranks."""
+def ddp_rows(args, p, data, tmp, have_torch, compare):
+    """Throughput (ddp in compare) and time to target (tta in compare) of mpitrain vs PyTorch DDP on p ranks."""
     from ...config import CommConfig
     from ..scaling import run_point
     from .torch_ddp import LR, MU, SEED
 
-    c = CommConfig()  # the plain allreduce; the other modes' settings at their defaults
-    (point,) = run_point(argparse.Namespace(**vars(args), mode="weak", global_batch=args.batch_per_rank,
-                                            comm=c.mode, bucket_mb=c.bucket_mb, topk_ratio=c.topk_ratio,
-                                            local_steps=c.local_steps, group_size=c.group_size), p)
-    batch = args.batch_per_rank * p
-    sets = {"data.path": data, "model.hidden": f"[{args.hidden}]", "train.global_batch": batch,
-            "train.steps": args.tta_steps, "train.eval_every": args.eval_every, "train.lr": LR,
-            "train.optimizer": "momentum", "train.momentum": MU, "train.weight_decay": 0,
-            "train.schedule": "constant", "train.seed": SEED}
-    summary, records = _mpitrain(p, "train", os.path.join(tmp, f"train{p}"), sets, args,
-                                 f"mpitrain train on {p} ranks")
-    reached = next((r["step"] for r in records if r.get("test_accuracy", -1) >= args.target), None)
-    per_step = batch / summary["samples_per_second"]
+    batch, rows = args.batch_per_rank * p, []
+    if "ddp" in compare:
+        c = CommConfig()  # the plain allreduce; the other modes' settings at their defaults
+        (point,) = run_point(argparse.Namespace(**vars(args), mode="weak", global_batch=args.batch_per_rank,
+                                                comm=c.mode, bucket_mb=c.bucket_mb, topk_ratio=c.topk_ratio,
+                                                local_steps=c.local_steps, group_size=c.group_size), p)
+    if "tta" in compare:
+        sets = {"data.path": data, "model.hidden": f"[{args.hidden}]", "train.global_batch": batch,
+                "train.steps": args.tta_steps, "train.eval_every": args.eval_every, "train.lr": LR,
+                "train.optimizer": "momentum", "train.momentum": MU, "train.weight_decay": 0,
+                "train.schedule": "constant", "train.seed": SEED}
+        summary, records = _mpitrain(p, "train", os.path.join(tmp, f"train{p}"), sets, args,
+                                     f"mpitrain train on {p} ranks")
+        reached = next((r["step"] for r in records if r.get("test_accuracy", -1) >= args.target), None)
+        per_step = batch / summary["samples_per_second"]
     peer, name = {}, "PyTorch DDP: not installed"
-    if have_torch:
+    if have_torch:  # one peer run measures its throughput, and its time to target with --data
+        tta = ["--data", data, "--target", args.target, "--tta-steps", args.tta_steps, "--eval-every",
+               args.eval_every] if "tta" in compare else []
         peer = _peer("torch_ddp", args, tmp, f"PyTorch DDP on {p} ranks", "--ranks", p,
                      "--batch-per-rank", args.batch_per_rank, "--features", args.features, "--hidden", args.hidden,
                      "--classes", args.classes, "--steps", args.steps, "--warmup", args.warmup,
-                     "--threads", args.threads, "--data", data, "--target", args.target,
-                     "--tta-steps", args.tta_steps, "--eval-every", args.eval_every)
+                     "--threads", args.threads, *tta)
         name = f"PyTorch {peer['torch_version']} DDP (gloo)"
     common = {"global_batch": batch, "threads": args.threads}
-    return [
-        _row("step throughput", name, p, "samples_per_s", point["samples_per_s"], peer.get("samples_per_s"),
-             "≥ 1.5× at 2 ranks" if p == 2 else "", higher_is_better=True, **common),
-        _row("time to target", name, p, f"seconds_to_{args.target:g}", reached * per_step if reached else None,
-             peer.get("seconds_to_target"), steps_to_target=reached, peer_steps_to_target=peer.get("steps_to_target"),
-             **common),
-    ]
+    if "ddp" in compare:
+        rows.append(_row("step throughput", name, p, "samples_per_s", point["samples_per_s"],
+                         peer.get("samples_per_s"), "≥ 1.5× at 2 ranks" if p == 2 else "", higher_is_better=True,
+                         **common))
+    if "tta" in compare:
+        rows.append(_row("time to target", name, p, f"seconds_to_{args.target:g}",
+                         reached * per_step if reached else None, peer.get("seconds_to_target"),
+                         steps_to_target=reached, peer_steps_to_target=peer.get("steps_to_target"), **common))
+    return rows
+
+
+def cnn_spec(args):
+    """The ModelSpec of --cnn / --cnn-input-shape (--classes outputs for a preset)."""
+    return model_spec(argparse.Namespace(model=args.cnn, input_shape=args.cnn_input_shape, features=args.features,
+                                         hidden=args.hidden, classes=args.classes))
+
+
+def cnn_row(args, p, tmp, have_torch):
+    """Step throughput of mpitrain's data-parallel CNN step vs PyTorch DDP's on p ranks."""
+    from ..scaling import _mpiexec
+
+    spec = cnn_spec(args)
+    out = os.path.join(tmp, f"cnn{p}")
+    options = ["--batch-per-rank", args.batch_per_rank, "--features", args.features, "--hidden", args.hidden,
+               "--classes", args.classes, "--steps", args.steps, "--warmup", args.warmup, "--threads", args.threads]
+    shape = [args.cnn_input_shape] if args.cnn_input_shape else []
+    _run([_mpiexec(), "-n", str(p), sys.executable, "-m", "mpitrain", "bench", "peers", "--point", "--cnn", args.cnn,
+          *[a for s in shape for a in ("--cnn-input-shape", s)], *map(str, options), "--out", out],
+         args.timeout, args.threads, f"mpitrain's CNN step on {p} ranks")
+    (path,) = glob.glob(os.path.join(out, "peers-*.json"))
+    with open(path, encoding="utf-8") as f:
+        (point,) = json.load(f)["results"]
+    peer, name = {}, "PyTorch DDP: not installed"
+    if have_torch:
+        peer = _peer("torch_ddp", args, tmp, f"PyTorch DDP of the CNN on {p} ranks", "--ranks", p, "--model", args.cnn,
+                     *[a for s in shape for a in ("--input-shape", s)], *options)
+        name = f"PyTorch {peer['torch_version']} DDP (gloo)"
+    target = "≥ 1.5× at 2 ranks" if p == 2 and spec.kind == "lenet5" else ""
+    return _row("CNN step throughput", name, p, "samples_per_s", point["samples_per_s"], peer.get("samples_per_s"),
+                target, higher_is_better=True, model=args.cnn, n_params=spec.n_params,
+                global_batch=point["global_batch"], threads=args.threads, compute_ms=point["compute_ms"],
+                allreduce_ms=point["allreduce_ms"], step_ms=point["step_ms"], peer_step_ms=peer.get("step_ms"))
+
+
+def cnn_point(args, comm):
+    """One rank of mpitrain's CNN step on this world (under the driver's mpiexec): per-rank random batches
+    gathered from a seeded pool, as `bench scaling --point` does; warm-up, then the median of compute,
+    allreduce and the whole step (gather included) over the timed steps on each rank, the max over ranks."""
+    import time
+
+    from ...config import Config
+    from ...kernels import compiled
+    from ...model import Model
+    from ...optim import Optimizer
+    from ...sync import make
+    from ...threads import limit
+    from ...trainer import Stepper
+    from ..scaling import LR
+
+    limit(args.threads)
+    spec = comm.agree(cnn_spec, args)
+    kernels = comm.agree(compiled, comm)
+    model = Model(spec)
+    params = model.init_params(0)
+    sync = make(Config().validate(), comm, model)  # comm.mode = plain: one Allreduce of the flat gradient
+    stepper = Stepper(model, Optimizer(kernels, "momentum", model.n_params), sync, flags=2)
+    local, total = args.batch_per_rank, args.warmup + args.steps
+    rng = np.random.default_rng(comm.rank)  # the same data torch_ddp makes on this rank
+    x = rng.standard_normal((local * total, spec.n_in), dtype=np.float32)
+    y = rng.integers(0, spec.n_out, local * total).astype(np.int64)
+    order = rng.permutation(local * total).reshape(total, local)
+    xb, yb = np.empty((local, spec.n_in), np.float32), np.empty(local, np.int64)
+    times = np.zeros((args.steps, 3))  # compute, allreduce, whole step
+    for step in range(total):
+        if step == args.warmup:
+            comm.barrier()  # the timed steps start together
+        t0 = time.perf_counter()
+        np.take(x, order[step], axis=0, out=xb)
+        np.take(y, order[step], out=yb)
+        c = sync.seconds
+        t1 = time.perf_counter()
+        stepper(params, xb, yb, LR, 1.0 / (local * comm.size))
+        t2 = time.perf_counter()
+        if step >= args.warmup:
+            reduce = sync.seconds - c
+            times[step - args.warmup] = t2 - t1 - reduce, reduce, t2 - t0
+    compute, reduce, whole = comm.allreduce(np.median(times, axis=0), "max") * 1e3
+    return [{"ranks": comm.size, "model": spec.kind, "global_batch": local * comm.size, "threads": args.threads,
+             "compute_ms": compute, "allreduce_ms": reduce, "step_ms": whole,
+             "samples_per_s": local * comm.size / whole * 1e3}]
 
 
 def flower_row(args, tmp, have_flwr):
@@ -175,6 +277,8 @@ def flower_row(args, tmp, have_flwr):
 def bench_peers(args, comm):
     from ...data.prepare import prepare
 
+    if args.point:
+        return cnn_point(args, comm)
     if comm.size > 1:
         raise MpitrainError("bench peers starts its own processes: launch it as one process "
                             "(python -m mpitrain bench peers ...), not under mpirun", agreed=True)
@@ -182,27 +286,46 @@ def bench_peers(args, comm):
     if ranks[0] < 1 or args.steps < 1 or args.rounds < 2:
         raise MpitrainError(f"--ranks {args.ranks} --steps {args.steps} --rounds {args.rounds}: expected rank "
                             "counts and steps ≥ 1, rounds ≥ 2 (round 1 is not timed)")
+    compare = [c for c in args.compare.split(",") if c]
+    if not compare or set(compare) - set(COMPARISONS):
+        raise MpitrainError(f"--compare {args.compare}: expected some of {', '.join(COMPARISONS)}")
+    if "cnn" in compare:
+        spec = cnn_spec(args)  # a bad --cnn fails here, before anything runs
+        if spec.kind == "mlp":
+            raise MpitrainError("--cnn mlp: the CNN comparison takes a preset CNN or a JSON stack (the MLP's "
+                                "is --compare ddp)")
     have_torch, have_flwr = (importlib.util.find_spec(m) is not None for m in ("torch", "flwr"))
-    if not have_torch:
+    if not have_torch and {"ddp", "tta", "cnn"} & set(compare):
         print(f"PyTorch is not installed: skipping the PyTorch DDP comparison {INSTALL}", flush=True)
-    if not have_flwr:
+    if not have_flwr and "flower" in compare:
         print(f"flwr is not installed: skipping the Flower comparison {INSTALL}", flush=True)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if max(ranks[-1], args.client_ranks + 1) * args.threads > cores:
+    if max(ranks[-1], args.client_ranks + 1 if "flower" in compare else 1) * args.threads > cores:
         print(f"note: more ranks × threads than the {cores} cores here: those runs time-share the cores",
               flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "tta.h5")
-        prepare("synthetic", data, samples=args.tta_samples, features=args.features, classes=args.classes)
+        if "tta" in compare:
+            prepare("synthetic", data, samples=args.tta_samples, features=args.features, classes=args.classes)
         for p in ranks:
-            rows += ddp_rows(args, p, data, tmp, have_torch)
-        rows.append(flower_row(args, tmp, have_flwr))
-    print(f"MLP {args.features}-{args.hidden.replace(',', '-')}-{args.classes}, {args.batch_per_rank} samples per "
-          f"rank, SGD momentum 0.9 lr 0.01, {args.threads} thread(s) per rank; federated: FedAvg, "
-          f"{args.flower_clients} clients, fraction {args.fraction}, "
-          f"MLP {args.fed_features}-{args.fed_hidden.replace(',', '-')}-10, "
-          f"{args.client_ranks} mpitrain client rank(s); speedup = times faster than the peer")
+            if {"ddp", "tta"} & set(compare):
+                rows += ddp_rows(args, p, data, tmp, have_torch, compare)
+        if "flower" in compare:
+            rows.append(flower_row(args, tmp, have_flwr))
+        if "cnn" in compare:
+            rows += [cnn_row(args, p, tmp, have_torch) for p in ranks]
+    if {"ddp", "tta"} & set(compare):
+        print(f"MLP {args.features}-{args.hidden.replace(',', '-')}-{args.classes}, {args.batch_per_rank} samples "
+              f"per rank, SGD momentum 0.9 lr 0.01, {args.threads} thread(s) per rank")
+    if "flower" in compare:
+        print(f"federated: FedAvg, {args.flower_clients} clients, fraction {args.fraction}, "
+              f"MLP {args.fed_features}-{args.fed_hidden.replace(',', '-')}-10, {args.client_ranks} mpitrain client "
+              "rank(s)")
+    if "cnn" in compare:
+        print(f"CNN: {spec.kind} [{spec.describe()}] on {'×'.join(map(str, spec.feature_shape))} random samples, "
+              f"{args.batch_per_rank} per rank, SGD momentum 0.9 lr 0.01, {args.threads} thread(s) per rank")
+    print("speedup = times faster than the peer")
     print(table(rows, COLUMNS))
     for r in rows:
         if r["comparison"] == "time to target" and (r["mpitrain"] is None or have_torch and r["peer"] is None):

@@ -1,8 +1,11 @@
 """PyTorch DistributedDataParallel (gloo, CPU) peer of mpitrain's data-parallel training step.
 
     python -m mpitrain.bench.peers.torch_ddp --ranks 2 --batch-per-rank 64 --steps 30 [--data F.h5 --target 0.8]
+    python -m mpitrain.bench.peers.torch_ddp --ranks 2 --model lenet5 [--input-shape 1,28,28]
 
-Spawns --ranks processes on localhost.  The MLP starts from mpitrain's own initial parameters, trains
+Spawns --ranks processes on localhost.  --model mlp (default): the MLP starts from mpitrain's own initial
+parameters; a CNN (--model lenet5, fedavg_cnn or a JSON stack; throughput only) is bench step's PyTorch
+model of the same canonical stack (NCHW, PyTorch's own initialisation).  Either trains
 with SGD (momentum 0.9, lr 0.01, no weight decay) on the summed loss scaled to the global-batch mean —
 the step `bench scaling` times on mpitrain's side.
 Throughput: per-rank random batches made exactly as `bench scaling --point` makes them, warm-up steps,
@@ -22,7 +25,7 @@ import time
 
 import numpy as np
 
-from .. import loop_arguments, mlp_arguments
+from .. import loop_arguments, mlp_arguments, model_arguments, model_spec
 from ..scaling import LR  # the learning rate of the step bench scaling times
 from . import emit
 
@@ -53,10 +56,13 @@ def build(torch, sizes):
 class Trainer:
     """DDP model, optimizer and one training step on a local batch."""
 
-    def __init__(self, torch, sizes, ranks, global_batch):
+    def __init__(self, torch, spec, ranks, global_batch):
         from torch.nn.parallel import DistributedDataParallel
 
-        self.net = DistributedDataParallel(build(torch, sizes))
+        from ..step import torch_net
+
+        self.net = DistributedDataParallel(build(torch, spec.sizes) if spec.kind == "mlp"
+                                           else torch_net(torch, spec))
         self.opt = torch.optim.SGD(self.net.parameters(), lr=LR, momentum=MU)
         self.loss = torch.nn.CrossEntropyLoss(reduction="sum")
         self.scale = ranks / global_batch  # DDP averages gradients over ranks: sum × p / B is the global mean
@@ -67,14 +73,17 @@ class Trainer:
         self.opt.step()
 
 
-def throughput(torch, dist, args, rank, sizes):
+def throughput(torch, dist, args, rank, spec):
+    from ..step import torch_input_shape
+
     local, total = args.batch_per_rank, args.warmup + args.steps
-    rng = np.random.default_rng(rank)  # the data of bench scaling's point on this rank
-    x = torch.from_numpy(rng.standard_normal((local * total, sizes[0]), dtype=np.float32))
-    y = torch.from_numpy(rng.integers(0, sizes[-1], local * total).astype(np.int64))
+    rng = np.random.default_rng(rank)  # the data of bench scaling's point (bench peers --point) on this rank
+    shape = torch_input_shape(spec)  # (features,), or a CNN's (C, H, W) / (C, L): stored channels first
+    x = torch.from_numpy(rng.standard_normal((local * total, spec.n_in), dtype=np.float32)).reshape(-1, *shape)
+    y = torch.from_numpy(rng.integers(0, spec.n_out, local * total).astype(np.int64))
     order = torch.from_numpy(rng.permutation(local * total).reshape(total, local))
-    xb, yb = torch.empty(local, sizes[0]), torch.empty(local, dtype=torch.int64)
-    trainer = Trainer(torch, sizes, args.ranks, local * args.ranks)
+    xb, yb = torch.empty(local, *shape), torch.empty(local, dtype=torch.int64)
+    trainer = Trainer(torch, spec, args.ranks, local * args.ranks)
     times = []
     for step in range(total):
         if step == args.warmup:
@@ -89,14 +98,14 @@ def throughput(torch, dist, args, rank, sizes):
     return {"step_ms": step_s.item() * 1e3, "samples_per_s": local * args.ranks / step_s.item()}
 
 
-def time_to_target(torch, dist, args, rank, sizes):
+def time_to_target(torch, dist, args, rank, spec):
     from ...data.shard import DataFile, TrainShard
 
     data = DataFile(args.data)
     global_batch = args.batch_per_rank * args.ranks
     shard = TrainShard(data, global_batch, rank, args.ranks, SEED)
     test_x, test_y = (torch.from_numpy(a) for a in data.read("test", 0, data.n_test, rank))
-    trainer = Trainer(torch, sizes, args.ranks, global_batch)
+    trainer = Trainer(torch, spec, args.ranks, global_batch)
     seconds, reached = 0.0, None
     for step in range(args.tta_steps):
         t = time.perf_counter()
@@ -125,11 +134,11 @@ def worker(rank, args, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
     try:
-        sizes = [args.features, *[int(h) for h in args.hidden.split(",") if h], args.classes]
+        spec = model_spec(args)
         result = {"ranks": args.ranks, "threads": torch.get_num_threads(), "torch_version": torch.__version__,
-                  **throughput(torch, dist, args, rank, sizes)}
+                  "model": spec.kind, **throughput(torch, dist, args, rank, spec)}
         if args.data:
-            result.update(time_to_target(torch, dist, args, rank, sizes))
+            result.update(time_to_target(torch, dist, args, rank, spec))
         if rank == 0:
             results.put(result)
         dist.barrier()  # no rank tears gloo down while another still uses it
@@ -143,6 +152,7 @@ def main(argv=None):
     p.add_argument("--ranks", type=int, default=2, help="processes (default 2)")
     p.add_argument("--batch-per-rank", type=int, default=64)
     mlp_arguments(p)
+    model_arguments(p)
     loop_arguments(p)
     p.add_argument("--data", metavar="FILE.h5", help="also measure the time to --target test accuracy on this file")
     p.add_argument("--target", type=float, default=0.5)
@@ -150,6 +160,14 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--json", metavar="FILE", help="also write the result here")
     args = p.parse_args(argv)
+    from ...errors import MpitrainError
+
+    try:
+        spec = model_spec(args)  # a bad --model fails here, before any rank starts
+    except MpitrainError as exc:
+        p.error(str(exc))
+    if args.data and spec.kind != "mlp":
+        p.error("--data: the time to target is measured for --model mlp only (the peers share its weights)")
 
     from ...threads import THREAD_VARS
 
