@@ -163,9 +163,10 @@ class Model:
                 x = out
         return ins, x
 
-    def loss_grad(self, params, grad, x, y, ready=None):
+    def loss_grad(self, params, grad, x, y, ready=None, dx=None):
         """grad ← d(summed loss)/d(params) over the batch (x, y).  Returns (loss sum, number correct).
-        ready(offset), if given, is called as soon as grad[offset:] is final (after each layer)."""
+        ready(offset), if given, is called as soon as grad[offset:] is final (after each layer).  dx, if
+        given (x's shape; channels-last for multi-channel images), receives d(summed loss)/dx (bench leakage)."""
         ins, logits = self._forward(params, x)
         outs, scratch, downs, _ = self._bufs(len(x))
         loss, correct = self.k.softmax_xent(logits, y)
@@ -176,10 +177,11 @@ class Model:
             if isinstance(l, Flatten):
                 d = d.reshape(len(x), *l.in_shape)
                 continue
-            if i == 0 and not l.n_params:  # a first pooling layer: nothing below needs its gradient
+            if i == 0 and not l.n_params and dx is None:  # a first pooling layer: nothing below needs its gradient
                 break
             g = grad.grad_of(l) if hasattr(grad, "grad_of") else l.views(grad)
-            l.backward(self.k, _weights(params, l, down=True), g, ins[i], outs[i], d, downs[i], scratch[i])
+            down = downs[i] if i or dx is None else dx.reshape(len(x), *l.in_shape)
+            l.backward(self.k, _weights(params, l, down=True), g, ins[i], outs[i], d, down, scratch[i])
             if l.n_params:
                 self.trace.append((l, ins[i], d, scratch[i]))  # d is dL/dz now (the activation's gradient applied)
                 if ready is not None:
