@@ -77,7 +77,7 @@ def _client(model, args, dpsgd_noise=0.0):
     dpsgd = None
     if dpsgd_noise > 0:
         f.dpsgd.noise_multiplier, f.dpsgd.clip = dpsgd_noise, args.dpsgd_clip
-        dpsgd = DPSGD(model, model.k, f.dpsgd, noise_key(-1))  # the client's secret noise
+        dpsgd = DPSGD(model, model.k, f.dpsgd, noise_key(args.seed))  # reproducible: the attacker never sees it
     return Client(model, model.k, t, f, dpsgd), f
 
 
@@ -288,6 +288,7 @@ def figure(panels, protections, args):
         return None
     if args.png:
         path = args.png
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     else:
         from ..report import first_free
 
