@@ -17,12 +17,13 @@ federated Client, Stepper, DP and secure-aggregation code.  Rank 0 receives:
 
 The attack is Deep Leakage from Gradients (Zhu et al. 2019, arXiv:1906.08935) with the labels first read off
 the last layer's bias gradient as in iDLG (Zhao et al. 2020, arXiv:2001.02610): softmax − one-hot is negative
-only at the true labels (batches: the negative mass split into counts).  Dummy samples x' are optimised by
-L-BFGS-B (scipy) within the data's pixel range so that the dummy gradient g(x') points where the observed
-update points: 1 − cos(g(x'), −Δ) (scale-free, as in Geiping et al. 2020, so clipping and the unknown
-learning rate do not matter).  The gradient of that objective is a mixed second derivative,
-J_x(g)ᵀu with u = ∂(1 − cos)/∂g, computed without a second copy of the model's math as the central difference
-of the model's input gradient at θ ± εu: ∇ₓ[u·∇_θL] = (∇ₓL(θ + εu) − ∇ₓL(θ − εu)) / 2ε (Model.loss_grad's dx).
+only at the true labels (batches: counts from the entries and the mean softmax, see recover_labels).
+Dummy samples x' are optimised by L-BFGS-B (scipy) within the data's pixel range so that the dummy gradient
+g(x') points where the observed update points: 1 − cos(g(x'), −Δ) (scale-free, as in Geiping et al. 2020,
+so clipping and the unknown learning rate do not matter).  The gradient of that objective is a mixed second
+derivative, J_x(g)ᵀu with u = ∂(1 − cos)/∂g, computed without a second copy of the model's math as the
+central difference of the model's input gradient at θ ± εu:
+∇ₓ[u·∇_θL] = (∇ₓL(θ + εu) − ∇ₓL(θ − εu)) / 2ε (Model.loss_grad's dx).
 For a sum over a cohort the attacker rebuilds all n·B samples jointly and each of the client's samples is
 matched to its closest reconstruction (Hungarian assignment on the MSE).
 
@@ -136,14 +137,21 @@ def ckks_view(model, params, x, y, args):
 
 # -- the attack ---------------------------------------------------------------------------------------
 
-def recover_labels(model, target, count):
-    """iDLG: the labels of `count` samples from the last layer's bias gradient (target ∝ +gradient): one
-    label per sample, apportioned to the classes by their share of the negative entries (largest remainder)."""
+def recover_labels(model, params, target, count):
+    """iDLG for `count` samples from the last layer's bias gradient (target ∝ +gradient): its entry c is
+    s·(Σᵢ pᵢ_c − count_c) for an unknown scale s (learning rate, clipping).  The attacker estimates the mean
+    softmax p̄ on random inputs near the data mean, s from the classes with positive entries (mostly absent
+    ones: s·count·p̄_c), and apportions count labels by count·p̄ − entry/s (largest remainder)."""
     db = np.asarray(model.layers(target)[-1][1], np.float64)
-    neg = np.maximum(-db, 0.0)
-    if neg.sum() <= 0:
-        neg = np.ones_like(neg)
-    share = neg / neg.sum() * count
+    rng = np.random.default_rng(0)
+    logits = model.logits(params, (0.5 * rng.standard_normal((256, model.spec.n_in))).astype(np.float32))
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p_bar = (p / p.sum(axis=1, keepdims=True)).mean(axis=0, dtype=np.float64)
+    pos = db > 0
+    share = np.ones_like(db)
+    if pos.any():
+        share = np.maximum(count * p_bar - db * (count * p_bar[pos].sum() / db[pos].sum()), 0.0)
+    share = share / share.sum() * count if share.sum() > 0 else np.full_like(db, count / len(db))
     counts = np.floor(share).astype(int)
     for c in np.argsort(counts - share)[:count - counts.sum()]:
         counts[c] += 1
@@ -259,7 +267,7 @@ def bench_leakage(args, comm):
                     row.update(seen)
                 else:
                     count = b * (args.cohort if prot == "secagg" else 1)
-                    labels = recover_labels(model, -seen, count)
+                    labels = recover_labels(model, params, -seen, count)
                     rebuilt, loss = attack(model, params, -seen, labels, lo, hi, args)
                     mse, within, lab, matched = score(pixels(x), pixels(rebuilt), y, labels)
                     row.update(mse=mse, within_0_1=within, labels_recovered=lab, one_minus_cos=loss,
