@@ -32,7 +32,7 @@ setup(
         # plot and bench scaling PNGs, CKKS and export are tested
         "test": ["pytest>=7", "matplotlib>=3.5", "tenseal>=0.3", "onnx>=1.14", "onnxruntime>=1.16"],
         "he": ["tenseal>=0.3"],  # fed.encryption = "ckks": CKKS homomorphic encryption (TenSEAL / Microsoft SEAL)
-        "bench": ["matplotlib>=3.5"],  # PNG plots of bench scaling
+        "bench": ["matplotlib>=3.5"],  # PNG plots of bench scaling and bench leakage
         "cuda": ["numba-cuda>=0.20"],  # --set train.device=cuda
         "peers": ["torch>=2.1", "flwr>=1.42,<2"],  # bench peers: PyTorch DDP and Flower
         "export": ["onnx>=1.14", "onnxruntime>=1.16"],  # export --format onnx (onnxruntime: to run it)

@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 
+from ..errors import MpitrainError
 from . import table
 
 PROTECTIONS = ("plain", "clip", "dpsgd", "secagg", "ckks")
@@ -97,14 +98,14 @@ def observe(protection, model, params, x, y, others, args):
         return delta.astype(np.float64)
     from ..federated import secagg
 
-    n = 1 + len(others)
-    bounds = np.array([f.secagg.clip_range])
+    n, w, clip = 1 + len(others), len(x), f.secagg.clip_range  # every client holds B samples: ω_k = B
+    bounds = np.array([w * clip])  # as SecureAggregator: Δ_k clipped to ±R per coordinate, then weighted
     scales = secagg.scales_for(bounds, n)
     rng = np.random.default_rng(args.seed)
     total = np.zeros(len(delta), np.uint32)
-    for k, (cx, cy) in enumerate([(x, y), *others]):  # FedSGD sample weights ω_k = n_k, as run.py's default
+    for k, (cx, cy) in enumerate([(x, y), *others]):
         d = delta if k == 0 else client.train(k, 0, cx, cy, params)[0]
-        total += secagg.encode(len(cx) * d, scales, bounds, rng, head=len(d))  # masks cancel in this sum
+        total += secagg.encode(w * np.clip(d, -clip, clip), scales, bounds, rng, head=len(d))  # masks cancel here
     return secagg.decode(total, scales[0])
 
 
@@ -112,7 +113,6 @@ def ckks_view(model, params, x, y, args):
     """Rank 0's side of fed.encryption = ckks: the secret-free context, the client's ciphertexts, and the
     decryption it cannot do."""
     from ..config import Config
-    from ..errors import MpitrainError
     from ..federated import he
 
     h = Config().fed.he
@@ -184,7 +184,7 @@ def attack(model, params, target, labels, lo, hi, args):
     rng = np.random.default_rng(args.seed + 1)
     bounds = list(zip(np.tile(lo, n), np.tile(hi, n)))
     z = np.clip(0.5 * rng.standard_normal(n * feats), np.tile(lo, n), np.tile(hi, n))  # near the data mean
-    for _ in range(max(1, args.restarts)):  # L-BFGS stalls on the finite-difference curvature: restart it
+    for _ in range(args.restarts):  # L-BFGS stalls on the finite-difference curvature: restart it
         r = minimize(objective, z, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": args.iters})
         z = r.x
     return z.reshape(n, feats), float(r.fun)
@@ -206,7 +206,7 @@ def score(original, rebuilt, true_labels, labels):
 # -- the benchmark ------------------------------------------------------------------------------------
 
 def _digits():
-    """The embedded digits prepared by the project (standardised), and the map back to 0…1 pixels."""
+    """The embedded digits as the project prepares them (standardised), with the mean and std that map them back."""
     import h5py
 
     from ..data.prepare import prepare
@@ -223,20 +223,33 @@ def _digits():
 def _spec(name, args):
     import json
 
-    from ..errors import MpitrainError
     from ..model import ModelSpec
 
     if name == "mlp":
-        return ModelSpec("mlp", 64, 10, tuple(int(h) for h in args.hidden.split(",") if h))
+        return ModelSpec("mlp", 64, 10, tuple(_ints(args.hidden, "--hidden")))
     if name == "cnn":
-        return ModelSpec("layers", 64, 10, layers=tuple(json.loads(args.cnn)), feature_shape=(1, 8, 8))
+        try:
+            layers = json.loads(args.cnn)
+        except ValueError:
+            layers = None
+        if not isinstance(layers, list) or not layers or not all(isinstance(t, str) for t in layers):
+            raise MpitrainError(f"--cnn {args.cnn}: expected a JSON list of layer strings, as model.layers")
+        return ModelSpec("layers", 64, 10, layers=tuple(layers), feature_shape=(1, 8, 8))
     raise MpitrainError(f"--models {args.models}: expected mlp and/or cnn, not {name!r}")
 
 
-def bench_leakage(args, comm):
-    from ..errors import MpitrainError
-    from ..model import Model
+def _ints(text, option):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise MpitrainError(f"{option} {text}: expected positive integers, comma-separated")
+    return values
 
+
+def _check(args):
+    """The models and batch sizes of the arguments, or one MpitrainError naming the option."""
     protections = args.protections.split(",")
     bad = [p for p in protections if p not in PROTECTIONS]
     if bad:
@@ -244,17 +257,34 @@ def bench_leakage(args, comm):
                             f"{', '.join(PROTECTIONS)}")
     if args.cohort < 2:
         raise MpitrainError(f"--cohort {args.cohort}: a secure-aggregation cohort has ≥ 2 clients")
-    if comm.rank != 0:
+    for option, value in (("--iters", args.iters), ("--restarts", args.restarts), ("--lr", args.lr),
+                          ("--clip", args.clip), ("--dpsgd-clip", args.dpsgd_clip)):
+        if not value > 0:
+            raise MpitrainError(f"{option} {value}: expected > 0")
+    if args.dpsgd_noise < 0:
+        raise MpitrainError(f"--dpsgd-noise {args.dpsgd_noise}: expected ≥ 0")
+    specs = [(name, _spec(name, args)) for name in args.models.split(",")]
+    return protections, specs, _ints(args.batches, "--batches")
+
+
+def bench_leakage(args, comm):
+    from ..model import Model
+
+    protections, specs, batches = comm.agree(_check, args)  # one line, every rank ends
+    if comm.rank != 0:  # the audit is one process: rank 0 plays the client and the aggregator
         return []
     x_all, y_all, mean, std = _digits()
+    if max(batches) * args.cohort > len(x_all):
+        raise MpitrainError(f"--batches {args.batches} × --cohort {args.cohort}: more samples than the "
+                            f"{len(x_all)} training digits")
     pixels = lambda a: (a * std + mean) / 16.0  # digits' pixels are 0…16
     lo, hi = -mean / std, (16.0 - mean) / std
     rng = np.random.default_rng(args.seed)
     rows, panels = [], []
-    for name in args.models.split(","):
-        model = Model(_spec(name, args))
+    for name, spec in specs:
+        model = Model(spec)
         params = model.init_params(args.seed)
-        for b in (int(s) for s in args.batches.split(",")):
+        for b in batches:
             pick = rng.choice(len(x_all), b * args.cohort, replace=False)
             x, y = x_all[pick[:b]], y_all[pick[:b]]
             others = [(x_all[pick[i:i + b]], y_all[pick[i:i + b]]) for i in range(b, b * args.cohort, b)]
