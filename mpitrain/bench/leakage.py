@@ -127,12 +127,11 @@ def ckks_view(model, params, x, y, args):
     vec = he.tenseal().ckks_vector_from(ctx, chunks[0])
     try:
         vec.decrypt()
-        why = "rank 0 decrypted the update: its context holds a secret key"
+        start, why = "LEAKS", "rank 0 decrypted the update: its context holds a secret key"
     except Exception as exc:  # TenSEAL raises ValueError without a secret key
-        why = f"decrypt() without the secret key: {type(exc).__name__}"
-    return {"status": f"cannot start: rank 0 holds {len(chunks)} ciphertext(s) "
-                      f"({sum(map(len, chunks))} bytes) and a context with is_private() = {ctx.is_private()}; {why}",
-            "is_private": ctx.is_private()}
+        start, why = "cannot start", f"decrypt() without the secret key: {type(exc).__name__}"
+    return {"status": f"{start}: rank 0 holds {len(chunks)} ciphertext(s) ({sum(map(len, chunks))} bytes) and a "
+                      f"context with is_private() = {ctx.is_private()}; {why}", "is_private": ctx.is_private()}
 
 
 # -- the attack ---------------------------------------------------------------------------------------
@@ -277,7 +276,10 @@ def bench_leakage(args, comm):
     if max(batches) * args.cohort > len(x_all):
         raise MpitrainError(f"--batches {args.batches} × --cohort {args.cohort}: more samples than the "
                             f"{len(x_all)} training digits")
-    pixels = lambda a: (a * std + mean) / 16.0  # digits' pixels are 0…16
+
+    def pixels(a):  # standardised features → pixels on 0…1 (digits' are 0…16)
+        return (a * std + mean) / 16.0
+
     lo, hi = -mean / std, (16.0 - mean) / std
     rng = np.random.default_rng(args.seed)
     rows, panels = [], []
