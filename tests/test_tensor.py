@@ -2,11 +2,16 @@
 one-line refusals."""
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
-from conftest import mpirun, params, summary
+from conftest import MPIEXEC, mpirun, params, summary
+from test_checkpoint import _rank_pids, checkpoints
 
 CNN = ["model.kind=layers", "model.layers=" + json.dumps(
     ["conv2d 6 3 same", "relu", "maxpool2d 2", "conv2d 12 3 valid", "relu", "flatten", "dense 32", "relu", "dense 10"])]
@@ -89,3 +94,24 @@ def test_refusals_are_one_line(tmp_path, synth, ranks, command, sets, expected):
     r = mpirun(ranks, *args, timeout=120)
     lines = r.error_lines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"mpitrain: error: {expected}"), r.stderr
+
+
+def test_a_signal_to_one_rank_of_a_tensor_group_stops_both(tmp_path, synth):
+    """SIGUSR1 reaches only tensor rank 1 (its data group is itself): the stop flag crosses the tensor group
+    too, so both ranks checkpoint at the same step and exit 75 (without that, rank 1 alone would stop)."""
+    out = str(tmp_path / "sig")
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpitrain", "train", "--quiet", "--out", out, "--data", synth,
+           *[a for s in (*MLP, "train.steps=200000", "parallel.tensor=2") for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "metrics.jsonl")) or len(_rank_pids(out)) < 2:
+            assert time.time() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        time.sleep(1.0)
+        os.kill(_rank_pids(out)[1], signal.SIGUSR1)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 75, err
+    assert len(checkpoints(out)) == 1 and not os.path.exists(os.path.join(out, "summary.json"))
