@@ -115,3 +115,4 @@ def test_a_signal_to_one_rank_of_a_tensor_group_stops_both(tmp_path, synth):
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert proc.returncode == 75, err
     assert len(checkpoints(out)) == 1 and not os.path.exists(os.path.join(out, "summary.json"))
+
