@@ -82,6 +82,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         params = grid.take(arrays["params"].astype(np.float32))
         sync.restore(grid.restored(arrays, opt.state), opt.state)  # checkpoints hold full vectors whatever the mode
         opt.t = int(attrs["opt_t"])
+        del resumed, arrays  # the checkpoint's full vectors: fsdp and tensor ranks keep only their slices
     else:
         first = 0
         params = model.init_params(t.seed) if comm.rank == 0 else np.empty(spec.n_params, np.float32)
