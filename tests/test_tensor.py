@@ -13,14 +13,15 @@ import pytest
 from conftest import MPIEXEC, mpirun, params, summary
 from test_checkpoint import _rank_pids, checkpoints
 
-CNN = ["model.kind=layers", "model.layers=" + json.dumps(
-    ["conv2d 6 3 same", "relu", "maxpool2d 2", "conv2d 12 3 valid", "relu", "flatten", "dense 32", "relu", "dense 10"])]
+CNN = ["model.kind=layers", "model.layers=" + json.dumps(  # column, pool, row, column, flatten of a split map, row
+    ["conv2d 6 3 same", "relu", "maxpool2d 2", "conv2d 12 3 valid", "relu", "conv2d 8 1", "relu", "flatten",
+     "dense 10"])]
 MLP = ["model.hidden=[32, 16]"]
 # Parameters per rank at T = 2, counted by hand from the module doc's rules:
 # MLP 12-32-16-4: column 12×16+16, row 16×16+16 (bias whole), the classifier whole 16×4+4
-# CNN on 1×8×8: conv 3 of 6 channels 3·3·1·3+3, conv row over 3 of 6 input channels 12·3·3·3+12 (4×4 → 2×2),
-# dense column 48×16+16, classifier row 16×10+10
-LOCAL = {"mlp": 12 * 16 + 16 + 16 * 16 + 16 + 16 * 4 + 4, "cnn": 30 + 12 * 27 + 12 + 48 * 16 + 16 + 16 * 10 + 10}
+# CNN on 1×8×8: conv column 3 of 6 channels 3·3·1·3+3, conv row over 3 of 6 input channels 12·3·3·3+12 (4×4 →
+# 2×2), 1×1 conv column 4 of 8 channels 4·12+4, classifier row over 2·2·4 of the 32 flat features 16×10+10
+LOCAL = {"mlp": 12 * 16 + 16 + 16 * 16 + 16 + 16 * 4 + 4, "cnn": 30 + 12 * 27 + 12 + 4 * 12 + 4 + 16 * 10 + 10}
 
 
 @pytest.fixture(scope="module")
