@@ -5,9 +5,10 @@ each step in three parts: data (the row gather ``TrainShard.batch_at`` does), co
 optimizer update, through ``train.Stepper``) and allreduce (the time in the step's collectives: one
 ``Allreduce`` of the flat gradient buffer, or what each ``--comm`` mode of sync.py does instead; every
 mode is measured in the same ``mpiexec``, one after another; ``--tensor`` adds tensor-parallel runs of
-each, T ranks sharing a batch and splitting every layer, with tensor_ms the time in the tensor group's
-Allreduces, taken out of compute).  There is no barrier inside the timed loop, as in training, so waiting for a slower rank counts
-as allreduce time.  Each part is the median over the timed steps on each rank, then the max over ranks.
+each, T ranks sharing a data rank's batch and splitting every layer, with tensor_ms the time in the tensor
+group's Allreduces, taken out of compute).  There is no barrier inside the timed loop, as in training, so
+waiting for a slower rank counts as allreduce time.  Each part is the median over the timed steps on each
+rank, then the max over ranks.
 """
 import argparse
 import glob
@@ -210,14 +211,15 @@ def measure_point(args, comm, mode, tensor=1):
     c.mode, c.bucket_mb, c.topk_ratio, c.local_steps, c.group_size = (mode, args.bucket_mb, args.topk_ratio,
                                                                       args.local_steps, args.group_size)
     cfg.parallel.tensor = tensor
-    grid = comm.agree(Grid, cfg.validate(), comm, Model(spec))
+    full = Model(spec)
+    grid = comm.agree(Grid, cfg.validate(), comm, full)
     world, comm, model = comm, grid.dp, grid.model  # the data group exchanges gradients and owns the batches
     if args.mode == "weak":
         local, global_batch = args.batch_per_rank, args.batch_per_rank * comm.size
     else:  # the global batch split as TrainShard splits it: ⌊B/p⌋ or ⌈B/p⌉ per rank
         lo, hi = block(args.global_batch, comm.size, comm.rank)
         local, global_batch = hi - lo, args.global_batch
-    params = grid.take(Model(spec).init_params(0))  # seeded: identical on every rank, as after train()'s broadcast
+    params = grid.take(full.init_params(0))  # seeded: identical on every rank, as after train()'s broadcast
     sync = make(cfg, comm, model)
     part = sync.part
     stepper = Stepper(model, Optimizer(kernels, "momentum", part.stop - part.start), sync, flags=2)
