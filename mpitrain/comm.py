@@ -134,6 +134,20 @@ class Comm:
         leaders = self.raw.Split(color, self.rank)
         return group, (Comm(leaders) if leaders != self.MPI.COMM_NULL else None)
 
+    def grid(self, tensor):
+        """(tensor group, data group) of the data × tensor grid of parallel.tensor = T: ranks r with the
+        same r // T form a tensor group (T contiguous ranks: the chattiest traffic stays inside a node),
+        ranks with the same r % T a data group.  Rank r is rank r % T of its tensor group and r // T of its
+        data group; rank 0 is rank 0 of both.  T = 1: this rank alone, and this communicator."""
+        if tensor < 1 or self.size % tensor:
+            divisors = ", ".join(str(d) for d in range(1, self.size + 1) if self.size % d == 0)
+            raise MpitrainError(f"parallel.tensor = {tensor} does not divide the {self.size} rank(s) of this run: "
+                                f"expected one of {divisors}")
+        if tensor == 1:
+            return Comm(self.MPI.COMM_SELF), self
+        return (Comm(self.raw.Split(self.rank // tensor, self.rank)),
+                Comm(self.raw.Split(self.rank % tensor, self.rank)))
+
     # -- start-up, evaluation, bookkeeping ------------------------------------------------------------
     def bcast(self, buf, root=0):
         """In-place broadcast of a contiguous array."""

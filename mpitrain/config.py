@@ -165,6 +165,12 @@ class CommConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """[parallel]: how the model itself is distributed (tensor.py)."""
+    tensor: int = 1             # ranks per tensor-parallel group (T, dividing the world size); 1 = off
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 0              # steps (train) or rounds (federate) between checkpoints; 0 = by time only
     every_seconds: float = 300.0  # also checkpoint when this much time has passed (0 = never by time)
@@ -179,6 +185,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self):
@@ -214,6 +221,7 @@ class Config:
         _check(m.group_size >= 0, "comm.group_size", m.group_size, "≥ 0 (0 = the shared-memory node)")
         _check(0 < m.topk_ratio <= 1, "comm.topk_ratio", m.topk_ratio, "in (0, 1]")
         _check(m.local_steps >= 1, "comm.local_steps", m.local_steps, "≥ 1")
+        _check(self.parallel.tensor >= 1, "parallel.tensor", self.parallel.tensor, "an integer ≥ 1 (1 = off)")
         c = self.checkpoint
         _check(c.every >= 0, "checkpoint.every", c.every, "≥ 0")
         _check(c.every_seconds >= 0, "checkpoint.every_seconds", c.every_seconds, "≥ 0")

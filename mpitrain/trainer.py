@@ -1,7 +1,9 @@
 """Synchronous data-parallel SGD: every rank computes the gradient of the summed loss over its part of
 the global batch, one in-place Allreduce sums the flat gradient (with the loss and hit counts riding in
 its last two slots), and every rank applies the same optimizer update to its identical parameters.
-[comm] swaps that exchange for overlapped, compressed, hierarchical, sharded or local-SGD ones (sync.py)."""
+[comm] swaps that exchange for overlapped, compressed, hierarchical, sharded or local-SGD ones (sync.py);
+[parallel] tensor = T splits every layer over T ranks that share the samples (tensor.py), and the
+exchange then runs over the data group."""
 import functools
 import time
 
@@ -16,6 +18,7 @@ from .kernels import HOST
 from .optim import Optimizer, schedule
 from .session import Session
 from .sync import make as make_sync
+from .tensor import Grid
 
 
 class Stepper:
@@ -62,11 +65,13 @@ class Stepper:
 def train(cfg, comm, out=None, quiet=False, resume=None):
     t, run = cfg.train, Session(cfg, comm)
     data, spec, model = run.data, run.spec, run.model
-    shard = comm.agree(TrainShard, data, t.global_batch, comm.rank, comm.size, t.seed)
+    grid = comm.agree(Grid, cfg, comm, model)  # data × tensor: the ranks of a tensor group read the same batches
+    dp, local = grid.dp, grid.model  # the data group, and the model this rank's steps run (its slices)
+    shard = comm.agree(TrainShard, data, t.global_batch, dp.rank, dp.size, t.seed)
     total = t.steps or t.epochs * shard.steps_per_epoch
     lr = t.lr * t.global_batch / 256 if t.scale_lr else t.lr
     lr_at = comm.agree(schedule, t.schedule, lr, total, t.warmup_steps, t.step_size, t.gamma)
-    sync = comm.agree(make_sync, cfg, comm, model)
+    sync = comm.agree(make_sync, cfg, dp, local)
     part = sync.part  # the parameters this rank updates: all of them, or its shard (comm.mode = sharded)
     opt = comm.agree(Optimizer, run.kernels, t.optimizer, part.stop - part.start, t.momentum, t.beta1,
                      t.beta2, t.eps, t.weight_decay)
@@ -74,19 +79,22 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
     log, ckpt = run.log, run.ckpt
     if resumed:
         first, arrays, attrs = resumed
-        params = arrays["params"].astype(np.float32)
-        sync.restore(arrays, opt.state)  # checkpoints hold full vectors whatever the mode
+        params = grid.take(arrays["params"].astype(np.float32))
+        sync.restore(grid.restored(arrays, opt.state), opt.state)  # checkpoints hold full vectors whatever the mode
         opt.t = int(attrs["opt_t"])
+        del resumed, arrays  # the checkpoint's full vectors: fsdp and tensor ranks keep only their slices
     else:
         first = 0
         params = model.init_params(t.seed) if comm.rank == 0 else np.empty(spec.n_params, np.float32)
         comm.bcast(params)
+        params = grid.take(params)
     params = sync.own(model.xp.to_device(params))  # on the device (the identity on the host); fsdp: its shard
     log.say(f"mpitrain {__version__}: {spec.kind} {spec.describe()} ({spec.n_params} params) "
-            f"on {comm.size} rank(s) × {run.threads} thread(s), {data.n_train} train samples, "
+            f"on {comm.size} rank(s){f' ({dp.size} data × {grid.T} tensor)' if grid.T > 1 else ''} "
+            f"× {run.threads} thread(s), {data.n_train} train samples, "
             f"global batch {t.global_batch}, steps {first + 1}…{total} → {run.out}")
 
-    step_fn = Stepper(model, opt, sync, flags=2)  # flags: stop requested, checkpoint due
+    step_fn = Stepper(local, opt, sync, flags=2)  # flags: stop requested, checkpoint due
     sync.step = first  # local SGD averages on the global step count, resumed or not
     eval_every = t.eval_every or shard.steps_per_epoch
     scale = 1.0 / t.global_batch
@@ -100,6 +108,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
             order = shard.epoch_order(epoch)
         lr_now = lr_at(step)
         step_fn.flags[:] = (preempt.requested(), ckpt.time_due())
+        grid.tp.allreduce_sum(step_fn.flags)  # the data group sums them next: every rank sees every flag
         # local SGD averages the parameters before anything reads them: evaluation, checkpoint, the end
         sync.due = (step + 1) % eval_every == 0 or step + 1 == total or ckpt.due(step + 1, False)
         loss, correct = step_fn(params, *shard.batch_at(order[s]), lr_now, scale)
@@ -111,7 +120,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         if (step + 1) % max(t.log_every, 1) == 0 or step + 1 == total:
             log.record(step=step + 1, epoch=epoch, lr=lr_now, **last)
         if (step + 1) % eval_every == 0 or step + 1 == total:
-            test_loss, test_acc = evaluate(comm, model, sync.full(params), run.test_x, run.test_y)
+            test_loss, test_acc = evaluate(comm, model, grid.full(sync.full(params)), run.test_x, run.test_y)
             log.record(step=step + 1, epoch=epoch, test_loss=test_loss, test_accuracy=test_acc)
             log.say(f"step {step + 1}/{total}  epoch {epoch + 1}  loss {last['train_loss']:.4f}  "
                     f"test loss {test_loss:.4f}  test acc {test_acc:.4f}")
@@ -119,13 +128,16 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         if ckpt.due(step + 1, stop or timed) or step + 1 == total:
             host = model.xp.to_host
             state = sync.gather_state({f"opt/{k}": host(v) for k, v in opt.state.items()})
-            ckpt.save(step + 1, {"params": host(sync.saved(params)), **state}, opt_t=opt.t)
+            state = {k: grid.saved(v) for k, v in state.items()}
+            ckpt.save(step + 1, {"params": grid.saved(host(sync.saved(params))), **state}, opt_t=opt.t)
         if stop and step + 1 < total:  # at the last step the run simply ends (model.h5, summary, exit 0)
             run.stop(f"step {step + 1}")
     if test_acc is None:  # resumed at the end: score the restored model
-        test_loss, test_acc = evaluate(comm, model, sync.full(params), run.test_x, run.test_y)
+        test_loss, test_acc = evaluate(comm, model, grid.full(sync.full(params)), run.test_x, run.test_y)
     memory = [sum(v.nbytes for v in opt.state.values()), *sync.bytes_per_rank(params, step_fn.grad), peak_rss()]
-    train_seconds, comm_seconds, *memory = comm.allreduce([train_seconds, sync.seconds, *memory], op="max")
+    tensor = getattr(local, "seconds", 0.0), getattr(local, "bytes", 0) / max(sync.steps, 1)
+    train_seconds, comm_seconds, *memory, tensor_seconds, tensor_bytes = comm.allreduce(
+        [train_seconds, sync.seconds, *memory, *tensor], op="max")
     summary = {
         "test_accuracy": test_acc, "test_loss": test_loss, **last,
         "steps": total, "epochs": total / shard.steps_per_epoch, "global_batch": t.global_batch,
@@ -133,11 +145,13 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         "comm_seconds": comm_seconds, "comm_mode": cfg.comm.mode,
         "comm_bytes_per_step": sync.bytes / max(sync.steps, 1), "optimizer_state_bytes_per_rank": int(memory[0]),
         "param_bytes_per_rank": int(memory[1]), "grad_bytes_per_rank": int(memory[2]), "peak_rss_bytes": int(memory[3]),
-        "resumed_from_step": first,
+        "resumed_from_step": first, "tensor_parallel": grid.T, "data_parallel": dp.size,
+        "tensor_comm_seconds": tensor_seconds, "tensor_comm_bytes_per_step": tensor_bytes,
     }
     log.say(f"done: test accuracy {test_acc:.4f}, {summary['samples_per_second'] or 0:.0f} samples/s, "
-            f"{train_seconds:.1f} s ({comm_seconds:.1f} s in {cfg.comm.mode} communication) → {run.out}")
-    final = sync.saved(params)
+            f"{train_seconds:.1f} s ({comm_seconds:.1f} s in {cfg.comm.mode} communication"
+            f"{f', {tensor_seconds:.1f} s in the tensor group' if grid.T > 1 else ''}) → {run.out}")
+    final = grid.saved(sync.saved(params))
     final = final.gather() if isinstance(final, Parts) else model.xp.to_host(final)  # whole on rank 0
     return run.finish(summary, final, steps=total)
 

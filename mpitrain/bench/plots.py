@@ -31,7 +31,8 @@ def scaling_plots(rows, mode, out):
     ranks = sorted({r["ranks"] for r in rows})
     series = {}  # comm mode → its rows, by rank count
     for r in rows:
-        series.setdefault(r.get("comm", "plain"), []).append(r)
+        series.setdefault(r.get("comm", "plain") + (f" tensor {r['tensor']}" if r.get("tensor", 1) > 1 else ""),
+                          []).append(r)
     base = min(rows, key=lambda r: r["ranks"])
     ideal = [p / base["ranks"] for p in ranks]
     figs = {}
@@ -62,10 +63,11 @@ def scaling_plots(rows, mode, out):
 
     fig, ax = figs["breakdown"] = _figure(f"{mode} scaling: where a step goes (max over ranks)",
                                           "ms per step")
-    labels = [f"{r['ranks']}" + (f" {r['comm']}" if len(series) > 1 else "") for r in rows]
+    labels = [f"{r['ranks']}" + (f" {r['comm']}" if len(series) > 1 else "")
+              + (f" t{r['tensor']}" if r.get("tensor", 1) > 1 else "") for r in rows]
     bottom = [0.0] * len(rows)
-    for part in ("compute", "allreduce", "data"):
-        heights = [r[f"{part}_ms"] for r in rows]
+    for part in ("compute", "allreduce", "tensor", "data"):
+        heights = [r.get(f"{part}_ms", 0.0) for r in rows]
         ax.bar(labels, heights, bottom=bottom, label=part)
         bottom = [b + h for b, h in zip(bottom, heights)]
     if len(series) > 1:

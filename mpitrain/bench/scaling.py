@@ -4,8 +4,11 @@ A point builds the MLP and per-rank random in-memory batches (no HDF5), runs war
 each step in three parts: data (the row gather ``TrainShard.batch_at`` does), compute (``loss_grad`` +
 optimizer update, through ``train.Stepper``) and allreduce (the time in the step's collectives: one
 ``Allreduce`` of the flat gradient buffer, or what each ``--comm`` mode of sync.py does instead; every
-mode is measured in the same ``mpiexec``, one after another).  There is no barrier inside the timed loop, as in training, so waiting for a slower rank counts
-as allreduce time.  Each part is the median over the timed steps on each rank, then the max over ranks.
+mode is measured in the same ``mpiexec``, one after another; ``--tensor`` adds tensor-parallel runs of
+each, T ranks sharing a data rank's batch and splitting every layer, with tensor_ms the time in the tensor
+group's Allreduces, taken out of compute).  There is no barrier inside the timed loop, as in training, so
+waiting for a slower rank counts as allreduce time.  Each part is the median over the timed steps on each
+rank, then the max over ranks.
 """
 import argparse
 import glob
@@ -24,7 +27,8 @@ from ..errors import MpitrainError
 from . import comm_modes, loop_arguments, mlp_arguments, table
 
 LR = 0.01
-COLUMNS = ["ranks", "comm", "global_batch", "local_batch", "data_ms", "compute_ms", "allreduce_ms", "step_ms",
+COLUMNS = ["ranks", "comm", "tensor", "global_batch", "local_batch", "data_ms", "compute_ms", "allreduce_ms",
+           "tensor_ms", "step_ms",
            "samples_per_s", "comm_bytes", "speedup", "efficiency"]
 
 
@@ -55,6 +59,10 @@ def add_parser(sub):
                    help=f"comm.local_steps for local_sgd (default {c.local_steps})")
     s.add_argument("--group-size", type=int, default=c.group_size,
                    help=f"comm.group_size for hierarchical (default {c.group_size}: the node)")
+    s.add_argument("--tensor", default="1", help="parallel.tensor values to measure at every point, comma-"
+                                                 "separated (default 1; a T > 1 runs where it divides the ranks, "
+                                                 "with plain, sharded or fsdp; its ranks share the batch of a "
+                                                 "data rank)")
     s.add_argument("--timeout", type=float, default=600, help="seconds before a point is killed (default 600)")
     s.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
     # internal: what the driver's `mpiexec -n P` runs to measure one rank count on its world
@@ -68,7 +76,10 @@ def mlp_sizes(features, hidden, classes):
 
 def bench_scaling(args, comm):
     if args.point:
-        return [measure_point(args, comm, mode) for mode in comm_modes(args.comm)]
+        from ..tensor import MODES as TENSOR_MODES
+
+        return [measure_point(args, comm, mode, t) for t in tensors(args.tensor) for mode in comm_modes(args.comm)
+                if comm.size % t == 0 and (t == 1 or mode in TENSOR_MODES)]
     if comm.size > 1:
         raise MpitrainError("bench scaling starts its own `mpiexec -n P` for every point: launch it as one "
                             "process (python -m mpitrain bench scaling ...), not under mpirun", agreed=True)
@@ -76,6 +87,7 @@ def bench_scaling(args, comm):
     if ranks[0] < 1 or args.steps < 1:
         raise MpitrainError(f"--ranks {args.ranks} --steps {args.steps}: rank counts and steps must be ≥ 1")
     comm_modes(args.comm)  # unknown modes fail here, before any point starts
+    tensors(args.tensor)
     if args.mode == "strong" and args.global_batch < ranks[-1]:
         raise MpitrainError(f"--global-batch {args.global_batch} is smaller than {ranks[-1]} ranks: every rank "
                             "needs at least one sample per step")
@@ -91,7 +103,8 @@ def bench_scaling(args, comm):
     rows = []
     for p in ranks:
         rows += run_point(args, p)
-        print(f"  {p} rank(s): " + ", ".join(f"{r['comm']} {r['step_ms']:.4g}" for r in rows if r["ranks"] == p)
+        print(f"  {p} rank(s): " + ", ".join(f"{r['comm']}{'' if r['tensor'] == 1 else ' tensor ' + str(r['tensor'])} "
+                                            f"{r['step_ms']:.4g}" for r in rows if r["ranks"] == p)
               + " ms/step", flush=True)
     add_speedup(rows, args.mode)
     print(table(rows, COLUMNS))
@@ -106,7 +119,8 @@ def add_speedup(rows, mode):
     was measured (so that the modes compare with one reference), else of the row's own mode."""
     ref = "plain" if any(r["comm"] == "plain" for r in rows) else None
     for r in rows:
-        base = min((b for b in rows if b["comm"] == (ref or r["comm"])), key=lambda b: b["ranks"])
+        base = min((b for b in rows if b["comm"] == (ref or r["comm"]) and b["tensor"] == 1) or
+                   (b for b in rows if b["comm"] == (ref or r["comm"])), key=lambda b: b["ranks"])
         if mode == "strong":
             r["speedup"] = base["step_ms"] / r["step_ms"]
             r["efficiency"] = r["speedup"] * base["ranks"] / r["ranks"]
@@ -145,7 +159,8 @@ def run_point(args, p):
                "--hidden", str(args.hidden), "--classes", str(args.classes), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--threads", str(args.threads), "--comm", args.comm,
                "--bucket-mb", str(args.bucket_mb), "--topk-ratio", str(args.topk_ratio),
-               "--local-steps", str(args.local_steps), "--group-size", str(args.group_size), "--out", tmp]
+               "--local-steps", str(args.local_steps), "--group-size", str(args.group_size),
+               "--tensor", args.tensor, "--out", tmp]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=_child_env(args.threads), start_new_session=True)
         try:
@@ -163,15 +178,27 @@ def run_point(args, p):
             return json.load(f)["results"]
 
 
-def measure_point(args, comm, mode):
-    """One point on this world and comm mode: time warm-up + timed training steps, return the row (same on
-    all ranks)."""
+def tensors(text):
+    """The parallel.tensor values of a --tensor list, or one clear error."""
+    try:
+        values = [int(t) for t in str(text).split(",")]
+    except ValueError:
+        values = [0]
+    if min(values) < 1:
+        raise MpitrainError(f"--tensor {text}: expected integers ≥ 1, comma-separated")
+    return values
+
+
+def measure_point(args, comm, mode, tensor=1):
+    """One point on this world, comm mode and parallel.tensor: time warm-up + timed training steps, return
+    the row (same on all ranks)."""
     from ..config import Config
     from ..data.shard import block
     from ..kernels import compiled
     from ..model import Model, ModelSpec
     from ..optim import Optimizer
     from ..sync import make
+    from ..tensor import Grid
     from ..threads import limit
     from ..trainer import Stepper
 
@@ -179,18 +206,21 @@ def measure_point(args, comm, mode):
     sizes = mlp_sizes(args.features, args.hidden, args.classes)
     spec = comm.agree(ModelSpec, "mlp", sizes[0], sizes[-1], tuple(sizes[1:-1]))
     kernels = comm.agree(compiled, comm)
+    cfg = Config()
+    c = cfg.comm
+    c.mode, c.bucket_mb, c.topk_ratio, c.local_steps, c.group_size = (mode, args.bucket_mb, args.topk_ratio,
+                                                                      args.local_steps, args.group_size)
+    cfg.parallel.tensor = tensor
+    full = Model(spec)
+    grid = comm.agree(Grid, cfg.validate(), comm, full)
+    world, comm, model = comm, grid.dp, grid.model  # the data group exchanges gradients and owns the batches
     if args.mode == "weak":
         local, global_batch = args.batch_per_rank, args.batch_per_rank * comm.size
     else:  # the global batch split as TrainShard splits it: ⌊B/p⌋ or ⌈B/p⌉ per rank
         lo, hi = block(args.global_batch, comm.size, comm.rank)
         local, global_batch = hi - lo, args.global_batch
-    model = Model(spec)
-    params = model.init_params(0)  # seeded: identical on every rank, as after train()'s broadcast
-    cfg = Config()
-    c = cfg.comm
-    c.mode, c.bucket_mb, c.topk_ratio, c.local_steps, c.group_size = (mode, args.bucket_mb, args.topk_ratio,
-                                                                      args.local_steps, args.group_size)
-    sync = make(cfg.validate(), comm, model)
+    params = grid.take(full.init_params(0))  # seeded: identical on every rank, as after train()'s broadcast
+    sync = make(cfg, comm, model)
     part = sync.part
     stepper = Stepper(model, Optimizer(kernels, "momentum", part.stop - part.start), sync, flags=2)
 
@@ -202,23 +232,23 @@ def measure_point(args, comm, mode):
     order = rng.permutation(local * total).reshape(total, local)
     xb, yb = np.empty((local, sizes[0]), np.float32), np.empty(local, np.int64)
 
-    times = np.zeros((args.steps, 4))  # data, compute, allreduce, whole step
+    times = np.zeros((args.steps, 5))  # data, compute, allreduce, tensor group, whole step
     for step in range(total):
         if step == args.warmup:
-            comm.barrier()  # the timed steps start together
+            world.barrier()  # the timed steps start together
         t0 = time.perf_counter()
         np.take(x, order[step], axis=0, out=xb)
         np.take(y, order[step], out=yb)
         t1 = time.perf_counter()
-        c = sync.seconds
+        c, tc = sync.seconds, getattr(model, "seconds", 0.0)
         stepper(params, xb, yb, LR, 1.0 / global_batch)
         t2 = time.perf_counter()
         if step >= args.warmup:
-            reduce = sync.seconds - c
-            times[step - args.warmup] = t1 - t0, t2 - t1 - reduce, reduce, t2 - t0
-    data, compute, reduce, whole = comm.allreduce(np.median(times, axis=0), "max") * 1e3
-    return {"ranks": comm.size, "comm": mode, "mode": args.mode, "global_batch": global_batch,
-            "local_batch": int(comm.allreduce([local], "max")[0]),  # strong: ⌈B/p⌉, the busiest rank's
+            reduce, tp = sync.seconds - c, getattr(model, "seconds", 0.0) - tc
+            times[step - args.warmup] = t1 - t0, t2 - t1 - reduce - tp, reduce, tp, t2 - t0
+    data, compute, reduce, tp, whole = world.allreduce(np.median(times, axis=0), "max") * 1e3
+    return {"ranks": world.size, "comm": mode, "tensor": tensor, "mode": args.mode, "global_batch": global_batch,
+            "local_batch": int(world.allreduce([local], "max")[0]),  # strong: ⌈B/p⌉, the busiest rank's
             "n_params": spec.n_params, "allreduce_bytes": stepper.buf.nbytes, "threads": args.threads,
-            "data_ms": data, "compute_ms": compute, "allreduce_ms": reduce, "step_ms": whole,
+            "data_ms": data, "compute_ms": compute, "allreduce_ms": reduce, "tensor_ms": tp, "step_ms": whole,
             "samples_per_s": global_batch / whole * 1e3, "comm_bytes": sync.bytes / sync.steps}

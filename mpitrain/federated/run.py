@@ -187,9 +187,16 @@ class Layers:
             self.attackers = attackers(t.seed, part.clients, f.attack_fraction)
 
 
+def refuse_tensor(tensor):
+    if tensor != 1:
+        raise MpitrainError(f"parallel.tensor = {tensor}: federated training keeps a whole model per client; "
+                            "tensor parallelism is for train (set parallel.tensor = 1)")
+
+
 def federate(cfg, comm, out=None, quiet=False, resume=None):
     t, f = cfg.train, cfg.fed
     comm.agree(check, f.strategy)
+    comm.agree(refuse_tensor, cfg.parallel.tensor)
     run = Session(cfg, comm)
     data, spec, model = run.data, run.spec, run.model
     part = comm.agree(Partition, data, comm)

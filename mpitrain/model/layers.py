@@ -70,8 +70,9 @@ class Dense(Layer):
         o, a, b = self.offset if at is None else at, self.n_in, self.units
         return flat[o:o + a * b].reshape(a, b), flat[o + a * b:o + a * b + b]
 
-    def forward(self, k, p, x, out, s):
-        k.dense_forward(x, *p, self.act, out)
+    def forward(self, k, p, x, out, s, act=None):
+        """out ← act(x @ W + b), with the layer's own activation unless act is given (tensor.Row)."""
+        k.dense_forward(x, *p, self.act if act is None else act, out)
 
     def backward(self, k, p, g, x, y, dy, dx, s):
         """dy ← dL/dz in place; g ← the layer's gradient; dx ← dL/dx unless it is None."""
@@ -106,8 +107,8 @@ class Conv(Layer):
         OH, OW = self.geom[6:]
         return {"cols": xp.empty((n * OH * OW, self.k_len))}  # im2col of the input; dcols in backward
 
-    def forward(self, k, p, x, out, s):
-        k.conv_forward(x, *p, self.act, self.geom, s["cols"], out)
+    def forward(self, k, p, x, out, s, act=None):
+        k.conv_forward(x, *p, self.act if act is None else act, self.geom, s["cols"], out)
 
     def backward(self, k, p, g, x, y, dy, dx, s):
         k.conv_backward(s["cols"], p[0], y, dy, self.act, self.geom, *g, s["cols"], dx)
