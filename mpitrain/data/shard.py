@@ -29,8 +29,9 @@ class DataFile:
         self.path = path
         if not os.path.exists(path):
             _fail(path, "no such file (make one with: python -m mpitrain prepare --source ... --out FILE)")
-        try:
-            self.f = h5py.File(path, "r")
+        try:  # no chunk cache: every read here is a hyperslab read once, so the cache would only hold a
+            # second copy of the rows (whole chunks, other ranks' clients included) beyond mpitrain's reach
+            self.f = h5py.File(path, "r", rdcc_nbytes=0)
         except OSError:
             _fail(path, "not an HDF5 file (expected one written by python -m mpitrain prepare)")
         for key in ("train/x", "train/y", "test/x", "test/y"):
@@ -64,16 +65,23 @@ class DataFile:
             _fail(path, f"attribute feature_shape = {list(self.feature_shape)} does not hold {self.n_features} "
                         "features")
 
-    def read(self, split, lo, hi, rank):
-        """Rows [lo, hi) of split/x and split/y, checked (finite features, labels in range)."""
-        x = self.f[f"{split}/x"][lo:hi]
-        y = self.f[f"{split}/y"][lo:hi].astype(np.int64)
+    def read(self, split, lo, hi, rank, out=None):
+        """Rows [lo, hi) of split/x and split/y, checked (finite features, labels in range): into the first
+        rows of out = (x, y) (float32, int64 buffers of this file's width), or into new arrays.  HDF5 reads
+        straight into them (read_direct, no chunk cache): the returned arrays are the only copies made."""
+        n = hi - lo
+        if out is None:
+            out = np.empty((n, self.n_features), np.float32), np.empty(n, np.int64)
+        x, y = out[0][:n], out[1][:n]
+        if n > 0:
+            self.f[f"{split}/x"].read_direct(x, np.s_[lo:hi])
+            self.f[f"{split}/y"].read_direct(y, np.s_[lo:hi])
         where = f"{self.path}: {split} rows {lo}..{hi - 1} (rank {rank})"
         if not np.all(np.isfinite(x)):
             raise MpitrainError(f"{where}: features contain NaN or Inf")
         if len(y) and (y.min() < 0 or y.max() >= self.n_classes):
             raise MpitrainError(f"{where}: labels must lie in 0..{self.n_classes - 1} (n_classes)")
-        return np.ascontiguousarray(x), y
+        return x, y
 
     def close(self):
         self.f.close()
