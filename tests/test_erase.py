@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 
-from conftest import MPIEXEC, launch
+from conftest import MPIEXEC, launch, params
 
 CLIENT = 1  # the canary client: the last one rank 1 hosts (clients 0, 1 | 2, 3), so erase = false keeps it
 FEATURES = slice(20, 28)  # eight consecutive features of every row of that client
@@ -220,6 +220,7 @@ def test_no_trace_in_files_output_or_memory(tmp_path):
 
     _, ranks = run(False)  # not erased: the canary client's rank still holds copies of its rows
     assert ranks[1]["hits"]["float32"] > 0 and ranks[1]["worst"] is not None and not ranks[1]["erase"], ranks
+    np.testing.assert_array_equal(params(dirs.runs / "on"), params(dirs.runs / "off"))  # the same arithmetic
 
 
 def test_gathered_updates_are_zeroed_after_the_robust_rule():

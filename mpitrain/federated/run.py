@@ -9,6 +9,7 @@ model-sized vectors and a few scalars ever cross ranks.
 Layers around the same loop (Layers below): differential privacy clips each update and adds noise
 (dp.py), secure aggregation replaces the Reduce by a masked uint32 sum (secagg.py), robust rules replace it
 by a Gather of the individual updates (robust.py); simulated dropouts and attackers act on the clients.
+With fed.erase (the default) what a client's data leaves on its rank is zeroed when its work ends (erase.py).
 """
 import math
 import time
@@ -130,6 +131,7 @@ class Client:
         return self.params - global_params, step_norm(f, t, steps), loss, seen  # FedNova: ‖a_k‖₁, not τ
 
     def batch(self, x, y, rows):
+        """(x[rows], y[rows]) in the client's reused batch buffers."""
         m = len(rows)
         if self.xb is None or len(self.xb) < m or (self.xb.shape[1:], self.xb.dtype, self.yb.dtype) != (
                 x.shape[1:], x.dtype, y.dtype):
