@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import h5py
 import numpy as np
+import pytest
 
 from conftest import MPIEXEC, launch, params
 
@@ -246,3 +247,16 @@ def test_gathered_updates_are_zeroed_after_the_robust_rule():
         held = b"".join(a.tobytes() for a in agg.buffers())
         assert len(agg.buffers()) >= 3 + 5  # the rows, what was sent, received, and the rule's copy
         assert (deltas[2].tobytes() in held) != erase and (held.count(0) == len(held)) == erase
+
+
+def test_traces_are_zeroed_on_the_error_path_too():
+    from mpitrain.federated.erase import Traces
+
+    for on in (True, False):
+        held, traces = np.ones(4, np.float32), Traces(on)
+        traces.hold(held, lambda: [held[:2]])
+        with pytest.raises(RuntimeError):
+            with traces:
+                made = traces.add(np.ones((2, 3)))
+                raise RuntimeError("a client's work failed")
+        assert (held.any(), made.any()) == (not on, not on) and traces.made == []
