@@ -65,23 +65,22 @@ class DataFile:
             _fail(path, f"attribute feature_shape = {list(self.feature_shape)} does not hold {self.n_features} "
                         "features")
 
-    def read(self, split, lo, hi, rank, out=None):
-        """Rows [lo, hi) of split/x and split/y, checked (finite features, labels in range): into the first
-        rows of out = (x, y) (float32, int64 buffers of this file's width), or into new arrays.  HDF5 reads
-        straight into them (read_direct, no chunk cache): the returned arrays are the only copies made."""
-        n = hi - lo
-        if out is None:
-            out = np.empty((n, self.n_features), np.float32), np.empty(n, np.int64)
-        x, y = out[0][:n], out[1][:n]
-        if n > 0:
-            self.f[f"{split}/x"].read_direct(x, np.s_[lo:hi])
-            self.f[f"{split}/y"].read_direct(y, np.s_[lo:hi])
+    def read(self, split, lo, hi, rank, keep=None):
+        """Rows [lo, hi) of split/x and split/y, checked (finite features, labels in range).  HDF5 reads
+        straight into the two arrays returned (no chunk cache; int64 labels need no conversion copy): they
+        are the only copies the read makes.  keep(array) is called on each as soon as it is read (fed.erase
+        registers them to be zeroed, also when a check fails)."""
+        x = self.f[f"{split}/x"][lo:hi]
+        y = self.f[f"{split}/y"][lo:hi].astype(np.int64, copy=False)
+        if keep is not None:
+            keep(x)
+            keep(y)
         where = f"{self.path}: {split} rows {lo}..{hi - 1} (rank {rank})"
         if not np.all(np.isfinite(x)):
             raise MpitrainError(f"{where}: features contain NaN or Inf")
         if len(y) and (y.min() < 0 or y.max() >= self.n_classes):
             raise MpitrainError(f"{where}: labels must lie in 0..{self.n_classes - 1} (n_classes)")
-        return x, y
+        return np.ascontiguousarray(x), y
 
     def close(self):
         self.f.close()

@@ -58,29 +58,26 @@ class Partition:
 
 class ClientRows:
     """This rank's clients' rows of partition/, all checked at start-up.  Without fed.erase they are read
-    once and stay; with it a client's rows are read into one buffer (held by `traces`) when its work
-    starts, and zeroed when that work ends, so no copy of them stays on the rank between its turns."""
+    once and stay; with it a client's rows are read from the file when its work starts, into arrays that
+    `traces` zeroes when that work ends, so no copy of them stays on the rank between its turns."""
 
     def __init__(self, data, part, rank, traces):
-        self.data, self.part, self.rank, self.erase = data, part, rank, traces.on
+        self.data, self.part, self.rank, self.traces = data, part, rank, traces
         o = part.offsets
         self.lo, hi = (o[part.hosted.start], o[part.hosted.stop]) if rank else (0, 0)
-        if not self.erase:
+        if not traces.on:
             self.x, self.y = data.read("partition", self.lo, hi, rank)
             return
-        rows = max((o[k + 1] - o[k] for k in part.hosted), default=0)
-        self.x, self.y = np.empty((rows, data.n_features), np.float32), np.empty(rows, np.int64)
-        traces.hold(self.x, self.y)
-        with traces:
-            for k in part.hosted:  # the same checks as the block read, client by client
-                data.read("partition", o[k], o[k + 1], rank, out=(self.x, self.y))
+        for k in part.hosted:  # the same checks as the block read, client by client
+            with traces:
+                data.read("partition", o[k], o[k + 1], rank, traces.add)
 
     def get(self, k, test=False):
         """(x, y) of client k's training rows, or of its local test split (test=True)."""
         o, n = self.part.offsets, self.part.n_train
         a, b = (o[k] + n[k], o[k + 1]) if test else (o[k], o[k] + n[k])
-        if self.erase:
-            return self.data.read("partition", a, b, self.rank, out=(self.x, self.y))
+        if self.traces.on:
+            return self.data.read("partition", a, b, self.rank, self.traces.add)
         return self.x[a - self.lo:b - self.lo], self.y[a - self.lo:b - self.lo]
 
 
