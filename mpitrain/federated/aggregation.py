@@ -6,8 +6,9 @@ active)`` (False = the round is skipped), ``add(k, delta, w, steps, loss, seen, 
 active client with a finite update, ``finish(stop, diverged)`` → a Result on rank 0 (None elsewhere);
 stop and diverged (this rank's count of clients whose loss or update is not finite, which were not added)
 are summed over ranks on every path alike.  ``buffers()`` lists what it holds of individual contributions
-(this rank's, or those rank 0 gathered): fed.erase zeroes them once the round is aggregated (erase.py).  The secure (secagg.py) and the
-robust (robust.py) aggregators have the same three calls, so the round loop in run.py is one loop.
+(this rank's, or those rank 0 gathered): fed.erase zeroes them once the round is aggregated (erase.py).
+The secure (secagg.py) and the robust (robust.py) aggregators have the same calls, so the round loop in
+run.py is one loop.
 """
 from dataclasses import dataclass, field
 
