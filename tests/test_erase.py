@@ -219,7 +219,7 @@ def test_no_trace_in_files_output_or_memory(tmp_path):
     for stream in (r.stdout, r.stderr):
         assert not leaks(stream.encode(), canary, update)
 
-    _, ranks = run(False)  # not erased: the canary client's rank still holds copies of its rows
+    _, ranks = run(False)  # not erased: the canary client's rank still holds its rows (freed, not zeroed)
     assert ranks[1]["hits"]["float32"] > 0 and ranks[1]["worst"] is not None and not ranks[1]["erase"], ranks
     np.testing.assert_array_equal(params(dirs.runs / "on"), params(dirs.runs / "off"))  # the same arithmetic
 
