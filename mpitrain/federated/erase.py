@@ -6,8 +6,9 @@ update; the aggregator holds the individual updates a robust rule gathers.  Each
 registered once with a Traces and zeroed by one wipe(): a client's Traces when its work in the round
 ends (training, or scoring its local test split), the round's Traces (what the aggregator held of the
 individual contributions) when the round has been aggregated, and both when federate returns or raises.
-Arrays made anew during a piece of work (the update Client.train returns, its clipped or attacked copy)
-are added as they appear and let go at the next wipe.  What this cannot reach is listed in
+Arrays made anew during a piece of work (a client's rows as read from the file, the update Client.train
+returns, its clipped or attacked copy, flipped labels) are added as they appear and let go at the next
+wipe.  What this cannot reach is listed in
 docs/privacy.md (copies NumPy, BLAS, h5py, MPI or TenSEAL make internally, the page cache, swap).
 """
 
