@@ -93,7 +93,7 @@ def _parser():
 
     pl = sub.add_parser("plot", help="PNG of loss and accuracy curves from run directories",
                         description="Plot train/test loss and accuracy against steps (train runs) or rounds "
-                                    "(federated runs, plus the worst client's accuracy and ε under DP) from "
+                                    "(federated runs, plus the worst client's accuracy without fed.erase and ε under DP) from "
                                     "each run's metrics.jsonl, several runs overlaid by folder name; train "
                                     "and federated runs together get separate panels.")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")

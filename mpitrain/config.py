@@ -147,6 +147,7 @@ class FedConfig:
     attack_fraction: float = 0.2  # share of clients that attack (a seeded set)
     attack_scale: float = 10.0  # scale attack: Δ → −attack_scale·Δ
     encryption: str = "none"    # none | ckks: the aggregate under homomorphic encryption (see [fed.he])
+    erase: bool = True          # zero what a client's data leaves in memory when its work ends (docs/privacy.md)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     dpsgd: DPSGDConfig = field(default_factory=DPSGDConfig)

@@ -5,7 +5,7 @@ Reads each run folder's metrics.jsonl (report.RunLog; fields from trainer.py and
 * train runs — x = step: `train_loss`, `train_accuracy` (every train.log_every steps) and `test_loss`,
   `test_accuracy` (separate records, at every evaluation);
 * federated runs — x = round: `train_loss` every round, `test_loss`, `test_accuracy`, `federated_accuracy`
-  and `worst_client_accuracy` (null without local test splits) at evaluations, `epsilon` (and
+  and `worst_client_accuracy` (null without local test splits, and under fed.erase) at evaluations, `epsilon` (and
   `record_epsilon` under DP-SGD) when differential privacy is on; a round with no client sampled
   records a train_loss of 0, which is left out.
 

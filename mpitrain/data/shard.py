@@ -29,8 +29,9 @@ class DataFile:
         self.path = path
         if not os.path.exists(path):
             _fail(path, "no such file (make one with: python -m mpitrain prepare --source ... --out FILE)")
-        try:
-            self.f = h5py.File(path, "r")
+        try:  # no chunk cache: every read here is a hyperslab read once, so the cache would only hold a
+            # second copy of the rows (whole chunks, other ranks' clients included) beyond mpitrain's reach
+            self.f = h5py.File(path, "r", rdcc_nbytes=0)
         except OSError:
             _fail(path, "not an HDF5 file (expected one written by python -m mpitrain prepare)")
         for key in ("train/x", "train/y", "test/x", "test/y"):
@@ -64,10 +65,16 @@ class DataFile:
             _fail(path, f"attribute feature_shape = {list(self.feature_shape)} does not hold {self.n_features} "
                         "features")
 
-    def read(self, split, lo, hi, rank):
-        """Rows [lo, hi) of split/x and split/y, checked (finite features, labels in range)."""
+    def read(self, split, lo, hi, rank, keep=None):
+        """Rows [lo, hi) of split/x and split/y, checked (finite features, labels in range).  HDF5 reads
+        straight into the two arrays returned (no chunk cache; int64 labels need no conversion copy): they
+        are the only copies the read makes.  keep(array) is called on each as soon as it is read (fed.erase
+        registers them to be zeroed, also when a check fails)."""
         x = self.f[f"{split}/x"][lo:hi]
-        y = self.f[f"{split}/y"][lo:hi].astype(np.int64)
+        y = self.f[f"{split}/y"][lo:hi].astype(np.int64, copy=False)
+        if keep is not None:
+            keep(x)
+            keep(y)
         where = f"{self.path}: {split} rows {lo}..{hi - 1} (rank {rank})"
         if not np.all(np.isfinite(x)):
             raise MpitrainError(f"{where}: features contain NaN or Inf")

@@ -5,8 +5,10 @@ An aggregator has three calls per round, made by every rank in the same order: `
 active)`` (False = the round is skipped), ``add(k, delta, w, steps, loss, seen, below)`` for each hosted
 active client with a finite update, ``finish(stop, diverged)`` → a Result on rank 0 (None elsewhere);
 stop and diverged (this rank's count of clients whose loss or update is not finite, which were not added)
-are summed over ranks on every path alike.  The secure (secagg.py) and the
-robust (robust.py) aggregators have the same three calls, so the round loop in run.py is one loop.
+are summed over ranks on every path alike.  ``buffers()`` lists what it holds of individual contributions
+(this rank's, or those rank 0 gathered): fed.erase zeroes them once the round is aggregated (erase.py).
+The secure (secagg.py) and the robust (robust.py) aggregators have the same calls, so the round loop in
+run.py is one loop.
 """
 from dataclasses import dataclass, field
 
@@ -52,6 +54,7 @@ class MeanAggregator:
     def __init__(self, comm, n, strategy, adaptive=False):
         self.comm, self.n, self.strategy, self.adaptive = comm, n, strategy, adaptive
         self.buf = np.zeros(n + N_STATS + 2 + int(adaptive), np.float32)
+        self.scaled = np.zeros(n, np.float32)  # ω_k·Δ_k, here rather than in a fresh temporary per client
         self.bytes = (comm.size - 1) * self.buf.nbytes
 
     def begin(self, rnd, cohort, active):
@@ -60,7 +63,8 @@ class MeanAggregator:
 
     def add(self, k, delta, w, steps, loss, seen, below=None):
         n, buf = self.n, self.buf
-        buf[:n] += contribution_scale(self.strategy, w, steps) * delta
+        np.multiply(delta, contribution_scale(self.strategy, w, steps), out=self.scaled)
+        buf[:n] += self.scaled
         buf[n:n + N_STATS] += (w, w * steps, loss, seen, 1)
         if self.adaptive:
             buf[n + N_STATS + 2] += float(below) - 0.5
@@ -74,3 +78,6 @@ class MeanAggregator:
         s = buf[n:]  # float32 scalars: the same arithmetic as before these layers existed
         return Result(buf[:n], *s[:N_STATS], stop=s[N_STATS], diverged=s[N_STATS + 1],
                       below=s[N_STATS + 2] if len(s) > N_STATS + 2 else 0.0)
+
+    def buffers(self):
+        return [self.buf, self.scaled]

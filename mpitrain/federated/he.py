@@ -225,6 +225,8 @@ class HEAggregator:
         self.levels = len(f.he.coeff_mod_bit_sizes) - 1  # data primes of a fresh ciphertext
         self.samples_bound = np.array([np.prod(local_schedule(f, int(m))) for m in part.n_train], np.float64)
         self.ctx = None
+        self.vec = np.zeros(self.length, np.float64)  # this rank's plaintext sum of a round (buffers)
+        self.scaled = np.zeros(n_params, np.float64)  # ω_k·Δ_k, here rather than in fresh temporaries
         self.setup_bytes = self.context_bytes = 0  # rank 0: the context copy it received (counted in round 1)
         self.corrupt = corruption(comm.rank) if comm.rank else {}
         if dp is not None and dp.sampling == "fixed":
@@ -262,13 +264,13 @@ class HEAggregator:
         self.active = np.asarray(active)
         self.bytes = self.setup_bytes
         self.setup_bytes = 0
-        self.vec = np.zeros(self.length, np.float64)
+        self.vec[:] = 0.0
         self.stats = np.zeros(3, np.float64)  # Σω, Σω·a, Σclients
         return True
 
     def add(self, k, delta, w, steps, loss, seen, below=None):
         n, v = self.n, self.vec
-        v[:n] += contribution_scale(self.strategy, w, steps) * np.asarray(delta, np.float64)
+        v[:n] += np.multiply(delta, contribution_scale(self.strategy, w, steps), out=self.scaled, dtype=np.float64)
         loss = min(float(loss), 64.0 * seen) if np.isfinite(loss) else 64.0 * seen
         v[n:n + 2] += (loss, seen)
         if self.adaptive:
@@ -279,6 +281,9 @@ class HEAggregator:
             if self.adaptive:
                 v[n + 2] += z[n]
         self.stats += (w, w * steps, 1.0)
+
+    def buffers(self):
+        return [self.vec, self.scaled]
 
     def factors(self, weight):
         """Per chunk, the plaintext rank 0 multiplies by: 1/D on the model slots, 1/T on loss and samples,

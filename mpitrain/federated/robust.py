@@ -69,7 +69,9 @@ def nnm(x, f):
 
 
 def aggregate(rule, x, weights=None, fraction=0.25, norm_bound=0.0, mixing="none"):
-    """The robust estimate (float64) of the rows of x (clients × parameters)."""
+    """The robust estimate (float64) of the rows of x (clients × parameters).  The rules work in place on
+    one float64 copy of x, or on x itself when it is float64 (then overwritten): the individual updates
+    are in no array but that one, which the caller can zero (fed.erase)."""
     n = len(x)
     if n == 0:
         return np.zeros(x.shape[1])
@@ -79,12 +81,12 @@ def aggregate(rule, x, weights=None, fraction=0.25, norm_bound=0.0, mixing="none
         x = nnm(x, f)
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
     if rule == "mean":
-        return np.average(x, axis=0, weights=w)
+        return w @ x / w.sum()
     if rule == "median":
-        return np.median(x, axis=0)
+        return np.median(x, axis=0, overwrite_input=True)
     if rule == "trimmed_mean":
-        s = np.sort(x, axis=0)
-        return s[f:n - f].mean(axis=0) if n - 2 * f > 0 else np.median(s, axis=0)
+        x.sort(axis=0)
+        return x[f:n - f].mean(axis=0) if n - 2 * f > 0 else np.median(x, axis=0, overwrite_input=True)
     if rule in ("krum", "multikrum"):
         if n < 2 * f + 3:
             raise MpitrainError(f"fed.aggregator = {rule!r}: Krum needs n ≥ 2f + 3 updates; this round has "
@@ -93,13 +95,14 @@ def aggregate(rule, x, weights=None, fraction=0.25, norm_bound=0.0, mixing="none
         scores = krum_scores(x, f)
         if rule == "krum":
             return x[int(np.argmin(scores))].copy()
-        best = np.argsort(scores, kind="stable")[:n - f]
-        return x[best].mean(axis=0)
+        best = np.zeros((n, 1), bool)
+        best[np.argsort(scores, kind="stable")[:n - f]] = True
+        return x.mean(axis=0, where=best)
     if rule == "norm_bound":
-        norms = np.linalg.norm(x, axis=1)
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
         bound = norm_bound or float(np.median(norms))
-        factor = np.minimum(1.0, bound / np.maximum(norms, 1e-30))
-        return np.average(x * factor[:, None], axis=0, weights=w)
+        x *= np.minimum(1.0, bound / np.maximum(norms, 1e-30))[:, None]
+        return w @ x / w.sum()
     raise MpitrainError(f"fed.aggregator = {rule!r}: expected one of mean, {', '.join(ROBUST)}")
 
 
@@ -110,6 +113,7 @@ class GatherAggregator:
         self.comm, self.n, self.strategy = comm, n, strategy
         self.rule, self.fraction, self.norm_bound, self.mixing = rule, fraction, norm_bound, mixing
         self.row = n + N_STATS - 1  # Δ_k | ω, ω·a, loss, samples
+        self.rows = []  # this rank's rows, then what was sent and gathered: individual updates (buffers)
 
     def begin(self, rnd, cohort, active):
         self.rows = []
@@ -117,12 +121,15 @@ class GatherAggregator:
         return True
 
     def add(self, k, delta, w, steps, loss, seen, below=None):
-        d = delta / np.float32(steps) if self.strategy == "fednova" else delta
-        self.rows.append(np.concatenate([d, np.array([w, w * steps, loss, seen], np.float32)]))
+        row = np.concatenate([delta, np.array([w, w * steps, loss, seen], np.float32)])
+        if self.strategy == "fednova":
+            row[:self.n] /= np.float32(steps)
+        self.rows.append(row)
 
     def finish(self, stop, diverged):
         buf = np.concatenate([np.array([stop, diverged], np.float32), *self.rows])
         got, counts = self.comm.gatherv(buf)
+        self.rows.append(buf)
         if self.comm.rank != 0:
             return None
         self.bytes = got.nbytes + (self.comm.size - 1) * 8
@@ -131,7 +138,12 @@ class GatherAggregator:
         rows = [got[a + 2:b].reshape(-1, self.row) for a, b in zip(starts[:-1], starts[1:])]
         x = np.concatenate(rows) if rows else np.zeros((0, self.row), np.float32)
         n = self.n
-        est = aggregate(self.rule, x[:, :n], x[:, n], self.fraction, self.norm_bound, self.mixing)
-        s = x[:, n:].astype(np.float64).sum(axis=0)
+        work = x[:, :n].astype(np.float64)  # the rules' one working copy, overwritten by them
+        self.rows += [got, x, work]
+        est = aggregate(self.rule, work, x[:, n], self.fraction, self.norm_bound, self.mixing)
+        s = x[:, n:].sum(axis=0, dtype=np.float64)
         return Result(est, weight=s[0], weight_steps=s[1], loss=s[2], seen=s[3], clients=float(len(x)),
                       stop=stop, diverged=diverged, denominator=1.0)
+
+    def buffers(self):
+        return self.rows

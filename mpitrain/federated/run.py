@@ -9,6 +9,7 @@ model-sized vectors and a few scalars ever cross ranks.
 Layers around the same loop (Layers below): differential privacy clips each update and adds noise
 (dp.py), secure aggregation replaces the Reduce by a masked uint32 sum (secagg.py), robust rules replace it
 by a Gather of the individual updates (robust.py); simulated dropouts and attackers act on the clients.
+With fed.erase (the default) what a client's data leaves on its rank is zeroed when its work ends (erase.py).
 """
 import math
 import time
@@ -25,6 +26,7 @@ from ..session import Session
 from ..trainer import Stepper
 from .aggregation import MeanAggregator
 from .dp import DPSGD, ClientDP, dp_cohort, noise_key
+from .erase import Traces
 from .robust import GatherAggregator, attack_update, attackers
 from .secagg import SecureAggregator
 from .strategies import DEFAULT_SERVER_LR, check, init_state, local_schedule, server_update, step_norm
@@ -54,6 +56,31 @@ class Partition:
         self.hosted = range(*block(self.clients, comm.size - 1, comm.rank - 1)) if comm.rank else range(0)
 
 
+class ClientRows:
+    """This rank's clients' rows of partition/, all checked at start-up.  Without fed.erase they are read
+    once and stay; with it a client's rows are read from the file when its work starts, into arrays that
+    `traces` zeroes when that work ends, so no copy of them stays on the rank between its turns."""
+
+    def __init__(self, data, part, rank, traces):
+        self.data, self.part, self.rank, self.traces = data, part, rank, traces
+        o = part.offsets
+        self.lo, hi = (o[part.hosted.start], o[part.hosted.stop]) if rank else (0, 0)
+        if not traces.on:
+            self.x, self.y = data.read("partition", self.lo, hi, rank)
+            return
+        for k in part.hosted:  # the same checks as the block read, client by client
+            with traces:
+                data.read("partition", o[k], o[k + 1], rank, traces.add)
+
+    def get(self, k, test=False):
+        """(x, y) of client k's training rows, or of its local test split (test=True)."""
+        o, n = self.part.offsets, self.part.n_train
+        a, b = (o[k] + n[k], o[k + 1]) if test else (o[k], o[k] + n[k])
+        if self.traces.on:
+            return self.data.read("partition", a, b, self.rank, self.traces.add)
+        return self.x[a - self.lo:b - self.lo], self.y[a - self.lo:b - self.lo]
+
+
 def sample_clients(seed, rnd, clients, fraction, min_clients):
     """The round's cohort: max(⌊fraction·K⌋, min_clients) clients (at most K), drawn from (seed, round)."""
     m = cohort_size(clients, fraction, min_clients)
@@ -69,6 +96,7 @@ class Client:
         opt = Optimizer(kernels, t.optimizer, model.n_params, t.momentum, t.beta1, t.beta2, t.eps, t.weight_decay)
         self.stepper = Stepper(model, opt)
         self.params = np.empty(model.n_params, np.float32)
+        self.xb = self.yb = None  # the batch, gathered into reused buffers (no fresh copy of rows per step)
         self.dpsgd = dpsgd  # record-level DP-SGD: Poisson batches, clipped per-example gradients + noise
         if dpsgd is not None:
             self.stepper.loss_grad = dpsgd.loss_grad
@@ -95,9 +123,27 @@ class Client:
                     order = rng.permutation(n)
                 rows = order[i * batch:(i + 1) * batch]
                 scale = 1.0 / len(rows)
-            l, _ = self.stepper(self.params, x[rows], y[rows], t.lr, scale)
+            l, _ = self.stepper(self.params, *self.batch(x, y, rows), t.lr, scale)
             loss, seen = loss + l, seen + len(rows)
         return self.params - global_params, step_norm(f, t, steps), loss, seen  # FedNova: ‖a_k‖₁, not τ
+
+    def batch(self, x, y, rows):
+        """(x[rows], y[rows]) in the client's reused batch buffers."""
+        m = len(rows)
+        if self.xb is None or len(self.xb) < m or (self.xb.shape[1:], self.xb.dtype, self.yb.dtype) != (
+                x.shape[1:], x.dtype, y.dtype):
+            self.xb, self.yb = np.empty((m, *x.shape[1:]), x.dtype), np.empty(m, y.dtype)
+        xb, yb = self.xb[:m], self.yb[:m]
+        np.take(x, rows, axis=0, out=xb, mode="clip")  # "raise" would gather into a hidden copy first
+        np.take(y, rows, out=yb, mode="clip")
+        return xb, yb
+
+    def buffers(self):
+        """What a client's training leaves on this rank: its local model, last batch, the model's
+        activations, the gradient and the optimizer state (Traces zeroes them)."""
+        s = self.stepper
+        return [self.params, s.buf, s.grad, *s.opt.state.values(), *(b for b in (self.xb, self.yb) if b is not None),
+                *s.model.buffers()]
 
 
 def cohort_size(clients, fraction, min_clients):
@@ -194,17 +240,24 @@ def refuse_tensor(tensor):
 
 
 def federate(cfg, comm, out=None, quiet=False, resume=None):
+    local, shared = Traces(cfg.fed.erase), Traces(cfg.fed.erase)  # one client's work; a round's contributions
+    with local, shared:  # fed.erase: zeroed when the run returns or raises, on every rank
+        return _federate(cfg, comm, out, quiet, resume, local, shared)
+
+
+def _federate(cfg, comm, out, quiet, resume, local, shared):
     t, f = cfg.train, cfg.fed
     comm.agree(check, f.strategy)
     comm.agree(refuse_tensor, cfg.parallel.tensor)
     run = Session(cfg, comm)
     data, spec, model = run.data, run.spec, run.model
     part = comm.agree(Partition, data, comm)
-    lo, hi = (part.offsets[part.hosted.start], part.offsets[part.hosted.stop]) if comm.rank else (0, 0)
-    cx, cy = comm.agree(data.read, "partition", lo, hi, comm.rank)
+    rows = comm.agree(ClientRows, data, part, comm.rank, local)
     layers = comm.agree(Layers, cfg, comm, part, model, run.kernels)
     dp, agg = layers.dp, layers.agg
     client = comm.agree(Client, model, run.kernels, t, f, layers.dpsgd)
+    local.hold(client.buffers)
+    shared.hold(agg.buffers)
     n = spec.n_params
     state = init_state(f.strategy, n)
     server_lr = f.server_lr or DEFAULT_SERVER_LR.get(f.strategy, 1.0)
@@ -271,19 +324,23 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
         diverged = 0  # clients whose loss or update is not finite: checked before any aggregator encodes it
         if agg.begin(rnd, cohort, active):
             for k in active[(active >= part.hosted.start) & (active < part.hosted.stop)]:
-                a, b = part.offsets[k] - lo, part.offsets[k] - lo + part.n_train[k]
-                labels = flip - cy[a:b] if f.attack == "label_flip" and layers.attackers[k] else cy[a:b]
-                delta, steps, loss, seen = client.train(int(k), rnd, cx[a:b], labels, params)
-                if not (np.isfinite(loss) and np.all(np.isfinite(delta))):
-                    diverged += 1
-                    continue
-                if layers.attackers[k] and f.attack in ("sign_flip", "scale"):
-                    delta = attack_update(f.attack, delta, f.attack_scale)
-                below = None
-                if dp is not None:
-                    delta, below = dp.clip_update(delta)
-                w = float(part.n_train[k]) if layers.weighting == "samples" else 1.0
-                agg.add(int(k), delta, w, steps, loss, seen, below)
+                with local:  # client k's work in this round: its traces are zeroed when it ends
+                    x, y = rows.get(k)
+                    if f.attack == "label_flip" and layers.attackers[k]:
+                        y = local.add(flip - y)
+                    delta, steps, loss, seen = client.train(int(k), rnd, x, y, params)
+                    local.add(delta)
+                    if not (np.isfinite(loss) and np.all(np.isfinite(delta))):
+                        diverged += 1
+                        continue
+                    if layers.attackers[k] and f.attack in ("sign_flip", "scale"):
+                        delta = local.add(attack_update(f.attack, delta, f.attack_scale))
+                    below = None
+                    if dp is not None:
+                        delta, below = dp.clip_update(delta)
+                        local.add(delta)
+                    w = float(part.n_train[k]) if layers.weighting == "samples" else 1.0
+                    agg.add(int(k), delta, w, steps, loss, seen, below)
         res = agg.finish(preempt.requested(), diverged)
         clip_now = None
         if comm.rank == 0:
@@ -295,6 +352,7 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
                               f.beta1, f.beta2, f.tau, f.server_momentum, tau_eff=res.tau_eff())
                 bad = not np.all(np.isfinite(params))
             model_buf[n:] = (res.stop + preempt.requested(), ckpt.time_due(), bad)
+        shared.wipe()  # the individual contributions this rank held or gathered: aggregated now
         comm.bcast(model_buf)  # the new model and rank 0's decisions reach every rank together
         if model_buf[n + 2]:
             raise run.diverged(f"round {rnd + 1}", "the loss or a client update")
@@ -321,13 +379,14 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
             record["record_epsilon"] = record_eps
         if (rnd + 1) % f.eval_every == 0 or rnd + 1 == rounds:
             test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
-            fed_acc, worst = federated_eval(comm, model, params, part, cx, cy, lo)
+            fed_acc, worst = federated_eval(comm, model, params, part, rows, local)
             record.update(test_loss=test_loss, test_accuracy=test_acc, federated_accuracy=fed_acc,
                           worst_client_accuracy=worst)
             if rounds_to_target is None and test_acc >= f.target_accuracy:
                 rounds_to_target = rnd + 1
             log.say(f"round {rnd + 1}/{rounds}  clients {len(cohort)}  test acc {test_acc:.4f}"
-                    + (f"  federated acc {fed_acc:.4f}  worst client {worst:.4f}" if fed_acc is not None else "")
+                    + (f"  federated acc {fed_acc:.4f}" if fed_acc is not None else "")
+                    + (f"  worst client {worst:.4f}" if worst is not None else "")
                     + (f"  ε {epsilon:.3f}" if epsilon is not None else ""))
         log.record(**record)
         log.advance(1)
@@ -338,7 +397,7 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
             run.stop(f"round {rnd + 1}")
     if test_acc is None:  # resumed at the end: score the restored model
         test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
-        fed_acc, worst = federated_eval(comm, model, params, part, cx, cy, lo)
+        fed_acc, worst = federated_eval(comm, model, params, part, rows, local)
     if accountant is not None and epsilon is None:
         epsilon = accountant.epsilon(rounds)
     if record_acc is not None and record_eps is None:
@@ -350,7 +409,7 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
         "bytes_per_round": int(np.mean(round_bytes)) if round_bytes else None, "resumed_from_round": first,
         "seconds_per_round": float(np.median(round_seconds)) if round_seconds else None,
         "aggregator": f.aggregator, "secure_aggregation": f.secure_aggregation, "weighting": layers.weighting,
-        "encryption": f.encryption,
+        "encryption": f.encryption, "erase": f.erase,
     }
     if f.secure_aggregation or f.dropout_rate:
         summary.update(dropout_rate=f.dropout_rate, skipped_rounds=skipped)
@@ -391,16 +450,18 @@ def resume_meaning(f, part, layers):
     return meaning
 
 
-def federated_eval(comm, model, params, part, cx, cy, lo):
+def federated_eval(comm, model, params, part, rows, local):
     """Clients score the global model on their local test splits: (weighted accuracy, worst client), or
-    (None, None) when no client has a local test split (prepare --client-test-fraction 0)."""
+    (None, None) when no client has a local test split (prepare --client-test-fraction 0).  With fed.erase
+    (local.on) the worst client's accuracy, one client's own value, is not computed: None."""
     correct = count = 0.0
     worst = 1.0
     for k in part.hosted:
-        a, b = part.offsets[k] - lo + part.n_train[k], part.offsets[k + 1] - lo
-        if b > a:
-            _, c = model.score(params, cx[a:b], cy[a:b])
-            correct, count, worst = correct + c, count + (b - a), min(worst, c / (b - a))
+        with local:
+            x, y = rows.get(k, test=True)
+            if len(x):
+                _, c = model.score(params, x, y)
+                correct, count, worst = correct + c, count + len(x), min(worst, c / len(x))
     correct, count = comm.allreduce([correct, count])
-    worst = comm.allreduce([worst], "min")[0]
+    worst = None if local.on else comm.allreduce([worst], "min")[0]
     return (correct / count, worst) if count else (None, None)

@@ -274,6 +274,7 @@ class SecureAggregator:
             lo, hi = block(part.clients, comm.size - 1, r - 1)
             self.host[lo:hi] = r
         self.dump = os.environ.get("MPITRAIN_SECAGG_DUMP") if comm.rank == 0 else None
+        self.plain = []  # this round's contributions before masking (buffers)
 
     def plan(self, n):
         """(k, t, n_min) for a cohort of n, or None when secure aggregation cannot run on it."""
@@ -310,6 +311,7 @@ class SecureAggregator:
         plan = self.plan(n)
         self.skip = plan is None
         self.sum, self.included = np.zeros(self.length, np.uint32), []
+        self.plain = []
         if self.skip:
             return False
         self.k, self.t, self.min_survivors = plan
@@ -403,7 +405,11 @@ class SecureAggregator:
         return v
 
     def add(self, k, delta, w, steps, loss, seen, below=None):
-        self.add_vector(k, self.contribution(k, delta, w, steps, loss, seen, below))
+        self.plain.append(self.contribution(k, delta, w, steps, loss, seen, below))
+        self.add_vector(k, self.plain[-1])
+
+    def buffers(self):
+        return self.plain
 
     def add_vector(self, k, values):
         """Encode, mask and add client k's vector to this rank's sum (mod 2^32)."""

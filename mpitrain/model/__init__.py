@@ -144,6 +144,14 @@ class Model:
             self._buffers[n] = outs, scratch, downs, entry
         return self._buffers[n]
 
+    def buffers(self):
+        """Every per-batch-size buffer (activations, scratch, gradients between layers, the NHWC copy of
+        the input): what a batch leaves behind here (federated trace erasure zeroes them)."""
+        for outs, scratch, downs, entry in self._buffers.values():
+            yield from (a for a in (*outs, *downs, entry) if a is not None)
+            for s in scratch:
+                yield from s.values()
+
     def _forward(self, params, x):
         """Each layer's input, and the logits."""
         n = len(x)
