@@ -68,6 +68,11 @@ class Plain:
         """The parameters the loop trains, from a full vector (fsdp keeps its shard of it)."""
         return params
 
+    def init(self, model, seed):
+        """What own(model.init_params(seed)) gives, made here without a full vector where the mode keeps
+        only a shard (every rank draws the same seeded values: no broadcast needed)."""
+        return self.own(model.init_params(seed))
+
     def full(self, params):
         """A full parameter vector on every rank, for evaluation (fsdp gathers one)."""
         return params
@@ -329,6 +334,10 @@ class FSDP(Sharded):
 
     def own(self, params):
         self.shard[:] = params[self.part]
+        return self
+
+    def init(self, model, seed):
+        self.shard[:] = model.init_params(seed, self.part)
         return self
 
     def full(self, params):

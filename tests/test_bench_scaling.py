@@ -176,3 +176,38 @@ def test_scaling_measures_every_comm_mode_in_one_launch(tmp_path):
     assert two["fp16"]["comm_bytes"] < 0.6 * plain and two["local_sgd"]["comm_bytes"] < plain
     assert two["sharded"]["comm_bytes"] == pytest.approx(plain, rel=0.01)
     assert all(x["comm_bytes"] == 0 for x in rows if x["ranks"] == 1)
+
+
+def test_model_predicts_fsdp_and_tensor_parallelism(tmp_path):
+    """fsdp: ZeRO-3's 3Ψ in 3 collectives per layer; --tensor 2: Megatron's two allreduces per dense layer
+    pair on the group's activations, an odd last layer whole, the rest of the gradient over the data group."""
+    fake = _fake_allreduce(tmp_path / "ar.json", (2,))
+    r = _mpitrain("bench", "model", "--from", fake, "--compute-ms", 5, "--batch-per-rank", 32, "--features", 16,
+                  "--hidden", "8,6", "--classes", 3, "--ranks", "64,1024", "--comm", "plain,fsdp", "--tensor", "2,4",
+                  "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3(p−1)/p·Ψ" in r.stdout
+    _, rows = saved(tmp_path, "model")
+    assert {(x["comm"], x["tensor"]) for x in rows} == {("plain", 1), ("fsdp", 1), ("tensor", 2), ("tensor", 4)}
+    a, b = 1e-6, 8 / 100e9
+    n_params = 17 * 8 + 9 * 6 + 7 * 3  # layers 16→8, 8→6, 6→3
+
+    def ring(nbytes, ranks):
+        return 2 * (ranks - 1) * a + 2 * (ranks - 1) / ranks * nbytes * b
+
+    for p in (64, 1024):
+        net = {(x["comm"], x["tensor"]): x for x in rows if x["model"] == "network" and x["ranks"] == p}
+        assert net["plain", 1]["allreduce_ms"] == pytest.approx(1e3 * ring(4 * n_params + 16, p))
+        gathers = 3 * (p - 1) * a + (p - 1) / p * 4 * n_params * b  # 3 layers, each once: (p−1)α + (p−1)/p·n·β
+        assert net["fsdp", 1]["allreduce_ms"] == pytest.approx(1e3 * (3 * gathers + ring(16, p)))
+        for t in (2, 4):
+            # the pair 16→8→6 split over t: forward allreduce of 6 outputs, backward of 16 input gradients per
+            # sample of the group's t·32; this rank's parameters: (16·8 + 8 + 8·6)/t + 6 + the last layer 7·3
+            acts = ring(4 * t * 32 * 6, t) + ring(4 * t * 32 * 16, t)
+            mine = (16 * 8 + 8 + 8 * 6) / t + 6 + 7 * 3
+            assert net["tensor", t]["allreduce_ms"] == pytest.approx(1e3 * (acts + ring(4 * (mine + 4), p // t)))
+            assert net["tensor", t]["step_ms"] == pytest.approx(5 + net["tensor", t]["allreduce_ms"])
+    assert net["fsdp", 1]["allreduce_ms"] > net["plain", 1]["allreduce_ms"]  # 3Ψ against 2Ψ
+    bad = _mpitrain("bench", "model", "--from", fake, "--compute-ms", 5, "--ranks", "64,96", "--tensor", "64",
+                    "--out", tmp_path / "bad")
+    assert bad.returncode == 2 and "64 does not divide 96" in bad.stderr and not (tmp_path / "bad").exists()

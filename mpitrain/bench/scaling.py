@@ -4,10 +4,17 @@ A point builds the MLP and per-rank random in-memory batches (no HDF5), runs war
 each step in three parts: data (the row gather ``TrainShard.batch_at`` does), compute (``loss_grad`` +
 optimizer update, through ``train.Stepper``) and allreduce (the time in the step's collectives: one
 ``Allreduce`` of the flat gradient buffer, or what each ``--comm`` mode of sync.py does instead; every
-mode is measured in the same ``mpiexec``, one after another).  There is no barrier inside the timed loop, as in training, so waiting for a slower rank counts
-as allreduce time.  Each part is the median over the timed steps on each rank, then the max over ranks.
+mode is measured in the same ``mpiexec``, one after another).  There is no barrier inside the timed loop, as
+in training, so waiting for a slower rank counts as allreduce time.  Each part is the median over the timed
+steps on each rank, then the max over ranks.
+
+Memory per rank, per mode: the bytes of parameters, gradient and optimizer state that the live sync and
+optimizer objects hold (as summary.json reports them), and the peak resident memory of the mode's steps
+(Linux's VmHWM, reset before each mode through /proc/self/clear_refs; elsewhere the process's peak so far),
+max over ranks.
 """
 import argparse
+import gc
 import glob
 import json
 import os
@@ -26,6 +33,8 @@ from . import comm_modes, loop_arguments, mlp_arguments, table
 LR = 0.01
 COLUMNS = ["ranks", "comm", "global_batch", "local_batch", "data_ms", "compute_ms", "allreduce_ms", "step_ms",
            "samples_per_s", "comm_bytes", "speedup", "efficiency"]
+MEMORY = ["ranks", "comm", "n_params", "param_bytes_per_rank", "grad_bytes_per_rank",
+          "optimizer_state_bytes_per_rank", "peak_rss_bytes"]
 
 
 def add_parser(sub):
@@ -43,9 +52,18 @@ def add_parser(sub):
     s.add_argument("--batch-per-rank", type=int, default=64, help="weak mode: samples per rank per step (default 64)")
     s.add_argument("--global-batch", type=int, default=256, help="strong mode: samples per step in all (default 256)")
     mlp_arguments(s)
+    point_arguments(s)
+    # internal: what the driver's `mpiexec -n P` runs to measure one rank count on its world
+    s.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
+
+
+def point_arguments(s, comm="plain", optimizer="momentum"):
+    """The options of a point (besides the MLP and the batch), shared with bench capacity."""
     loop_arguments(s)
-    s.add_argument("--comm", default="plain", help="comm.mode values to measure at every point, comma-separated "
-                                                   f"(default plain; any of {', '.join(MODES)})")
+    s.add_argument("--comm", default=comm, help=f"comm.mode values to measure at every point, comma-separated "
+                                                f"(default {comm}; any of {', '.join(MODES)})")
+    s.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default=optimizer,
+                   help=f"train.optimizer of the steps (default {optimizer})")
     c = CommConfig()
     s.add_argument("--bucket-mb", type=float, default=c.bucket_mb,
                    help=f"comm.bucket_mb for overlap (default {c.bucket_mb:g})")
@@ -57,8 +75,8 @@ def add_parser(sub):
                    help=f"comm.group_size for hierarchical (default {c.group_size}: the node)")
     s.add_argument("--timeout", type=float, default=600, help="seconds before a point is killed (default 600)")
     s.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
-    # internal: what the driver's `mpiexec -n P` runs to measure one rank count on its world
-    s.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
+    # internal: the address-space limit (RLIMIT_AS, bytes) a point sets on each rank (bench capacity)
+    s.add_argument("--memory-limit", type=int, default=0, help=argparse.SUPPRESS)
 
 
 def mlp_sizes(features, hidden, classes):
@@ -68,6 +86,10 @@ def mlp_sizes(features, hidden, classes):
 
 def bench_scaling(args, comm):
     if args.point:
+        if args.memory_limit:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
         return [measure_point(args, comm, mode) for mode in comm_modes(args.comm)]
     if comm.size > 1:
         raise MpitrainError("bench scaling starts its own `mpiexec -n P` for every point: launch it as one "
@@ -95,6 +117,8 @@ def bench_scaling(args, comm):
               + " ms/step", flush=True)
     add_speedup(rows, args.mode)
     print(table(rows, COLUMNS))
+    print("memory per rank (bytes; peak RSS max over ranks):")
+    print(table(rows, MEMORY))
     from .plots import scaling_plots
 
     scaling_plots(rows, args.mode, args.out or "bench-results")
@@ -135,9 +159,9 @@ def _child_env(threads):
     return env
 
 
-def run_point(args, p):
+def run_point(args, p, memory_limit=0):
     """Launch one point as `mpiexec -n P python -m mpitrain bench scaling --point`; returns its rows (one per
-    comm mode)."""
+    comm mode).  memory_limit: RLIMIT_AS per rank in bytes (0: none)."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [_mpiexec(), "-n", str(p), sys.executable, "-m", "mpitrain", "bench", "scaling", "--point",
                "--mode", args.mode, "--batch-per-rank", str(args.batch_per_rank),
@@ -145,7 +169,8 @@ def run_point(args, p):
                "--hidden", str(args.hidden), "--classes", str(args.classes), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--threads", str(args.threads), "--comm", args.comm,
                "--bucket-mb", str(args.bucket_mb), "--topk-ratio", str(args.topk_ratio),
-               "--local-steps", str(args.local_steps), "--group-size", str(args.group_size), "--out", tmp]
+               "--local-steps", str(args.local_steps), "--group-size", str(args.group_size), "--out", tmp,
+               "--optimizer", args.optimizer, "--memory-limit", str(memory_limit)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=_child_env(args.threads), start_new_session=True)
         try:
@@ -184,15 +209,18 @@ def measure_point(args, comm, mode):
     else:  # the global batch split as TrainShard splits it: ⌊B/p⌋ or ⌈B/p⌉ per rank
         lo, hi = block(args.global_batch, comm.size, comm.rank)
         local, global_batch = hi - lo, args.global_batch
+    gc.collect()  # the previous mode's buffers
+    _reset_peak_rss()
     model = Model(spec)
-    params = model.init_params(0)  # seeded: identical on every rank, as after train()'s broadcast
     cfg = Config()
     c = cfg.comm
     c.mode, c.bucket_mb, c.topk_ratio, c.local_steps, c.group_size = (mode, args.bucket_mb, args.topk_ratio,
                                                                       args.local_steps, args.group_size)
     sync = make(cfg.validate(), comm, model)
+    params = sync.init(model, 0)  # seeded: identical on every rank, as after train()'s broadcast
     part = sync.part
-    stepper = Stepper(model, Optimizer(kernels, "momentum", part.stop - part.start), sync, flags=2)
+    opt = Optimizer(kernels, args.optimizer, part.stop - part.start)
+    stepper = Stepper(model, opt, sync, flags=2)
 
     # This rank's data: one distinct row per sample of the run, visited in a seeded random order.
     total = args.warmup + args.steps
@@ -217,8 +245,34 @@ def measure_point(args, comm, mode):
             reduce = sync.seconds - c
             times[step - args.warmup] = t1 - t0, t2 - t1 - reduce, reduce, t2 - t0
     data, compute, reduce, whole = comm.allreduce(np.median(times, axis=0), "max") * 1e3
+    memory = [sum(v.nbytes for v in opt.state.values()), *sync.bytes_per_rank(params, stepper.grad),
+              _status_bytes("VmHWM"), _status_bytes("VmPeak")]
+    state, param, grad, rss, space = (int(v) for v in comm.allreduce(memory, "max"))
     return {"ranks": comm.size, "comm": mode, "mode": args.mode, "global_batch": global_batch,
             "local_batch": int(comm.allreduce([local], "max")[0]),  # strong: ⌈B/p⌉, the busiest rank's
             "n_params": spec.n_params, "allreduce_bytes": stepper.buf.nbytes, "threads": args.threads,
             "data_ms": data, "compute_ms": compute, "allreduce_ms": reduce, "step_ms": whole,
-            "samples_per_s": global_batch / whole * 1e3, "comm_bytes": sync.bytes / sync.steps}
+            "samples_per_s": global_batch / whole * 1e3, "comm_bytes": sync.bytes / sync.steps,
+            "param_bytes_per_rank": param, "grad_bytes_per_rank": grad, "optimizer_state_bytes_per_rank": state,
+            "peak_rss_bytes": rss, "address_space_bytes": space}
+
+
+def _reset_peak_rss():
+    """Start VmHWM afresh (Linux ≥ 4.0), so that each comm mode's peak is its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # the process's peak so far (_status_bytes falls back likewise)
+
+
+def _status_bytes(key):
+    """VmHWM (peak resident) or VmPeak (peak address space) of this process in bytes, from /proc/self/status;
+    without /proc, the peak resident memory of getrusage for both."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) * 1024
+    except (OSError, StopIteration):
+        from ..trainer import peak_rss
+
+        return peak_rss()

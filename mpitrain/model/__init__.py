@@ -119,16 +119,22 @@ class Model:
         """[(W, b)] views into a flat vector (parameters or gradients), one per layer with parameters."""
         return [l.views(flat) for l in self.with_params]
 
-    def init_params(self, seed):
+    def init_params(self, seed, part=None):
         """He (relu) or Glorot (tanh, output) uniform weights, zero biases; seeded, layer after layer.  A
-        host array whatever the device (the caller broadcasts it, then moves it)."""
+        host array whatever the device (the caller broadcasts it, then moves it).  part (a slice of the flat
+        vector): only those entries, the same values, made one layer at a time (fsdp never holds them all)."""
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1417]))
-        flat = np.zeros(self.n_params, np.float32)
+        part = part or slice(0, self.n_params)
+        flat = np.zeros(part.stop - part.start, np.float32)
         for l in self.with_params:
-            w, _ = l.views(flat)
+            lo, hi = max(l.offset, part.start), min(l.offset + l.n_params, part.stop)
             fan_in, fan_out = l.fan
             limit = np.sqrt(6.0 / fan_in) if l.act == ACTIVATIONS["relu"] else np.sqrt(6.0 / (fan_in + fan_out))
-            w[...] = rng.uniform(-limit, limit, size=w.shape)
+            layer = np.zeros(l.n_params, np.float32)
+            w, _ = l.views(layer, at=0)
+            w[...] = rng.uniform(-limit, limit, size=w.shape)  # drawn whether kept or not: the same stream
+            if lo < hi:
+                flat[lo - part.start:hi - part.start] = layer[lo - l.offset:hi - l.offset]
         return flat
 
     def _bufs(self, n):
