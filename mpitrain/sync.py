@@ -337,7 +337,7 @@ class FSDP(Sharded):
         return self
 
     def init(self, model, seed):
-        self.shard[:] = model.init_params(seed, self.part)
+        self.shard = model.init_params(seed, self.part)
         return self
 
     def full(self, params):

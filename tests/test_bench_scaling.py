@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import launch, mpirun, saved
@@ -165,7 +166,7 @@ def test_model_predicts_each_comm_mode(tmp_path):
 
 
 def test_scaling_measures_every_comm_mode_in_one_launch(tmp_path):
-    modes = ["plain", "overlap", "fp16", "topk", "sharded", "local_sgd"]
+    modes = ["plain", "overlap", "fp16", "topk", "sharded", "local_sgd", "fsdp"]
     r = _mpitrain("bench", "scaling", "--batch-per-rank", 4, *TINY, "--comm", ",".join(modes), "--out", tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     _, rows = saved(tmp_path, "scaling")
@@ -176,6 +177,31 @@ def test_scaling_measures_every_comm_mode_in_one_launch(tmp_path):
     assert two["fp16"]["comm_bytes"] < 0.6 * plain and two["local_sgd"]["comm_bytes"] < plain
     assert two["sharded"]["comm_bytes"] == pytest.approx(plain, rel=0.01)
     assert all(x["comm_bytes"] == 0 for x in rows if x["ranks"] == 1)
+    # memory per rank from the live buffers (momentum: one slot); fsdp's shards are ⌈n/2⌉ floats
+    whole, half = 4 * N_PARAMS, 4 * -(-N_PARAMS // 2)
+    mem = {m: (two[m]["param_bytes_per_rank"], two[m]["grad_bytes_per_rank"], two[m]["optimizer_state_bytes_per_rank"])
+           for m in ("plain", "sharded", "fsdp")}
+    assert mem == {"plain": (whole, whole, whole), "sharded": (whole, whole, half), "fsdp": (half, half, half)}
+    assert all(x["peak_rss_bytes"] > 0 for x in rows)
+    assert "peak_rss_bytes" in r.stdout  # the memory table beside the time table
+
+
+def test_a_shard_of_the_initial_parameters_is_made_without_the_full_vector():
+    """init_params draws a layer's weights in chunks of 2¹⁶ (the first layer here has 3·2¹⁶ + 768): the same
+    values as one draw per layer, and any part of them equals that part of the whole."""
+    from mpitrain.model import Model, ModelSpec
+
+    model = Model(ModelSpec("mlp", 768, 3, (257, 6)))
+    rng = np.random.default_rng(np.random.SeedSequence([7, 0x1417]))
+    ref = []
+    for n_in, n_out, fan in ((768, 257, 768), (257, 6, 257), (6, 3, 9)):  # relu, relu, then Glorot (in + out)
+        limit = np.sqrt(6.0 / fan)
+        ref += [rng.uniform(-limit, limit, size=(n_in, n_out)).astype(np.float32).ravel(), np.zeros(n_out, np.float32)]
+    full = model.init_params(7)
+    assert np.array_equal(full, np.concatenate(ref))
+    n = model.n_params
+    for part in (slice(0, n), slice(0, n // 3), slice(n // 3, 2 * n // 3), slice(2 * n // 3, n), slice(65530, 65540)):
+        assert np.array_equal(model.init_params(7, part), full[part])
 
 
 def test_model_predicts_fsdp_and_tensor_parallelism(tmp_path):
@@ -211,3 +237,34 @@ def test_model_predicts_fsdp_and_tensor_parallelism(tmp_path):
     bad = _mpitrain("bench", "model", "--from", fake, "--compute-ms", 5, "--ranks", "64,96", "--tensor", "64",
                     "--out", tmp_path / "bad")
     assert bad.returncode == 2 and "64 does not divide 96" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_largest_brackets_then_bisects():
+    from mpitrain.bench.capacity import largest
+
+    for guess, limit in ((100, 1234), (100, 37), (8, 8), (50, 50), (3, 1)):
+        width, seen = largest(lambda w: w <= limit, guess, 0)  # exact
+        assert width == limit and seen == {w: w <= limit for w in seen} and seen[limit + 1] is False
+    assert largest(lambda w: False, 40, 0.01)[0] == 0
+    width, seen = largest(lambda w: w <= 1000, 100, 0.25)  # coarse: within a quarter
+    assert 800 <= width <= 1000 and min(w for w, ok in seen.items() if not ok) <= 1.25 * width
+
+
+def test_capacity_under_one_memory_cap_per_rank(tmp_path):
+    """A real bisection under RLIMIT_AS on 2 ranks: fsdp fits a model with more parameters than plain (Adam:
+    plain holds 4 vectors of n floats, fsdp 4 of n/2), each row from a point that ran, its shards ⌈n/2⌉."""
+    r = _mpitrain("bench", "capacity", "--ranks", 2, "--budget-mb", 24, "--layers", 6, "--features", 16,
+                  "--classes", 3, "--batch-per-rank", 4, "--precision", 0.3, "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "out of memory" in r.stdout  # both modes found the cap (the bracket's upper end failed)
+    _, rows = saved(tmp_path, "capacity")
+    plain, fsdp = rows
+    assert (plain["comm"], fsdp["comm"]) == ("plain", "fsdp") and plain["vs_first"] == 1
+    for row in rows:
+        w = row["width"]
+        assert row["n_params"] == 17 * w + 5 * (w + 1) * w + (w + 1) * 3
+        assert row["address_space_bytes"] <= row["limit_bytes"] == row["base_bytes"] + 24 * 2**20
+    assert fsdp["param_bytes_per_rank"] == fsdp["grad_bytes_per_rank"] == 4 * -(-fsdp["n_params"] // 2)
+    assert fsdp["optimizer_state_bytes_per_rank"] == 2 * fsdp["param_bytes_per_rank"]
+    assert plain["param_bytes_per_rank"] == 4 * plain["n_params"]
+    assert fsdp["vs_first"] == fsdp["n_params"] / plain["n_params"] > 1.3

@@ -201,8 +201,8 @@ def bench_model(args, comm):
               f"{args.network_gbps:g} Gbit/s, {args.latency_us:g} µs latency")
         if "fsdp" in modes:
             psi = n - 16
-            print(f"fsdp (ZeRO-3) sends 3(p−1)/p·Ψ per rank per step, data parallel 2(p−1)/p·Ψ (Ψ = {psi} bytes of "
-                  f"parameters, {len(sizes) - 1} layers: {3 * (len(sizes) - 1)} collectives per step)")
+            print(f"fsdp (ZeRO-3) sends 3(p−1)/p·Ψ per rank per step, data parallel 2(p−1)/p·Ψ (Ψ = {psi} bytes "
+                  f"of parameters, {len(sizes) - 1} layers: {3 * (len(sizes) - 1)} collectives per step)")
         if tensors:
             print(f"tensor parallelism: 2 allreduces of T·{batch} samples' activations per dense layer pair over "
                   "the tensor group, then the gradient of each rank's parameters over its data group (p/T ranks)")

@@ -57,9 +57,9 @@ def add_parser(sub):
     s.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
 
 
-def point_arguments(s, comm="plain", optimizer="momentum"):
+def point_arguments(s, comm="plain", optimizer="momentum", steps=30, warmup=5):
     """The options of a point (besides the MLP and the batch), shared with bench capacity."""
-    loop_arguments(s)
+    loop_arguments(s, steps, warmup)
     s.add_argument("--comm", default=comm, help=f"comm.mode values to measure at every point, comma-separated "
                                                 f"(default {comm}; any of {', '.join(MODES)})")
     s.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default=optimizer,

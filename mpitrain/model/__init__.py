@@ -97,6 +97,9 @@ class ModelSpec:
                    feature_shape=tuple(int(d) for d in a.get("feature_shape", ())))
 
 
+INIT_CHUNK = 1 << 16  # values drawn at a time by init_params: the generator's stream is the same in chunks
+
+
 class Model:
     """The layers of a spec with their per-batch-size buffers, on a kernel backend (cpu or cuda)."""
 
@@ -127,14 +130,14 @@ class Model:
         part = part or slice(0, self.n_params)
         flat = np.zeros(part.stop - part.start, np.float32)
         for l in self.with_params:
-            lo, hi = max(l.offset, part.start), min(l.offset + l.n_params, part.stop)
             fan_in, fan_out = l.fan
             limit = np.sqrt(6.0 / fan_in) if l.act == ACTIVATIONS["relu"] else np.sqrt(6.0 / (fan_in + fan_out))
-            layer = np.zeros(l.n_params, np.float32)
-            w, _ = l.views(layer, at=0)
-            w[...] = rng.uniform(-limit, limit, size=w.shape)  # drawn whether kept or not: the same stream
-            if lo < hi:
-                flat[lo - part.start:hi - part.start] = layer[lo - l.offset:hi - l.offset]
+            size = l.n_params - l.out_shape[-1]  # [W | b], one bias per output unit or channel
+            for c in range(l.offset, l.offset + size, INIT_CHUNK):  # W's values in order, a chunk at a time
+                values = rng.uniform(-limit, limit, size=min(INIT_CHUNK, l.offset + size - c))  # drawn, kept or not
+                lo, hi = max(c, part.start), min(c + len(values), part.stop)
+                if lo < hi:
+                    flat[lo - part.start:hi - part.start] = values[lo - c:hi - c]
         return flat
 
     def _bufs(self, n):
