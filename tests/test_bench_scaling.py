@@ -251,20 +251,23 @@ def test_largest_brackets_then_bisects():
 
 
 def test_capacity_under_one_memory_cap_per_rank(tmp_path):
-    """A real bisection under RLIMIT_AS on 2 ranks: fsdp fits a model with more parameters than plain (Adam:
-    plain holds 4 vectors of n floats, fsdp 4 of n/2), each row from a point that ran, its shards ⌈n/2⌉."""
+    """A real search under RLIMIT_AS on 2 ranks (--precision 1: bracketing only, to stay fast): each mode's
+    width ran and twice it ran out of memory; fsdp, which holds less at every width, fits at least as wide a
+    model; each row's bytes per rank are the live buffers' (Adam: fsdp's shards ⌈n/2⌉, plain whole).  The
+    ratio itself is the benchmark's to measure (docs/performance.md)."""
     r = _mpitrain("bench", "capacity", "--ranks", 2, "--budget-mb", 24, "--layers", 6, "--features", 16,
-                  "--classes", 3, "--batch-per-rank", 4, "--precision", 0.3, "--out", tmp_path)
+                  "--classes", 3, "--batch-per-rank", 4, "--precision", 1, "--out", tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "out of memory" in r.stdout  # both modes found the cap (the bracket's upper end failed)
     _, rows = saved(tmp_path, "capacity")
     plain, fsdp = rows
     assert (plain["comm"], fsdp["comm"]) == ("plain", "fsdp") and plain["vs_first"] == 1
     for row in rows:
         w = row["width"]
+        assert f"{row['comm']} width {w}: fits" in r.stdout
+        assert f"{row['comm']} width {2 * w}: out of memory" in r.stdout
         assert row["n_params"] == 17 * w + 5 * (w + 1) * w + (w + 1) * 3
         assert row["address_space_bytes"] <= row["limit_bytes"] == row["base_bytes"] + 24 * 2**20
     assert fsdp["param_bytes_per_rank"] == fsdp["grad_bytes_per_rank"] == 4 * -(-fsdp["n_params"] // 2)
     assert fsdp["optimizer_state_bytes_per_rank"] == 2 * fsdp["param_bytes_per_rank"]
     assert plain["param_bytes_per_rank"] == 4 * plain["n_params"]
-    assert fsdp["vs_first"] == fsdp["n_params"] / plain["n_params"] > 1.3
+    assert fsdp["vs_first"] == fsdp["n_params"] / plain["n_params"] >= 1
