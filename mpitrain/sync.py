@@ -331,6 +331,7 @@ class FSDP(Sharded):
         self.gbuf = np.empty(size, np.float32)
         self.held = [None, None]  # the layer index whose parameters each buffer holds
         self.pending = None  # (buffer, request) of the prefetch in flight
+        self.split = {"allgather": 0.0, "reduce_scatter": 0.0}  # where `seconds` went (bench scaling)
 
     def own(self, params):
         self.shard[:] = params[self.part]
@@ -381,7 +382,9 @@ class FSDP(Sharded):
         nxt = i - 1 if down else i + 1
         if 0 <= nxt < len(self.order) and nxt not in self.held and self.pending is None:
             self.pending = (1 - j, self._gather(nxt, 1 - j))
-        self.seconds += time.perf_counter() - t
+        t = time.perf_counter() - t
+        self.seconds += t
+        self.split["allgather"] += t
         return layer.views(self.bufs[j], at=0)
 
     def grad_of(self, layer):
@@ -393,7 +396,9 @@ class FSDP(Sharded):
         t = time.perf_counter()
         self.comm.reduce_scatter_sum(self.gbuf[:int(counts.sum())], self.gshard[mine], counts)
         self.bytes += ring_bytes(4 * int(counts.sum()), self.comm.size, "reduce_scatter")
-        self.seconds += time.perf_counter() - t
+        t = time.perf_counter() - t
+        self.seconds += t
+        self.split["reduce_scatter"] += t
 
     def _reduce(self, buf, scale):
         self._sum(buf)  # the step's scalars; the gradient went layer by layer

@@ -183,6 +183,7 @@ def test_scaling_measures_every_comm_mode_in_one_launch(tmp_path):
            for m in ("plain", "sharded", "fsdp")}
     assert mem == {"plain": (whole, whole, whole), "sharded": (whole, whole, half), "fsdp": (half, half, half)}
     assert all(x["peak_rss_bytes"] > 0 for x in rows)
+    assert two["fsdp"]["allgather_ms"] > 0 and two["fsdp"]["reduce_scatter_ms"] > 0 and "allgather_ms" not in two["plain"]
     assert "peak_rss_bytes" in r.stdout  # the memory table beside the time table
 
 

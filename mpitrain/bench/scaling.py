@@ -117,6 +117,10 @@ def bench_scaling(args, comm):
               + " ms/step", flush=True)
     add_speedup(rows, args.mode)
     print(table(rows, COLUMNS))
+    if any("allgather_ms" in r for r in rows):
+        print("fsdp's allreduce_ms is its allgather_ms (waiting for and starting the prefetched gathers) + "
+              "reduce_scatter_ms + the scalars' allreduce:")
+        print(table([r for r in rows if "allgather_ms" in r], ["ranks", "comm", "allgather_ms", "reduce_scatter_ms"]))
     print("memory per rank (bytes; peak RSS max over ranks):")
     print(table(rows, MEMORY))
     from .plots import scaling_plots
@@ -230,7 +234,8 @@ def measure_point(args, comm, mode):
     order = rng.permutation(local * total).reshape(total, local)
     xb, yb = np.empty((local, sizes[0]), np.float32), np.empty(local, np.int64)
 
-    times = np.zeros((args.steps, 4))  # data, compute, allreduce, whole step
+    split = getattr(sync, "split", {})  # fsdp: its allgather and reduce-scatter seconds apart
+    times = np.zeros((args.steps, 4 + len(split)))  # data, compute, allreduce, whole step[, the split]
     for step in range(total):
         if step == args.warmup:
             comm.barrier()  # the timed steps start together
@@ -238,13 +243,14 @@ def measure_point(args, comm, mode):
         np.take(x, order[step], axis=0, out=xb)
         np.take(y, order[step], out=yb)
         t1 = time.perf_counter()
-        c = sync.seconds
+        c, parts = sync.seconds, list(split.values())
         stepper(params, xb, yb, LR, 1.0 / global_batch)
         t2 = time.perf_counter()
         if step >= args.warmup:
             reduce = sync.seconds - c
-            times[step - args.warmup] = t1 - t0, t2 - t1 - reduce, reduce, t2 - t0
-    data, compute, reduce, whole = comm.allreduce(np.median(times, axis=0), "max") * 1e3
+            times[step - args.warmup] = (t1 - t0, t2 - t1 - reduce, reduce, t2 - t0,
+                                         *(v - b for v, b in zip(split.values(), parts)))
+    data, compute, reduce, whole, *split_ms = comm.allreduce(np.median(times, axis=0), "max") * 1e3
     memory = [sum(v.nbytes for v in opt.state.values()), *sync.bytes_per_rank(params, stepper.grad),
               _status_bytes("VmHWM"), _status_bytes("VmPeak")]
     state, param, grad, rss, space = (int(v) for v in comm.allreduce(memory, "max"))
@@ -254,7 +260,8 @@ def measure_point(args, comm, mode):
             "data_ms": data, "compute_ms": compute, "allreduce_ms": reduce, "step_ms": whole,
             "samples_per_s": global_batch / whole * 1e3, "comm_bytes": sync.bytes / sync.steps,
             "param_bytes_per_rank": param, "grad_bytes_per_rank": grad, "optimizer_state_bytes_per_rank": state,
-            "peak_rss_bytes": rss, "address_space_bytes": space}
+            "peak_rss_bytes": rss, "address_space_bytes": space,
+            **{f"{name}_ms": ms for name, ms in zip(split, split_ms)}}
 
 
 def _reset_peak_rss():
