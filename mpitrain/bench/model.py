@@ -17,7 +17,8 @@ Model distribution.  A ring allgather or reduce-scatter of n bytes costs (p−1)
 (ZeRO-3) Allgathers each of the K layers with parameters before its forward and before its backward and
 Reduce_scatters its gradient: 3K collectives moving 3(p−1)/p·Ψ per rank (Ψ = 4·params bytes: the ZeRO
 paper's 3Ψ, against 2Ψ for data parallel), T = 3K(p−1)α + 3(p−1)/p·Ψ·β, plus the scalars' own allreduce;
-no overlap is counted (sync.FSDP prefetches the next layer's gather, which can hide at most the gathers).
+no overlap is counted (sync.FSDP prefetches the next unit's gather, which can hide at most the gathers),
+nor sync.FSDP's units (layers smaller than comm.bucket_mb gathered together: fewer α terms).
 --tensor T: Megatron-style tensor parallelism on a (p/T data × T tensor) grid; the dense layers in pairs,
 column-parallel then row-parallel, an odd last layer replicated.  Each pair allreduces its output (forward)
 and its input's gradient (backward) over the T ranks of its tensor group: 2 ring allreduces per pair of
