@@ -159,7 +159,7 @@ class FedConfig:
 class CommConfig:
     """[comm]: how synchronous training exchanges gradients (sync.py)."""
     mode: str = "plain"         # plain | overlap | hierarchical | fp16 | bf16 | topk | sharded | local_sgd
-    bucket_mb: float = 1.0      # overlap: bucket size in MiB (cut at layer boundaries)
+    bucket_mb: float = 1.0      # overlap: bucket size in MiB (cut at layer boundaries); fsdp: smallest unit
     group_size: int = 0         # hierarchical: ranks per group; 0 = the shared-memory node
     topk_ratio: float = 0.01    # topk: share of the gradient's entries each rank sends
     local_steps: int = 8        # local_sgd: steps between parameter averages (H)

@@ -20,9 +20,10 @@ on every rank the summed scalars and the parameters the plain path would have pr
                 comm.local_steps-th step of the run (counted across resumes) — and whenever the loop
                 evaluates, checkpoints or stops, so that those see one model
   fsdp          ZeRO-3: each rank holds only its 1/p of the parameters, of the gradient and of the
-                optimizer state; a layer's parameters are Allgathered just before its forward and again
-                before its backward (the next layer's gather started while this one computes), and its
-                gradient is Reduce_scattered as soon as backward has produced it
+                optimizer state; a unit's parameters (consecutive layers, at least comm.bucket_mb of them)
+                are Allgathered just before its forward and again before its backward (the next unit's
+                gather started while this one computes), and its gradient is Reduce_scattered as soon as
+                backward has produced it
 
 The scalars (loss, hits, flags) are summed exactly in every mode (a separate few-byte Allreduce where the
 gradient does not travel as plain float32).  `seconds` counts this rank's time in these collectives,
@@ -57,7 +58,7 @@ def make(cfg, comm, model):
     if c.mode == "local_sgd":
         return LocalSGD(comm, n, c.local_steps)
     if c.mode == "fsdp":
-        return FSDP(comm, model)
+        return FSDP(comm, model, c.bucket_mb)
     return Plain(comm, n)
 
 
@@ -67,6 +68,11 @@ class Plain:
     def own(self, params):
         """The parameters the loop trains, from a full vector (fsdp keeps its shard of it)."""
         return params
+
+    def init(self, model, seed):
+        """What own(model.init_params(seed)) gives, made here without a full vector where the mode keeps
+        only a shard (every rank draws the same seeded values: no broadcast needed)."""
+        return self.own(model.init_params(seed))
 
     def full(self, params):
         """A full parameter vector on every rank, for evaluation (fsdp gathers one)."""
@@ -301,34 +307,50 @@ class LocalSGD(Plain):
 
 class FSDP(Sharded):
     """comm.mode = "fsdp" (module doc).  The flat vector is cut as in sharded mode (rank r owns
-    [⌊rn/p⌋, ⌊(r+1)n/p⌋)); a layer's slice [a, b) spans some ranks' shards, so its Allgatherv takes from
-    each rank the overlap of its shard with [a, b), in rank order, which is the slice itself.  The model
-    sees this object instead of flat vectors (Model.loss_grad asks fetch(layer) for the parameters and
-    grad_of(layer) for where to write the gradient, and ready(offset) after each layer's backward).
-    Memory: the shards, two gather buffers and one gradient buffer of the largest layer."""
+    [⌊rn/p⌋, ⌊(r+1)n/p⌋)).  The layers with parameters are grouped, bottom up, into units of consecutive
+    layers of at least unit_mb (comm.bucket_mb; a smaller remainder at the top joins the unit below): each
+    unit is one Allgatherv and one Reduce_scatter, so a stack of small layers does not pay a collective, and
+    a wait for the slowest rank, per layer.  A unit's slice [a, b) spans some ranks' shards, so its
+    Allgatherv takes from each rank the overlap of its shard with [a, b), in rank order, which is the slice
+    itself.  The model sees this object instead of flat vectors (Model.loss_grad asks fetch(layer) for the
+    parameters and grad_of(layer) for where to write the gradient, and ready(offset) after each layer's
+    backward).  Memory: the shards, two gather buffers and one gradient buffer of the largest unit."""
 
-    def __init__(self, comm, model):
+    def __init__(self, comm, model, unit_mb):
         super().__init__(comm, model.n_params)
         self.slots = 0
-        self.order = model.with_params  # forward order
-        self.plan = {}
+        limit, groups = max(1, int(unit_mb * (1 << 20) / 4)), [[]]
+        for l in model.with_params:
+            if sum(x.n_params for x in groups[-1]) >= limit:
+                groups.append([])
+            groups[-1].append(l)
+        if len(groups) > 1 and sum(x.n_params for x in groups[-1]) < limit:
+            top = groups.pop()
+            groups[-1] += top
+        self.units = [(g[0].offset, g[-1].offset + g[-1].n_params) for g in groups]  # forward order
+        self.unit_of = {l.offset: u for u, g in enumerate(groups) for l in g}
+        self.plan = []
         r = comm.rank
-        for i, l in enumerate(self.order):
-            a, b = l.offset, l.offset + l.n_params
+        for a, b in self.units:
             lo, hi = np.maximum(self.displs, a), np.minimum(self.displs + self.counts, b)
             counts = np.maximum(hi - lo, 0)
             mine = slice(int(lo[r] - self.part.start), int(lo[r] - self.part.start + counts[r]))
-            self.plan[l.offset] = (i, counts, np.concatenate([[0], np.cumsum(counts)[:-1]]), mine)
-        size = max(l.n_params for l in self.order)
+            self.plan.append((counts, np.concatenate([[0], np.cumsum(counts)[:-1]]), mine))
+        size = max(b - a for a, b in self.units)
         self.shard = np.zeros(self.counts[r], np.float32)
         self.gshard = self.mine  # this rank's part of the summed gradient, filled layer by layer
         self.bufs = [np.empty(size, np.float32), np.empty(size, np.float32)]
         self.gbuf = np.empty(size, np.float32)
-        self.held = [None, None]  # the layer index whose parameters each buffer holds
+        self.held = [None, None]  # the unit whose parameters each buffer holds
         self.pending = None  # (buffer, request) of the prefetch in flight
+        self.split = {"allgather": 0.0, "reduce_scatter": 0.0}  # where `seconds` went (bench scaling)
 
     def own(self, params):
         self.shard[:] = params[self.part]
+        return self
+
+    def init(self, model, seed):
+        self.shard = model.init_params(seed, self.part)
         return self
 
     def full(self, params):
@@ -346,23 +368,23 @@ class FSDP(Sharded):
         return self
 
     def _gather(self, i, j):
-        """Start gathering layer i's parameters into buffer j."""
-        _, counts, displs, mine = self.plan[self.order[i].offset]
+        """Start gathering unit i's parameters into buffer j."""
+        counts, displs, mine = self.plan[i]
         self.held[j] = i
         self.bytes += ring_bytes(4 * int(counts.sum()), self.comm.size, "allgather")
         return self.comm.iallgatherv(self.shard[mine], self.bufs[j], counts, displs)
 
     def fetch(self, layer, down=False):
-        """The layer's (W, b) views on its gathered parameters, waited for; then the gather of the layer
-        the pass needs next (up in forward, down in backward) is started, to overlap this one's compute."""
+        """The layer's (W, b) views on its unit's gathered parameters, waited for; then the gather of the
+        unit the pass needs next (up in forward, down in backward) is started, to overlap this one's compute."""
         t = time.perf_counter()
-        i = self.plan[layer.offset][0]
+        i = self.unit_of[layer.offset]
         if self.pending is not None and self.held[self.pending[0]] == i:
             j, req = self.pending
             self.pending = None
             if req is not None:
                 req.Wait()
-        elif i in self.held:  # the top layer when backward starts, or the one below it
+        elif i in self.held:  # another layer of the unit, the top unit when backward starts, or the one below
             j = self.held.index(i)
         else:
             j = 1 - self.pending[0] if self.pending is not None else 0
@@ -370,21 +392,31 @@ class FSDP(Sharded):
             if req is not None:
                 req.Wait()
         nxt = i - 1 if down else i + 1
-        if 0 <= nxt < len(self.order) and nxt not in self.held and self.pending is None:
+        if 0 <= nxt < len(self.units) and nxt not in self.held and self.pending is None:
             self.pending = (1 - j, self._gather(nxt, 1 - j))
-        self.seconds += time.perf_counter() - t
-        return layer.views(self.bufs[j], at=0)
+        t = time.perf_counter() - t
+        self.seconds += t
+        self.split["allgather"] += t
+        return layer.views(self.bufs[j], at=layer.offset - self.units[i][0])
 
     def grad_of(self, layer):
-        return layer.views(self.gbuf, at=0)
+        if not layer.n_params:
+            return None
+        return layer.views(self.gbuf, at=layer.offset - self.units[self.unit_of[layer.offset]][0])
 
     def ready(self, offset):
-        """Backward has written this layer's gradient: Reduce_scatter it into this rank's shard."""
-        _, counts, _, mine = self.plan[offset]
+        """Backward has written this layer's gradient: once its unit's lowest layer is done, Reduce_scatter
+        the unit's gradient into this rank's shard."""
+        u = self.unit_of[offset]
+        if offset != self.units[u][0]:
+            return  # the unit's layers below are still to come
+        counts, _, mine = self.plan[u]
         t = time.perf_counter()
         self.comm.reduce_scatter_sum(self.gbuf[:int(counts.sum())], self.gshard[mine], counts)
         self.bytes += ring_bytes(4 * int(counts.sum()), self.comm.size, "reduce_scatter")
-        self.seconds += time.perf_counter() - t
+        t = time.perf_counter() - t
+        self.seconds += t
+        self.split["reduce_scatter"] += t
 
     def _reduce(self, buf, scale):
         self._sum(buf)  # the step's scalars; the gradient went layer by layer

@@ -31,17 +31,21 @@ def train(n, out, data, *sets, resume=None, timeout=300):
     return summary(out)
 
 
-CASES = [("sgd", 2, "mlp"), ("momentum", 3, "mlp"), ("adam", 4, "mlp"), ("momentum", 4, "cnn"), ("adam", 3, "cnn")]
+# comm.bucket_mb: the smallest unit fsdp gathers.  The default 1 MiB makes these small models one unit;
+# 0.0001 MiB (26 floats) one unit per layer; 0.0015 (393 floats) the CNN's units {conv, conv}, {dense, dense}
+CASES = [("sgd", 2, "mlp", 0.0001), ("momentum", 3, "mlp", 1), ("adam", 4, "mlp", 1), ("momentum", 4, "cnn", 1),
+         ("adam", 3, "cnn", 0.0015)]
 
 
-@pytest.mark.parametrize("optimizer,ranks,model", CASES, ids=[f"{o}-{r}-{m}" for o, r, m in CASES])
-def test_fsdp_equals_plain_with_one_pth_of_each_vector_per_rank(tmp_path, synth, digits, optimizer, ranks, model):
+@pytest.mark.parametrize("optimizer,ranks,model,unit_mb", CASES, ids=[f"{o}-{r}-{m}-{u}" for o, r, m, u in CASES])
+def test_fsdp_equals_plain_with_one_pth_of_each_vector_per_rank(tmp_path, synth, digits, optimizer, ranks, model,
+                                                                 unit_mb):
     data, layers = (synth, MLP) if model == "mlp" else (digits, CNN)
     sets = [*layers, "train.steps=50", "train.global_batch=48", f"train.optimizer={optimizer}",
             "train.lr=0.005" if optimizer == "adam" else "train.lr=0.05"]
     plain, fsdp = str(tmp_path / "plain"), str(tmp_path / "fsdp")
     train(1, plain, data, *sets)
-    s = train(ranks, fsdp, data, *sets, "comm.mode=fsdp")
+    s = train(ranks, fsdp, data, *sets, "comm.mode=fsdp", f"comm.bucket_mb={unit_mb}")
     p1, pf = params(plain), params(fsdp)
     assert np.max(np.abs(p1 - pf)) <= 1e-5 * np.abs(p1).max()
     assert np.max(np.abs(p1 - summary_start(plain))) > 1e-2 * np.abs(p1).max()  # it trained

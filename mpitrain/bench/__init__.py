@@ -1,5 +1,5 @@
-"""``python -m mpitrain bench {step,allreduce,federated,checkpoint,scaling,model,peers,leakage}``: print a table, save
-JSON and CSV into --out."""
+"""``python -m mpitrain bench {step,allreduce,federated,checkpoint,scaling,capacity,model,peers,leakage}``:
+print a table, save JSON and CSV into --out."""
 import csv
 import json
 import os
@@ -8,7 +8,8 @@ import time
 
 def add_arguments(parser):
     sub = parser.add_subparsers(dest="bench", required=True,
-                                metavar="{step,allreduce,federated,checkpoint,scaling,model,peers,leakage}")
+                                metavar="{step,allreduce,federated,checkpoint,scaling,capacity,model,peers,"
+                                        "leakage}")
     s = sub.add_parser("step", help="training-step throughput per rank vs NumPy and PyTorch",
                        description="Samples/s of one training step (forward, backward, optimizer update) "
                                    "per rank, for mpitrain's kernels, a plain NumPy step (MLP only) and "
@@ -51,9 +52,10 @@ def add_arguments(parser):
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--dir", help="file system to measure (default: the system temp folder)")
     c.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
-    from . import leakage, model, peers, scaling
+    from . import capacity, leakage, model, peers, scaling
 
     scaling.add_parser(sub)
+    capacity.add_parser(sub)
     model.add_parser(sub)
     peers.add_parser(sub)
     leakage.add_parser(sub)
@@ -134,15 +136,16 @@ def comm_modes(text):
     return modes
 
 
-def loop_arguments(p):
+def loop_arguments(p, steps=30, warmup=5):
     """--steps, --warmup, --threads of a benchmark that times training steps."""
-    p.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--steps", type=int, default=steps, help=f"timed steps (default {steps})")
+    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed steps first (default {warmup})")
     p.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
 
 
 def run(args, comm):
     from .allreduce import bench_allreduce
+    from .capacity import bench_capacity
     from .checkpoint import bench_checkpoint
     from .federated import bench_federated
     from .leakage import bench_leakage
@@ -152,8 +155,8 @@ def run(args, comm):
     from .step import bench_step
 
     benches = {"step": bench_step, "allreduce": bench_allreduce, "federated": bench_federated,
-               "checkpoint": bench_checkpoint, "scaling": bench_scaling, "model": bench_model,
-               "peers": bench_peers, "leakage": bench_leakage}
+               "checkpoint": bench_checkpoint, "scaling": bench_scaling, "capacity": bench_capacity,
+               "model": bench_model, "peers": bench_peers, "leakage": bench_leakage}
     rows = benches[args.bench](args, comm)
     if comm.rank == 0:
         save(args.out or "bench-results", args.bench, rows, vars(args))

@@ -12,6 +12,19 @@ the bytes; topk an allgather of p·8k bytes, (p−1)α + (p−1)·8k·β; sharde
 which is the ring allreduce; local_sgd the ring allreduce every H steps, T/H; hierarchical a reduce and
 a broadcast inside nodes of --ranks-per-node ranks (fitted α, β: shared memory) around a ring allreduce
 of the p/g leaders; overlap the best case, step = max(work, T) (backward hides the whole allreduce).
+
+Model distribution.  A ring allgather or reduce-scatter of n bytes costs (p−1)α + (p−1)/p·n·β.  fsdp
+(ZeRO-3) Allgathers each of the K layers with parameters before its forward and before its backward and
+Reduce_scatters its gradient: 3K collectives moving 3(p−1)/p·Ψ per rank (Ψ = 4·params bytes: the ZeRO
+paper's 3Ψ, against 2Ψ for data parallel), T = 3K(p−1)α + 3(p−1)/p·Ψ·β, plus the scalars' own allreduce;
+no overlap is counted (sync.FSDP prefetches the next unit's gather, which can hide at most the gathers),
+nor sync.FSDP's units (layers smaller than comm.bucket_mb gathered together: fewer α terms).
+--tensor T: Megatron-style tensor parallelism on a (p/T data × T tensor) grid; the dense layers in pairs,
+column-parallel then row-parallel, an odd last layer replicated.  Each pair allreduces its output (forward)
+and its input's gradient (backward) over the T ranks of its tensor group: 2 ring allreduces per pair of
+T·b × width floats (the group shares one data replica's batch, T·b samples for b per rank, so the global
+batch and each rank's FLOPs are those of data parallel), then the gradient of this rank's parameters (each
+pair's weights and first bias over T, the rest whole) is allreduced over the p/T ranks of its data group.
 """
 import json
 
@@ -21,7 +34,7 @@ from ..config import CommConfig
 from ..errors import MpitrainError
 from . import comm_modes, mlp_arguments, table
 
-PREDICTION = ["model", "comm", "ranks", "alpha_us", "beta_ns_per_byte", "allreduce_ms", "work_ms", "step_ms",
+PREDICTION = ["model", "comm", "tensor", "ranks", "alpha_us", "beta_ns_per_byte", "allreduce_ms", "work_ms", "step_ms",
               "samples_per_s", "efficiency"]
 
 
@@ -42,6 +55,9 @@ def add_parser(sub):
     m.add_argument("--latency-us", type=float, default=1.0, help="per-message latency α in µs (default 1)")
     m.add_argument("--ranks", default="64,128,256,512,1024", help="rank counts to predict (default 64,…,1024)")
     m.add_argument("--comm", default="plain", help="comm.mode values to predict, comma-separated (default plain)")
+    m.add_argument("--tensor", default="", metavar="T[,T...]",
+                   help="also predict tensor parallelism with T ranks per tensor group (Megatron, plain data "
+                        "parallel over the p/T groups), e.g. 2,4")
     m.add_argument("--ranks-per-node", type=int, default=8, help="hierarchical: ranks per node (default 8)")
     c = CommConfig()
     m.add_argument("--topk-ratio", type=float, default=c.topk_ratio,
@@ -62,10 +78,14 @@ def ring_time(n, p, alpha, beta):
     return 2 * (p - 1) * alpha + 2 * (p - 1) / p * n * beta
 
 
-def comm_time(mode, n, p, net, fitted, args):
-    """Seconds of one step's communication in comm.mode `mode` for an n-byte gradient on p ranks, with
-    (α, β) = net between nodes and `fitted` inside a node (hierarchical only)."""
+def comm_time(mode, n, p, net, fitted, args, sizes):
+    """Seconds of one step's communication in comm.mode `mode` for an n-byte step buffer (gradient + 4
+    float32 scalars) of the MLP `sizes` on p ranks, with (α, β) = net between nodes and `fitted` inside a
+    node (hierarchical only)."""
     a, b = net
+    if mode == "fsdp":
+        k = len(sizes) - 1  # 2 Allgathers + 1 Reduce_scatter per layer; the scalars in an allreduce of their own
+        return 3 * k * (p - 1) * a + 3 * (p - 1) / p * (n - 16) * b + ring_time(16, p, a, b)
     if mode in ("fp16", "bf16"):
         return ring_time(n / 2, p, a, b)
     if mode == "topk":
@@ -79,6 +99,20 @@ def comm_time(mode, n, p, net, fitted, args):
         inside = 2 * ((g - 1) * fa + (g - 1) / g * n * fb)  # reduce to the leader, broadcast back
         return inside + ring_time(n, -(-p // g), a, b)
     return ring_time(n, p, a, b)  # plain, overlap, sharded
+
+
+def tensor_time(sizes, batch, t, p, net):
+    """Seconds of one step's communication under tensor parallelism (module doc) for the MLP `sizes` with
+    `batch` samples per rank, T = t ranks per tensor group, on p ranks."""
+    a, b = net
+    pairs = (len(sizes) - 1) // 2
+    acts = sum(ring_time(4 * t * batch * sizes[2 * i + 2], t, a, b) + ring_time(4 * t * batch * sizes[2 * i], t, a, b)
+               for i in range(pairs))
+    mine = sum(((sizes[2 * i] + 1) * sizes[2 * i + 1] + sizes[2 * i + 1] * sizes[2 * i + 2]) / t + sizes[2 * i + 2]
+               for i in range(pairs))
+    if (len(sizes) - 1) % 2:
+        mine += (sizes[-2] + 1) * sizes[-1]  # the odd last layer, whole on every rank of the group
+    return acts + ring_time(4 * (mine + 4), p // t, a, b)
 
 
 def fit_ring(rows):
@@ -136,13 +170,23 @@ def bench_model(args, comm):
         work_ms, batch, n, work_from = args.compute_ms, args.batch_per_rank, 4 * (n_params + 4), "--compute-ms"
 
     network = (args.latency_us * 1e-6, 8 / (args.network_gbps * 1e9))
+    counts = [int(r) for r in args.ranks.split(",")]
+    tensors = [int(t) for t in args.tensor.split(",") if t]
+    bad = [(p, t) for t in tensors for p in counts if t < 1 or p % t]
+    if bad:
+        raise MpitrainError(f"--tensor {args.tensor} --ranks {args.ranks}: the tensor group size must divide "
+                            f"every rank count ({bad[0][1]} does not divide {bad[0][0]})")
+    cases = [(mode, 1) for mode in modes] + [("tensor", t) for t in tensors]
     out = []
     for name, (a, b) in (("network", network), ("fitted", (alpha, beta))):
-        for mode in modes:
-            for p in (int(r) for r in args.ranks.split(",")):
-                t_ms = comm_time(mode, n, p, (a, b), (alpha, beta), args) * 1e3
+        for mode, t in cases:
+            for p in counts:
+                if mode == "tensor":
+                    t_ms = tensor_time(sizes, batch, t, p, (a, b)) * 1e3
+                else:
+                    t_ms = comm_time(mode, n, p, (a, b), (alpha, beta), args, sizes) * 1e3
                 step_ms = max(work_ms, t_ms) if mode == "overlap" else work_ms + t_ms
-                out.append({"model": name, "comm": mode, "ranks": p, "alpha_us": a * 1e6,
+                out.append({"model": name, "comm": mode, "tensor": t, "ranks": p, "alpha_us": a * 1e6,
                             "beta_ns_per_byte": b * 1e9, "allreduce_bytes": n, "allreduce_ms": t_ms,
                             "work_ms": work_ms, "batch_per_rank": batch, "step_ms": step_ms,
                             "samples_per_s": p * batch / step_ms * 1e3, "efficiency": work_ms / step_ms})
@@ -156,5 +200,12 @@ def bench_model(args, comm):
         print(f"MODEL (not measured): weak scaling of MLP {'-'.join(map(str, sizes))}, {n} bytes allreduced per "
               f"step, per-rank work {work_ms:.4g} ms at {batch} samples per rank (from {work_from}); network "
               f"{args.network_gbps:g} Gbit/s, {args.latency_us:g} µs latency")
+        if "fsdp" in modes:
+            psi = n - 16
+            print(f"fsdp (ZeRO-3) sends 3(p−1)/p·Ψ per rank per step, data parallel 2(p−1)/p·Ψ (Ψ = {psi} bytes "
+                  f"of parameters, {len(sizes) - 1} layers: {3 * (len(sizes) - 1)} collectives per step)")
+        if tensors:
+            print(f"tensor parallelism: 2 allreduces of T·{batch} samples' activations per dense layer pair over "
+                  "the tensor group, then the gradient of each rank's parameters over its data group (p/T ranks)")
         print(table(out, PREDICTION))
     return out

@@ -9,8 +9,14 @@ each, T ranks sharing a data rank's batch and splitting every layer, with tensor
 group's Allreduces, taken out of compute).  There is no barrier inside the timed loop, as in training, so
 waiting for a slower rank counts as allreduce time.  Each part is the median over the timed steps on each
 rank, then the max over ranks.
+
+Memory per rank, per mode: the bytes of parameters, gradient and optimizer state that the live sync and
+optimizer objects hold (as summary.json reports them), and the peak resident memory of the mode's steps
+(Linux's VmHWM, reset before each mode through /proc/self/clear_refs; elsewhere the process's peak so far),
+max over ranks.
 """
 import argparse
+import gc
 import glob
 import json
 import os
@@ -30,6 +36,8 @@ LR = 0.01
 COLUMNS = ["ranks", "comm", "tensor", "global_batch", "local_batch", "data_ms", "compute_ms", "allreduce_ms",
            "tensor_ms", "step_ms",
            "samples_per_s", "comm_bytes", "speedup", "efficiency"]
+MEMORY = ["ranks", "comm", "tensor", "n_params", "param_bytes_per_rank", "grad_bytes_per_rank",
+          "optimizer_state_bytes_per_rank", "peak_rss_bytes"]
 
 
 def add_parser(sub):
@@ -47,9 +55,18 @@ def add_parser(sub):
     s.add_argument("--batch-per-rank", type=int, default=64, help="weak mode: samples per rank per step (default 64)")
     s.add_argument("--global-batch", type=int, default=256, help="strong mode: samples per step in all (default 256)")
     mlp_arguments(s)
-    loop_arguments(s)
-    s.add_argument("--comm", default="plain", help="comm.mode values to measure at every point, comma-separated "
-                                                   f"(default plain; any of {', '.join(MODES)})")
+    point_arguments(s)
+    # internal: what the driver's `mpiexec -n P` runs to measure one rank count on its world
+    s.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
+
+
+def point_arguments(s, comm="plain", optimizer="momentum", steps=30, warmup=5):
+    """The options of a point (besides the MLP and the batch), shared with bench capacity."""
+    loop_arguments(s, steps, warmup)
+    s.add_argument("--comm", default=comm, help=f"comm.mode values to measure at every point, comma-separated "
+                                                f"(default {comm}; any of {', '.join(MODES)})")
+    s.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default=optimizer,
+                   help=f"train.optimizer of the steps (default {optimizer})")
     c = CommConfig()
     s.add_argument("--bucket-mb", type=float, default=c.bucket_mb,
                    help=f"comm.bucket_mb for overlap (default {c.bucket_mb:g})")
@@ -65,8 +82,8 @@ def add_parser(sub):
                                                  "data rank)")
     s.add_argument("--timeout", type=float, default=600, help="seconds before a point is killed (default 600)")
     s.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
-    # internal: what the driver's `mpiexec -n P` runs to measure one rank count on its world
-    s.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
+    # internal: the address-space limit (RLIMIT_AS, bytes) a point sets on each rank (bench capacity)
+    s.add_argument("--memory-limit", type=int, default=0, help=argparse.SUPPRESS)
 
 
 def mlp_sizes(features, hidden, classes):
@@ -76,6 +93,10 @@ def mlp_sizes(features, hidden, classes):
 
 def bench_scaling(args, comm):
     if args.point:
+        if args.memory_limit:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
         from ..tensor import MODES as TENSOR_MODES
 
         return [measure_point(args, comm, mode, t) for t in tensors(args.tensor) for mode in comm_modes(args.comm)
@@ -108,6 +129,12 @@ def bench_scaling(args, comm):
               + " ms/step", flush=True)
     add_speedup(rows, args.mode)
     print(table(rows, COLUMNS))
+    if any("allgather_ms" in r for r in rows):
+        print("fsdp's allreduce_ms is its allgather_ms (waiting for and starting the prefetched gathers) + "
+              "reduce_scatter_ms + the scalars' allreduce:")
+        print(table([r for r in rows if "allgather_ms" in r], ["ranks", "comm", "allgather_ms", "reduce_scatter_ms"]))
+    print("memory per rank (bytes; peak RSS max over ranks):")
+    print(table(rows, MEMORY))
     from .plots import scaling_plots
 
     scaling_plots(rows, args.mode, args.out or "bench-results")
@@ -149,9 +176,9 @@ def _child_env(threads):
     return env
 
 
-def run_point(args, p):
+def run_point(args, p, memory_limit=0):
     """Launch one point as `mpiexec -n P python -m mpitrain bench scaling --point`; returns its rows (one per
-    comm mode)."""
+    comm mode).  memory_limit: RLIMIT_AS per rank in bytes (0: none)."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [_mpiexec(), "-n", str(p), sys.executable, "-m", "mpitrain", "bench", "scaling", "--point",
                "--mode", args.mode, "--batch-per-rank", str(args.batch_per_rank),
@@ -159,8 +186,8 @@ def run_point(args, p):
                "--hidden", str(args.hidden), "--classes", str(args.classes), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--threads", str(args.threads), "--comm", args.comm,
                "--bucket-mb", str(args.bucket_mb), "--topk-ratio", str(args.topk_ratio),
-               "--local-steps", str(args.local_steps), "--group-size", str(args.group_size),
-               "--tensor", args.tensor, "--out", tmp]
+               "--local-steps", str(args.local_steps), "--group-size", str(args.group_size), "--out", tmp,
+               "--tensor", args.tensor, "--optimizer", args.optimizer, "--memory-limit", str(memory_limit)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=_child_env(args.threads), start_new_session=True)
         try:
@@ -206,6 +233,8 @@ def measure_point(args, comm, mode, tensor=1):
     sizes = mlp_sizes(args.features, args.hidden, args.classes)
     spec = comm.agree(ModelSpec, "mlp", sizes[0], sizes[-1], tuple(sizes[1:-1]))
     kernels = comm.agree(compiled, comm)
+    gc.collect()  # the previous mode's buffers
+    _reset_peak_rss()
     cfg = Config()
     c = cfg.comm
     c.mode, c.bucket_mb, c.topk_ratio, c.local_steps, c.group_size = (mode, args.bucket_mb, args.topk_ratio,
@@ -219,10 +248,12 @@ def measure_point(args, comm, mode, tensor=1):
     else:  # the global batch split as TrainShard splits it: ⌊B/p⌋ or ⌈B/p⌉ per rank
         lo, hi = block(args.global_batch, comm.size, comm.rank)
         local, global_batch = hi - lo, args.global_batch
-    params = grid.take(full.init_params(0))  # seeded: identical on every rank, as after train()'s broadcast
     sync = make(cfg, comm, model)
+    # seeded: identical on every rank, as after train()'s broadcast (fsdp alone draws just its shard)
+    params = sync.init(model, 0) if tensor == 1 else sync.own(grid.take(full.init_params(0)))
     part = sync.part
-    stepper = Stepper(model, Optimizer(kernels, "momentum", part.stop - part.start), sync, flags=2)
+    opt = Optimizer(kernels, args.optimizer, part.stop - part.start)
+    stepper = Stepper(model, opt, sync, flags=2)
 
     # This rank's data: one distinct row per sample of the run, visited in a seeded random order.
     total = args.warmup + args.steps
@@ -232,7 +263,8 @@ def measure_point(args, comm, mode, tensor=1):
     order = rng.permutation(local * total).reshape(total, local)
     xb, yb = np.empty((local, sizes[0]), np.float32), np.empty(local, np.int64)
 
-    times = np.zeros((args.steps, 5))  # data, compute, allreduce, tensor group, whole step
+    split = getattr(sync, "split", {})  # fsdp: its allgather and reduce-scatter seconds apart
+    times = np.zeros((args.steps, 5 + len(split)))  # data, compute, allreduce, tensor group, whole[, the split]
     for step in range(total):
         if step == args.warmup:
             world.barrier()  # the timed steps start together
@@ -240,15 +272,43 @@ def measure_point(args, comm, mode, tensor=1):
         np.take(x, order[step], axis=0, out=xb)
         np.take(y, order[step], out=yb)
         t1 = time.perf_counter()
-        c, tc = sync.seconds, getattr(model, "seconds", 0.0)
+        c, tc, parts = sync.seconds, getattr(model, "seconds", 0.0), list(split.values())
         stepper(params, xb, yb, LR, 1.0 / global_batch)
         t2 = time.perf_counter()
         if step >= args.warmup:
             reduce, tp = sync.seconds - c, getattr(model, "seconds", 0.0) - tc
-            times[step - args.warmup] = t1 - t0, t2 - t1 - reduce - tp, reduce, tp, t2 - t0
-    data, compute, reduce, tp, whole = world.allreduce(np.median(times, axis=0), "max") * 1e3
+            times[step - args.warmup] = (t1 - t0, t2 - t1 - reduce - tp, reduce, tp, t2 - t0,
+                                         *(v - b for v, b in zip(split.values(), parts)))
+    data, compute, reduce, tp, whole, *split_ms = world.allreduce(np.median(times, axis=0), "max") * 1e3
+    memory = [sum(v.nbytes for v in opt.state.values()), *sync.bytes_per_rank(params, stepper.grad),
+              _status_bytes("VmHWM"), _status_bytes("VmPeak")]
+    state, param, grad, rss, space = (int(v) for v in world.allreduce(memory, "max"))
     return {"ranks": world.size, "comm": mode, "tensor": tensor, "mode": args.mode, "global_batch": global_batch,
             "local_batch": int(world.allreduce([local], "max")[0]),  # strong: ⌈B/p⌉, the busiest rank's
             "n_params": spec.n_params, "allreduce_bytes": stepper.buf.nbytes, "threads": args.threads,
             "data_ms": data, "compute_ms": compute, "allreduce_ms": reduce, "tensor_ms": tp, "step_ms": whole,
-            "samples_per_s": global_batch / whole * 1e3, "comm_bytes": sync.bytes / sync.steps}
+            "samples_per_s": global_batch / whole * 1e3, "comm_bytes": sync.bytes / sync.steps,
+            "param_bytes_per_rank": param, "grad_bytes_per_rank": grad, "optimizer_state_bytes_per_rank": state,
+            "peak_rss_bytes": rss, "address_space_bytes": space,
+            **{f"{name}_ms": ms for name, ms in zip(split, split_ms)}}
+
+
+def _reset_peak_rss():
+    """Start VmHWM afresh (Linux ≥ 4.0), so that each comm mode's peak is its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # the process's peak so far (_status_bytes falls back likewise)
+
+
+def _status_bytes(key):
+    """VmHWM (peak resident) or VmPeak (peak address space) of this process in bytes, from /proc/self/status;
+    without /proc, the peak resident memory of getrusage for both."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) * 1024
+    except (OSError, StopIteration):
+        from ..trainer import peak_rss
+
+        return peak_rss()

@@ -97,6 +97,9 @@ class ModelSpec:
                    feature_shape=tuple(int(d) for d in a.get("feature_shape", ())))
 
 
+INIT_CHUNK = 1 << 16  # values drawn at a time by init_params: the generator's stream is the same in chunks
+
+
 class Model:
     """The layers of a spec with their per-batch-size buffers, on a kernel backend (cpu or cuda)."""
 
@@ -119,16 +122,22 @@ class Model:
         """[(W, b)] views into a flat vector (parameters or gradients), one per layer with parameters."""
         return [l.views(flat) for l in self.with_params]
 
-    def init_params(self, seed):
+    def init_params(self, seed, part=None):
         """He (relu) or Glorot (tanh, output) uniform weights, zero biases; seeded, layer after layer.  A
-        host array whatever the device (the caller broadcasts it, then moves it)."""
+        host array whatever the device (the caller broadcasts it, then moves it).  part (a slice of the flat
+        vector): only those entries, the same values, made one layer at a time (fsdp never holds them all)."""
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1417]))
-        flat = np.zeros(self.n_params, np.float32)
+        part = part or slice(0, self.n_params)
+        flat = np.zeros(part.stop - part.start, np.float32)
         for l in self.with_params:
-            w, _ = l.views(flat)
             fan_in, fan_out = l.fan
             limit = np.sqrt(6.0 / fan_in) if l.act == ACTIVATIONS["relu"] else np.sqrt(6.0 / (fan_in + fan_out))
-            w[...] = rng.uniform(-limit, limit, size=w.shape)
+            size = l.n_params - l.out_shape[-1]  # [W | b], one bias per output unit or channel
+            for c in range(l.offset, l.offset + size, INIT_CHUNK):  # W's values in order, a chunk at a time
+                values = rng.uniform(-limit, limit, size=min(INIT_CHUNK, l.offset + size - c))  # drawn, kept or not
+                lo, hi = max(c, part.start), min(c + len(values), part.stop)
+                if lo < hi:
+                    flat[lo - part.start:hi - part.start] = values[lo - c:hi - c]
         return flat
 
     def _bufs(self, n):
