@@ -8,7 +8,20 @@ all it ever reads — and contributes exactly those strata's samples to every gl
 batch is therefore independent of the number of ranks p (p ranks compute exactly the gradient one rank
 would, up to float summation order), every rank has ⌊B/p⌋ or ⌈B/p⌉ samples in every step (no rank runs
 out of data early), and each batch draws from every part of the file.
+
+Stream plan (data.stream, or automatic when the largest rank's part exceeds data.memory_mb).  The same
+strata and ranks, but a rank never holds its whole part: each stratum is cut into blocks of K contiguous
+rows (the last one shorter), and in epoch e the full blocks of stratum j are visited in the order of a
+permutation seeded by (seed, e, j), the short block last.  Consecutive groups of W blocks form windows; the
+rows of window w are shuffled by a permutation seeded by (seed, e, j, w), and stratum j's samples are
+visited in that order, one per step.  Every window but an epoch's last holds exactly W·K rows of every
+stratum, so all strata and all ranks change window at the same step: steps [w·W·K, (w+1)·W·K) read window w
+of every local stratum.  A rank holds two windows (the current one and the next, which a background thread
+reads while the steps compute), i.e. 2·(B/p)·W·K rows.  K and W depend on the configuration and the file
+(data.block_rows, data.window_blocks, data.memory_mb, the global batch, the row size and the file's chunk
+rows), never on p, so p ranks still compute what one rank would.
 """
+import concurrent.futures
 import os
 
 import numpy as np
@@ -66,14 +79,26 @@ class DataFile:
 
     def read(self, split, lo, hi, rank):
         """Rows [lo, hi) of split/x and split/y, checked (finite features, labels in range)."""
-        x = self.f[f"{split}/x"][lo:hi]
-        y = self.f[f"{split}/y"][lo:hi].astype(np.int64)
-        where = f"{self.path}: {split} rows {lo}..{hi - 1} (rank {rank})"
-        if not np.all(np.isfinite(x)):
-            raise MpitrainError(f"{where}: features contain NaN or Inf")
-        if len(y) and (y.min() < 0 or y.max() >= self.n_classes):
-            raise MpitrainError(f"{where}: labels must lie in 0..{self.n_classes - 1} (n_classes)")
+        try:
+            x = self.f[f"{split}/x"][lo:hi]
+            y = self.f[f"{split}/y"][lo:hi].astype(np.int64)
+        except MemoryError:  # the in-memory plan holds a rank's whole part
+            mib = (hi - lo) * (4 * self.n_features + 8) / 2**20
+            raise MpitrainError(f"{self.path}: {split} rows {lo}..{hi - 1} ({mib:.0f} MiB) do not fit in the "
+                                f"memory of rank {rank}; set data.stream = true to read them block by block") from None
+        self.check(x, y, split, lo, rank)
         return np.ascontiguousarray(x), y
+
+    def check(self, x, y, split, lo, rank):
+        """Rows lo… of split as read: finite features, labels in 0..n_classes-1, or one line naming them."""
+        bad = ~np.isfinite(x).all(axis=1)
+        what = "features contain NaN or Inf"
+        if not bad.any() and len(y):
+            bad, what = (y < 0) | (y >= self.n_classes), f"labels must lie in 0..{self.n_classes - 1} (n_classes)"
+        if bad.any():
+            first = lo + int(np.argmax(bad))
+            raise MpitrainError(f"{self.path}: {split} rows {lo}..{lo + len(y) - 1} (rank {rank}): {what} "
+                                f"(first at row {first})")
 
     def close(self):
         self.f.close()
@@ -87,7 +112,14 @@ def block(n, parts, i):
 class TrainShard:
     """This rank's strata of the training split and the batch plan over them (see module docstring)."""
 
+    streams = False
+
     def __init__(self, data, global_batch, rank, size, seed):
+        self._strata(data, global_batch, rank, size, seed)
+        self.x, self.y = data.read("train", self.lo, self.hi, rank)
+        self.order = (None, None)  # (epoch, its order)
+
+    def _strata(self, data, global_batch, rank, size, seed):
         n, b = data.n_train, global_batch
         if n < size:
             _fail(data.path, f"train has {n} samples, fewer than the {size} ranks")
@@ -100,7 +132,6 @@ class TrainShard:
         self.strata = range(*block(b, size, rank))
         self.bounds = [j * n // b for j in range(b + 1)]
         self.lo, self.hi = self.bounds[self.strata.start], self.bounds[self.strata.stop]
-        self.x, self.y = data.read("train", self.lo, self.hi, rank)
         self.steps_per_epoch = n // b
         self.batch = len(self.strata)
         self.xb = np.empty((self.batch, data.n_features), np.float32)
@@ -120,3 +151,118 @@ class TrainShard:
         np.take(self.x, rows, axis=0, out=self.xb)
         np.take(self.y, rows, out=self.yb)
         return self.xb, self.yb
+
+    def get(self, epoch, s):
+        """This rank's part of global batch s of `epoch`, in the batch buffers."""
+        if self.order[0] != epoch:
+            self.order = epoch, self.epoch_order(epoch)
+        return self.batch_at(self.order[1][s])
+
+    def close(self):
+        pass
+
+
+class StreamShard(TrainShard):
+    """This rank's strata read window by window with bounded memory (the stream plan, module docstring).
+    A background thread reads and checks the next window while the steps compute; the switch to a window
+    is agreed across ranks, so a bad block stops every rank at once, before its rows reach a gradient."""
+
+    streams = True
+
+    def __init__(self, data, global_batch, rank, size, seed, comm, memory_mb, window_blocks, block_rows):
+        import h5py
+
+        self._strata(data, global_batch, rank, size, seed)
+        self.data, self.comm, self.rank, self.window = data, comm, rank, window_blocks
+        row = 4 * data.n_features + 8
+        chunks = data.f["train/x"].chunks
+        chunk_rows = chunks[0] if chunks else max(1, 2**20 // row)
+        # two windows of the global batch's strata in half the budget (the chunk cache gets a quarter)
+        fit = int(memory_mb * 2**20 // (4 * window_blocks * global_batch * row))
+        self.block = block_rows or max(1, min(chunk_rows, fit))
+        self.span = self.window * self.block  # steps per window
+        rows = len(self.strata) * self.span
+        # the chunk cache (h5py's default is 1 MiB) holds a window's chunks, so a chunk that two blocks of
+        # a window share is decompressed once
+        cache = int(max(2**20, min(rows * row, memory_mb * 2**18)))
+        per_chunk = (chunks[0] if chunks else 1) * 4 * data.n_features
+        self.f = h5py.File(data.path, "r", rdcc_nbytes=cache, rdcc_nslots=max(521, 100 * (cache // per_chunk)) | 1)
+        self.dx, self.dy = self.f["train/x"], self.f["train/y"]
+        self.buffers = [(np.empty((rows, data.n_features), np.float32), np.empty(rows, np.int64)) for _ in range(2)]
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mpitrain-prefetch")
+        self.slot = 0
+        self.next = self.current = None  # (epoch, window, buffer, future) being read; (epoch, window, x, y, rows)
+        self.xb = np.empty((self.batch, data.n_features), np.float32)
+        self.yb = np.empty(self.batch, np.int64)
+
+    def blocks(self, epoch, j):
+        """Stratum j's block order in `epoch`: its full blocks permuted, the short one last."""
+        size = self.bounds[j + 1] - self.bounds[j]
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, j, 0xB10C]))
+        order = rng.permutation(size // self.block)
+        return np.append(order, size // self.block) if size % self.block else order
+
+    def _read(self, epoch, w, buf):
+        """Read and check window w of every local stratum into buf; returns the rows of each step."""
+        x, y = buf
+        at, starts = 0, []
+        for j in self.strata:
+            starts.append(at)
+            for b in np.sort(self.blocks(epoch, j)[w * self.window:(w + 1) * self.window]):
+                lo = self.bounds[j] + int(b) * self.block
+                hi = min(lo + self.block, self.bounds[j + 1])
+                try:
+                    self.dx.read_direct(x, np.s_[lo:hi], np.s_[at:at + hi - lo])
+                    self.dy.read_direct(y, np.s_[lo:hi], np.s_[at:at + hi - lo])
+                except OSError as exc:  # e.g. a chunk that does not decompress
+                    raise MpitrainError(f"{self.data.path}: train rows {lo}..{hi - 1} (rank {self.rank}): cannot "
+                                        f"read ({' '.join(str(exc).split())})") from None
+                self.data.check(x[at:at + hi - lo], y[at:at + hi - lo], "train", lo, self.rank)
+                at += hi - lo
+        starts.append(at)
+        steps = min(self.span, self.steps_per_epoch - w * self.span)
+        rows = np.empty((steps, self.batch), np.int64)
+        for c, j in enumerate(self.strata):
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, j, w]))
+            rows[:, c] = rng.permutation(starts[c + 1] - starts[c])[:steps] + starts[c]
+        return rows
+
+    def _submit(self, epoch, w):
+        """Start reading window w of `epoch` into the buffer not in use."""
+        self.slot = 1 - self.slot
+        self.next = epoch, w, self.buffers[self.slot], self.pool.submit(self._read, epoch, w, self.buffers[self.slot])
+
+    def _take(self, epoch, w):
+        """Make window w of `epoch` current (waiting for its read) and start reading the one after it."""
+        if self.next is None or self.next[:2] != (epoch, w):  # the first window, or a resumed run's
+            if self.next is not None:
+                self.next[3].result()  # never two reads in flight
+            self._submit(epoch, w)
+        _, _, (x, y), future = self.next
+        self.next = self.current = None
+        self.current = epoch, w, x, y, future.result()  # a bad block raises here, on its own rank
+        self._submit(*((epoch, w + 1) if (w + 1) * self.span < self.steps_per_epoch else (epoch + 1, 0)))
+
+    def get(self, epoch, s):
+        w = s // self.span
+        if self.current is None or self.current[:2] != (epoch, w):
+            self.comm.agree(self._take, epoch, w)  # every rank changes window at the same step
+        _, _, x, y, rows = self.current
+        np.take(x, rows[s - w * self.span], axis=0, out=self.xb)
+        np.take(y, rows[s - w * self.span], out=self.yb)
+        return self.xb, self.yb
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.f.close()
+
+
+def open_shard(comm, data, cfg, global_batch, seed):
+    """This rank's shard: in memory, or streamed when cfg.stream (data.stream) is set or the largest rank's
+    part exceeds cfg.memory_mb (0: never automatically).  Every rank computes the same decision."""
+    n, b, p = data.n_train, global_batch, comm.size
+    rows = max((block(b, p, r)[1] * n // b - block(b, p, r)[0] * n // b for r in range(p)) if n >= b >= p else [0])
+    if cfg.stream or (cfg.memory_mb > 0 and rows * (4 * data.n_features + 8) > cfg.memory_mb * 2**20):
+        return comm.agree(StreamShard, data, b, comm.rank, p, seed, comm, cfg.memory_mb, cfg.window_blocks,
+                          cfg.block_rows)
+    return comm.agree(TrainShard, data, b, comm.rank, p, seed)
