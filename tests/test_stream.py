@@ -1,0 +1,125 @@
+"""Out-of-core data (data.stream, prepare from sources larger than memory): bounded memory under a per-rank
+address-space limit, p ranks ≡ 1 rank, bit-exact resume, and a bad block named on every rank at once."""
+import os
+import re
+import shutil
+import sys
+
+import h5py
+import numpy as np
+
+from conftest import MPIEXEC, launch, mpirun, params, summary
+from test_fsdp import LIMITED
+
+MiB = 2**20
+ONE = {"NUMBA_NUM_THREADS": "1"}  # tiny models: one thread per rank is faster, and steady on a busy machine
+STREAM = ["data.stream=true", "data.block_rows=8", "data.window_blocks=2", "model.hidden=[16]",
+          "train.global_batch=16", "train.optimizer=adam", "train.lr=0.01", "train.steps=90"]
+
+
+def _npy_dir(folder, n, features, seed):
+    """x.npy (n × features float32, written a slab at a time), y.npy and a small x_test/y_test."""
+    os.makedirs(folder)
+    rng = np.random.default_rng(seed)
+    x = np.lib.format.open_memmap(os.path.join(folder, "x.npy"), "w+", np.float32, (n, features))
+    for a in range(0, n, 16384):
+        x[a:a + 16384] = rng.standard_normal((min(16384, n - a), features), dtype=np.float32)
+    x.flush()
+    del x
+    np.save(os.path.join(folder, "y.npy"), rng.integers(0, 4, n))
+    np.save(os.path.join(folder, "x_test.npy"), rng.standard_normal((64, features), dtype=np.float32))
+    np.save(os.path.join(folder, "y_test.npy"), rng.integers(0, 4, 64))
+
+
+def test_a_file_several_times_the_memory_limit_trains_in_stream_mode(tmp_path):
+    """RLIMIT_AS on each process = its baseline + HEADROOM, the baseline being the peak address space
+    (VmPeak) of the same command on a tiny file of the same row size: importing NumPy, Numba, h5py and
+    mpi4py and starting OpenBLAS and the prefetch thread already take ~1 GB of address space, far more than
+    any file this test could write quickly.  What the limit then bounds is the memory a process may add for
+    the data, so the source and the training file are made several (≥ 5) times larger than HEADROOM:
+    prepare reads the memory-mapped-size npy source in groups, train streams it in windows for a full epoch,
+    and the same file in memory fails with one line that says to stream."""
+    headroom, features = 32 * MiB, 256
+    rows = 6 * headroom // (4 * features)  # x.npy: 192 MiB
+    _npy_dir(str(tmp_path / "big"), rows, features, 0)
+    _npy_dir(str(tmp_path / "small"), 256, features, 1)
+    script = tmp_path / "limited.py"
+    script.write_text(LIMITED, encoding="utf-8")
+
+    def run(limit, tag, *args):
+        cmd = [MPIEXEC, "-n", "1", sys.executable, str(script), str(limit), str(tmp_path / f"peak-{tag}"), *args]
+        return launch(cmd, timeout=300, env=ONE)
+
+    def peak(tag):
+        (path,) = tmp_path.glob(f"peak-{tag}.*")
+        return int(path.read_text()) * 1024
+
+    def prepare(limit, tag, source):
+        return run(limit, tag, "prepare", "--source", f"npy:{tmp_path / source}", "--out", str(tmp_path / f"{source}.h5"))
+
+    assert prepare(0, "prepare-base", "small").returncode == 0
+    r = prepare(peak("prepare-base") + headroom, "prepare", "big")
+    assert r.returncode == 0, r.stderr
+    with h5py.File(tmp_path / "big.h5", "r") as f:
+        assert f["train/x"].shape == (rows, features) and f["train/x"].nbytes >= 5 * headroom
+
+    sets = ["data.stream=true", "data.memory_mb=24", "data.window_blocks=2", "model.hidden=[8]",
+            "train.global_batch=128", "train.epochs=1", "train.lr=0.01"]
+
+    def train(limit, tag, data, *extra):
+        args = ["train", "--quiet", "--out", str(tmp_path / tag), "--data", str(tmp_path / data)]
+        for s in sets + list(extra):
+            args += ["--set", s]
+        return run(limit, tag, *args)
+
+    assert train(0, "train-base", "small.h5").returncode == 0
+    limit = peak("train-base") + headroom
+    r = train(limit, "stream", "big.h5")
+    assert r.returncode == 0, r.stderr
+    s = summary(str(tmp_path / "stream"))
+    assert s["data_stream"] and s["steps"] == rows // 128  # one whole epoch: every block read once
+    assert peak("stream") <= limit
+    r = train(limit, "memory", "big.h5", "data.stream=false", "data.memory_mb=0")
+    assert r.returncode != 0
+    assert r.error_lines() == [f"mpitrain: error: {tmp_path / 'big.h5'}: train rows 0..{rows - 1} ({rows * (4 * features + 8) / MiB:.0f} MiB) do not "
+                               f"fit in the memory of rank 0; set data.stream = true to read them block by block"]
+
+
+def _train(n, out, data, *sets, resume=None):
+    args = ["train", "--quiet", "--out", out, "--data", data] + (["--resume", resume] if resume else [])
+    for s in sets:
+        args += ["--set", s]
+    return mpirun(n, *args, env=ONE)
+
+
+def test_stream_ranks_equal_one_rank_resume_bit_exact_and_a_bad_block_stops_every_rank(tmp_path, synth):
+    """Windows of 2 blocks of 8 rows (16 steps), 60 steps an epoch, 90 steps: windows and an epoch change,
+    and the resumed run starts mid-window (step 45)."""
+    one, two, again = (str(tmp_path / k) for k in ("one", "two", "again"))
+    r = _train(1, one, synth, *STREAM)
+    assert r.returncode == 0, r.stderr
+    r = _train(2, two, synth, *STREAM, "checkpoint.every=45")
+    assert r.returncode == 0, r.stderr
+    assert summary(two)["data_stream"]
+    ref = params(one)
+    assert np.max(np.abs(ref - params(two))) <= 1e-5 * np.abs(ref).max()
+    r = _train(2, again, synth, *STREAM, resume=os.path.join(two, "checkpoints", "ckpt-000000045.h5"))
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(params(two), params(again))
+    # the stream plan is not the in-memory one (so the comparisons above compare stream runs)
+    r = _train(1, str(tmp_path / "memory"), synth, *STREAM, "data.stream=false")
+    assert r.returncode == 0 and not summary(str(tmp_path / "memory"))["data_stream"]
+    assert not np.allclose(params(str(tmp_path / "memory")), ref, atol=1e-3)
+
+    bad = str(tmp_path / "bad.h5")
+    shutil.copy(synth, bad)
+    with h5py.File(bad, "r+") as f:
+        n = len(f["train/y"])
+        f["train/x"][700, 3] = np.nan  # in rank 1's strata (rows 480…959 of 960 with a global batch of 16)
+    r = _train(2, str(tmp_path / "stopped"), bad, *STREAM)
+    assert r.returncode == 2 and n == 960
+    (line,) = r.error_lines()
+    m = re.fullmatch(rf"mpitrain: error: {re.escape(bad)}: train rows (\d+)\.\.(\d+) \(rank 1\): features contain "
+                     rf"NaN or Inf \(first at row 700\)", line)
+    assert m and int(m[1]) <= 700 <= int(m[2]) < int(m[1]) + 8, line  # the block, not the loss, stopped it
+    assert not os.path.exists(os.path.join(str(tmp_path / "stopped"), "model.h5"))
