@@ -162,48 +162,49 @@ class TrainShard:
         pass
 
 
-class StreamShard(TrainShard):
-    """This rank's strata read window by window with bounded memory (the stream plan, module docstring).
-    A background thread reads and checks the next window while the steps compute; the switch to a window
-    is agreed across ranks, so a bad block stops every rank at once, before its rows reach a gradient."""
+class Blocks:
+    """The stream plan's reader (module docstring), for a rank's strata of train/ and for a federated
+    client's rows of partition/: strata j in `strata` are the rows bounds[j]…bounds[j+1]-1 of split/x, read
+    a window (W blocks of K rows of every stratum) at a time into one of two buffers, checked as they
+    arrive, by a background thread.  The plan of (epoch, stratum j) is seeded by (*key, epoch, j); an
+    epoch visits the first `positions` samples of each stratum's order."""
 
-    streams = True
-
-    def __init__(self, data, global_batch, rank, size, seed, comm, memory_mb, window_blocks, block_rows):
+    def __init__(self, data, split, strata, block, window, rank):
+        """strata: how many strata a window holds at most."""
         import h5py
 
-        self._strata(data, global_batch, rank, size, seed)
-        self.data, self.comm, self.rank, self.window = data, comm, rank, window_blocks
+        self.data, self.split, self.rank, self.block, self.window = data, split, rank, block, window
+        self.span = block * window
+        rows = strata * self.span
         row = 4 * data.n_features + 8
-        chunks = data.f["train/x"].chunks
-        chunk_rows = chunks[0] if chunks else max(1, 2**20 // row)
-        # two windows of the global batch's strata in half the budget (the chunk cache gets a quarter)
-        fit = int(memory_mb * 2**20 // (4 * window_blocks * global_batch * row))
-        self.block = block_rows or max(1, min(chunk_rows, fit))
-        self.span = self.window * self.block  # steps per window
-        rows = len(self.strata) * self.span
-        # the chunk cache (h5py's default is 1 MiB) holds a window's chunks, so a chunk that two blocks of
-        # a window share is decompressed once
-        cache = int(max(2**20, min(rows * row, memory_mb * 2**18)))
+        # h5py's chunk cache (1 MiB by default) holds a window's chunks, so a chunk that two blocks of a
+        # window share is decompressed once
+        chunks = data.f[f"{split}/x"].chunks
+        cache = max(2**20, rows * row)
         per_chunk = (chunks[0] if chunks else 1) * 4 * data.n_features
         self.f = h5py.File(data.path, "r", rdcc_nbytes=cache, rdcc_nslots=max(521, 100 * (cache // per_chunk)) | 1)
-        self.dx, self.dy = self.f["train/x"], self.f["train/y"]
+        self.dx, self.dy = self.f[f"{split}/x"], self.f[f"{split}/y"]
         self.buffers = [(np.empty((rows, data.n_features), np.float32), np.empty(rows, np.int64)) for _ in range(2)]
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mpitrain-prefetch")
-        self.slot = 0
-        self.next = self.current = None  # (epoch, window, buffer, future) being read; (epoch, window, x, y, rows)
-        self.xb = np.empty((self.batch, data.n_features), np.float32)
-        self.yb = np.empty(self.batch, np.int64)
+        self.slot, self.next, self.current = 0, None, None
+
+    def start(self, bounds, strata, positions, key):
+        """Read these strata (at most the number given to __init__) from now on: a federated client after
+        another."""
+        if self.next is not None:
+            self.next[3].exception()  # let a read in flight finish; its error no longer matters
+        self.bounds, self.strata, self.positions, self.key = bounds, strata, positions, tuple(key)
+        self.next = self.current = None
 
     def blocks(self, epoch, j):
         """Stratum j's block order in `epoch`: its full blocks permuted, the short one last."""
         size = self.bounds[j + 1] - self.bounds[j]
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, j, 0xB10C]))
+        rng = np.random.default_rng(np.random.SeedSequence([*self.key, epoch, j, 0xB10C]))
         order = rng.permutation(size // self.block)
         return np.append(order, size // self.block) if size % self.block else order
 
     def _read(self, epoch, w, buf):
-        """Read and check window w of every local stratum into buf; returns the rows of each step."""
+        """Read and check window w of every stratum into buf; returns its rows, positions × strata."""
         x, y = buf
         at, starts = 0, []
         for j in self.strata:
@@ -215,46 +216,121 @@ class StreamShard(TrainShard):
                     self.dx.read_direct(x, np.s_[lo:hi], np.s_[at:at + hi - lo])
                     self.dy.read_direct(y, np.s_[lo:hi], np.s_[at:at + hi - lo])
                 except OSError as exc:  # e.g. a chunk that does not decompress
-                    raise MpitrainError(f"{self.data.path}: train rows {lo}..{hi - 1} (rank {self.rank}): cannot "
-                                        f"read ({' '.join(str(exc).split())})") from None
-                self.data.check(x[at:at + hi - lo], y[at:at + hi - lo], "train", lo, self.rank)
+                    raise MpitrainError(f"{self.data.path}: {self.split} rows {lo}..{hi - 1} (rank {self.rank}): "
+                                        f"cannot read ({' '.join(str(exc).split())})") from None
+                self.data.check(x[at:at + hi - lo], y[at:at + hi - lo], self.split, lo, self.rank)
                 at += hi - lo
         starts.append(at)
-        steps = min(self.span, self.steps_per_epoch - w * self.span)
-        rows = np.empty((steps, self.batch), np.int64)
+        steps = min(self.span, self.positions - w * self.span)
+        rows = np.empty((steps, len(self.strata)), np.int64)
         for c, j in enumerate(self.strata):
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, j, w]))
+            rng = np.random.default_rng(np.random.SeedSequence([*self.key, epoch, j, w]))
             rows[:, c] = rng.permutation(starts[c + 1] - starts[c])[:steps] + starts[c]
         return rows
 
     def _submit(self, epoch, w):
-        """Start reading window w of `epoch` into the buffer not in use."""
         self.slot = 1 - self.slot
         self.next = epoch, w, self.buffers[self.slot], self.pool.submit(self._read, epoch, w, self.buffers[self.slot])
 
-    def _take(self, epoch, w):
-        """Make window w of `epoch` current (waiting for its read) and start reading the one after it."""
+    def take(self, epoch, w):
+        """Window w of `epoch` as (x, y, rows), waiting for its read; the window before stays valid
+        until prefetch()."""
         if self.next is None or self.next[:2] != (epoch, w):  # the first window, or a resumed run's
             if self.next is not None:
-                self.next[3].result()  # never two reads in flight
+                self.next[3].exception()  # never two reads in flight
             self._submit(epoch, w)
         _, _, (x, y), future = self.next
         self.next = self.current = None
         self.current = epoch, w, x, y, future.result()  # a bad block raises here, on its own rank
-        self._submit(*((epoch, w + 1) if (w + 1) * self.span < self.steps_per_epoch else (epoch + 1, 0)))
+        return self.current[2:]
+
+    def prefetch(self):
+        """Start reading the window after the current one into the other buffer."""
+        epoch, w = self.current[:2]
+        self._submit(*((epoch, w + 1) if (w + 1) * self.span < self.positions else (epoch + 1, 0)))
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.f.close()
+
+
+def block_rows(data, split, memory_mb, strata, window, given):
+    """K: data.block_rows, or the file's chunk rows, less where two windows of `strata` strata would
+    exceed half of memory_mb (the chunk cache takes up to another window)."""
+    row = 4 * data.n_features + 8
+    chunks = data.f[f"{split}/x"].chunks
+    fit = int(memory_mb * 2**20 // (4 * window * strata * row))
+    return given or max(1, min(chunks[0] if chunks else max(1, 2**20 // row), fit))
+
+
+class StreamShard(TrainShard):
+    """This rank's strata read window by window with bounded memory (the stream plan, module docstring).
+    The switch to a window is agreed across ranks, so a bad block stops every rank at once, before its rows
+    reach a gradient."""
+
+    streams = True
+
+    def __init__(self, data, global_batch, rank, size, seed, comm, memory_mb, window_blocks, given_rows):
+        self._strata(data, global_batch, rank, size, seed)
+        self.comm = comm
+        # K from the global batch, never from p: the plan is the same on any number of ranks
+        k = block_rows(data, "train", memory_mb, global_batch, window_blocks, given_rows)
+        self.blocks = Blocks(data, "train", len(self.strata), k, window_blocks, rank)
+        self.blocks.start(self.bounds, self.strata, self.steps_per_epoch, (seed,))
+        self.span = self.blocks.span  # steps per window
+        self.xb = np.empty((self.batch, data.n_features), np.float32)
+        self.yb = np.empty(self.batch, np.int64)
+
+    def _take(self, epoch, w):
+        self.blocks.take(epoch, w)
+        self.blocks.prefetch()
 
     def get(self, epoch, s):
         w = s // self.span
-        if self.current is None or self.current[:2] != (epoch, w):
+        if self.blocks.current is None or self.blocks.current[:2] != (epoch, w):
             self.comm.agree(self._take, epoch, w)  # every rank changes window at the same step
-        _, _, x, y, rows = self.current
+        _, _, x, y, rows = self.blocks.current
         np.take(x, rows[s - w * self.span], axis=0, out=self.xb)
         np.take(y, rows[s - w * self.span], out=self.yb)
         return self.xb, self.yb
 
     def close(self):
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.f.close()
+        self.blocks.close()
+
+
+class ClientRows:
+    """A federated client's training rows (partition/x) as local batches: batch positions [lo, hi) of
+    local epoch e.  In memory: a permutation per epoch drawn from one generator seeded by key (as before
+    streaming existed); streamed (blocks given): the stream plan of the client's one stratum, seeded by key.
+    flip: labels become flip − label (the label-flipping attacker)."""
+
+    def __init__(self, key, x=None, y=None, blocks=None, lo=0, n=0, flip=None):
+        self.blocks, self.flip = blocks, flip
+        if blocks is None:
+            self.x, self.y, self.n = x, y, len(x)
+            self.rng, self.epoch = np.random.default_rng(np.random.SeedSequence(key)), None
+        else:
+            self.n = n
+            blocks.start([lo, lo + n], range(1), n, key)
+
+    def batch(self, epoch, lo, hi):
+        if self.blocks is None:
+            if epoch != self.epoch:
+                self.epoch, self.order = epoch, self.rng.permutation(self.n)
+            x, y = self.x[self.order[lo:hi]], self.y[self.order[lo:hi]]
+        else:
+            b, xs, ys = self.blocks, [], []
+            for w in range(lo // b.span, (hi - 1) // b.span + 1):  # a batch may span windows
+                if b.current is None or b.current[:2] != (epoch, w):
+                    b.take(epoch, w)
+                _, _, wx, wy, rows = b.current
+                r = rows[max(lo - w * b.span, 0):hi - w * b.span, 0]
+                xs.append(wx[r])  # copies: the window's buffer is free for the next read
+                ys.append(wy[r])
+                if b.next is None:
+                    b.prefetch()
+            x, y = (xs[0], ys[0]) if len(xs) == 1 else (np.concatenate(xs), np.concatenate(ys))
+        return x, (self.flip - y if self.flip is not None else y)
 
 
 def open_shard(comm, data, cfg, global_batch, seed):

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import __version__
 from .. import preempt
-from ..data.shard import block
+from ..data.shard import Blocks, ClientRows, block, block_rows
 from ..errors import MpitrainError
 from ..evaluate import evaluate
 from ..optim import Optimizer
@@ -74,14 +74,16 @@ class Client:
             self.stepper.loss_grad = dpsgd.loss_grad
 
     def train(self, k, rnd, x, y, global_params):
-        """Train client k from the global model; returns (Δ_k, a_k (strategies.step_norm), loss sum, samples seen)."""
+        """Train client k from the global model on its rows x, y (arrays, or x a ClientRows and y None);
+        returns (Δ_k, a_k (strategies.step_norm), loss sum, samples seen)."""
         t, f = self.t, self.f
         self.params[:] = global_params
         self.stepper.opt.reset()
         self.stepper.prox = (f.mu, global_params) if f.strategy == "fedprox" else None
-        n = len(x)
+        key = [t.seed, rnd, k, 0xC1]
+        local = x if isinstance(x, ClientRows) else ClientRows(key, x, y)
+        n = local.n
         batch, steps = local_schedule(f, n)
-        rng = np.random.default_rng(np.random.SeedSequence([t.seed, rnd, k, 0xC1]))
         if self.dpsgd is not None:
             self.dpsgd.start(k, rnd)
         per_epoch = -(-n // batch)
@@ -89,14 +91,13 @@ class Client:
         for s in range(steps):
             if self.dpsgd is not None:  # Poisson batch; the summed gradient is divided by the expected size
                 rows, scale = self.dpsgd.batch(n, batch), 1.0 / batch
+                xb, yb = x[rows], y[rows]
             else:
                 epoch, i = divmod(s, per_epoch)
-                if i == 0:
-                    order = rng.permutation(n)
-                rows = order[i * batch:(i + 1) * batch]
-                scale = 1.0 / len(rows)
-            l, _ = self.stepper(self.params, x[rows], y[rows], t.lr, scale)
-            loss, seen = loss + l, seen + len(rows)
+                xb, yb = local.batch(epoch, i * batch, min((i + 1) * batch, n))
+                scale = 1.0 / len(xb)
+            l, _ = self.stepper(self.params, xb, yb, t.lr, scale)
+            loss, seen = loss + l, seen + len(xb)
         return self.params - global_params, step_norm(f, t, steps), loss, seen  # FedNova: ‖a_k‖₁, not τ
 
 
@@ -194,7 +195,8 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
     data, spec, model = run.data, run.spec, run.model
     part = comm.agree(Partition, data, comm)
     lo, hi = (part.offsets[part.hosted.start], part.offsets[part.hosted.stop]) if comm.rank else (0, 0)
-    cx, cy = comm.agree(data.read, "partition", lo, hi, comm.rank)
+    streamed, blocks = comm.agree(client_blocks, cfg, data, part, comm)
+    cx, cy = (None, None) if streamed else comm.agree(data.read, "partition", lo, hi, comm.rank)
     layers = comm.agree(Layers, cfg, comm, part, model, run.kernels)
     dp, agg = layers.dp, layers.agg
     client = comm.agree(Client, model, run.kernels, t, f, layers.dpsgd)
@@ -265,8 +267,13 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
         if agg.begin(rnd, cohort, active):
             for k in active[(active >= part.hosted.start) & (active < part.hosted.stop)]:
                 a, b = part.offsets[k] - lo, part.offsets[k] - lo + part.n_train[k]
-                labels = flip - cy[a:b] if f.attack == "label_flip" and layers.attackers[k] else cy[a:b]
-                delta, steps, loss, seen = client.train(int(k), rnd, cx[a:b], labels, params)
+                flipped = f.attack == "label_flip" and layers.attackers[k]
+                if blocks:  # read window by window
+                    x, y = ClientRows([t.seed, rnd, int(k), 0xC1], blocks=blocks, lo=int(part.offsets[k]),
+                                      n=int(part.n_train[k]), flip=flip if flipped else None), None
+                else:
+                    x, y = cx[a:b], flip - cy[a:b] if flipped else cy[a:b]
+                delta, steps, loss, seen = client.train(int(k), rnd, x, y, params)
                 if not (np.isfinite(loss) and np.all(np.isfinite(delta))):
                     diverged += 1
                     continue
@@ -314,7 +321,7 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
             record["record_epsilon"] = record_eps
         if (rnd + 1) % f.eval_every == 0 or rnd + 1 == rounds:
             test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
-            fed_acc, worst = federated_eval(comm, model, params, part, cx, cy, lo)
+            fed_acc, worst = federated_eval(comm, model, params, part, data, cx, cy, lo, blocks)
             record.update(test_loss=test_loss, test_accuracy=test_acc, federated_accuracy=fed_acc,
                           worst_client_accuracy=worst)
             if rounds_to_target is None and test_acc >= f.target_accuracy:
@@ -331,7 +338,9 @@ def federate(cfg, comm, out=None, quiet=False, resume=None):
             run.stop(f"round {rnd + 1}")
     if test_acc is None:  # resumed at the end: score the restored model
         test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
-        fed_acc, worst = federated_eval(comm, model, params, part, cx, cy, lo)
+        fed_acc, worst = federated_eval(comm, model, params, part, data, cx, cy, lo, blocks)
+    if blocks:
+        blocks.close()
     if accountant is not None and epsilon is None:
         epsilon = accountant.epsilon(rounds)
     if record_acc is not None and record_eps is None:
@@ -384,15 +393,39 @@ def resume_meaning(f, part, layers):
     return meaning
 
 
-def federated_eval(comm, model, params, part, cx, cy, lo):
+def client_blocks(cfg, data, part, comm):
+    """(streamed, this rank's block reader): streamed with data.stream, or automatically when the largest
+    client rank's rows exceed data.memory_mb; the reader is None on rank 0 and when clients are in memory."""
+    d, f = cfg.data, cfg.fed
+    row = 4 * data.n_features + 8
+    hosted = [part.offsets[block(part.clients, comm.size - 1, r)[1]] - part.offsets[block(part.clients, comm.size - 1, r)[0]]
+              for r in range(comm.size - 1)]
+    if not (d.stream or (d.memory_mb > 0 and max(hosted) * row > d.memory_mb * 2**20)):
+        return False, None
+    if f.dpsgd.noise_multiplier > 0:
+        raise MpitrainError("fed.dpsgd with a streamed partition (data.stream, or clients' rows beyond "
+                            "data.memory_mb): DP-SGD's Poisson batches draw rows from all of a client's data; "
+                            "raise data.memory_mb so that the clients' rows stay in memory")
+    if comm.rank == 0:
+        return True, None
+    k = block_rows(data, "partition", d.memory_mb, 1, d.window_blocks, d.block_rows)  # one stratum a window
+    return True, Blocks(data, "partition", 1, k, d.window_blocks, comm.rank)
+
+
+def federated_eval(comm, model, params, part, data, cx, cy, lo, blocks=None):
     """Clients score the global model on their local test splits: (weighted accuracy, worst client), or
-    (None, None) when no client has a local test split (prepare --client-test-fraction 0)."""
+    (None, None) when no client has a local test split (prepare --client-test-fraction 0).  Streamed
+    clients read their test rows a block at a time."""
     correct = count = 0.0
     worst = 1.0
     for k in part.hosted:
         a, b = part.offsets[k] - lo + part.n_train[k], part.offsets[k + 1] - lo
         if b > a:
-            _, c = model.score(params, cx[a:b], cy[a:b])
+            if blocks is None:
+                _, c = model.score(params, cx[a:b], cy[a:b])
+            else:
+                c = sum(model.score(params, *data.read("partition", lo + i, lo + min(i + blocks.span, b), comm.rank))[1]
+                        for i in range(a, b, blocks.span))
             correct, count, worst = correct + c, count + (b - a), min(worst, c / (b - a))
     correct, count = comm.allreduce([correct, count])
     worst = comm.allreduce([worst], "min")[0]
