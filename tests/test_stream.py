@@ -123,3 +123,33 @@ def test_stream_ranks_equal_one_rank_resume_bit_exact_and_a_bad_block_stops_ever
                      rf"NaN or Inf \(first at row 700\)", line)
     assert m and int(m[1]) <= 700 <= int(m[2]) < int(m[1]) + 8, line  # the block, not the loss, stopped it
     assert not os.path.exists(os.path.join(str(tmp_path / "stopped"), "model.h5"))
+
+
+def test_streamed_federated_clients_do_not_depend_on_their_host_and_a_bad_block_ends_the_job(tmp_path, synth):
+    """A client's stream plan is seeded by (seed, round, client) only: 1 or 2 client ranks give the same
+    model.  A NaN in a client's rows ends every rank with one line naming the file and the rows."""
+    data = str(tmp_path / "parts.h5")
+    shutil.copy(synth, data)
+    assert mpirun(1, "prepare", "--out", data, "--partition", "iid", "--clients", 4).returncode == 0
+    sets = ["data.stream=true", "data.block_rows=8", "data.window_blocks=2", "model.hidden=[16]", "fed.rounds=3",
+            "fed.local_batch=12", "fed.local_epochs=2"]
+
+    def federate(n, out, path):
+        args = ["federate", "--quiet", "--out", str(tmp_path / out), "--data", path]
+        for s in sets:
+            args += ["--set", s]
+        return mpirun(n, *args, env=ONE)
+
+    for n, out in ((2, "one"), (3, "two")):
+        r = federate(n, out, data)
+        assert r.returncode == 0, r.stderr
+    ref = params(str(tmp_path / "one"))
+    assert np.max(np.abs(ref - params(str(tmp_path / "two")))) <= 1e-5 * np.abs(ref).max()
+    with h5py.File(data, "r+") as f:
+        f["partition/x"][500, 0] = np.inf  # client 2's rows (240 each), hosted by rank 2
+    r = federate(3, "bad", data)
+    assert r.returncode != 0
+    (line,) = [line for line in r.error_lines() if not line.startswith("Abort(")]  # MPICH's own line
+    m = re.fullmatch(rf"mpitrain: error on rank 2: {re.escape(data)}: partition rows (\d+)\.\.(\d+) \(rank 2\): "
+                     rf"features contain NaN or Inf \(first at row 500\)", line)
+    assert m and int(m[1]) <= 500 <= int(m[2]) < int(m[1]) + 8, line
