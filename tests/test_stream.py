@@ -94,10 +94,12 @@ def _train(n, out, data, *sets, resume=None):
 
 def test_stream_ranks_equal_one_rank_resume_bit_exact_and_a_bad_block_stops_every_rank(tmp_path, synth):
     """Windows of 2 blocks of 8 rows (16 steps), 60 steps an epoch, 90 steps: windows and an epoch change,
-    and the resumed run starts mid-window (step 45)."""
+    and the resumed run starts mid-window (step 45).  The one-rank run streams by itself: its part (960 rows
+    of 12 features, 0.05 MiB) exceeds data.memory_mb."""
     one, two, again = (str(tmp_path / k) for k in ("one", "two", "again"))
-    r = _train(1, one, synth, *STREAM)
+    r = _train(1, one, synth, *STREAM, "data.stream=false", "data.memory_mb=0.04")
     assert r.returncode == 0, r.stderr
+    assert summary(one)["data_stream"]
     r = _train(2, two, synth, *STREAM, "checkpoint.every=45")
     assert r.returncode == 0, r.stderr
     assert summary(two)["data_stream"]
