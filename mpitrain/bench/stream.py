@@ -27,8 +27,9 @@ def add_parser(sub):
     s.add_argument("--samples", type=int, default=40000, help="training samples (default 40000: 126 MB)")
     s.add_argument("--global-batch", type=int, default=128, help="global batch (default 128)")
     s.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
-    s.add_argument("--memory-mb", type=float, default=32,
-                   help="data.memory_mb of the streamed runs (default 32: a window every few dozen steps)")
+    s.add_argument("--memory-mb", type=float, default=64,
+                   help="data.memory_mb of the streamed runs (default 64: a window every few dozen steps)")
+    s.add_argument("--window-blocks", type=int, default=2, help="data.window_blocks of the streamed runs (default 2)")
     s.add_argument("--ranks", type=int, default=1, help="ranks per run (default 1)")
     s.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
     s.add_argument("--dir", help="where the files are written (default: the system temp folder)")
@@ -66,7 +67,7 @@ def bench_stream(args, comm):
                     out = os.path.join(tmp, f"{compression}-{model}-{mode}")
                     sets = [*MODELS[model], f"train.steps={args.steps}", f"train.global_batch={args.global_batch}",
                             "train.eval_every=1000000", f"data.stream={str(mode == 'stream').lower()}",
-                            f"data.memory_mb={args.memory_mb if mode == 'stream' else 0}"]
+                            f"data.memory_mb={args.memory_mb if mode == 'stream' else 0}", f"data.window_blocks={args.window_blocks}"]
                     cmd = [mpiexec, "-n", str(args.ranks), sys.executable, "-m", "mpitrain", "train", "--quiet",
                            "--data", data, "--out", out] + [a for s in sets for a in ("--set", s)]
                     subprocess.run(cmd, check=True, env=dict(os.environ, NUMBA_NUM_THREADS=str(args.threads)))
