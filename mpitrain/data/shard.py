@@ -224,6 +224,8 @@ class Blocks:
         steps = min(self.span, self.positions - w * self.span)
         rows = np.empty((steps, len(self.strata)), np.int64)
         for c, j in enumerate(self.strata):
+            # SeedSequence pads its entropy with zeros, so window 0 is seeded as the in-memory plan's
+            # stratum: a stratum that fits one window (W·K ≥ its size) is visited exactly as in memory
             rng = np.random.default_rng(np.random.SeedSequence([*self.key, epoch, j, w]))
             rows[:, c] = rng.permutation(starts[c + 1] - starts[c])[:steps] + starts[c]
         return rows
