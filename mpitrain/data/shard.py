@@ -205,6 +205,8 @@ class Blocks:
 
     def _read(self, epoch, w, buf):
         """Read and check window w of every stratum into buf; returns its rows, positions × strata."""
+        from h5py import h5s
+
         x, y = buf
         at, starts = 0, []
         for j in self.strata:
@@ -212,9 +214,11 @@ class Blocks:
             for b in np.sort(self.blocks(epoch, j)[w * self.window:(w + 1) * self.window]):
                 lo = self.bounds[j] + int(b) * self.block
                 hi = min(lo + self.block, self.bounds[j + 1])
-                try:
-                    self.dx.read_direct(x, np.s_[lo:hi], np.s_[at:at + hi - lo])
-                    self.dy.read_direct(y, np.s_[lo:hi], np.s_[at:at + hi - lo])
+                try:  # HDF5's own calls: a third of read_direct's time (its Python selections) per block
+                    for d, out in ((self.dx, x), (self.dy, y)):
+                        space = d.id.get_space()
+                        space.select_hyperslab((lo,) + (0,) * (out.ndim - 1), (hi - lo,) + out.shape[1:])
+                        d.id.read(h5s.create_simple((hi - lo,) + out.shape[1:]), space, out[at:at + hi - lo])
                 except OSError as exc:  # e.g. a chunk that does not decompress
                     raise MpitrainError(f"{self.data.path}: {self.split} rows {lo}..{hi - 1} (rank {self.rank}): "
                                         f"cannot read ({' '.join(str(exc).split())})") from None
