@@ -234,7 +234,7 @@ class Blocks:
             rows[:, c] = rng.permutation(starts[c + 1] - starts[c])[:steps] + starts[c]
         return rows
 
-    def _submit(self, epoch, w):
+    def submit(self, epoch, w):
         self.slot = 1 - self.slot
         self.next = epoch, w, self.buffers[self.slot], self.pool.submit(self._read, epoch, w, self.buffers[self.slot])
 
@@ -244,7 +244,7 @@ class Blocks:
         if self.next is None or self.next[:2] != (epoch, w):  # the first window, or a resumed run's
             if self.next is not None:
                 self.next[3].exception()  # never two reads in flight
-            self._submit(epoch, w)
+            self.submit(epoch, w)
         _, _, (x, y), future = self.next
         self.next = self.current = None
         self.current = epoch, w, x, y, future.result()  # a bad block raises here, on its own rank
@@ -253,7 +253,7 @@ class Blocks:
     def prefetch(self):
         """Start reading the window after the current one into the other buffer."""
         epoch, w = self.current[:2]
-        self._submit(*((epoch, w + 1) if (w + 1) * self.span < self.positions else (epoch + 1, 0)))
+        self.submit(*((epoch, w + 1) if (w + 1) * self.span < self.positions else (epoch + 1, 0)))
 
     def close(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -283,6 +283,7 @@ class StreamShard(TrainShard):
         k = block_rows(data, "train", memory_mb, global_batch, window_blocks, given_rows)
         self.blocks = Blocks(data, "train", len(self.strata), k, window_blocks, rank)
         self.blocks.start(self.bounds, self.strata, self.steps_per_epoch, (seed,))
+        self.blocks.submit(0, 0)  # the first window is read while the run sets up (a resumed run waits for it)
         self.span = self.blocks.span  # steps per window
         self.xb = np.empty((self.batch, data.n_features), np.float32)
         self.yb = np.empty(self.batch, np.int64)
