@@ -235,6 +235,7 @@ class Blocks:
         return rows
 
     def submit(self, epoch, w):
+        """Start reading window w of `epoch` into the buffer not in use."""
         self.slot = 1 - self.slot
         self.next = epoch, w, self.buffers[self.slot], self.pool.submit(self._read, epoch, w, self.buffers[self.slot])
 
