@@ -160,3 +160,39 @@ def test_streamed_federated_clients_do_not_depend_on_their_host_and_a_bad_block_
     m = re.fullmatch(rf"mpitrain: error on rank 2: {re.escape(data)}: partition rows (\d+)\.\.(\d+) \(rank 2\): "
                      rf"features contain NaN or Inf \(first at row 500\)", line)
     assert m and int(m[1]) <= 500 <= int(m[2]) < int(m[1]) + 8, line
+
+
+def test_prepare_from_folders_and_in_groups_matches_one_array(tmp_path, monkeypatch):
+    """npy:DIR and npz:DIR (three files) write the file npz:PATH writes from the same arrays, bit for bit;
+    in groups of one 512-row chunk (statistics merged group by group) within float rounding of it."""
+    import mpitrain.data.prepare as prep
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((1500, 4, 128)) * 3 + 7).astype(np.float32)  # chunks of 512 rows
+    y = rng.integers(0, 3, 1500)
+    os.makedirs(tmp_path / "npy")
+    os.makedirs(tmp_path / "npzs")
+    np.save(tmp_path / "npy" / "x.npy", x)
+    np.save(tmp_path / "npy" / "y.npy", y)
+    np.savez(tmp_path / "all.npz", x=x, y=y)
+    for i, a in enumerate(range(0, 1500, 600)):
+        np.savez(tmp_path / "npzs" / f"{i}.npz", x=x[a:a + 600], y=y[a:a + 600])
+
+    def arrays(path):
+        with h5py.File(path, "r") as f:
+            return {k: f[k][...] for k in ("train/x", "test/x", "train/y", "standardize/mean", "standardize/std")}
+
+    outs = {s: str(tmp_path / f"{s.replace(':', '-').replace('/', '_')}.h5") for s in
+            (f"npz:{tmp_path / 'all.npz'}", f"npy:{tmp_path / 'npy'}", f"npz:{tmp_path / 'npzs'}")}
+    for source, out in outs.items():
+        prep.prepare(source, out)
+    ref, *others = (arrays(out) for out in outs.values())
+    for other in others:
+        assert all(np.array_equal(ref[k], other[k]) for k in ref)
+    monkeypatch.setattr(prep, "GROUP_BYTES", 1)  # one chunk a group: 3 groups of train rows
+    prep.prepare(f"npy:{tmp_path / 'npy'}", str(tmp_path / "groups.h5"))
+    grouped = arrays(str(tmp_path / "groups.h5"))
+    assert np.array_equal(ref["train/y"], grouped["train/y"])
+    for k in ("train/x", "test/x", "standardize/mean", "standardize/std"):
+        assert np.allclose(ref[k], grouped[k], rtol=0, atol=1e-5), k
+    assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]  # no temporary copy left
