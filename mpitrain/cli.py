@@ -43,7 +43,7 @@ def _parser():
 
     pr = sub.add_parser("prepare", help="write a dataset as HDF5 (train/test split, standardised)",
                         description="Turn a source into the HDF5 layout every rank reads its shard from.")
-    pr.add_argument("--source", help="digits | synthetic | npz:PATH | csv:PATH | images:DIR "
+    pr.add_argument("--source", help="digits | synthetic | npz:PATH | npz:DIR | npy:DIR | csv:PATH | images:DIR "
                                      "(may be left out with --partition to re-partition an existing --out)")
     pr.add_argument("--out", required=True, metavar="FILE.h5")
     pr.add_argument("--test-fraction", type=float, default=0.2,

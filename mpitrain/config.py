@@ -37,6 +37,10 @@ def default_federated_data_path():
 @dataclass
 class DataConfig:
     path: str = field(default_factory=default_data_path)
+    stream: bool = False        # read the training part window by window (also when it exceeds memory_mb)
+    memory_mb: float = 1024.0   # per-rank budget for training data; a larger part streams; 0 = never automatically
+    window_blocks: int = 8      # stream: blocks per shuffle window
+    block_rows: int = 0         # stream: rows per block; 0 = the file's chunk rows, less if memory_mb asks
 
 
 @dataclass
@@ -202,6 +206,10 @@ class Config:
         for key in ("warmup_steps", "eval_every", "log_every"):
             _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "≥ 0")
         _check(t.step_size >= 1, "train.step_size", t.step_size, "≥ 1")
+        d = self.data
+        _check(d.memory_mb >= 0, "data.memory_mb", d.memory_mb, "≥ 0 (0 = stream only when data.stream is set)")
+        _check(d.window_blocks >= 1, "data.window_blocks", d.window_blocks, "≥ 1")
+        _check(d.block_rows >= 0, "data.block_rows", d.block_rows, "≥ 0 (0 = from the file's chunks)")
         f = self.fed
         _check(0 < f.fraction <= 1, "fed.fraction", f.fraction, "in (0, 1]")
         for key in ("rounds", "min_clients", "local_epochs", "local_batch", "eval_every"):

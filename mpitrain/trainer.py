@@ -12,7 +12,7 @@ import numpy as np
 from . import __version__
 from . import preempt
 from .checkpoint import Parts
-from .data.shard import TrainShard
+from .data.shard import open_shard
 from .evaluate import evaluate
 from .kernels import HOST
 from .optim import Optimizer, schedule
@@ -67,7 +67,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
     data, spec, model = run.data, run.spec, run.model
     grid = comm.agree(Grid, cfg, comm, model)  # data × tensor: the ranks of a tensor group read the same batches
     dp, local = grid.dp, grid.model  # the data group, and the model this rank's steps run (its slices)
-    shard = comm.agree(TrainShard, data, t.global_batch, dp.rank, dp.size, t.seed)
+    shard = open_shard(comm, data, cfg.data, t.global_batch, t.seed, dp.rank, dp.size)
     total = t.steps or t.epochs * shard.steps_per_epoch
     lr = t.lr * t.global_batch / 256 if t.scale_lr else t.lr
     lr_at = comm.agree(schedule, t.schedule, lr, total, t.warmup_steps, t.step_size, t.gamma)
@@ -100,18 +100,15 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
     scale = 1.0 / t.global_batch
     train_seconds, last = 0.0, {}
     test_loss = test_acc = None
-    order = None
     for step in range(first, total):
         tic = time.perf_counter()
         epoch, s = divmod(step, shard.steps_per_epoch)
-        if s == 0 or order is None:
-            order = shard.epoch_order(epoch)
         lr_now = lr_at(step)
         step_fn.flags[:] = (preempt.requested(), ckpt.time_due())
         grid.tp.allreduce_sum(step_fn.flags)  # the data group sums them next: every rank sees every flag
         # local SGD averages the parameters before anything reads them: evaluation, checkpoint, the end
         sync.due = (step + 1) % eval_every == 0 or step + 1 == total or ckpt.due(step + 1, False)
-        loss, correct = step_fn(params, *shard.batch_at(order[s]), lr_now, scale)
+        loss, correct = step_fn(params, *shard.get(epoch, s), lr_now, scale)
         train_seconds += time.perf_counter() - tic
         if not np.isfinite(loss):
             raise run.diverged(f"step {step + 1}", "the loss")
@@ -132,6 +129,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
             ckpt.save(step + 1, {"params": grid.saved(host(sync.saved(params))), **state}, opt_t=opt.t)
         if stop and step + 1 < total:  # at the last step the run simply ends (model.h5, summary, exit 0)
             run.stop(f"step {step + 1}")
+    shard.close()
     if test_acc is None:  # resumed at the end: score the restored model
         test_loss, test_acc = evaluate(comm, model, grid.full(sync.full(params)), run.test_x, run.test_y)
     memory = [sum(v.nbytes for v in opt.state.values()), *sync.bytes_per_rank(params, step_fn.grad), peak_rss()]
@@ -142,7 +140,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         "test_accuracy": test_acc, "test_loss": test_loss, **last,
         "steps": total, "epochs": total / shard.steps_per_epoch, "global_batch": t.global_batch,
         "samples_per_second": (total - first) * t.global_batch / train_seconds if train_seconds else None,
-        "comm_seconds": comm_seconds, "comm_mode": cfg.comm.mode,
+        "comm_seconds": comm_seconds, "comm_mode": cfg.comm.mode, "data_stream": shard.streams,
         "comm_bytes_per_step": sync.bytes / max(sync.steps, 1), "optimizer_state_bytes_per_rank": int(memory[0]),
         "param_bytes_per_rank": int(memory[1]), "grad_bytes_per_rank": int(memory[2]), "peak_rss_bytes": int(memory[3]),
         "resumed_from_step": first, "tensor_parallel": grid.T, "data_parallel": dp.size,

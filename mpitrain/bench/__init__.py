@@ -1,4 +1,4 @@
-"""``python -m mpitrain bench {step,allreduce,federated,checkpoint,scaling,capacity,model,peers,leakage}``:
+"""``python -m mpitrain bench {step,allreduce,federated,checkpoint,scaling,capacity,model,peers,leakage,stream}``:
 print a table, save JSON and CSV into --out."""
 import csv
 import json
@@ -9,7 +9,7 @@ import time
 def add_arguments(parser):
     sub = parser.add_subparsers(dest="bench", required=True,
                                 metavar="{step,allreduce,federated,checkpoint,scaling,capacity,model,peers,"
-                                        "leakage}")
+                                        "leakage,stream}")
     s = sub.add_parser("step", help="training-step throughput per rank vs NumPy and PyTorch",
                        description="Samples/s of one training step (forward, backward, optimizer update) "
                                    "per rank, for mpitrain's kernels, a plain NumPy step (MLP only) and "
@@ -52,13 +52,14 @@ def add_arguments(parser):
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--dir", help="file system to measure (default: the system temp folder)")
     c.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
-    from . import capacity, leakage, model, peers, scaling
+    from . import capacity, leakage, model, peers, scaling, stream
 
     scaling.add_parser(sub)
     capacity.add_parser(sub)
     model.add_parser(sub)
     peers.add_parser(sub)
     leakage.add_parser(sub)
+    stream.add_parser(sub)
 
 
 def mlp_arguments(p, features=784, hidden="1024,1024", classes=10):
@@ -153,10 +154,11 @@ def run(args, comm):
     from .peers import bench_peers
     from .scaling import bench_scaling
     from .step import bench_step
+    from .stream import bench_stream
 
     benches = {"step": bench_step, "allreduce": bench_allreduce, "federated": bench_federated,
                "checkpoint": bench_checkpoint, "scaling": bench_scaling, "capacity": bench_capacity,
-               "model": bench_model, "peers": bench_peers, "leakage": bench_leakage}
+               "model": bench_model, "peers": bench_peers, "leakage": bench_leakage, "stream": bench_stream}
     rows = benches[args.bench](args, comm)
     if comm.rank == 0:
         save(args.out or "bench-results", args.bench, rows, vars(args))

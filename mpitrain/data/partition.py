@@ -9,6 +9,7 @@ import hashlib
 import numpy as np
 
 from ..errors import MpitrainError
+from .prepare import GROUP_BYTES
 
 SCHEMES = ("iid", "dirichlet", "shards", "quantity")
 
@@ -59,7 +60,7 @@ def write_partition(path, scheme, clients, alpha=0.5, shards_per_client=2, seed=
     except OSError:
         raise MpitrainError(f"{path}: cannot open as HDF5 to add a partition") from None
     with f:
-        x, y = f["train/x"][...], f["train/y"][...]
+        x, y = f["train/x"], f["train/y"][...]  # x is copied a group of rows at a time: bounded memory
         parts = split_clients(y, scheme, clients, alpha, shards_per_client, seed)
         order = np.concatenate(parts)
         sizes = np.array([len(p) for p in parts], np.int64)
@@ -67,7 +68,15 @@ def write_partition(path, scheme, clients, alpha=0.5, shards_per_client=2, seed=
         if "partition" in f:
             del f["partition"]
         g = f.create_group("partition")
-        g.create_dataset("x", data=x[order], chunks=(max(1, min(len(order), 4096)), x.shape[1]))
+        px = g.create_dataset("x", (len(order), x.shape[1]), np.float32,
+                              chunks=(max(1, min(len(order), 4096)), x.shape[1]))
+        group = max(1, GROUP_BYTES // (4 * x.shape[1]))
+        for a in range(0, len(order), group):
+            rows = order[a:a + group]
+            sort = np.argsort(rows)
+            block = np.empty((len(rows), x.shape[1]), np.float32)
+            block[sort] = x[rows[sort]]  # h5py reads increasing indices
+            px[a:a + len(rows)] = block
         g.create_dataset("y", data=y[order])
         g["offsets"] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         g["n_train"] = n_train

@@ -4,6 +4,13 @@ Layout: train/x, test/x (float32, samples × features, chunked along samples), t
 standardize/mean, standardize/std (training-split statistics, already applied: one per feature, or for
 images one per channel), and attributes n_classes, feature_shape, source, checksum (sha256 of the four
 arrays), format; images also class_names.
+
+Bounded memory: sources larger than memory (npy:DIR, npz:DIR, images:DIR) are read a group of rows at a
+time — npy files with positioned reads, a folder of npz files or of images first copied in storage order
+into a raw temporary file beside the output — and the file is written group by group in two passes: the
+shuffled training rows with their statistics (Chan et al.'s parallel variance, merged group by group), then
+standardised in place.  Memory: a few groups (GROUP_BYTES) plus 16 bytes per sample (labels, the shuffle).
+Everything is written under a temporary name and renamed at the end: a killed prepare leaves no output.
 """
 import csv
 import hashlib
@@ -15,7 +22,8 @@ from .. import __version__
 from ..errors import MpitrainError
 
 FORMAT = 1
-SOURCES = "digits | synthetic | npz:PATH | csv:PATH | images:DIR"
+SOURCES = "digits | synthetic | npz:PATH | npz:DIR | npy:DIR | csv:PATH | images:DIR"
+GROUP_BYTES = 4 << 20  # rows gathered, checked and written at a time (a source under it: one group)
 SYNTHETIC_CLASSES = 10  # --classes when the synthetic source is not given one
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # compared lower-cased
 
@@ -38,6 +46,124 @@ def _synthetic(samples, features, classes, seed):
     head = rng.standard_normal((64, classes)).astype(np.float32)
     y = np.argmax(np.tanh(x @ hidden) @ head, axis=1).astype(np.int64)
     return x, y, None, None
+
+
+class Rows:
+    """Rows of an array stored raw in a file (a .npy's data, or a temporary copy), read on demand with
+    positioned reads: never the whole array, and no memory map (a map takes the file's size of address
+    space, which RLIMIT_AS and batch schedulers count)."""
+
+    def __init__(self, path, offset, shape, dtype):
+        self.path, self.offset, self.shape, self.dtype = path, offset, tuple(shape), np.dtype(dtype)
+        self.ndim, self.size = len(self.shape), int(np.prod(self.shape))
+        self.row = self.dtype.itemsize * int(np.prod(self.shape[1:]))
+        need = offset + self.row * self.shape[0]
+        if os.path.getsize(path) < need:
+            raise MpitrainError(f"{path}: {os.path.getsize(path)} bytes, shorter than its header's shape "
+                                f"{list(self.shape)} needs ({need}); expected a whole .npy file")
+
+    def __len__(self):
+        return self.shape[0]
+
+    def take(self, rows):
+        """The rows at the sorted indices `rows`, one read per run of consecutive rows."""
+        out = np.empty((len(rows),) + self.shape[1:], self.dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        cuts = np.flatnonzero(np.diff(rows) != 1) + 1
+        with open(self.path, "rb", buffering=0) as f:
+            for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
+                f.seek(self.offset + int(rows[a]) * self.row)
+                done, want = 0, (b - a) * self.row
+                while done < want:
+                    got = f.readinto(view[a * self.row + done:b * self.row])
+                    if not got:
+                        raise MpitrainError(f"{self.path}: ends early; expected a whole .npy file")
+                    done += got
+        return out
+
+
+def _npy(path):
+    """A .npy file's rows (Rows), after its header: C order, numbers (never objects: no unpickling)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
+    except (OSError, ValueError) as exc:
+        raise MpitrainError(f"{path}: cannot read as .npy ({exc})") from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise MpitrainError(f"{path}: dtype {dtype}; expected numbers")
+    if fortran and len(shape) > 1:
+        raise MpitrainError(f"{path}: stored in Fortran order; expected C order (np.save of a C-contiguous array)")
+    return Rows(path, offset, shape, dtype)
+
+
+def _npy_dir(root):
+    """npy:DIR — x.npy, y.npy and optionally x_test.npy, y_test.npy; x read in groups, labels loaded."""
+    names = {k: os.path.join(root, k + ".npy") for k in ("x", "y", "x_test", "y_test")}
+    missing = [k + ".npy" for k in ("x", "y") if not os.path.exists(names[k])]
+    if missing:
+        raise MpitrainError(f"{root}: missing {', '.join(missing)}; expected x.npy, y.npy (and optionally "
+                            "x_test.npy, y_test.npy)")
+    if os.path.exists(names["x_test"]) != os.path.exists(names["y_test"]):
+        raise MpitrainError(f"{root}: x_test.npy and y_test.npy must be given together")
+
+    def labels(k):
+        try:
+            return np.load(names[k], allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise MpitrainError(f"{names[k]}: cannot read as .npy ({exc})") from None
+
+    test = os.path.exists(names["x_test"])
+    return (_npy(names["x"]), labels("y"), _npy(names["x_test"]) if test else None,
+            labels("y_test") if test else None)
+
+
+class _Copy:
+    """A raw temporary file that samples are appended to (dtype fixed by the first), read back as Rows."""
+
+    def __init__(self, path):
+        self.path, self.f, self.shape, self.n = path, open(path, "wb"), None, 0
+
+    def add(self, a):
+        self.shape, self.dtype = a.shape[1:], a.dtype
+        self.f.write(np.ascontiguousarray(a).tobytes())
+        self.n += len(a)
+
+    def rows(self):
+        self.f.close()
+        return Rows(self.path, 0, (self.n,) + self.shape, self.dtype)
+
+
+def _npz_dir(root, temp):
+    """npz:DIR — every *.npz file in DIR (sorted), each as npz:PATH, concatenated one file at a time."""
+    try:
+        paths = sorted(e.path for e in os.scandir(root) if e.is_file() and e.name.endswith(".npz"))
+    except OSError as exc:
+        raise MpitrainError(f"{root}: cannot read ({exc.strerror})") from None
+    if not paths:
+        raise MpitrainError(f"{root}: no .npz files; expected files with arrays x, y (and optionally x_test, y_test)")
+    copies, labels, test = [_Copy(temp("x")), _Copy(temp("x_test"))], [[], []], None
+    for path in paths:
+        x, y, x_test, y_test = _npz(path)
+        if test is None:
+            test = x_test is not None
+        elif test != (x_test is not None):
+            raise MpitrainError(f"{path}: {'no' if test else 'an'} x_test, unlike {paths[0]}; expected the same arrays in every file")
+        for c, lab, a, b, name in ((0, 0, x, y, "x"), (1, 1, x_test, y_test, "x_test")):
+            if a is None:
+                continue
+            a = np.asarray(a)
+            shape = copies[0].shape if copies[0].shape is not None else a.shape[1:]
+            if a.shape[1:] != shape:
+                raise MpitrainError(f"{path}: {name} samples have shape {a.shape[1:]}, {paths[0]}'s x {shape}; "
+                                    "expected the same")
+            x_checked = _features(a, f"{path} {name}")
+            copies[c].add(x_checked.reshape(a.shape))
+            labels[lab].append(_labels(b, f"{path} y" if c == 0 else f"{path} y_test", len(a)))
+    return (copies[0].rows(), np.concatenate(labels[0]), copies[1].rows() if test else None,
+            np.concatenate(labels[1]) if test else None)
 
 
 def _npz(path):
@@ -199,8 +325,8 @@ def _read_image(path, mode, size):
     return a[None] if mode == "L" else a.transpose(2, 0, 1)
 
 
-def _images(root, image_size, grayscale, skip_bad):
-    """x (uint8, samples × C × H × W), y, x_test, y_test, class names, skipped paths of images:DIR.
+def _images(root, image_size, grayscale, skip_bad, temp):
+    """x (uint8 Rows, samples × C × H × W), y, x_test, y_test, class names, skipped paths of images:DIR.
 
     DIR holds the class folders, or train/ and test/ that each hold them: the two splits (other folders
     beside them, such as val/, are ignored).
@@ -219,10 +345,9 @@ def _images(root, image_size, grayscale, skip_bad):
         names, files = _image_folder(root)
         splits = [files]
     mode = "L" if grayscale else "RGB"
-    total = sum(map(len, splits))
-    x, y, n, ends, skipped = None, np.empty(total, np.int64), 0, [], []
-    for folder, files in zip(folders, splits):
-        start = n
+    xs, ys, skipped, first = [], [], [], None
+    for folder, files, name in zip(folders, splits, ("x", "x_test")):
+        copy, y = _Copy(temp(name)), []
         for path, label in files:
             a = _read_image(path, mode, image_size)
             if isinstance(a, str):
@@ -230,28 +355,36 @@ def _images(root, image_size, grayscale, skip_bad):
                     raise MpitrainError(f"{path}: {a}; expected a readable PNG or JPEG image (or pass --skip-bad)")
                 skipped.append(path)
                 continue
-            if x is None:  # the first image fixes the size: every sample is allocated at once
-                x, first = np.empty((total,) + a.shape, np.uint8), path
-            elif a.shape != x.shape[1:]:
+            if first is None:  # the first image fixes the size
+                first, size = path, a.shape
+            elif a.shape != size:
                 raise MpitrainError(f"{path}: {a.shape[1]}×{a.shape[2]} pixels (H×W), but {first} is "
-                                    f"{x.shape[2]}×{x.shape[3]}; expected the same size (or pass --image-size H W)")
-            x[n], y[n] = a, label
-            n += 1
-        empty = np.flatnonzero(np.bincount(y[start:n], minlength=len(names)) == 0)
+                                    f"{size[1]}×{size[2]}; expected the same size (or pass --image-size H W)")
+            copy.add(a[None])
+            y.append(label)
+        y = np.array(y, np.int64)
+        empty = np.flatnonzero(np.bincount(y, minlength=len(names)) == 0)
         if len(empty):
             raise MpitrainError(f"{os.path.join(folder, names[empty[0]])}: every image skipped as unreadable; "
                                 f"expected at least one readable image per class")
-        ends.append(n)
-    test = (x[ends[0]:n], y[ends[0]:n]) if len(ends) == 2 else (None, None)
-    return x[:ends[0]], y[:ends[0]], *test, names, skipped
+        xs.append(copy.rows())
+        ys.append(y)
+    test = (xs[1], ys[1]) if len(xs) == 2 else (None, None)
+    return xs[0], ys[0], *test, names, skipped
 
 
-def load_source(source, samples=10000, features=64, classes=SYNTHETIC_CLASSES, seed=0, label_column=None):
+def load_source(source, samples=10000, features=64, classes=SYNTHETIC_CLASSES, seed=0, label_column=None,
+                temp=None):
+    """x, y, x_test, y_test of a source (arrays, or Rows read in groups); temp(name): a temporary path."""
     kind, _, path = source.partition(":")
     if source == "digits":
         return _digits()
     if source == "synthetic":
         return _synthetic(samples, features, classes, seed)
+    if kind == "npy" and path:
+        return _npy_dir(path)
+    if kind == "npz" and os.path.isdir(path):
+        return _npz_dir(path, temp)
     if kind in ("npz", "csv") and path:
         return _npz(path) if kind == "npz" else _csv(path, label_column)
     raise MpitrainError(f"--source {source!r}: expected one of {SOURCES}")
@@ -269,13 +402,17 @@ def _labels(y, name, n):
 
 
 def _features(x, name):
-    x = np.asarray(x)
+    """x checked and as float32 samples × features; Rows are checked here for their shape and dtype, for
+    finite values group by group as they are read (_gather)."""
+    x = x if isinstance(x, Rows) else np.asarray(x)
     if x.ndim < 2:
         raise MpitrainError(f"{name}: expected samples × features (2 or more dimensions), got shape {x.shape}")
     if x.size == 0:
         raise MpitrainError(f"{name}: shape {x.shape} has no {'samples' if len(x) == 0 else 'features'}")
     if x.dtype.kind not in "biuf":  # complex numbers or times would be cast to float32 silently
         raise MpitrainError(f"{name}: features must be real numbers, got dtype {x.dtype}")
+    if isinstance(x, Rows):
+        return x
     if not np.all(np.isfinite(x)):
         raise MpitrainError(f"{name}: features must be finite (found NaN or Inf)")
     return x.reshape(len(x), -1).astype(np.float32)
@@ -305,6 +442,25 @@ def prepare(source, out, test_fraction=0.2, seed=0, classes=None, image_size=Non
     images:DIR: its class folders, and --classes is refused).  image_size (H, W), grayscale, skip_bad:
     images:DIR only.
     """
+    out_dir = os.path.dirname(os.path.abspath(out))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    temps = [tmp]
+
+    def temp(name):  # raw copies of a folder source, beside the output, removed at the end
+        temps.append(f"{tmp}-{name}")
+        return temps[-1]
+
+    try:
+        return _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, grayscale, skip_bad,
+                        **source_opts)
+    finally:
+        for path in temps:
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, grayscale, skip_bad, **source_opts):
     import h5py
 
     if classes is not None and classes < 2:
@@ -318,13 +474,13 @@ def prepare(source, out, test_fraction=0.2, seed=0, classes=None, image_size=Non
             raise MpitrainError(f"--classes: not for {source} (its classes are its subfolders)")
         if image_size is not None and min(image_size) < 1:
             raise MpitrainError(f"--image-size {' '.join(map(str, image_size))}: expected H W ≥ 1")
-        x, y, x_test, y_test, class_names, skipped = _images(root, image_size, grayscale, skip_bad)
+        x, y, x_test, y_test, class_names, skipped = _images(root, image_size, grayscale, skip_bad, temp)
         classes = len(class_names)  # every class folder holds a readable image (checked there)
     elif image_size is not None or grayscale or skip_bad:
         raise MpitrainError(f"--image-size, --grayscale, --skip-bad: only for an images:DIR source, not {source!r}")
     else:
-        x, y, x_test, y_test = load_source(source, seed=seed, classes=classes, **source_opts)
-    feature_shape = np.shape(x)[1:]
+        x, y, x_test, y_test = load_source(source, seed=seed, classes=classes, temp=temp, **source_opts)
+    feature_shape = tuple(np.shape(x)[1:])
     x = _features(x, f"{source} x")
     y = _labels(y, f"{source} y", len(x))
     labels = {"y": y}
@@ -337,52 +493,88 @@ def prepare(source, out, test_fraction=0.2, seed=0, classes=None, image_size=Non
         if n_test >= len(x):
             raise MpitrainError(f"{source}: {len(x)} samples are too few to split off a test set")
         order, test_order = order[n_test:], order[:n_test]
-        x_test, y_test = x[test_order], y[test_order]
+        x_test, y_test = x, y[test_order]
     else:
-        test_shape = np.shape(x_test)[1:]
+        test_shape = tuple(np.shape(x_test)[1:])
         x_test = _features(x_test, f"{source} x_test")
         if test_shape != feature_shape:  # equal sizes are not enough: (3, 2) flattened is not (2, 3) flattened
             raise MpitrainError(f"{source}: x_test samples have shape {test_shape}, x samples {feature_shape}; "
                                 f"expected the same")
         y_test = labels["y_test"] = _labels(y_test, f"{source} y_test", len(x_test))
+        test_order = np.arange(len(x_test))
     n_classes = _class_count(source, classes, labels)
-    x, y = x[order], y[order]
-    if class_names is None:
-        mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
-        std = x.std(axis=0, dtype=np.float64).astype(np.float32)
-    else:  # images: one mean/std per channel over all its training pixels (as torchvision's Normalize)
-        pixels = x.reshape(len(x), feature_shape[0], -1)
-        mean = pixels.mean(axis=(0, 2), dtype=np.float64).astype(np.float32)
-        std = pixels.std(axis=(0, 2), dtype=np.float64).astype(np.float32)
-    std[std < 1e-6] = 1.0  # constant features (e.g. the corners of digits) stay at 0
-    # a channel's mean/std applies to each of its H·W features (per feature: repeated once)
-    shift, scale = (np.repeat(a, x.shape[1] // len(a)) for a in (mean, std))
-    x = (x - shift) / scale
-    x_test = (x_test - shift) / scale
-
+    features = int(np.prod(feature_shape))
+    # images: one mean/std per channel over all its training pixels (as torchvision's Normalize)
+    channels = feature_shape[0] if class_names is not None else 0
     digest = hashlib.sha256()
-    for a in (x, y, x_test, y_test):
-        digest.update(np.ascontiguousarray(a).tobytes())
-    out_dir = os.path.dirname(os.path.abspath(out))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, f".{os.path.basename(out)}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for split, xs, ys in (("train", x, y), ("test", x_test, y_test)):
-                rows = max(1, min(len(xs), (1 << 20) // (4 * xs.shape[1])))  # ~1 MiB chunks
-                f.create_dataset(f"{split}/x", data=xs, chunks=(rows, xs.shape[1]))
-                f.create_dataset(f"{split}/y", data=ys, chunks=(min(len(ys), 1 << 17),))
-            f["standardize/mean"], f["standardize/std"] = mean, std
-            f.attrs.update(n_classes=n_classes, feature_shape=np.array(feature_shape, np.int64),
-                           source=source, checksum=digest.hexdigest(), format=FORMAT,
-                           created_by=f"mpitrain {__version__}")
-            if class_names is not None:
-                f.attrs["class_names"] = np.array(class_names, dtype=h5py.string_dtype())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with h5py.File(tmp, "w") as f:
+        dsets = {}
+        for split, n in (("train", len(order)), ("test", len(test_order))):
+            rows = max(1, min(n, (1 << 20) // (4 * features)))  # ~1 MiB chunks
+            dsets[split] = f.create_dataset(f"{split}/x", (n, features), np.float32, chunks=(rows, features))
+        group = dsets["train"].chunks[0] * max(1, GROUP_BYTES // (4 * features * dsets["train"].chunks[0]))
+        # pass 1: the shuffled training rows, unstandardised, and their statistics group by group
+        moments = None
+        for a in range(0, len(order), group):
+            xs = _gather(x, order[a:a + group], f"{source} x")
+            moments = _merge(moments, _moments(xs, channels))
+            dsets["train"][a:a + len(xs)] = xs
+        count, mean, m2 = moments
+        std = np.sqrt(m2 / count).astype(np.float32)
+        mean = mean.astype(np.float32)
+        std[std < 1e-6] = 1.0  # constant features (e.g. the corners of digits) stay at 0
+        # a channel's mean/std applies to each of its H·W features (per feature: repeated once)
+        shift, scale = (np.repeat(v, features // len(v)) for v in (mean, std))
+        # pass 2: standardise in place (train), gather and standardise (test); the checksum in file order
+        for split, ys in (("train", y[order]), ("test", y_test)):
+            d = dsets[split]
+            for a in range(0, len(d), group):
+                xs = (d[a:a + group] if split == "train" else
+                      _gather(x_test, test_order[a:a + group], f"{source} x_test"))
+                xs = (xs - shift) / scale
+                d[a:a + len(xs)] = xs
+                digest.update(xs.tobytes())
+            f.create_dataset(f"{split}/y", data=ys, chunks=(min(len(ys), 1 << 17),))
+            digest.update(np.ascontiguousarray(ys).tobytes())
+        f["standardize/mean"], f["standardize/std"] = mean, std
+        f.attrs.update(n_classes=n_classes, feature_shape=np.array(feature_shape, np.int64),
+                       source=source, checksum=digest.hexdigest(), format=FORMAT,
+                       created_by=f"mpitrain {__version__}")
+        if class_names is not None:
+            f.attrs["class_names"] = np.array(class_names, dtype=h5py.string_dtype())
+    os.replace(tmp, out)
     note = f" ({len(skipped)} unreadable image(s) skipped, the first {skipped[0]})" if skipped else ""
-    return (f"{out}: {len(x)} train + {len(x_test)} test samples, {x.shape[1]} features "
-            f"{tuple(feature_shape)}, {n_classes} classes, from {source}{note}")
+    return (f"{out}: {len(order)} train + {len(test_order)} test samples, {features} features "
+            f"{feature_shape}, {n_classes} classes, from {source}{note}")
+
+
+def _gather(x, rows, name):
+    """Rows `rows` of x (an array already checked, or Rows checked here) as float32 samples × features."""
+    if isinstance(x, np.ndarray):
+        return x[rows]
+    order = np.argsort(rows, kind="stable")
+    got = x.take(rows[order]).reshape(len(rows), -1).astype(np.float32)
+    if not np.all(np.isfinite(got)):
+        bad = np.sort(rows[order][~np.isfinite(got).all(axis=1)])
+        raise MpitrainError(f"{name}: features must be finite (found NaN or Inf in row {bad[0]} of {x.path})")
+    out = np.empty_like(got)
+    out[order] = got
+    return out
+
+
+def _moments(xs, channels):
+    """(count, mean, sum of squared deviations) of a group, per feature or per channel, in float64 — the
+    same operations as NumPy's mean and std, so a source of one group gets NumPy's statistics exactly."""
+    a, axes = (xs.reshape(len(xs), channels, -1), (0, 2)) if channels else (xs, 0)
+    mean = a.mean(axis=axes, dtype=np.float64)
+    dev = a - (mean[:, None] if channels else mean)
+    return a.size // mean.size, mean, np.sum(dev * dev, axis=axes)
+
+
+def _merge(a, b):
+    """Chan, Golub and LeVeque's pairwise update of (count, mean, M2)."""
+    if a is None:
+        return b
+    (na, ma, sa), (nb, mb, sb) = a, b
+    n, delta = na + nb, mb - ma
+    return n, ma + delta * (nb / n), sa + sb + delta * delta * (na * nb / n)

@@ -8,7 +8,20 @@ all it ever reads — and contributes exactly those strata's samples to every gl
 batch is therefore independent of the number of ranks p (p ranks compute exactly the gradient one rank
 would, up to float summation order), every rank has ⌊B/p⌋ or ⌈B/p⌉ samples in every step (no rank runs
 out of data early), and each batch draws from every part of the file.
+
+Stream plan (data.stream, or automatic when the largest rank's part exceeds data.memory_mb).  The same
+strata and ranks, but a rank never holds its whole part: each stratum is cut into blocks of K contiguous
+rows (the last one shorter), and in epoch e the full blocks of stratum j are visited in the order of a
+permutation seeded by (seed, e, j), the short block last.  Consecutive groups of W blocks form windows; the
+rows of window w are shuffled by a permutation seeded by (seed, e, j, w), and stratum j's samples are
+visited in that order, one per step.  Every window but an epoch's last holds exactly W·K rows of every
+stratum, so all strata and all ranks change window at the same step: steps [w·W·K, (w+1)·W·K) read window w
+of every local stratum.  A rank holds two windows (the current one and the next, which a background thread
+reads while the steps compute), i.e. 2·(B/p)·W·K rows.  K and W depend on the configuration and the file
+(data.block_rows, data.window_blocks, data.memory_mb, the global batch, the row size and the file's chunk
+rows), never on p, so p ranks still compute what one rank would.
 """
+import concurrent.futures
 import os
 
 import numpy as np
@@ -70,17 +83,29 @@ class DataFile:
         straight into the two arrays returned (no chunk cache; int64 labels need no conversion copy): they
         are the only copies the read makes.  keep(array) is called on each as soon as it is read (fed.erase
         registers them to be zeroed, also when a check fails)."""
-        x = self.f[f"{split}/x"][lo:hi]
-        y = self.f[f"{split}/y"][lo:hi].astype(np.int64, copy=False)
+        try:
+            x = self.f[f"{split}/x"][lo:hi]
+            y = self.f[f"{split}/y"][lo:hi].astype(np.int64, copy=False)
+        except MemoryError:  # the in-memory plan holds a rank's whole part
+            mib = (hi - lo) * (4 * self.n_features + 8) / 2**20
+            raise MpitrainError(f"{self.path}: {split} rows {lo}..{hi - 1} ({mib:.0f} MiB) do not fit in the "
+                                f"memory of rank {rank}; set data.stream = true to read them block by block") from None
         if keep is not None:
             keep(x)
             keep(y)
-        where = f"{self.path}: {split} rows {lo}..{hi - 1} (rank {rank})"
-        if not np.all(np.isfinite(x)):
-            raise MpitrainError(f"{where}: features contain NaN or Inf")
-        if len(y) and (y.min() < 0 or y.max() >= self.n_classes):
-            raise MpitrainError(f"{where}: labels must lie in 0..{self.n_classes - 1} (n_classes)")
+        self.check(x, y, split, lo, rank)
         return np.ascontiguousarray(x), y
+
+    def check(self, x, y, split, lo, rank):
+        """Rows lo… of split as read: finite features, labels in 0..n_classes-1, or one line naming them."""
+        bad = ~np.isfinite(x).all(axis=1)
+        what = "features contain NaN or Inf"
+        if not bad.any() and len(y):
+            bad, what = (y < 0) | (y >= self.n_classes), f"labels must lie in 0..{self.n_classes - 1} (n_classes)"
+        if bad.any():
+            first = lo + int(np.argmax(bad))
+            raise MpitrainError(f"{self.path}: {split} rows {lo}..{lo + len(y) - 1} (rank {rank}): {what} "
+                                f"(first at row {first})")
 
     def close(self):
         self.f.close()
@@ -94,7 +119,14 @@ def block(n, parts, i):
 class TrainShard:
     """This rank's strata of the training split and the batch plan over them (see module docstring)."""
 
+    streams = False
+
     def __init__(self, data, global_batch, rank, size, seed):
+        self._strata(data, global_batch, rank, size, seed)
+        self.x, self.y = data.read("train", self.lo, self.hi, rank)
+        self.order = (None, None)  # (epoch, its order)
+
+    def _strata(self, data, global_batch, rank, size, seed):
         n, b = data.n_train, global_batch
         if n < size:
             _fail(data.path, f"train has {n} samples, fewer than the {size} ranks")
@@ -107,7 +139,6 @@ class TrainShard:
         self.strata = range(*block(b, size, rank))
         self.bounds = [j * n // b for j in range(b + 1)]
         self.lo, self.hi = self.bounds[self.strata.start], self.bounds[self.strata.stop]
-        self.x, self.y = data.read("train", self.lo, self.hi, rank)
         self.steps_per_epoch = n // b
         self.batch = len(self.strata)
         self.xb = np.empty((self.batch, data.n_features), np.float32)
@@ -127,3 +158,215 @@ class TrainShard:
         np.take(self.x, rows, axis=0, out=self.xb)
         np.take(self.y, rows, out=self.yb)
         return self.xb, self.yb
+
+    def get(self, epoch, s):
+        """This rank's part of global batch s of `epoch`, in the batch buffers."""
+        if self.order[0] != epoch:
+            self.order = epoch, self.epoch_order(epoch)
+        return self.batch_at(self.order[1][s])
+
+    def close(self):
+        pass
+
+
+class Blocks:
+    """The stream plan's reader (module docstring), for a rank's strata of train/ and for a federated
+    client's rows of partition/: strata j in `strata` are the rows bounds[j]…bounds[j+1]-1 of split/x, read
+    a window (W blocks of K rows of every stratum) at a time into one of two buffers, checked as they
+    arrive, by a background thread.  The plan of (epoch, stratum j) is seeded by (*key, epoch, j); an
+    epoch visits the first `positions` samples of each stratum's order."""
+
+    def __init__(self, data, split, strata, block, window, rank):
+        """strata: how many strata a window holds at most."""
+        import h5py
+
+        self.data, self.split, self.rank, self.block, self.window = data, split, rank, block, window
+        self.span = block * window
+        rows = strata * self.span
+        row = 4 * data.n_features + 8
+        # h5py's chunk cache (1 MiB by default) holds a window's chunks, so a chunk that two blocks of a
+        # window share is decompressed once
+        chunks = data.f[f"{split}/x"].chunks
+        cache = max(2**20, rows * row)
+        per_chunk = (chunks[0] if chunks else 1) * 4 * data.n_features
+        self.f = h5py.File(data.path, "r", rdcc_nbytes=cache, rdcc_nslots=max(521, 100 * (cache // per_chunk)) | 1)
+        self.dx, self.dy = self.f[f"{split}/x"], self.f[f"{split}/y"]
+        self.buffers = [(np.empty((rows, data.n_features), np.float32), np.empty(rows, np.int64)) for _ in range(2)]
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mpitrain-prefetch")
+        self.slot, self.next, self.current = 0, None, None
+
+    def start(self, bounds, strata, positions, key):
+        """Read these strata (at most the number given to __init__) from now on: a federated client after
+        another."""
+        self.settled()
+        self.bounds, self.strata, self.positions, self.key = bounds, strata, positions, tuple(key)
+        self.next = self.current = None
+
+    def settled(self):
+        """The two window buffers, once a read in flight has finished (its error no longer matters): then
+        nothing writes into them (fed.erase zeroes them after each client's work)."""
+        if self.next is not None:
+            self.next[3].exception()
+        return [a for pair in self.buffers for a in pair]
+
+    def blocks(self, epoch, j):
+        """Stratum j's block order in `epoch`: its full blocks permuted, the short one last."""
+        size = self.bounds[j + 1] - self.bounds[j]
+        rng = np.random.default_rng(np.random.SeedSequence([*self.key, epoch, j, 0xB10C]))
+        order = rng.permutation(size // self.block)
+        return np.append(order, size // self.block) if size % self.block else order
+
+    def _read(self, epoch, w, buf):
+        """Read and check window w of every stratum into buf; returns its rows, positions × strata."""
+        from h5py import h5s
+
+        x, y = buf
+        at, starts = 0, []
+        for j in self.strata:
+            starts.append(at)
+            for b in np.sort(self.blocks(epoch, j)[w * self.window:(w + 1) * self.window]):
+                lo = self.bounds[j] + int(b) * self.block
+                hi = min(lo + self.block, self.bounds[j + 1])
+                try:  # HDF5's own calls: a third of read_direct's time (its Python selections) per block
+                    for d, out in ((self.dx, x), (self.dy, y)):
+                        space = d.id.get_space()
+                        space.select_hyperslab((lo,) + (0,) * (out.ndim - 1), (hi - lo,) + out.shape[1:])
+                        d.id.read(h5s.create_simple((hi - lo,) + out.shape[1:]), space, out[at:at + hi - lo])
+                except OSError as exc:  # e.g. a chunk that does not decompress
+                    raise MpitrainError(f"{self.data.path}: {self.split} rows {lo}..{hi - 1} (rank {self.rank}): "
+                                        f"cannot read ({' '.join(str(exc).split())})") from None
+                self.data.check(x[at:at + hi - lo], y[at:at + hi - lo], self.split, lo, self.rank)
+                at += hi - lo
+        starts.append(at)
+        steps = min(self.span, self.positions - w * self.span)
+        rows = np.empty((steps, len(self.strata)), np.int64)
+        for c, j in enumerate(self.strata):
+            # SeedSequence pads its entropy with zeros, so window 0 is seeded as the in-memory plan's
+            # stratum: a stratum that fits one window (W·K ≥ its size) is visited exactly as in memory
+            rng = np.random.default_rng(np.random.SeedSequence([*self.key, epoch, j, w]))
+            rows[:, c] = rng.permutation(starts[c + 1] - starts[c])[:steps] + starts[c]
+        return rows
+
+    def submit(self, epoch, w):
+        """Start reading window w of `epoch` into the buffer not in use."""
+        self.slot = 1 - self.slot
+        self.next = epoch, w, self.buffers[self.slot], self.pool.submit(self._read, epoch, w, self.buffers[self.slot])
+
+    def take(self, epoch, w):
+        """Window w of `epoch` as (x, y, rows), waiting for its read; the window before stays valid
+        until prefetch()."""
+        if self.next is None or self.next[:2] != (epoch, w):  # the first window, or a resumed run's
+            if self.next is not None:
+                self.next[3].exception()  # never two reads in flight
+            self.submit(epoch, w)
+        _, _, (x, y), future = self.next
+        self.next = self.current = None
+        self.current = epoch, w, x, y, future.result()  # a bad block raises here, on its own rank
+        return self.current[2:]
+
+    def prefetch(self):
+        """Start reading the window after the current one into the other buffer."""
+        epoch, w = self.current[:2]
+        self.submit(*((epoch, w + 1) if (w + 1) * self.span < self.positions else (epoch + 1, 0)))
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.f.close()
+
+
+def block_rows(data, split, memory_mb, strata, window, given):
+    """K: data.block_rows, or the file's chunk rows, less where two windows of `strata` strata would
+    exceed half of memory_mb (the chunk cache takes up to another window)."""
+    row = 4 * data.n_features + 8
+    chunks = data.f[f"{split}/x"].chunks
+    fit = int(memory_mb * 2**20 // (4 * window * strata * row))
+    return given or max(1, min(chunks[0] if chunks else max(1, 2**20 // row), fit))
+
+
+class StreamShard(TrainShard):
+    """This rank's strata read window by window with bounded memory (the stream plan, module docstring).
+    The switch to a window is agreed across ranks, so a bad block stops every rank at once, before its rows
+    reach a gradient."""
+
+    streams = True
+
+    def __init__(self, data, global_batch, rank, size, seed, comm, memory_mb, window_blocks, given_rows):
+        self._strata(data, global_batch, rank, size, seed)
+        self.comm = comm
+        # K from the global batch, never from p: the plan is the same on any number of ranks
+        k = block_rows(data, "train", memory_mb, global_batch, window_blocks, given_rows)
+        self.blocks = Blocks(data, "train", len(self.strata), k, window_blocks, rank)
+        self.blocks.start(self.bounds, self.strata, self.steps_per_epoch, (seed,))
+        self.blocks.submit(0, 0)  # the first window is read while the run sets up (a resumed run waits for it)
+        self.span = self.blocks.span  # steps per window
+        self.xb = np.empty((self.batch, data.n_features), np.float32)
+        self.yb = np.empty(self.batch, np.int64)
+
+    def _take(self, epoch, w):
+        self.blocks.take(epoch, w)
+        self.blocks.prefetch()
+
+    def get(self, epoch, s):
+        w = s // self.span
+        if self.blocks.current is None or self.blocks.current[:2] != (epoch, w):
+            self.comm.agree(self._take, epoch, w)  # every rank changes window at the same step
+        _, _, x, y, rows = self.blocks.current
+        np.take(x, rows[s - w * self.span], axis=0, out=self.xb)
+        np.take(y, rows[s - w * self.span], out=self.yb)
+        return self.xb, self.yb
+
+    def close(self):
+        self.blocks.close()
+
+
+class ClientRows:
+    """A federated client's training rows (partition/x) as local batches: batch positions [lo, hi) of
+    local epoch e.  In memory: a permutation per epoch drawn from one generator seeded by key (as before
+    streaming existed); streamed (blocks given): the stream plan of the client's one stratum, seeded by key.
+    flip: labels become flip − label (the label-flipping attacker)."""
+
+    def __init__(self, key, x=None, y=None, blocks=None, lo=0, n=0, flip=None):
+        self.blocks, self.flip = blocks, flip
+        if blocks is None:
+            self.x, self.y, self.n = x, y, len(x)
+            self.rng, self.epoch = np.random.default_rng(np.random.SeedSequence(key)), None
+        else:
+            self.n = n
+            blocks.start([lo, lo + n], range(1), n, key)
+
+    def batch(self, epoch, lo, hi, xb, yb):
+        """Batch positions [lo, hi) of local epoch `epoch`, gathered into the caller's reused buffers xb, yb
+        (at least hi − lo rows; the views of their first hi − lo rows are returned)."""
+        xb, yb = xb[:hi - lo], yb[:hi - lo]
+        if self.blocks is None:
+            if epoch != self.epoch:
+                self.epoch, self.order = epoch, self.rng.permutation(self.n)
+            np.take(self.x, self.order[lo:hi], axis=0, out=xb, mode="clip")  # "raise" gathers into a hidden copy
+            np.take(self.y, self.order[lo:hi], out=yb, mode="clip")
+        else:
+            b, at = self.blocks, 0
+            for w in range(lo // b.span, (hi - 1) // b.span + 1):  # a batch may span windows
+                if b.current is None or b.current[:2] != (epoch, w):
+                    b.take(epoch, w)
+                _, _, wx, wy, rows = b.current
+                r = rows[max(lo - w * b.span, 0):hi - w * b.span, 0]
+                np.take(wx, r, axis=0, out=xb[at:at + len(r)], mode="clip")  # the window's buffer is then free
+                np.take(wy, r, out=yb[at:at + len(r)], mode="clip")
+                at += len(r)
+                if b.next is None:
+                    b.prefetch()
+        if self.flip is not None:
+            np.subtract(self.flip, yb, out=yb)
+        return xb, yb
+
+
+def open_shard(comm, data, cfg, global_batch, seed, rank, p):
+    """This rank's shard, rank of the p ranks that split the global batch (the data group): in memory, or
+    streamed when cfg.stream (data.stream) is set or the largest rank's part exceeds cfg.memory_mb (0: never
+    automatically).  Every rank computes the same decision; errors are agreed over comm (the world)."""
+    n, b = data.n_train, global_batch
+    rows = max((block(b, p, r)[1] * n // b - block(b, p, r)[0] * n // b for r in range(p)) if n >= b >= p else [0])
+    if cfg.stream or (cfg.memory_mb > 0 and rows * (4 * data.n_features + 8) > cfg.memory_mb * 2**20):
+        return comm.agree(StreamShard, data, b, rank, p, seed, comm, cfg.memory_mb, cfg.window_blocks,
+                          cfg.block_rows)
+    return comm.agree(TrainShard, data, b, rank, p, seed)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import __version__
 from .. import preempt
-from ..data.shard import block
+from ..data.shard import Blocks, ClientRows, block, block_rows
 from ..errors import MpitrainError
 from ..evaluate import evaluate
 from ..optim import Optimizer
@@ -56,15 +56,20 @@ class Partition:
         self.hosted = range(*block(self.clients, comm.size - 1, comm.rank - 1)) if comm.rank else range(0)
 
 
-class ClientRows:
-    """This rank's clients' rows of partition/, all checked at start-up.  Without fed.erase they are read
-    once and stay; with it a client's rows are read from the file when its work starts, into arrays that
-    `traces` zeroes when that work ends, so no copy of them stays on the rank between its turns."""
+class HostedRows:
+    """This rank's clients' rows of partition/.  In memory they are all checked at start-up: without
+    fed.erase read once and kept; with it a client's rows are read from the file when its work starts, into
+    arrays that `traces` zeroes when that work ends, so no copy of them stays on the rank between its turns.
+    Streamed (blocks, a Blocks reader: data.stream or past data.memory_mb) a client's training rows come
+    window by window, checked as they arrive, and `traces` zeroes the reader's two window buffers."""
 
-    def __init__(self, data, part, rank, traces):
-        self.data, self.part, self.rank, self.traces = data, part, rank, traces
+    def __init__(self, data, part, rank, traces, blocks):
+        self.data, self.part, self.rank, self.traces, self.blocks = data, part, rank, traces, blocks
         o = part.offsets
         self.lo, hi = (o[part.hosted.start], o[part.hosted.stop]) if rank else (0, 0)
+        if blocks is not None:
+            traces.hold(blocks.settled)
+            return
         if not traces.on:
             self.x, self.y = data.read("partition", self.lo, hi, rank)
             return
@@ -72,11 +77,15 @@ class ClientRows:
             with traces:
                 data.read("partition", o[k], o[k + 1], rank, traces.add)
 
-    def get(self, k, test=False):
-        """(x, y) of client k's training rows, or of its local test split (test=True)."""
-        o, n = self.part.offsets, self.part.n_train
-        a, b = (o[k] + n[k], o[k + 1]) if test else (o[k], o[k] + n[k])
-        if self.traces.on:
+    def get(self, k):
+        """(x, y) of client k's training rows, in memory."""
+        o = self.part.offsets
+        return self.read(o[k], o[k] + self.part.n_train[k])
+
+    def read(self, a, b):
+        """Rows [a, b) of partition/: read from the file with fed.erase or streaming (arrays `traces`
+        zeroes), else the rows kept in memory."""
+        if self.traces.on or self.blocks is not None:
             return self.data.read("partition", a, b, self.rank, self.traces.add)
         return self.x[a - self.lo:b - self.lo], self.y[a - self.lo:b - self.lo]
 
@@ -96,20 +105,22 @@ class Client:
         opt = Optimizer(kernels, t.optimizer, model.n_params, t.momentum, t.beta1, t.beta2, t.eps, t.weight_decay)
         self.stepper = Stepper(model, opt)
         self.params = np.empty(model.n_params, np.float32)
-        self.xb = self.yb = None  # the batch, gathered into reused buffers (no fresh copy of rows per step)
+        self.n_in, self.xb, self.yb = model.spec.n_in, None, None  # the batch buffers, reused (buffers_for)
         self.dpsgd = dpsgd  # record-level DP-SGD: Poisson batches, clipped per-example gradients + noise
         if dpsgd is not None:
             self.stepper.loss_grad = dpsgd.loss_grad
 
     def train(self, k, rnd, x, y, global_params):
-        """Train client k from the global model; returns (Δ_k, a_k (strategies.step_norm), loss sum, samples seen)."""
+        """Train client k from the global model on its rows x, y (arrays, or x a streamed ClientRows and y None);
+        returns (Δ_k, a_k (strategies.step_norm), loss sum, samples seen)."""
         t, f = self.t, self.f
         self.params[:] = global_params
         self.stepper.opt.reset()
         self.stepper.prox = (f.mu, global_params) if f.strategy == "fedprox" else None
-        n = len(x)
+        key = [t.seed, rnd, k, 0xC1]
+        local = x if isinstance(x, ClientRows) else ClientRows(key, x, y)
+        n = local.n
         batch, steps = local_schedule(f, n)
-        rng = np.random.default_rng(np.random.SeedSequence([t.seed, rnd, k, 0xC1]))
         if self.dpsgd is not None:
             self.dpsgd.start(k, rnd)
         per_epoch = -(-n // batch)
@@ -117,26 +128,23 @@ class Client:
         for s in range(steps):
             if self.dpsgd is not None:  # Poisson batch; the summed gradient is divided by the expected size
                 rows, scale = self.dpsgd.batch(n, batch), 1.0 / batch
+                xb, yb = self.buffers_for(len(rows))
+                np.take(x, rows, axis=0, out=xb, mode="clip")  # "raise" would gather into a hidden copy first
+                np.take(y, rows, out=yb, mode="clip")
             else:
                 epoch, i = divmod(s, per_epoch)
-                if i == 0:
-                    order = rng.permutation(n)
-                rows = order[i * batch:(i + 1) * batch]
-                scale = 1.0 / len(rows)
-            l, _ = self.stepper(self.params, *self.batch(x, y, rows), t.lr, scale)
-            loss, seen = loss + l, seen + len(rows)
+                xb, yb = local.batch(epoch, i * batch, min((i + 1) * batch, n), *self.buffers_for(batch))
+                scale = 1.0 / len(xb)
+            l, _ = self.stepper(self.params, xb, yb, t.lr, scale)
+            loss, seen = loss + l, seen + len(xb)
         return self.params - global_params, step_norm(f, t, steps), loss, seen  # FedNova: ‖a_k‖₁, not τ
 
-    def batch(self, x, y, rows):
-        """(x[rows], y[rows]) in the client's reused batch buffers."""
-        m = len(rows)
-        if self.xb is None or len(self.xb) < m or (self.xb.shape[1:], self.xb.dtype, self.yb.dtype) != (
-                x.shape[1:], x.dtype, y.dtype):
-            self.xb, self.yb = np.empty((m, *x.shape[1:]), x.dtype), np.empty(m, y.dtype)
-        xb, yb = self.xb[:m], self.yb[:m]
-        np.take(x, rows, axis=0, out=xb, mode="clip")  # "raise" would gather into a hidden copy first
-        np.take(y, rows, out=yb, mode="clip")
-        return xb, yb
+    def buffers_for(self, m):
+        """The client's batch buffers for m rows, reused across steps and clients (no fresh copy of rows per
+        step, and one place for fed.erase to zero)."""
+        if self.xb is None or len(self.xb) < m:
+            self.xb, self.yb = np.empty((m, self.n_in), np.float32), np.empty(m, np.int64)
+        return self.xb[:m], self.yb[:m]
 
     def buffers(self):
         """What a client's training leaves on this rank: its local model, last batch, the model's
@@ -252,7 +260,8 @@ def _federate(cfg, comm, out, quiet, resume, local, shared):
     run = Session(cfg, comm)
     data, spec, model = run.data, run.spec, run.model
     part = comm.agree(Partition, data, comm)
-    rows = comm.agree(ClientRows, data, part, comm.rank, local)
+    _, blocks = comm.agree(client_blocks, cfg, data, part, comm)
+    rows = comm.agree(HostedRows, data, part, comm.rank, local, blocks)
     layers = comm.agree(Layers, cfg, comm, part, model, run.kernels)
     dp, agg = layers.dp, layers.agg
     client = comm.agree(Client, model, run.kernels, t, f, layers.dpsgd)
@@ -325,9 +334,14 @@ def _federate(cfg, comm, out, quiet, resume, local, shared):
         if agg.begin(rnd, cohort, active):
             for k in active[(active >= part.hosted.start) & (active < part.hosted.stop)]:
                 with local:  # client k's work in this round: its traces are zeroed when it ends
-                    x, y = rows.get(k)
-                    if f.attack == "label_flip" and layers.attackers[k]:
-                        y = local.add(flip - y)
+                    flipped = f.attack == "label_flip" and layers.attackers[k]
+                    if rows.blocks is not None:  # read window by window
+                        x, y = ClientRows([t.seed, rnd, int(k), 0xC1], blocks=rows.blocks, lo=int(part.offsets[k]),
+                                          n=int(part.n_train[k]), flip=flip if flipped else None), None
+                    else:
+                        x, y = rows.get(k)
+                        if flipped:
+                            y = local.add(flip - y)
                     delta, steps, loss, seen = client.train(int(k), rnd, x, y, params)
                     local.add(delta)
                     if not (np.isfinite(loss) and np.all(np.isfinite(delta))):
@@ -398,6 +412,8 @@ def _federate(cfg, comm, out, quiet, resume, local, shared):
     if test_acc is None:  # resumed at the end: score the restored model
         test_loss, test_acc = evaluate(comm, model, params, run.test_x, run.test_y)
         fed_acc, worst = federated_eval(comm, model, params, part, rows, local)
+    if rows.blocks is not None:
+        rows.blocks.close()
     if accountant is not None and epsilon is None:
         epsilon = accountant.epsilon(rounds)
     if record_acc is not None and record_eps is None:
@@ -450,18 +466,41 @@ def resume_meaning(f, part, layers):
     return meaning
 
 
+def client_blocks(cfg, data, part, comm):
+    """(streamed, this rank's block reader): streamed with data.stream, or automatically when the largest
+    client rank's rows exceed data.memory_mb; the reader is None on rank 0 and when clients are in memory."""
+    d, f = cfg.data, cfg.fed
+    row = 4 * data.n_features + 8
+    hosted = [part.offsets[block(part.clients, comm.size - 1, r)[1]] - part.offsets[block(part.clients, comm.size - 1, r)[0]]
+              for r in range(comm.size - 1)]
+    if not (d.stream or (d.memory_mb > 0 and max(hosted) * row > d.memory_mb * 2**20)):
+        return False, None
+    if f.dpsgd.noise_multiplier > 0:
+        raise MpitrainError("fed.dpsgd with a streamed partition (data.stream, or clients' rows beyond "
+                            "data.memory_mb): DP-SGD's Poisson batches draw rows from all of a client's data; "
+                            "raise data.memory_mb so that the clients' rows stay in memory")
+    if comm.rank == 0:
+        return True, None
+    k = block_rows(data, "partition", d.memory_mb, 1, d.window_blocks, d.block_rows)  # one stratum a window
+    return True, Blocks(data, "partition", 1, k, d.window_blocks, comm.rank)
+
+
 def federated_eval(comm, model, params, part, rows, local):
     """Clients score the global model on their local test splits: (weighted accuracy, worst client), or
-    (None, None) when no client has a local test split (prepare --client-test-fraction 0).  With fed.erase
-    (local.on) the worst client's accuracy, one client's own value, is not computed: None."""
+    (None, None) when no client has a local test split (prepare --client-test-fraction 0).  Streamed
+    clients read their test rows a block at a time.  With fed.erase (local.on) the worst client's accuracy,
+    one client's own value, is not computed: None."""
     correct = count = 0.0
     worst = 1.0
     for k in part.hosted:
-        with local:
-            x, y = rows.get(k, test=True)
-            if len(x):
-                _, c = model.score(params, x, y)
-                correct, count, worst = correct + c, count + len(x), min(worst, c / len(x))
+        a, b = part.offsets[k] + part.n_train[k], part.offsets[k + 1]
+        step = max(rows.blocks.span if rows.blocks is not None else b - a, 1)
+        c = 0
+        for i in range(a, b, step):
+            with local:
+                c += model.score(params, *rows.read(i, min(i + step, b)))[1]
+        if b > a:
+            correct, count, worst = correct + c, count + (b - a), min(worst, c / (b - a))
     correct, count = comm.allreduce([correct, count])
     worst = None if local.on else comm.allreduce([worst], "min")[0]
     return (correct / count, worst) if count else (None, None)
