@@ -9,7 +9,7 @@ Everything around a GEMM is one compiled pass over the activation.  Gradients ar
 the caller scales once, in the optimizer update.
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, uint64
 
 IDENTITY, RELU, TANH = 0, 1, 2
 ACTIVATIONS = {"identity": IDENTITY, "relu": RELU, "tanh": TANH}
@@ -51,15 +51,22 @@ def act_grad(y, dy, act, db):
     """Given y = act(z) and dy = dL/dy: dy ← dL/dz (in place), db ← sum_rows dL/dz."""
     n, m = dy.shape
     db[:] = 0.0
-    for i in range(n):
-        for j in range(m):
-            g = dy[i, j]
-            if act == RELU:
-                g = g if y[i, j] > 0.0 else 0.0
-            elif act == TANH:
-                g = g * (1.0 - y[i, j] * y[i, j])
-            dy[i, j] = g
-            db[j] += g
+    if act == RELU:  # one loop per activation: no branch on act per element
+        for i in range(n):
+            for j in range(m):
+                g = dy[i, j] if y[i, j] > 0.0 else np.float32(0.0)
+                dy[i, j] = g
+                db[j] += g
+    elif act == TANH:
+        for i in range(n):
+            for j in range(m):
+                g = dy[i, j] * (1.0 - y[i, j] * y[i, j])
+                dy[i, j] = g
+                db[j] += g
+    else:
+        for i in range(n):
+            for j in range(m):
+                db[j] += dy[i, j]
 
 
 def dense_backward_params(x, y, dy, act, dw, db):
@@ -326,6 +333,52 @@ def scatter_add(g, idx, val):
 # The convolution is im2col + one GEMM over the whole batch: cols (N·OH·OW, KH·KW·C_in), row
 # ((n·OH + oh)·OW + ow); cols @ w.T (N·OH·OW, C_out) is the NHWC output (N, OH, OW, C_out) as it stands.
 
+@njit(cache=True)
+def _im2col_sample(x, n, KH, KW, SH, SW, PH, PW, OH, OW, cols):
+    """im2col of sample n.  One input channel (a first layer): each tap (kh, kw) is a run of output
+    pixels reading consecutive input pixels, written down a column of cols; more channels: each tap of
+    each output pixel is a run of C consecutive floats."""
+    N, H, W, C = x.shape
+    r0 = n * OH * OW
+    if C == 1:
+        K = KH * KW
+        xf, cf = x.reshape(-1), cols.reshape(-1)
+        for oh in range(OH):
+            for kh in range(KH):
+                ih = oh * SH - PH + kh
+                for kw in range(KW):
+                    # the output columns ow whose input column ow·SW − PW + kw lies in [0, W)
+                    lo = min(OW, max(0, (PW - kw + SW - 1) // SW))
+                    hi = max(lo, min(OW, (W - 1 + PW - kw) // SW + 1))
+                    if ih < 0 or ih >= H:
+                        lo = hi = OW
+                    # unsigned indices skip Numba's negative-index wrap; src may wrap below 0, but
+                    # src + ow·SW is exact modulo 2⁶⁴ and in range for ow in [lo, hi)
+                    d = uint64((r0 + oh * OW) * K + kh * KW + kw)
+                    src = uint64((n * H + ih) * W + kw - PW)
+                    for ow in range(lo):
+                        cf[d + uint64(ow * K)] = 0.0
+                    for ow in range(lo, hi):
+                        cf[d + uint64(ow * K)] = xf[src + uint64(ow * SW)]
+                    for ow in range(hi, OW):
+                        cf[d + uint64(ow * K)] = 0.0
+        return
+    for oh in range(OH):
+        for ow in range(OW):
+            r = r0 + oh * OW + ow
+            for kh in range(KH):
+                ih = oh * SH - PH + kh
+                for kw in range(KW):
+                    iw = ow * SW - PW + kw
+                    o = (kh * KW + kw) * C
+                    if 0 <= ih < H and 0 <= iw < W:
+                        for c in range(C):
+                            cols[r, o + c] = x[n, ih, iw, c]
+                    else:
+                        for c in range(C):
+                            cols[r, o + c] = 0.0
+
+
 @njit(cache=True, parallel=True)
 def im2col(x, KH, KW, SH, SW, PH, PW, OH, OW, cols):
     """cols[(n·OH + oh)·OW + ow, (kh·KW + kw)·C + c] ← x[n, oh·SH − PH + kh, ow·SW − PW + kw, c], 0 where
@@ -333,21 +386,8 @@ def im2col(x, KH, KW, SH, SW, PH, PW, OH, OW, cols):
     N, H, W, C = x.shape
     if cols.shape[0] != N * OH * OW or cols.shape[1] != KH * KW * C:
         raise ValueError("im2col: cols must be (N*OH*OW, KH*KW*C)")
-    for n in prange(N):
-        for oh in range(OH):
-            for ow in range(OW):
-                r = (n * OH + oh) * OW + ow
-                for kh in range(KH):
-                    ih = oh * SH - PH + kh
-                    for kw in range(KW):
-                        iw = ow * SW - PW + kw
-                        o = (kh * KW + kw) * C
-                        if 0 <= ih < H and 0 <= iw < W:
-                            for c in range(C):
-                                cols[r, o + c] = x[n, ih, iw, c]
-                        else:
-                            for c in range(C):
-                                cols[r, o + c] = 0.0
+    for n in prange(N):  # a serial body per sample: prange's own loop body compiles to slower code
+        _im2col_sample(x, n, KH, KW, SH, SW, PH, PW, OH, OW, cols)
 
 
 @njit(cache=True, parallel=True)
@@ -403,6 +443,31 @@ def conv_backward(cols, w, y, dy, act, geom, dw, db, dcols, dx):
         col2im(dcols, *geom, dx)
 
 
+@njit(cache=True)
+def _maxpool_sample(x, n, KH, KW, SH, SW, out, arg):
+    """maxpool_forward of sample n: per output pixel, the running maximum and its index of all C channels
+    in two small local arrays, tap after tap (the loop over channels is the inner one, and it vectorises)."""
+    W, C = x.shape[2], x.shape[3]
+    xf = x[n].reshape(-1)
+    m, a = np.empty(C, x.dtype), np.empty(C, arg.dtype)
+    for oh in range(out.shape[1]):
+        for ow in range(out.shape[2]):
+            s0 = (oh * SH * W + ow * SW) * C
+            for c in range(C):
+                m[c], a[c] = xf[s0 + c], s0 + c
+            for kh in range(KH):
+                for kw in range(KW):
+                    s = s0 + (kh * W + kw) * C
+                    for c in range(C):
+                        v = xf[s + c]
+                        better = (v > m[c]) | (v != v)
+                        m[c] = v if better else m[c]
+                        a[c] = s + c if better else a[c]
+            for c in range(C):
+                out[n, oh, ow, c] = m[c]
+                arg[n, oh, ow, c] = a[c]
+
+
 @njit(cache=True, parallel=True)
 def maxpool_forward(x, KH, KW, SH, SW, out, arg):
     """Max pooling without padding, out (N, OH, OW, C) with OH ≤ (H − KH)//SH + 1 (likewise OW):
@@ -414,22 +479,7 @@ def maxpool_forward(x, KH, KW, SH, SW, out, arg):
     if out.shape[0] != N or out.shape[3] != C or (OH - 1) * SH + KH > H or (OW - 1) * SW + KW > W:
         raise ValueError("maxpool_forward: out must be (N, OH, OW, C) with the windows inside x")
     for n in prange(N):
-        for oh in range(OH):
-            for ow in range(OW):
-                ih, iw = oh * SH, ow * SW
-                for c in range(C):
-                    out[n, oh, ow, c] = x[n, ih, iw, c]
-                    arg[n, oh, ow, c] = (ih * W + iw) * C + c
-                for kh in range(KH):
-                    for kw in range(KW):
-                        if kh == 0 and kw == 0:
-                            continue
-                        ih, iw = oh * SH + kh, ow * SW + kw
-                        for c in range(C):
-                            v = x[n, ih, iw, c]
-                            if v > out[n, oh, ow, c] or v != v:
-                                out[n, oh, ow, c] = v
-                                arg[n, oh, ow, c] = (ih * W + iw) * C + c
+        _maxpool_sample(x, n, KH, KW, SH, SW, out, arg)
 
 
 @njit(cache=True, parallel=True)
@@ -448,6 +498,19 @@ def maxpool_backward(dy, arg, dx):
                     flat[arg[n, oh, ow, c]] += dy[n, oh, ow, c]
 
 
+@njit(cache=True)
+def _avgpool_sample(x, n, KH, KW, SH, SW, out):
+    scale = np.float32(1.0 / (KH * KW))
+    for oh in range(out.shape[1]):
+        for ow in range(out.shape[2]):
+            for c in range(x.shape[3]):
+                t = np.float32(0.0)
+                for kh in range(KH):
+                    for kw in range(KW):
+                        t += x[n, oh * SH + kh, ow * SW + kw, c]
+                out[n, oh, ow, c] = t * scale
+
+
 @njit(cache=True, parallel=True)
 def avgpool_forward(x, KH, KW, SH, SW, out):
     """Average pooling without padding (out as for maxpool_forward): out ← the mean of each window."""
@@ -455,19 +518,8 @@ def avgpool_forward(x, KH, KW, SH, SW, out):
     OH, OW = out.shape[1], out.shape[2]
     if out.shape[0] != N or out.shape[3] != C or (OH - 1) * SH + KH > H or (OW - 1) * SW + KW > W:
         raise ValueError("avgpool_forward: out must be (N, OH, OW, C) with the windows inside x")
-    scale = np.float32(1.0 / (KH * KW))
     for n in prange(N):
-        for oh in range(OH):
-            for ow in range(OW):
-                for c in range(C):
-                    out[n, oh, ow, c] = 0.0
-                for kh in range(KH):
-                    for kw in range(KW):
-                        ih, iw = oh * SH + kh, ow * SW + kw
-                        for c in range(C):
-                            out[n, oh, ow, c] += x[n, ih, iw, c]
-                for c in range(C):
-                    out[n, oh, ow, c] *= scale
+        _avgpool_sample(x, n, KH, KW, SH, SW, out)
 
 
 @njit(cache=True, parallel=True)
