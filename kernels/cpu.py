@@ -422,21 +422,23 @@ def _rows(a, m):
 
 def conv_forward(x, w, b, act, geom, cols, out):
     """out ← act(conv(x, w) + b): cols ← im2col(x, *geom), out ← cols @ w.T, bias and activation in
-    place.  out is (N, OH, OW, C_out) (or its (N·OH·OW, C_out) view), C-contiguous; cols is kept for
-    conv_backward."""
+    place (b None: out ← conv(x, w) alone, act unused).  out is (N, OH, OW, C_out) (or its (N·OH·OW, C_out)
+    view), C-contiguous; cols is kept for conv_backward."""
     im2col(x, *geom, cols)
     z = _rows(out, w.shape[0])
     _gemm(cols, w.T, z)
-    bias_act(z, b, act)
+    if b is not None:
+        bias_act(z, b, act)
 
 
 def conv_backward(cols, w, y, dy, act, geom, dw, db, dcols, dx):
     """Given y = act(conv(x, w) + b), cols = im2col(x, *geom) saved by conv_forward and dy = dL/dy:
     dy ← dL/dz (in place), db ← sum dz over N·OH·OW, dw ← dz.T @ cols, and, when dx is not None,
     dcols ← dz @ w and dx ← col2im(dcols, *geom).  dcols may be cols itself (cols is read before dcols is
-    written); with dx None, dcols is not used."""
+    written); with dx None, dcols is not used.  db None: dy is dL/dz already (y and act unused)."""
     z_grad = _rows(dy, w.shape[0])
-    act_grad(_rows(y, w.shape[0]), z_grad, act, db)
+    if db is not None:
+        act_grad(_rows(y, w.shape[0]), z_grad, act, db)
     _gemm(z_grad.T, cols, dw)
     if dx is not None:
         _gemm(z_grad, w, dcols)
