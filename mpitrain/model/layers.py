@@ -142,7 +142,7 @@ class Pool(Layer):
         if self.kind == "max":
             k.maxpool_forward(x, *self.win, out, s["arg"])
             if self.conv:
-                k.bias_act(out.reshape(-1, out.shape[-1]), p[1], self.conv.act)
+                k.bias_act(out.reshape(out.size // out.shape[-1], out.shape[-1]), p[1], self.conv.act)
         else:
             k.avgpool_forward(x, *self.win, out)
 
@@ -152,7 +152,7 @@ class Pool(Layer):
         if self.kind == "max":
             if self.conv:
                 C = dy.shape[-1]
-                k.act_grad(y.reshape(-1, C), dy.reshape(-1, C), self.conv.act, g[1])
+                k.act_grad(y.reshape(y.size // C, C), dy.reshape(dy.size // C, C), self.conv.act, g[1])
             k.maxpool_backward(dy, s["arg"], dx)
         else:
             k.avgpool_backward(dy, *self.win, dx)
