@@ -142,7 +142,8 @@ class Pool(Layer):
         if self.kind == "max":
             k.maxpool_forward(x, *self.win, out, s["arg"])
             if self.conv:
-                k.bias_act(out.reshape(out.size // out.shape[-1], out.shape[-1]), p[1], self.conv.act)
+                C = self.out_shape[2]
+                k.bias_act(out.reshape(out.size // C, C), p[1], self.conv.act)
         else:
             k.avgpool_forward(x, *self.win, out)
 
@@ -151,7 +152,7 @@ class Pool(Layer):
         then dx ← dL/dz."""
         if self.kind == "max":
             if self.conv:
-                C = dy.shape[-1]
+                C = self.out_shape[2]
                 k.act_grad(y.reshape(y.size // C, C), dy.reshape(dy.size // C, C), self.conv.act, g[1])
             k.maxpool_backward(dy, s["arg"], dx)
         else:
