@@ -45,6 +45,9 @@ CONV_CASES = [
     ("2d-same-5x5-cin1", (2, 8, 8, 1, 4), (5, 5, 1, 1), same),
     ("2d-same-s12", (2, 6, 9, 3, 2), (3, 2, 1, 2), same),
     ("2d-overpad", (2, 4, 5, 2, 3), (2, 3, 1, 2), overpad),
+    # one input channel (im2col's tap-by-tap path): strided, windows wholly in the padding; 1-d, asymmetric
+    ("2d-overpad-cin1-s2", (2, 5, 7, 1, 3), (3, 3, 2, 2), overpad),
+    ("1d-same-even-cin1", (2, 1, 9, 1, 2), (1, 4, 1, 1), same),
 ]
 CONV_IDS = [c[0] for c in CONV_CASES]
 
