@@ -366,10 +366,10 @@ def _dz_parts(y, dy, act, rows, part):
         part[p, j] = s
 
 
-_parts = {}  # (blocks, columns) -> partial-sum scratch of _act_grad: allocated once
+_parts = {}  # (blocks, columns) -> partial-sum scratch of act_grad: allocated once
 
 
-def _act_grad(y, dy, act, db):
+def act_grad(y, dy, act, db):
     """dy ← dL/dz (in place), db ← Σ_rows dz: _dz_colsum, after a pass of partial sums when there are more
     than PART_ROWS rows (a conv's N·OH·OW), so that no thread walks every row.  Deterministic."""
     n, m = dy.shape
@@ -496,7 +496,8 @@ def col2im(dcols, KH, KW, SH, SW, PH, PW, OH, OW, dx):
 
 def conv_forward(x, w, b, act, geom, cols, out):
     """out ← act(conv(x, w) + b): cols ← im2col(x, *geom), then out ← act(cols @ w.T + b) in one GEMM with
-    the bias and activation in its epilogue.  out is (N, OH, OW, C_out) or its (N·OH·OW, C_out) view."""
+    the bias and activation in its epilogue (b None: no epilogue).  out is (N, OH, OW, C_out) or its
+    (N·OH·OW, C_out) view."""
     im2col(x, *geom, cols)
     _matmul(cols, w, _mat(out, w.shape[0]), tb=True, bias=b, act=act)
 
@@ -504,9 +505,10 @@ def conv_forward(x, w, b, act, geom, cols, out):
 def conv_backward(cols, w, y, dy, act, geom, dw, db, dcols, dx):
     """dy ← dL/dz (in place), db ← Σ dz over N·OH·OW, dw ← dz.T @ cols, and when dx is not None dcols ←
     dz @ w, dx ← col2im(dcols, *geom).  dcols may be cols (the kernels run in order on one stream, so
-    dw's GEMM has read cols before dcols' GEMM writes it)."""
+    dw's GEMM has read cols before dcols' GEMM writes it).  db None: dy is dL/dz already."""
     dz = _mat(dy, w.shape[0])
-    _act_grad(_mat(y, w.shape[0]), dz, act, db)
+    if db is not None:
+        act_grad(_mat(y, w.shape[0]), dz, act, db)
     _matmul(dz, cols, dw, ta=True)
     if dx is not None:
         _matmul(dz, w, dcols)

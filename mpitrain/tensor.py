@@ -188,8 +188,10 @@ def split(net, T, t):
             if cut is not None and len(l.in_shape) == 3:  # NHWC (h, w, this rank's channels) → feature indices
                 H, W, C = l.in_shape
                 cut = (np.arange(H * W)[:, None] * C + np.arange(*cut)).ravel()
-        elif isinstance(l, Pool):
-            local = l if cut is None else Pool(l.dims, l.kind, l.win[:2], l.win[2:], (*l.in_shape[:-1], _width(cut)))
+        elif isinstance(l, Pool):  # a fresh one: the local conv below it is unfused (its bias and activation
+            # come before the pooling), since a row conv's pre-activation sum is whole only after the Allreduce
+            local = Pool(l.dims, l.kind, l.win[:2], l.win[2:], (*l.in_shape[:-1], _width(cut) if cut is not None
+                                                               else l.in_shape[-1]))
         elif cut is None and i == last:
             how, local = "whole", _like(l, l.out_shape[-1], l.in_shape)
         elif cut is None:

@@ -45,6 +45,9 @@ CONV_CASES = [
     ("2d-same-5x5-cin1", (2, 8, 8, 1, 4), (5, 5, 1, 1), same),
     ("2d-same-s12", (2, 6, 9, 3, 2), (3, 2, 1, 2), same),
     ("2d-overpad", (2, 4, 5, 2, 3), (2, 3, 1, 2), overpad),
+    # one input channel (im2col's tap-by-tap path): strided, windows wholly in the padding; 1-d, asymmetric
+    ("2d-overpad-cin1-s2", (2, 5, 7, 1, 3), (3, 3, 2, 2), overpad),
+    ("1d-same-even-cin1", (2, 1, 9, 1, 2), (1, 4, 1, 1), same),
 ]
 CONV_IDS = [c[0] for c in CONV_CASES]
 
@@ -326,11 +329,15 @@ def test_maxpool_ties_go_to_the_first_and_nan_propagates():
     x[0, :2, 2:, 1] = 3.0  # window (0, 1), channel 1: four equal maxima
     x[0, 3, 1, 0] = np.nan  # window (1, 0), channel 0: NaN at its last position
     x[0, 2, 0, 0] = 1.0
+    x[0, 2, 2, 0] = x[0, 3, 2, 0] = np.nan  # window (1, 1), channel 0: two NaNs, the last one wins
+    x[0, 2, 3, 1], x[0, 3, 2, 1] = np.inf, -np.inf  # window (1, 1), channel 1: no NaN, inf − inf is one
     out, arg = np.empty((1, 2, 2, 2), np.float32), np.empty((1, 2, 2, 2), np.int32)
     cpu.maxpool_forward(x, 2, 2, 2, 2, out, arg)
     assert out[0, 0, 1, 1] == 3.0 and arg[0, 0, 1, 1] == (0 * 4 + 2) * 2 + 1
     assert arg[0, 0, 0, 0] == 0  # all-zero window: its first element
     assert np.isnan(out[0, 1, 0, 0]) and arg[0, 1, 0, 0] == (3 * 4 + 1) * 2
+    assert np.isnan(out[0, 1, 1, 0]) and arg[0, 1, 1, 0] == (3 * 4 + 2) * 2
+    assert out[0, 1, 1, 1] == np.inf and arg[0, 1, 1, 1] == (2 * 4 + 3) * 2 + 1
     dx = np.empty_like(x)
     cpu.maxpool_backward(np.ones_like(out), arg, dx)
     assert dx[0, 0, 2, 1] == 1.0 and dx[0, :2, 2:, 1].sum() == 1.0

@@ -7,6 +7,7 @@ import pytest
 
 from mpitrain.errors import MpitrainError
 from mpitrain.model import Model, ModelSpec
+from mpitrain.model.layers import Conv
 
 
 def spec(stack, shape, classes):
@@ -143,6 +144,10 @@ CNNS = {
     "1d, 2 channels": (["conv1d 4 4 same", "relu", "maxpool1d 2", "conv1d 3 3 valid stride=2", "relu", "flatten",
                         "dense 3"], (2, 20)),
     "pool first, one channel": (["maxpool2d 2", "conv2d 3 3 same", "tanh", "flatten", "dense 3"], (8, 8)),
+    # a max pooling applies the conv's bias and activation after pooling: tanh, and no activation at all
+    "max-pool after tanh and after a bare conv": (
+        ["conv2d 3 3 same", "tanh", "maxpool2d 2", "conv2d 4 2 valid", "maxpool2d 2 stride=1", "flatten",
+         "dense 3"], (2, 10, 10)),
 }
 
 
@@ -154,6 +159,9 @@ def test_cnn_loss_and_gradient_match_the_reference(case):
     flat = model.init_params(1) + (0.05 * r.standard_normal(model.n_params)).astype(np.float32)
     x = r.standard_normal((7, int(np.prod(shape)))).astype(np.float32)
     y = r.integers(0, 3, 7)
+    words = [t.split()[0] for t in stack if t not in ACT]
+    pooled = [b.startswith("maxpool") for a, b in zip(words, words[1:]) if a.startswith("conv")]
+    assert [l.pooled for l in model.net if isinstance(l, Conv)] == pooled  # the fused pairs are in use
     grad = np.full(model.n_params, np.nan, np.float32)
     loss, correct = model.loss_grad(flat, grad, x, y)
     assert loss == pytest.approx(ref_loss(model, flat, x, y), rel=1e-5)

@@ -170,13 +170,14 @@ class Model:
             x = entry
         else:
             x = x.reshape(n, *self.nhwc)
-        ins = []
+        ins, p = [], None
         for l, out, s in zip(self.net, outs, scratch):
             ins.append(x)
             if isinstance(l, Flatten):
                 x = x.reshape(n, -1)
             else:
-                l.forward(self.k, _weights(params, l), x, out, s)
+                p = p if l.conv else _weights(params, l)  # a pooling after a conv gets the conv's (W, b)
+                l.forward(self.k, p, x, out, s)
                 x = out
         return ins, x
 
@@ -196,7 +197,8 @@ class Model:
                 continue
             if i == 0 and not l.n_params and dx is None:  # a first pooling layer: nothing below needs its gradient
                 break
-            g = grad.grad_of(l) if hasattr(grad, "grad_of") else l.views(grad)
+            owner = l.conv or l  # a pooling after a conv writes the conv's bias gradient
+            g = grad.grad_of(owner) if hasattr(grad, "grad_of") else owner.views(grad)
             down = downs[i] if i or dx is None else dx.reshape(len(x), *l.in_shape)
             l.backward(self.k, _weights(params, l, down=True), g, ins[i], outs[i], d, down, scratch[i])
             if l.n_params:

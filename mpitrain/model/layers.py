@@ -5,7 +5,9 @@ Activations are NHWC: a batch of 2-d maps is (N, H, W, C), of 1-d signals (N, 1,
 conv2d of kernel height 1), of flat features (N, F).  A layer's parameters are the slice [W | b] of the flat
 vector at its offset: dense W (in, out) row-major as it always was; conv W (C_out, KH·KW·C_in), row-major
 over (C_out, KH, KW, C_in) (kernels/cpu.py).  An activation in a stack is fused into the dense or conv
-layer before it (one pass after the GEMM), so it is a flag of that layer, not a layer.
+layer before it (one pass after the GEMM), so it is a flag of that layer, not a layer.  A conv followed by a
+max pooling leaves its bias and activation to the pooling: both are monotone, so max(act(z + b)) =
+act(max(z) + b), and they then run on the pooled pixels only, in both passes (Pool.conv).
 
 Syntax of a layer (model.layers is a list of these strings):
   dense N                      N outputs
@@ -46,6 +48,7 @@ class Layer:
     """in_shape/out_shape: NHWC per sample ((H, W, C)) or flat ((F,)); n_params; offset (set by build)."""
     n_params = 0
     act = IDENTITY
+    conv = None  # a max pooling: the conv before it, whose bias and activation it applies (module doc)
 
     def views(self, flat, at=None):
         """(W, b) on flat at the layer's offset (or at `at`), None for a layer without parameters."""
@@ -83,6 +86,8 @@ class Dense(Layer):
 
 
 class Conv(Layer):
+    pooled = False  # a max pooling follows and applies the bias and activation (module doc)
+
     def __init__(self, dims, channels, kernel, stride, same, in_shape):
         H, W, C = in_shape
         (KH, KW), (SH, SW) = kernel, stride
@@ -108,10 +113,15 @@ class Conv(Layer):
         return {"cols": xp.empty((n * OH * OW, self.k_len))}  # im2col of the input; dcols in backward
 
     def forward(self, k, p, x, out, s, act=None):
-        k.conv_forward(x, *p, self.act if act is None else act, self.geom, s["cols"], out)
+        """out ← act(conv(x) + b), or conv(x) alone when pooled; act: another activation than the layer's
+        (tensor parallelism's row layers add bias and activation after their sum)."""
+        k.conv_forward(x, p[0], None if self.pooled else p[1], self.act if act is None else act, self.geom,
+                       s["cols"], out)
 
     def backward(self, k, p, g, x, y, dy, dx, s):
-        k.conv_backward(s["cols"], p[0], y, dy, self.act, self.geom, *g, s["cols"], dx)
+        """pooled: dy is dL/dz and g's bias gradient is written already (Pool.backward)."""
+        dw, db = g
+        k.conv_backward(s["cols"], p[0], y, dy, self.act, self.geom, dw, None if self.pooled else db, s["cols"], dx)
 
 
 class Pool(Layer):
@@ -131,13 +141,22 @@ class Pool(Layer):
         return {"arg": xp.ints((n, *self.out_shape))} if self.kind == "max" else {}
 
     def forward(self, k, p, x, out, s):
+        """p: the conv's (W, b) when self.conv (x is then its output before bias and activation)."""
         if self.kind == "max":
             k.maxpool_forward(x, *self.win, out, s["arg"])
+            if self.conv:
+                C = self.out_shape[2]
+                k.bias_act(out.reshape(out.size // C, C), p[1], self.conv.act)
         else:
             k.avgpool_forward(x, *self.win, out)
 
     def backward(self, k, p, g, x, y, dy, dx, s):
+        """g: the conv's gradient (W, b) when self.conv: dy ← dL/d(max(z) + b), its bias gradient ← Σ dy,
+        then dx ← dL/dz."""
         if self.kind == "max":
+            if self.conv:
+                C = self.out_shape[2]
+                k.act_grad(y.reshape(y.size // C, C), dy.reshape(dy.size // C, C), self.conv.act, g[1])
             k.maxpool_backward(dy, s["arg"], dx)
         else:
             k.avgpool_backward(dy, *self.win, dx)
@@ -210,6 +229,8 @@ def build(stack, feature_shape, n_classes):
         if isinstance(layer, (Conv, Pool)) and layer.dims != dims:
             raise MpitrainError(f"{where}: a {layer.dims}-d layer in a stack on {dims}-d input "
                                 f"{_shape_text(shape, dims)}")
+        if isinstance(layer, Pool) and layer.kind == "max" and isinstance(layers[-1] if layers else None, Conv):
+            layer.conv, layers[-1].pooled = layers[-1], True
         layer.offset, offset = offset, offset + layer.n_params
         layers.append(layer)
         shape = layer.out_shape
