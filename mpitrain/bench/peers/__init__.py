@@ -137,7 +137,8 @@ def ddp_rows(args, p, data, tmp, have_torch, compare):
         c = CommConfig()  # the plain allreduce; the other modes' settings at their defaults
         (point,) = run_point(argparse.Namespace(**vars(args), mode="weak", global_batch=args.batch_per_rank,
                                                 comm=c.mode, bucket_mb=c.bucket_mb, topk_ratio=c.topk_ratio,
-                                                local_steps=c.local_steps, group_size=c.group_size), p)
+                                                local_steps=c.local_steps, group_size=c.group_size,
+                                                optimizer="momentum", tensor="1"), p)  # torch_ddp's SGD momentum
     if "tta" in compare:
         sets = {"data.path": data, "model.hidden": f"[{args.hidden}]", "train.global_batch": batch,
                 "train.steps": args.tta_steps, "train.eval_every": args.eval_every, "train.lr": LR,
