@@ -100,6 +100,8 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
     scale = 1.0 / t.global_batch
     train_seconds, last = 0.0, {}
     test_loss = test_acc = None
+    if first < total:  # the first step's data is read before the timed loop, as an in-memory part is
+        shard.get(*divmod(first, shard.steps_per_epoch))
     for step in range(first, total):
         tic = time.perf_counter()
         epoch, s = divmod(step, shard.steps_per_epoch)
@@ -132,7 +134,8 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
     shard.close()
     if test_acc is None:  # resumed at the end: score the restored model
         test_loss, test_acc = evaluate(comm, model, grid.full(sync.full(params)), run.test_x, run.test_y)
-    memory = [sum(v.nbytes for v in opt.state.values()), *sync.bytes_per_rank(params, step_fn.grad), peak_rss()]
+    memory = [sum(v.nbytes for v in opt.state.values()), *sync.bytes_per_rank(params, step_fn.grad), peak_rss(),
+              shard.reader_rss]
     tensor = getattr(local, "seconds", 0.0), getattr(local, "bytes", 0) / max(sync.steps, 1)
     train_seconds, comm_seconds, *memory, tensor_seconds, tensor_bytes = comm.allreduce(
         [train_seconds, sync.seconds, *memory, *tensor], op="max")
@@ -143,6 +146,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         "comm_seconds": comm_seconds, "comm_mode": cfg.comm.mode, "data_stream": shard.streams,
         "comm_bytes_per_step": sync.bytes / max(sync.steps, 1), "optimizer_state_bytes_per_rank": int(memory[0]),
         "param_bytes_per_rank": int(memory[1]), "grad_bytes_per_rank": int(memory[2]), "peak_rss_bytes": int(memory[3]),
+        "reader_peak_rss_bytes": int(memory[4]),
         "resumed_from_step": first, "tensor_parallel": grid.T, "data_parallel": dp.size,
         "tensor_comm_seconds": tensor_seconds, "tensor_comm_bytes_per_step": tensor_bytes,
     }

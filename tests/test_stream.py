@@ -3,7 +3,10 @@ address-space limit, p ranks ≡ 1 rank, bit-exact resume, and a bad block named
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -34,7 +37,7 @@ def _npy_dir(folder, n, features, seed):
 def test_a_file_several_times_the_memory_limit_trains_in_stream_mode(tmp_path):
     """RLIMIT_AS on each process = its baseline + HEADROOM, the baseline being the peak address space
     (VmPeak) of the same command on a tiny file of the same row size: importing NumPy, Numba, h5py and
-    mpi4py and starting OpenBLAS and the prefetch thread already take ~1 GB of address space, far more than
+    mpi4py and starting OpenBLAS already take ~1 GB of address space, far more than
     any file this test could write quickly.  What the limit then bounds is the memory a process may add for
     the data, so the source and the training file are made several (≥ 5) times larger than HEADROOM:
     prepare reads the memory-mapped-size npy source in groups, train streams it in windows for a full epoch,
@@ -79,7 +82,10 @@ def test_a_file_several_times_the_memory_limit_trains_in_stream_mode(tmp_path):
     s = summary(str(tmp_path / "stream"))
     assert s["data_stream"] and s["steps"] == rows // 128  # one whole epoch: every block read once
     assert peak("stream") <= limit
-    # in memory, against its own baseline (streaming's includes the prefetch thread's stack and arena)
+    # the rank's reader process (a child: the same limit, a smaller baseline) holds a bounded share too
+    reader_base = summary(str(tmp_path / "train-base"))["reader_peak_rss_bytes"]
+    assert 0 < s["reader_peak_rss_bytes"] <= reader_base + headroom
+    # in memory, against its own baseline (streaming's maps its window buffers and starts the reader)
     in_memory = ["data.stream=false", "data.memory_mb=0"]
     assert train(0, "memory-base", "small.h5", *in_memory).returncode == 0
     r = train(peak("memory-base") + headroom, "memory", "big.h5", *in_memory)
@@ -199,3 +205,68 @@ def test_prepare_from_folders_and_in_groups_matches_one_array(tmp_path, monkeypa
     for k in ("train/x", "test/x", "standardize/mean", "standardize/std"):
         assert np.allclose(ref[k], grouped[k], rtol=0, atol=1e-5), k
     assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]  # no temporary copy left
+
+
+def _reader_of(rank_pid):
+    """The pid of the reader process a rank started."""
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if ppid == rank_pid and b"mpitrain.data.reader" in cmd:
+            return int(d)
+    return None
+
+
+WINDOW_A_STEP = ["data.block_rows=1", "data.window_blocks=1", "train.steps=2000000"]
+
+
+def test_preemption_signals_to_the_reader_process_too_checkpoint_and_its_death_ends_the_run(tmp_path, synth):
+    """SLURM signals every process of a job step: SIGTERM to a streaming rank and to its reader process
+    checkpoints and exits 75, as in memory (the reader ignores the signal and ends with its rank).  What that
+    protects against: a reader that dies (SIGKILL here) ends its rank with one line naming it, not a hang.
+    A window a step, so the step after the signal needs the reader (without the protection, the test fails)."""
+    from test_checkpoint import _rank_pids, checkpoints
+
+    def start(out):
+        cmd = [MPIEXEC, "-n", "1", sys.executable, "-m", "mpitrain", "train", "--quiet", "--out", out, "--data", synth,
+               *[a for s in (*STREAM, *WINDOW_A_STEP) for a in ("--set", s)]]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env=dict(os.environ, **ONE))
+        deadline = time.time() + 120
+        while not (os.path.exists(os.path.join(out, "metrics.jsonl")) and _rank_pids(out)
+                   and _reader_of(_rank_pids(out)[0])):
+            assert time.time() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        time.sleep(0.5)
+        rank = _rank_pids(out)[0]
+        return proc, rank, _reader_of(rank)
+
+    def wait(proc):
+        try:
+            return proc.communicate(timeout=60)[1]
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+
+    out = str(tmp_path / "term")
+    proc, rank, reader = start(out)
+    os.kill(reader, signal.SIGTERM)
+    os.kill(rank, signal.SIGTERM)
+    err = wait(proc)
+    assert proc.returncode == 75, err
+    assert len(checkpoints(out)) == 1 and not os.path.exists(os.path.join(out, "summary.json"))
+    deadline = time.time() + 10
+    while os.path.exists(f"/proc/{reader}"):  # it ends at the end of its input: when its rank has ended
+        assert time.time() < deadline, "the reader process outlived its rank"
+        time.sleep(0.1)
+
+    out = str(tmp_path / "kill")
+    proc, rank, reader = start(out)
+    os.kill(reader, signal.SIGKILL)
+    err = wait(proc)
+    assert proc.returncode == 2
+    assert err.splitlines() == [f"mpitrain: error: {synth}: the reader process of rank 0 ended (killed by signal 9)"]

@@ -16,17 +16,17 @@ permutation seeded by (seed, e, j), the short block last.  Consecutive groups of
 rows of window w are shuffled by a permutation seeded by (seed, e, j, w), and stratum j's samples are
 visited in that order, one per step.  Every window but an epoch's last holds exactly W·K rows of every
 stratum, so all strata and all ranks change window at the same step: steps [w·W·K, (w+1)·W·K) read window w
-of every local stratum.  A rank holds two windows (the current one and the next, which a background thread
-reads while the steps compute), i.e. 2·(B/p)·W·K rows.  K and W depend on the configuration and the file
+of every local stratum.  A rank holds two windows (the current one and the next, which its reader process
+(reader.py) reads while the steps compute), i.e. 2·(B/p)·W·K rows.  K and W depend on the configuration and the file
 (data.block_rows, data.window_blocks, data.memory_mb, the global batch, the row size and the file's chunk
 rows), never on p, so p ranks still compute what one rank would.
 """
-import concurrent.futures
 import os
 
 import numpy as np
 
 from ..errors import MpitrainError
+from .reader import Blocks
 
 
 def _fail(path, what):
@@ -120,6 +120,7 @@ class TrainShard:
     """This rank's strata of the training split and the batch plan over them (see module docstring)."""
 
     streams = False
+    reader_rss = 0  # the peak resident memory of a stream reader process, once closed
 
     def __init__(self, data, global_batch, rank, size, seed):
         self._strata(data, global_batch, rank, size, seed)
@@ -169,111 +170,6 @@ class TrainShard:
         pass
 
 
-class Blocks:
-    """The stream plan's reader (module docstring), for a rank's strata of train/ and for a federated
-    client's rows of partition/: strata j in `strata` are the rows bounds[j]…bounds[j+1]-1 of split/x, read
-    a window (W blocks of K rows of every stratum) at a time into one of two buffers, checked as they
-    arrive, by a background thread.  The plan of (epoch, stratum j) is seeded by (*key, epoch, j); an
-    epoch visits the first `positions` samples of each stratum's order."""
-
-    def __init__(self, data, split, strata, block, window, rank):
-        """strata: how many strata a window holds at most."""
-        import h5py
-
-        self.data, self.split, self.rank, self.block, self.window = data, split, rank, block, window
-        self.span = block * window
-        rows = strata * self.span
-        row = 4 * data.n_features + 8
-        # h5py's chunk cache (1 MiB by default) holds a window's chunks, so a chunk that two blocks of a
-        # window share is decompressed once
-        chunks = data.f[f"{split}/x"].chunks
-        cache = max(2**20, rows * row)
-        per_chunk = (chunks[0] if chunks else 1) * 4 * data.n_features
-        self.f = h5py.File(data.path, "r", rdcc_nbytes=cache, rdcc_nslots=max(521, 100 * (cache // per_chunk)) | 1)
-        self.dx, self.dy = self.f[f"{split}/x"], self.f[f"{split}/y"]
-        self.buffers = [(np.empty((rows, data.n_features), np.float32), np.empty(rows, np.int64)) for _ in range(2)]
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mpitrain-prefetch")
-        self.slot, self.next, self.current = 0, None, None
-
-    def start(self, bounds, strata, positions, key):
-        """Read these strata (at most the number given to __init__) from now on: a federated client after
-        another."""
-        self.settled()
-        self.bounds, self.strata, self.positions, self.key = bounds, strata, positions, tuple(key)
-        self.next = self.current = None
-
-    def settled(self):
-        """The two window buffers, once a read in flight has finished (its error no longer matters): then
-        nothing writes into them (fed.erase zeroes them after each client's work)."""
-        if self.next is not None:
-            self.next[3].exception()
-        return [a for pair in self.buffers for a in pair]
-
-    def blocks(self, epoch, j):
-        """Stratum j's block order in `epoch`: its full blocks permuted, the short one last."""
-        size = self.bounds[j + 1] - self.bounds[j]
-        rng = np.random.default_rng(np.random.SeedSequence([*self.key, epoch, j, 0xB10C]))
-        order = rng.permutation(size // self.block)
-        return np.append(order, size // self.block) if size % self.block else order
-
-    def _read(self, epoch, w, buf):
-        """Read and check window w of every stratum into buf; returns its rows, positions × strata."""
-        from h5py import h5s
-
-        x, y = buf
-        at, starts = 0, []
-        for j in self.strata:
-            starts.append(at)
-            for b in np.sort(self.blocks(epoch, j)[w * self.window:(w + 1) * self.window]):
-                lo = self.bounds[j] + int(b) * self.block
-                hi = min(lo + self.block, self.bounds[j + 1])
-                try:  # HDF5's own calls: a third of read_direct's time (its Python selections) per block
-                    for d, out in ((self.dx, x), (self.dy, y)):
-                        space = d.id.get_space()
-                        space.select_hyperslab((lo,) + (0,) * (out.ndim - 1), (hi - lo,) + out.shape[1:])
-                        d.id.read(h5s.create_simple((hi - lo,) + out.shape[1:]), space, out[at:at + hi - lo])
-                except OSError as exc:  # e.g. a chunk that does not decompress
-                    raise MpitrainError(f"{self.data.path}: {self.split} rows {lo}..{hi - 1} (rank {self.rank}): "
-                                        f"cannot read ({' '.join(str(exc).split())})") from None
-                self.data.check(x[at:at + hi - lo], y[at:at + hi - lo], self.split, lo, self.rank)
-                at += hi - lo
-        starts.append(at)
-        steps = min(self.span, self.positions - w * self.span)
-        rows = np.empty((steps, len(self.strata)), np.int64)
-        for c, j in enumerate(self.strata):
-            # SeedSequence pads its entropy with zeros, so window 0 is seeded as the in-memory plan's
-            # stratum: a stratum that fits one window (W·K ≥ its size) is visited exactly as in memory
-            rng = np.random.default_rng(np.random.SeedSequence([*self.key, epoch, j, w]))
-            rows[:, c] = rng.permutation(starts[c + 1] - starts[c])[:steps] + starts[c]
-        return rows
-
-    def submit(self, epoch, w):
-        """Start reading window w of `epoch` into the buffer not in use."""
-        self.slot = 1 - self.slot
-        self.next = epoch, w, self.buffers[self.slot], self.pool.submit(self._read, epoch, w, self.buffers[self.slot])
-
-    def take(self, epoch, w):
-        """Window w of `epoch` as (x, y, rows), waiting for its read; the window before stays valid
-        until prefetch()."""
-        if self.next is None or self.next[:2] != (epoch, w):  # the first window, or a resumed run's
-            if self.next is not None:
-                self.next[3].exception()  # never two reads in flight
-            self.submit(epoch, w)
-        _, _, (x, y), future = self.next
-        self.next = self.current = None
-        self.current = epoch, w, x, y, future.result()  # a bad block raises here, on its own rank
-        return self.current[2:]
-
-    def prefetch(self):
-        """Start reading the window after the current one into the other buffer."""
-        epoch, w = self.current[:2]
-        self.submit(*((epoch, w + 1) if (w + 1) * self.span < self.positions else (epoch + 1, 0)))
-
-    def close(self):
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.f.close()
-
-
 def block_rows(data, split, memory_mb, strata, window, given):
     """K: data.block_rows, or the file's chunk rows, less where two windows of `strata` strata would
     exceed half of memory_mb (the chunk cache takes up to another window)."""
@@ -317,6 +213,7 @@ class StreamShard(TrainShard):
 
     def close(self):
         self.blocks.close()
+        self.reader_rss = self.blocks.peak_rss
 
 
 class ClientRows:
