@@ -38,7 +38,7 @@ def add_parser(sub):
     c.add_argument("--precision", type=float, default=0.02,
                    help="stop when the width is known within this fraction (default 0.02)")
     point_arguments(c, comm="plain,fsdp", optimizer="adam", steps=2, warmup=1)
-    c.set_defaults(mode="weak", global_batch=0)
+    c.set_defaults(mode="weak", global_batch=0, model="mlp", input_shape=None)  # MLPs of growing width
 
 
 def largest(fits, guess, precision):

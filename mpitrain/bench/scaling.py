@@ -30,7 +30,7 @@ import numpy as np
 
 from ..config import MODES, CommConfig
 from ..errors import MpitrainError
-from . import comm_modes, loop_arguments, mlp_arguments, table
+from . import comm_modes, loop_arguments, mlp_arguments, model_arguments, model_spec, table
 
 LR = 0.01
 COLUMNS = ["ranks", "comm", "tensor", "global_batch", "local_batch", "data_ms", "compute_ms", "allreduce_ms",
@@ -55,6 +55,7 @@ def add_parser(sub):
     s.add_argument("--batch-per-rank", type=int, default=64, help="weak mode: samples per rank per step (default 64)")
     s.add_argument("--global-batch", type=int, default=256, help="strong mode: samples per step in all (default 256)")
     mlp_arguments(s)
+    model_arguments(s)
     point_arguments(s)
     # internal: what the driver's `mpiexec -n P` runs to measure one rank count on its world
     s.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
@@ -113,9 +114,9 @@ def bench_scaling(args, comm):
         raise MpitrainError(f"--global-batch {args.global_batch} is smaller than {ranks[-1]} ranks: every rank "
                             "needs at least one sample per step")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    sizes = mlp_sizes(args.features, args.hidden, args.classes)
+    spec = model_spec(args)  # a bad --model fails here, before any point starts
     batch = f"{args.batch_per_rank} samples per rank" if args.mode == "weak" else f"global batch {args.global_batch}"
-    print(f"bench scaling ({args.mode}, {batch}): MLP {'-'.join(map(str, sizes))}, {args.threads} thread(s) per "
+    print(f"bench scaling ({args.mode}, {batch}): {spec.kind} {spec.describe()}, {args.threads} thread(s) per "
           f"rank, median of {args.steps} steps after {args.warmup} warm-up, max over ranks; {cores} core(s) here",
           flush=True)
     if ranks[-1] * args.threads > cores:
@@ -187,7 +188,8 @@ def run_point(args, p, memory_limit=0):
                "--warmup", str(args.warmup), "--threads", str(args.threads), "--comm", args.comm,
                "--bucket-mb", str(args.bucket_mb), "--topk-ratio", str(args.topk_ratio),
                "--local-steps", str(args.local_steps), "--group-size", str(args.group_size), "--out", tmp,
-               "--tensor", args.tensor, "--optimizer", args.optimizer, "--memory-limit", str(memory_limit)]
+               "--tensor", args.tensor, "--optimizer", args.optimizer, "--memory-limit", str(memory_limit),
+               "--model", args.model, *(["--input-shape", args.input_shape] if args.input_shape else [])]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=_child_env(args.threads), start_new_session=True)
         try:
@@ -222,7 +224,7 @@ def measure_point(args, comm, mode, tensor=1):
     from ..config import Config
     from ..data.shard import block
     from ..kernels import compiled
-    from ..model import Model, ModelSpec
+    from ..model import Model
     from ..optim import Optimizer
     from ..sync import make
     from ..tensor import Grid
@@ -230,8 +232,7 @@ def measure_point(args, comm, mode, tensor=1):
     from ..trainer import Stepper
 
     limit(args.threads)
-    sizes = mlp_sizes(args.features, args.hidden, args.classes)
-    spec = comm.agree(ModelSpec, "mlp", sizes[0], sizes[-1], tuple(sizes[1:-1]))
+    spec = comm.agree(model_spec, args)
     kernels = comm.agree(compiled, comm)
     gc.collect()  # the previous mode's buffers
     _reset_peak_rss()
@@ -258,10 +259,10 @@ def measure_point(args, comm, mode, tensor=1):
     # This rank's data: one distinct row per sample of the run, visited in a seeded random order.
     total = args.warmup + args.steps
     rng = np.random.default_rng(comm.rank)
-    x = rng.standard_normal((local * total, sizes[0]), dtype=np.float32)
-    y = rng.integers(0, sizes[-1], local * total).astype(np.int64)
+    x = rng.standard_normal((local * total, spec.n_in), dtype=np.float32)
+    y = rng.integers(0, spec.n_out, local * total).astype(np.int64)
     order = rng.permutation(local * total).reshape(total, local)
-    xb, yb = np.empty((local, sizes[0]), np.float32), np.empty(local, np.int64)
+    xb, yb = np.empty((local, spec.n_in), np.float32), np.empty(local, np.int64)
 
     split = getattr(sync, "split", {})  # fsdp: its allgather and reduce-scatter seconds apart
     times = np.zeros((args.steps, 5 + len(split)))  # data, compute, allreduce, tensor group, whole[, the split]
@@ -283,7 +284,8 @@ def measure_point(args, comm, mode, tensor=1):
     memory = [sum(v.nbytes for v in opt.state.values()), *sync.bytes_per_rank(params, stepper.grad),
               _status_bytes("VmHWM"), _status_bytes("VmPeak")]
     state, param, grad, rss, space = (int(v) for v in world.allreduce(memory, "max"))
-    return {"ranks": world.size, "comm": mode, "tensor": tensor, "mode": args.mode, "global_batch": global_batch,
+    return {"ranks": world.size, "model": spec.kind, "comm": mode, "tensor": tensor, "mode": args.mode,
+            "global_batch": global_batch,
             "local_batch": int(world.allreduce([local], "max")[0]),  # strong: ⌈B/p⌉, the busiest rank's
             "n_params": spec.n_params, "allreduce_bytes": stepper.buf.nbytes, "threads": args.threads,
             "data_ms": data, "compute_ms": compute, "allreduce_ms": reduce, "tensor_ms": tp, "step_ms": whole,

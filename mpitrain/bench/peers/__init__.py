@@ -10,15 +10,14 @@ Every measurement is its own process tree, started from this one process:
   mpitrain.bench.peers.flower` with the same file, partition and --set settings; median seconds per
   round over rounds 2…;
 - CNN step throughput (--cnn, default LeNet-5 on 1×28×28 random images): mpitrain's data-parallel step of
-  the CNN (`mpiexec -n P … bench peers --point`: per-rank random batches gathered as `bench scaling
-  --point` does, the plain gradient allreduce, momentum update; the median step, max over ranks) against
-  torch_ddp --model with the same CNN, batches, optimizer and threads.
+  the CNN (`bench scaling`'s weak point with `--model CNN`: per-rank random batches, the plain gradient
+  allreduce, momentum update; the median step, max over ranks) against torch_ddp --model with the same CNN,
+  batches, optimizer and threads.
 --compare picks the comparisons (default all four: ddp = the MLP's step throughput, tta, flower, cnn).
 A peer that is not installed is skipped, saying so; mpitrain's side is measured all the same.
 speedup = how many times mpitrain is faster (samples/s ratio, or the peer's seconds over mpitrain's).
 """
 import argparse
-import glob
 import importlib.util
 import json
 import os
@@ -75,8 +74,6 @@ def add_parser(sub):
                         "target), flower (federated round), cnn (CNN step throughput) (default all)")
     s.add_argument("--timeout", type=float, default=600, help="seconds before one run is killed (default 600)")
     s.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
-    # internal: what the driver's `mpiexec -n P` runs to measure mpitrain's CNN step on its world
-    s.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
 
 
 def _run(cmd, timeout, threads, what):
@@ -126,19 +123,27 @@ def _row(comparison, peer_name, ranks, metric, mine, theirs, target="", higher_i
             "peer": theirs, "speedup": speedup, "target": target, **details}
 
 
-def ddp_rows(args, p, data, tmp, have_torch, compare):
-    """Throughput (ddp in compare) and time to target (tta in compare) of mpitrain vs PyTorch DDP on p ranks."""
+def mpitrain_point(args, p, model, input_shape):
+    """mpitrain's side of a step-throughput comparison: `bench scaling`'s weak point on p ranks (plain
+    allreduce, SGD with momentum as torch_ddp's) with this model."""
     from ...config import CommConfig
     from ..scaling import run_point
+
+    c = CommConfig()  # the plain allreduce; the other modes' settings at their defaults
+    (point,) = run_point(argparse.Namespace(**vars(args), mode="weak", global_batch=args.batch_per_rank,
+                                            comm=c.mode, bucket_mb=c.bucket_mb, topk_ratio=c.topk_ratio,
+                                            local_steps=c.local_steps, group_size=c.group_size,
+                                            optimizer="momentum", tensor="1", model=model, input_shape=input_shape), p)
+    return point
+
+
+def ddp_rows(args, p, data, tmp, have_torch, compare):
+    """Throughput (ddp in compare) and time to target (tta in compare) of mpitrain vs PyTorch DDP on p ranks."""
     from .torch_ddp import LR, MU, SEED
 
     batch, rows = args.batch_per_rank * p, []
     if "ddp" in compare:
-        c = CommConfig()  # the plain allreduce; the other modes' settings at their defaults
-        (point,) = run_point(argparse.Namespace(**vars(args), mode="weak", global_batch=args.batch_per_rank,
-                                                comm=c.mode, bucket_mb=c.bucket_mb, topk_ratio=c.topk_ratio,
-                                                local_steps=c.local_steps, group_size=c.group_size,
-                                                optimizer="momentum", tensor="1"), p)  # torch_ddp's SGD momentum
+        point = mpitrain_point(args, p, "mlp", None)
     if "tta" in compare:
         sets = {"data.path": data, "model.hidden": f"[{args.hidden}]", "train.global_batch": batch,
                 "train.steps": args.tta_steps, "train.eval_every": args.eval_every, "train.lr": LR,
@@ -177,19 +182,11 @@ def cnn_spec(args):
 
 def cnn_row(args, p, tmp, have_torch):
     """Step throughput of mpitrain's data-parallel CNN step vs PyTorch DDP's on p ranks."""
-    from ..scaling import _mpiexec
-
     spec = cnn_spec(args)
-    out = os.path.join(tmp, f"cnn{p}")
     options = ["--batch-per-rank", args.batch_per_rank, "--features", args.features, "--hidden", args.hidden,
                "--classes", args.classes, "--steps", args.steps, "--warmup", args.warmup, "--threads", args.threads]
     shape = [args.cnn_input_shape] if args.cnn_input_shape else []
-    _run([_mpiexec(), "-n", str(p), sys.executable, "-m", "mpitrain", "bench", "peers", "--point", "--cnn", args.cnn,
-          *[a for s in shape for a in ("--cnn-input-shape", s)], *map(str, options), "--out", out],
-         args.timeout, args.threads, f"mpitrain's CNN step on {p} ranks")
-    (path,) = glob.glob(os.path.join(out, "peers-*.json"))
-    with open(path, encoding="utf-8") as f:
-        (point,) = json.load(f)["results"]
+    point = mpitrain_point(args, p, args.cnn, args.cnn_input_shape)
     peer, name = {}, "PyTorch DDP: not installed"
     if have_torch:
         peer = _peer("torch_ddp", args, tmp, f"PyTorch DDP of the CNN on {p} ranks", "--ranks", p, "--model", args.cnn,
@@ -200,54 +197,6 @@ def cnn_row(args, p, tmp, have_torch):
                 target, higher_is_better=True, model=args.cnn, n_params=spec.n_params,
                 global_batch=point["global_batch"], threads=args.threads, compute_ms=point["compute_ms"],
                 allreduce_ms=point["allreduce_ms"], step_ms=point["step_ms"], peer_step_ms=peer.get("step_ms"))
-
-
-def cnn_point(args, comm):
-    """One rank of mpitrain's CNN step on this world (under the driver's mpiexec): per-rank random batches
-    gathered from a seeded pool, as `bench scaling --point` does; warm-up, then the median of compute,
-    allreduce and the whole step (gather included) over the timed steps on each rank, the max over ranks."""
-    import time
-
-    from ...config import Config
-    from ...kernels import compiled
-    from ...model import Model
-    from ...optim import Optimizer
-    from ...sync import make
-    from ...threads import limit
-    from ...trainer import Stepper
-    from ..scaling import LR
-
-    limit(args.threads)
-    spec = comm.agree(cnn_spec, args)
-    kernels = comm.agree(compiled, comm)
-    model = Model(spec)
-    params = model.init_params(0)
-    sync = make(Config().validate(), comm, model)  # comm.mode = plain: one Allreduce of the flat gradient
-    stepper = Stepper(model, Optimizer(kernels, "momentum", model.n_params), sync, flags=2)
-    local, total = args.batch_per_rank, args.warmup + args.steps
-    rng = np.random.default_rng(comm.rank)  # the same data torch_ddp makes on this rank
-    x = rng.standard_normal((local * total, spec.n_in), dtype=np.float32)
-    y = rng.integers(0, spec.n_out, local * total).astype(np.int64)
-    order = rng.permutation(local * total).reshape(total, local)
-    xb, yb = np.empty((local, spec.n_in), np.float32), np.empty(local, np.int64)
-    times = np.zeros((args.steps, 3))  # compute, allreduce, whole step
-    for step in range(total):
-        if step == args.warmup:
-            comm.barrier()  # the timed steps start together
-        t0 = time.perf_counter()
-        np.take(x, order[step], axis=0, out=xb)
-        np.take(y, order[step], out=yb)
-        c = sync.seconds
-        t1 = time.perf_counter()
-        stepper(params, xb, yb, LR, 1.0 / (local * comm.size))
-        t2 = time.perf_counter()
-        if step >= args.warmup:
-            reduce = sync.seconds - c
-            times[step - args.warmup] = t2 - t1 - reduce, reduce, t2 - t0
-    compute, reduce, whole = comm.allreduce(np.median(times, axis=0), "max") * 1e3
-    return [{"ranks": comm.size, "model": spec.kind, "global_batch": local * comm.size, "threads": args.threads,
-             "compute_ms": compute, "allreduce_ms": reduce, "step_ms": whole,
-             "samples_per_s": local * comm.size / whole * 1e3}]
 
 
 def flower_row(args, tmp, have_flwr):
@@ -278,8 +227,6 @@ def flower_row(args, tmp, have_flwr):
 def bench_peers(args, comm):
     from ...data.prepare import prepare
 
-    if args.point:
-        return cnn_point(args, comm)
     if comm.size > 1:
         raise MpitrainError("bench peers starts its own processes: launch it as one process "
                             "(python -m mpitrain bench peers ...), not under mpirun", agreed=True)
