@@ -77,7 +77,7 @@ def throughput(torch, dist, args, rank, spec):
     from ..step import torch_input_shape
 
     local, total = args.batch_per_rank, args.warmup + args.steps
-    rng = np.random.default_rng(rank)  # the data of bench scaling's point (bench peers --point) on this rank
+    rng = np.random.default_rng(rank)  # the data of bench scaling's point on this rank
     shape = torch_input_shape(spec)  # (features,), or a CNN's (C, H, W) / (C, L): stored channels first
     x = torch.from_numpy(rng.standard_normal((local * total, spec.n_in), dtype=np.float32)).reshape(-1, *shape)
     y = torch.from_numpy(rng.integers(0, spec.n_out, local * total).astype(np.int64))
