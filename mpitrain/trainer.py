@@ -94,6 +94,8 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
             f"× {run.threads} thread(s), {data.n_train} train samples, "
             f"global batch {t.global_batch}, steps {first + 1}…{total} → {run.out}")
 
+    if shard.note:
+        log.say(shard.note)
     step_fn = Stepper(local, opt, sync, flags=2)  # flags: stop requested, checkpoint due
     sync.step = first  # local SGD averages on the global step count, resumed or not
     eval_every = t.eval_every or shard.steps_per_epoch

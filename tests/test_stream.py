@@ -141,6 +141,23 @@ def test_stream_ranks_equal_one_rank_resume_bit_exact_and_a_bad_block_stops_ever
     assert not os.path.exists(os.path.join(str(tmp_path / "stopped"), "model.h5"))
 
 
+def test_blocks_shorter_than_a_compressed_chunk_are_noted_in_the_log(tmp_path, synth):
+    """Each block read decompresses its whole chunk: blocks of 8 rows in gzip chunks of 50 say so."""
+    data = str(tmp_path / "gzip.h5")
+    with h5py.File(synth, "r") as src, h5py.File(data, "w") as f:
+        for key in src:
+            if key != "train":
+                src.copy(key, f)
+        f.create_dataset("train/x", data=src["train/x"][...], chunks=(50, 12), compression="gzip")
+        f["train/y"] = src["train/y"][...]
+        f.attrs.update(src.attrs)
+    args = ["train", "--out", str(tmp_path / "run"), "--data", data]
+    r = mpirun(1, *args, *[a for s in STREAM[:3] + ["train.steps=2"] for a in ("--set", s)], env=ONE)
+    assert r.returncode == 0, r.stderr
+    assert (f"note: {data}: train/x is gzip-compressed in chunks of 50 rows and the stream reads blocks of 8, so "
+            "each chunk is decompressed up to 7 times an epoch; data.memory_mb ≥ ") in r.stdout, r.stdout
+
+
 def test_streamed_federated_clients_do_not_depend_on_their_host_and_a_bad_block_ends_the_job(tmp_path, synth):
     """A client's stream plan is seeded by (seed, round, client) only: 1 or 2 client ranks give the same
     model.  A NaN in a client's rows ends every rank with one line naming the file and the rows."""

@@ -121,6 +121,7 @@ class TrainShard:
 
     streams = False
     reader_rss = 0  # the peak resident memory of a stream reader process, once closed
+    note = None  # a line for the run's log about how the data is read
 
     def __init__(self, data, global_batch, rank, size, seed):
         self._strata(data, global_batch, rank, size, seed)
@@ -195,6 +196,13 @@ class StreamShard(TrainShard):
         self.blocks.start(self.bounds, self.strata, self.steps_per_epoch, (seed,))
         self.blocks.submit(0, 0)  # the first window is read while the run sets up (a resumed run waits for it)
         self.span = self.blocks.span  # steps per window
+        dx = data.f["train/x"]
+        if dx.compression and dx.chunks and k < dx.chunks[0]:
+            need = 4 * window_blocks * global_batch * dx.chunks[0] * (4 * data.n_features + 8) / 2**20
+            self.note = (f"note: {data.path}: train/x is {dx.compression}-compressed in chunks of {dx.chunks[0]} "
+                         f"rows and the stream reads blocks of {k}, so each chunk is decompressed up to "
+                         f"{-(-dx.chunks[0] // k)} times an epoch; data.memory_mb ≥ {need:.0f} reads whole chunks "
+                         "(or store the file uncompressed, or in smaller chunks)")
         self.xb = np.empty((self.batch, data.n_features), np.float32)
         self.yb = np.empty(self.batch, np.int64)
 
