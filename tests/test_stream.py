@@ -287,3 +287,24 @@ def test_preemption_signals_to_the_reader_process_too_checkpoint_and_its_death_e
     err = wait(proc)
     assert proc.returncode == 2
     assert err.splitlines() == [f"mpitrain: error: {synth}: the reader process of rank 0 ended (killed by signal 9)"]
+
+
+def test_a_killed_prepare_leaves_the_previous_output_whole(tmp_path):
+    """prepare writes under a hidden temporary name and renames at the end: SIGKILL while it writes leaves
+    the file of an earlier prepare to the same path as it was (only the hidden temporary stays behind)."""
+    out = str(tmp_path / "data.h5")
+    _npy_dir(str(tmp_path / "small"), 256, 64, 1)
+    _npy_dir(str(tmp_path / "big"), 200000, 64, 0)  # 49 MiB: seconds to standardise and write
+    assert mpirun(1, "prepare", "--source", f"npy:{tmp_path / 'small'}", "--out", out).returncode == 0
+    with h5py.File(out, "r") as f:
+        before = f.attrs["checksum"]
+    proc = subprocess.Popen([sys.executable, "-m", "mpitrain", "prepare", "--source", f"npy:{tmp_path / 'big'}",
+                             "--out", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".data.h5.tmp-*")):
+        assert time.time() < deadline and proc.poll() is None, "prepare ended before its temporary file was seen"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    with h5py.File(out, "r") as f:
+        assert f.attrs["checksum"] == before and f["train/x"].shape[1] == 64 and len(f["train/y"]) + len(f["test/y"]) == 256 + 64
