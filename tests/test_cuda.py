@@ -237,7 +237,7 @@ def test_bench_step_and_train_on_cuda(tmp_path):
     for device in ("cpu", "cuda"):
         out = tmp_path / device
         r = subprocess.run([sys.executable, "-m", "mpitrain", "train", "--quiet", "--device", device, "--out", str(out),
-                            "--set", f"data.path={data}", "--set", "model.hidden=[5]", "--set", "train.steps=6",
+                            "--set", f"data.path={data}", "--set", "model.hidden=[5]", "--set", "train.steps=2",
                             "--set", "train.global_batch=20"], check=False, capture_output=True, text=True,
                            timeout=300, env=env, cwd=ROOT)
         assert r.returncode == 0, r.stderr
