@@ -15,6 +15,7 @@ from .checkpoint import Parts
 from .data.shard import open_shard
 from .evaluate import evaluate
 from .kernels import HOST
+from .memory import peak_rss
 from .optim import Optimizer, schedule
 from .session import Session
 from .sync import make as make_sync
@@ -158,10 +159,3 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
     final = grid.saved(sync.saved(params))
     final = final.gather() if isinstance(final, Parts) else model.xp.to_host(final)  # whole on rank 0
     return run.finish(summary, final, steps=total)
-
-
-def peak_rss():
-    """This process's peak resident memory in bytes (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..config import MODES, CommConfig
 from ..errors import MpitrainError
+from ..memory import status_bytes
 from . import comm_modes, loop_arguments, mlp_arguments, model_arguments, model_spec, table
 
 LR = 0.01
@@ -282,7 +283,7 @@ def measure_point(args, comm, mode, tensor=1):
                                          *(v - b for v, b in zip(split.values(), parts)))
     data, compute, reduce, tp, whole, *split_ms = world.allreduce(np.median(times, axis=0), "max") * 1e3
     memory = [sum(v.nbytes for v in opt.state.values()), *sync.bytes_per_rank(params, stepper.grad),
-              _status_bytes("VmHWM"), _status_bytes("VmPeak")]
+              status_bytes("VmHWM"), status_bytes("VmPeak")]
     state, param, grad, rss, space = (int(v) for v in world.allreduce(memory, "max"))
     return {"ranks": world.size, "model": spec.kind, "comm": mode, "tensor": tensor, "mode": args.mode,
             "global_batch": global_batch,
@@ -301,16 +302,4 @@ def _reset_peak_rss():
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
-        pass  # the process's peak so far (_status_bytes falls back likewise)
-
-
-def _status_bytes(key):
-    """VmHWM (peak resident) or VmPeak (peak address space) of this process in bytes, from /proc/self/status;
-    without /proc, the peak resident memory of getrusage for both."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) * 1024
-    except (OSError, StopIteration):
-        from ..trainer import peak_rss
-
-        return peak_rss()
+        pass  # the process's peak so far (status_bytes falls back likewise)

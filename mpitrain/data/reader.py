@@ -21,6 +21,7 @@ import tempfile
 import numpy as np
 
 from ..errors import MpitrainError
+from ..memory import status_bytes
 
 # the child's program: the signals are ignored before anything slow is imported
 CHILD = ("import signal as s; [s.signal(g, s.SIG_IGN) for g in (s.SIGTERM, s.SIGUSR1, s.SIGINT)]; "
@@ -70,7 +71,13 @@ class Blocks:
                 [sys.executable, "-c", CHILD, str(f.fileno())],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(f.fileno(),), env=env)
         self.buffers = views(self.mapping, *shape)
-        self._send(path=data.path, split=split, rank=rank, block=block, window=window, shape=shape)
+        # the child's chunk cache (h5py's is 1 MiB by default) holds a window's chunks, so a chunk that two
+        # blocks of a window share is decompressed once
+        chunks = data.f[f"{split}/x"].chunks
+        cache = max(2**20, rows * (4 * data.n_features + 8))
+        slots = max(521, 100 * (cache // ((chunks[0] if chunks else 1) * 4 * data.n_features))) | 1
+        self._send(path=data.path, cache=[cache, slots], split=split, rank=rank, block=block, window=window,
+                   shape=shape)
         self.next = self.current = None
         self.slot = 0  # the buffer of `current`
         self.peak_rss = 0  # the child's, in bytes, known once closed
@@ -158,21 +165,13 @@ class Blocks:
 class Reader:
     """The child's side: reads windows of the plan into the shared buffers and checks them."""
 
-    def __init__(self, fd, path, split, rank, block, window, shape):
-        import h5py
-
+    def __init__(self, fd, path, cache, split, rank, block, window, shape):
         from .shard import DataFile
 
-        self.data, self.split, self.rank, self.block, self.window = DataFile(path), split, rank, block, window
+        self.data = DataFile(path, cache)
+        self.split, self.rank, self.block, self.window = split, rank, block, window
         self.span = block * window
-        rows, features, _, strata = shape
-        # h5py's chunk cache (1 MiB by default) holds a window's chunks, so a chunk that two blocks of a
-        # window share is decompressed once
-        chunks = self.data.f[f"{split}/x"].chunks
-        cache = max(2**20, rows * (4 * features + 8))
-        per_chunk = (chunks[0] if chunks else 1) * 4 * features
-        self.f = h5py.File(path, "r", rdcc_nbytes=cache, rdcc_nslots=max(521, 100 * (cache // per_chunk)) | 1)
-        self.dx, self.dy = self.f[f"{split}/x"], self.f[f"{split}/y"]
+        self.dx, self.dy = self.data.f[f"{split}/x"], self.data.f[f"{split}/y"]
         self.mapping = mmap.mmap(fd, layout(*shape)[1])
         os.close(fd)
         self.buffers = views(self.mapping, *shape)
@@ -268,6 +267,4 @@ def main():
             answer({"steps": reader.read(*message["read"])})
         except MpitrainError as exc:
             answer({"error": str(exc)})
-    with open("/proc/self/status", encoding="ascii") as f:  # not getrusage: its ru_maxrss keeps the peak of
-        # the rank that started this process (Linux carries it over execve)
-        answer({"peak_rss_bytes": next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))})
+    answer({"peak_rss_bytes": status_bytes("VmHWM")})  # not ru_maxrss: that would be the rank's peak

@@ -36,15 +36,17 @@ def _fail(path, what):
 class DataFile:
     """An opened, layout-checked dataset file.  Reads nothing but metadata until asked."""
 
-    def __init__(self, path):
+    def __init__(self, path, cache=(0, 521)):
+        """cache: h5py's chunk cache (rdcc_nbytes, rdcc_nslots), none by default: every read here is a
+        hyperslab read once, so a cache would only hold a second copy of the rows (whole chunks, other ranks'
+        clients included) beyond mpitrain's reach.  The stream reader process gives it a window's bytes."""
         import h5py
 
         self.path = path
         if not os.path.exists(path):
             _fail(path, "no such file (make one with: python -m mpitrain prepare --source ... --out FILE)")
-        try:  # no chunk cache: every read here is a hyperslab read once, so the cache would only hold a
-            # second copy of the rows (whole chunks, other ranks' clients included) beyond mpitrain's reach
-            self.f = h5py.File(path, "r", rdcc_nbytes=0)
+        try:
+            self.f = h5py.File(path, "r", rdcc_nbytes=cache[0], rdcc_nslots=cache[1])
         except OSError:
             _fail(path, "not an HDF5 file (expected one written by python -m mpitrain prepare)")
         for key in ("train/x", "train/y", "test/x", "test/y"):
