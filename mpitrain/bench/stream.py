@@ -11,7 +11,8 @@ import numpy as np
 
 from . import table
 
-COLUMNS = ["model", "compression", "mode", "file_mb", "steps_per_s", "vs_memory", "runs", "peak_rss_mb", "reader_rss_mb", "data_mb"]
+COLUMNS = ["model", "compression", "mode", "file_mb", "steps_per_s", "vs_memory", "runs", "peak_rss_mb",
+           "reader_rss_mb", "data_mb"]
 MODELS = {"mlp": ["model.kind=mlp", "model.hidden=[1024, 1024]"], "lenet5": ["model.kind=lenet5"]}
 
 
@@ -95,8 +96,10 @@ def bench_stream(args, comm):
                     held = (args.samples // args.ranks if mode == "memory" else 2 * strata * args.window_blocks
                             * args.block_rows) * row  # in memory: the rank's part; streamed: two windows
                     rows.append({"model": model, "compression": compression, "mode": mode, "file_mb": size,
-                                 "steps_per_s": steps, "vs_memory": steps / rows[-1]["steps_per_s"] if mode == "stream" else 1.0,
-                                 "runs": " ".join(f"{s['samples_per_second'] / args.global_batch:.1f}" for s in summaries),
+                                 "steps_per_s": steps,
+                                 "vs_memory": steps / rows[-1]["steps_per_s"] if mode == "stream" else 1.0,
+                                 "runs": " ".join(f"{s['samples_per_second'] / args.global_batch:.1f}"
+                                                  for s in summaries),
                                  "peak_rss_mb": best["peak_rss_bytes"] / 2**20,
                                  "reader_rss_mb": best["reader_peak_rss_bytes"] / 2**20,
                                  "data_mb": held / 2**20})

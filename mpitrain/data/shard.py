@@ -17,9 +17,9 @@ rows of window w are shuffled by a permutation seeded by (seed, e, j, w), and st
 visited in that order, one per step.  Every window but an epoch's last holds exactly W·K rows of every
 stratum, so all strata and all ranks change window at the same step: steps [w·W·K, (w+1)·W·K) read window w
 of every local stratum.  A rank holds two windows (the current one and the next, which its reader process
-(reader.py) reads while the steps compute), i.e. 2·(B/p)·W·K rows.  K and W depend on the configuration and the file
-(data.block_rows, data.window_blocks, data.memory_mb, the global batch, the row size and the file's chunk
-rows), never on p, so p ranks still compute what one rank would.
+(reader.py) reads while the steps compute), i.e. 2·(B/p)·W·K rows.  K and W depend on the configuration and
+the file (data.block_rows, data.window_blocks, data.memory_mb, the global batch, the row size and the file's
+chunk rows), never on p, so p ranks still compute what one rank would.
 """
 import os
 
