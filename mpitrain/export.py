@@ -27,7 +27,8 @@ import numpy as np
 from . import __version__
 from .errors import MpitrainError
 from .kernels.cpu import ACTIVATIONS, IDENTITY
-from .model.layers import Conv, Dense, Flatten, Pool, build, input_shape
+from .model.layers import Conv, Dense, Flatten, Pool, input_shape
+from .model.stack import build
 
 FORMATS = ("onnx", "npz")
 OPSET = 13

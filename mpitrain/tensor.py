@@ -31,6 +31,7 @@ from .checkpoint import Parts
 from .errors import MpitrainError
 from .kernels.cpu import IDENTITY
 from .model import Model
+from .model.base import Sequence
 from .model.layers import Conv, Dense, Flatten, Pool
 from .sync import ring_bytes
 
@@ -52,6 +53,11 @@ class Grid:
                                 f"tensor parallelism combines with comm.mode = {', '.join(MODES)} only")
         self.tp, self.dp = comm.grid(T)
         self.T, self.n, self.model = T, model.n_params, model
+        other = next((l for l in model.net if not l.tensor), None)
+        if T > 1 and other is not None:
+            raise MpitrainError(f"parallel.tensor = {T}: layer {other.name} ({other.text().split()[0]}) cannot be "
+                                "split yet (tensor parallelism splits dense layers on flat features, conv, pooling "
+                                "and flatten); use parallel.tensor = 1")
         if T > 1:
             self.nets = [split(model.net, T, t) for t in range(T)]
             self.counts = np.array([sum(l.n_params for _, _, l, _ in net) for net in self.nets], np.int64)
@@ -118,6 +124,7 @@ class TensorModel(Model):
         self.tp, self.seconds, self.bytes = tp, 0.0, 0
         wrap = {"column": Column, "row": Row}
         self.net = [wrap[how](self, l) if how in wrap else l for how, _, l, _ in plan]
+        self.seq = Sequence(self.net, self.xp)
         self.with_params = [l for l in self.net if l.n_params]
         self.starts = [l.offset for l in self.with_params]
 

@@ -298,7 +298,8 @@ def test_onnx_missing_is_one_line(tmp_path):
 
 def test_layer_without_equivalent_names_it(tmp_path, monkeypatch):
     from mpitrain import export as ex
-    from mpitrain.model.layers import Layer, build
+    from mpitrain.model.base import Layer
+    from mpitrain.model.stack import build
 
     class Dropout(Layer):
         def __init__(self, shape):

@@ -41,9 +41,23 @@ BAD = [
                                             "put a flatten before it (input 4×6×6 (C×H×W))"),
     (["flatten", "dense 7"], (1, 8, 8), "model.layers[1] (dense 7): a stack ends in 'dense 10'"),
     (["flatten", "dense 10", "relu"], (1, 8, 8), "model.layers[2] (relu): a stack ends in 'dense 10'"),
-    (["relu", "flatten", "dense 10"], (1, 8, 8), "model.layers[0] (relu): an activation follows a dense or conv"),
-    (["conv2d x 3", "flatten", "dense 10"], (1, 8, 8), "model.layers[0] (conv2d x 3): expected one of 'dense N'"),
-    (["conv2d 4 3 full", "flatten", "dense 10"], (1, 8, 8), "model.layers[0] (conv2d 4 3 full): expected one of"),
+    # the bad token is named with what its place expects
+    (["conv2d x 3", "flatten", "dense 10"], (1, 8, 8), "model.layers[0] (conv2d x 3): 'x': expected a number of "
+                                                       "channels ≥ 1"),
+    (["conv2d 8 3 smae", "flatten", "dense 10"], (1, 8, 8), "(conv2d 8 3 smae): 'smae': expected same or valid"),
+    (["conv2d 0 3", "flatten", "dense 10"], (1, 8, 8), "(conv2d 0 3): '0': expected a number of channels ≥ 1"),
+    (["conv2d 4 3 stride=0", "flatten", "dense 10"], (1, 8, 8), "'0': expected stride: a positive integer or HxW"),
+    (["conv2d 4 3 pad=1", "flatten", "dense 10"], (1, 8, 8), "'pad=1': expected no option 'pad' for conv2d"),
+    (["convd2 4 3", "flatten", "dense 10"], (1, 8, 8), "'convd2': expected one of 'dense N'"),
+    (["dense 4 5", "dense 10"], (64,), "(dense 4 5): '4 5': expected 1 argument(s) for dense"),
+    (["conv2d 4 3", "flatten", "dense 10"], (1, 40), "the kernel is larger than the input (a 1-row input: use "
+                                                     "conv1d)"),
+    (["conv2d 4 3", "groupnorm 3", "flatten", "dense 10"], (1, 8, 8), "(groupnorm 3): expected a map whose "
+                                                                      "channels the 3 groups divide"),
+    (["residual [conv2d 4 3 same]", "flatten", "dense 10"], (1, 8, 8), "the branches' outputs differ"),
+    (["residual [dense 64", "dense 10"], (64,), "'[': expected a matching ']'"),
+    (["embedding 8", "tied"], (16,), "an embedding reads tokens: the data is not a token stream"),
+    (["dense 16", "tied"], (16,), "a tied output layer needs an embedding first"),
     (["maxpool2d 9", "flatten", "dense 10"], (1, 8, 8), "the pooling window is larger than the input"),
     (["conv2d 4 3", "flatten", "dense 10"], (64,), "model.layers[0] (conv2d 4 3): a 2-d layer needs data of "
                                                    "feature_shape (H, W) or (C, H, W); the data has (64,)"),

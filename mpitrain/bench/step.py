@@ -82,7 +82,8 @@ def step_memory(stepper, batch):
 def flops_per_sample(spec):
     """GEMM FLOPs of one sample's step: forward, weight gradient and (every layer but the first) input
     gradient of each dense and conv layer, as mpitrain computes them (PyTorch does the same ones)."""
-    from ..model.layers import Conv, Dense, build
+    from ..model.layers import Conv, Dense
+    from ..model.stack import build
 
     total = 0
     for i, l in enumerate(build(list(spec.stack), spec.feature_shape, spec.n_out)):
@@ -166,7 +167,8 @@ def cnn_floor_step(spec, batch):
     mpitrain does); dense as in the MLP floor — plus the fused momentum update.  No im2col, col2im,
     pooling, bias, activation, loss or layer code: what this BLAS allows."""
     from ..kernels.cpu import momentum_update
-    from ..model.layers import Conv, Dense, build
+    from ..model.layers import Conv, Dense
+    from ..model.stack import build
 
     net = build(list(spec.stack), spec.feature_shape, spec.n_out)
     rng = np.random.default_rng(0)
@@ -202,7 +204,8 @@ def torch_net(torch, spec):
     > 1, where padding one more on top/left than TensorFlow reads the same number of positions), else an
     explicit ZeroPad (odd total at stride 1: the odd pixel at the bottom/right)."""
     from ..kernels.cpu import RELU, TANH
-    from ..model.layers import Conv, Dense, Flatten, Pool, build
+    from ..model.layers import Conv, Dense, Flatten, Pool
+    from ..model.stack import build
 
     nn = torch.nn
     net = build(list(spec.stack), spec.feature_shape, spec.n_out)

@@ -5,35 +5,22 @@ Activations are NHWC: a batch of 2-d maps is (N, H, W, C), of 1-d signals (N, 1,
 conv2d of kernel height 1), of flat features (N, F).  A layer's parameters are the slice [W | b] of the flat
 vector at its offset: dense W (in, out) row-major as it always was; conv W (C_out, KH·KW·C_in), row-major
 over (C_out, KH, KW, C_in) (kernels/cpu.py).  An activation in a stack is fused into the dense or conv
-layer before it (one pass after the GEMM), so it is a flag of that layer, not a layer.  A conv followed by a
+layer before it (one pass after the GEMM), so it is a flag of that layer, not a layer (nn.Activation where
+no such layer precedes it).  A conv followed by a
 max pooling leaves its bias and activation to the pooling: both are monotone, so max(act(z + b)) =
 act(max(z) + b), and they then run on the pooled pixels only, in both passes (Pool.conv).
 
-Syntax of a layer (model.layers is a list of these strings):
-  dense N                      N outputs
-  conv2d C K [same|valid] [stride=S]    C output channels, K = 5 or 5x3; padding valid by default
-  conv1d C K [same|valid] [stride=S]
-  maxpool2d K [stride=S], avgpool2d K [stride=S], maxpool1d K [stride=S], avgpool1d K [stride=S]
-                               no padding; the stride defaults to the kernel
-  flatten                      (N, H, W, C) → (N, H·W·C): needed before a dense after conv/pool
-  relu, tanh                   fused into the dense/conv layer just before
-'same' pads as TensorFlow does (output ⌈in/stride⌉, the odd pixel of padding at the bottom/right).
+The syntax that builds them is in stack.py; nn.py has the layers of modern networks.
 """
 import math
 
 from ..errors import MpitrainError
-from ..kernels.cpu import ACTIVATIONS, IDENTITY
+from ..kernels.cpu import RELU
+from .base import Layer, Param
 
-ACTS = ("relu", "tanh")
-
-
-def _pair(text, dims, what):
-    parts = [int(p) for p in text.split("x")]  # ValueError → caller's message
-    if len(parts) == 1:
-        parts = parts * dims if dims == 2 else parts
-    if len(parts) != dims or min(parts) < 1:
-        raise ValueError(what)
-    return (1, parts[0]) if dims == 1 else tuple(parts)
+def uniform_init(act, fan_in, fan_out):
+    """He (relu) or Glorot (otherwise) uniform: the rule every dense and conv weight has always had."""
+    return ("uniform", math.sqrt(6.0 / fan_in) if act == RELU else math.sqrt(6.0 / (fan_in + fan_out)))
 
 
 def _size(n, k, s, same):
@@ -44,30 +31,24 @@ def _size(n, k, s, same):
     return (n - k) // s + 1, 0
 
 
-class Layer:
-    """in_shape/out_shape: NHWC per sample ((H, W, C)) or flat ((F,)); n_params; offset (set by build)."""
-    n_params = 0
-    act = IDENTITY
-    conv = None  # a max pooling: the conv before it, whose bias and activation it applies (module doc)
-
-    def views(self, flat, at=None):
-        """(W, b) on flat at the layer's offset (or at `at`), None for a layer without parameters."""
-        return None
-
-    def scratch(self, n, xp):
-        """Per-batch-size buffers besides the output: {name: array}."""
-        return {}
-
-
 class Dense(Layer):
-    def __init__(self, units, in_shape):
-        (self.n_in,) = in_shape
-        self.units, self.in_shape, self.out_shape = units, in_shape, (units,)
+    """x @ W + b (W (in, out) row-major), activation fused; on flat features or per position of a sequence."""
+    skips_dx = True
+
+    def __init__(self, units, in_shape, std=0.0):
+        *lead, self.n_in = in_shape
+        self.units, self.in_shape, self.out_shape, self.std = units, in_shape, (*lead, units), std
         self.n_params = (self.n_in + 1) * units
         self.fan = (self.n_in, units)
+        self.tensor = self.per_example = not lead  # sequences: tensor parallelism and DP-SGD come later
 
     def text(self):
-        return f"dense {self.units}"
+        return f"dense {self.units}" + (f" std={self.std:g}" if self.std else "")
+
+    def params(self):
+        init = ("normal", self.std) if self.std else uniform_init(self.act, *self.fan)
+        return [Param("weight", (self.n_in, self.units), init, True, "column"),
+                Param("bias", (self.units,), ("zeros",), False, "column")]
 
     def views(self, flat, at=None):
         o, a, b = self.offset if at is None else at, self.n_in, self.units
@@ -75,46 +56,55 @@ class Dense(Layer):
 
     def forward(self, k, p, x, out, s, act=None):
         """out ← act(x @ W + b), with the layer's own activation unless act is given (tensor.Row)."""
-        k.dense_forward(x, *p, self.act if act is None else act, out)
+        k.dense_forward(x.reshape(-1, self.n_in), *p, self.act if act is None else act,
+                        out.reshape(-1, self.units))
 
     def backward(self, k, p, g, x, y, dy, dx, s):
         """dy ← dL/dz in place; g ← the layer's gradient; dx ← dL/dx unless it is None."""
+        x, y, dy = x.reshape(-1, self.n_in), y.reshape(-1, self.units), dy.reshape(-1, self.units)
         if dx is None:
             k.dense_backward_params(x, y, dy, self.act, *g)
         else:
-            k.dense_backward(x, p[0], y, dy, self.act, *g, dx)
+            k.dense_backward(x, p[0], y, dy, self.act, *g, dx.reshape(-1, self.n_in))
 
 
 class Conv(Layer):
     pooled = False  # a max pooling follows and applies the bias and activation (module doc)
+    tensor = skips_dx = True
 
-    def __init__(self, dims, channels, kernel, stride, same, in_shape):
+    def __init__(self, dims, channels, kernel, stride, same, in_shape, bias=True):
         H, W, C = in_shape
         (KH, KW), (SH, SW) = kernel, stride
         (OH, PH), (OW, PW) = _size(H, KH, SH, same), _size(W, KW, SW, same)
-        self.dims, self.channels, self.same = dims, channels, same
+        self.dims, self.channels, self.same, self.bias = dims, channels, same, bias
         self.in_shape, self.out_shape = in_shape, (OH, OW, channels)
         self.geom = (KH, KW, SH, SW, PH, PW, OH, OW)
         self.k_len = KH * KW * C
-        self.n_params = (self.k_len + 1) * channels
+        self.n_params = (self.k_len + bias) * channels
         self.fan = (self.k_len, KH * KW * channels)
+        self.per_example = bias  # DP-SGD's kernels write a bias gradient
 
     def text(self):
         KH, KW, SH, SW = self.geom[:4]
         k, s = (f"{KW}", f"{SW}") if self.dims == 1 else (f"{KH}x{KW}", f"{SH}x{SW}")
-        return f"conv{self.dims}d {self.channels} {k} {'same' if self.same else 'valid'} stride={s}"
+        return (f"conv{self.dims}d {self.channels} {k} {'same' if self.same else 'valid'} stride={s}"
+                + ("" if self.bias else " bias=false"))
+
+    def params(self):
+        w = Param("weight", (self.channels, self.k_len), uniform_init(self.act, *self.fan), True, "column")
+        return [w, Param("bias", (self.channels,), ("zeros",), False, "column")] if self.bias else [w]
 
     def views(self, flat, at=None):
         o, a, b = self.offset if at is None else at, self.channels, self.k_len
-        return flat[o:o + a * b].reshape(a, b), flat[o + a * b:o + a * b + a]
+        return flat[o:o + a * b].reshape(a, b), flat[o + a * b:o + a * b + a] if self.bias else None
 
     def scratch(self, n, xp):
         OH, OW = self.geom[6:]
         return {"cols": xp.empty((n * OH * OW, self.k_len))}  # im2col of the input; dcols in backward
 
     def forward(self, k, p, x, out, s, act=None):
-        """out ← act(conv(x) + b), or conv(x) alone when pooled; act: another activation than the layer's
-        (tensor parallelism's row layers add bias and activation after their sum)."""
+        """out ← act(conv(x) + b), or conv(x) alone when pooled or without a bias; act: another activation
+        than the layer's (tensor parallelism's row layers add bias and activation after their sum)."""
         k.conv_forward(x, p[0], None if self.pooled else p[1], self.act if act is None else act, self.geom,
                        s["cols"], out)
 
@@ -125,6 +115,8 @@ class Conv(Layer):
 
 
 class Pool(Layer):
+    tensor = True
+
     def __init__(self, dims, kind, kernel, stride, in_shape):
         H, W, C = in_shape
         (KH, KW), (SH, SW) = kernel, stride
@@ -164,6 +156,7 @@ class Pool(Layer):
 
 class Flatten(Layer):
     """A view: NHWC memory is already (N, H·W·C)."""
+    view = tensor = True
 
     def __init__(self, in_shape):
         self.in_shape, self.out_shape = in_shape, (math.prod(in_shape),)
@@ -175,16 +168,20 @@ class Flatten(Layer):
 def _shape_text(shape, dims):
     if len(shape) == 1:
         return f"{shape[0]} features"
+    if len(shape) == 2:
+        return f"{shape[0]}×{shape[1]} (T×C)"
     H, W, C = shape
     return f"{C}×{W} (C×L)" if dims == 1 else f"{C}×{H}×{W} (C×H×W)"
 
 
 def input_shape(feature_shape, first):
-    """The per-sample NHWC shape the first layer sees, and whether a batch must be transposed from the
-    stored channels-first order: conv1d reads (L,) or (C, L); conv2d/pool2d (H, W) or (C, H, W); a dense
-    or flatten first reads the flat features."""
+    """The per-sample shape the first layer sees, and whether a batch must be transposed from the stored
+    channels-first order: conv1d reads (L,) or (C, L); conv2d/pool2d (H, W) or (C, H, W); an embedding
+    reads (T,) tokens; a dense or flatten first reads the flat features."""
     fs = tuple(int(d) for d in feature_shape)
-    word = first.split()[0] if first.split() else ""
+    while first.split() and first.split()[0].lower() == "residual" and "[" in first:  # its first layer reads
+        first = first[first.index("[") + 1:]
+    word = first.replace(",", " ").replace("]", " ").split()[0].lower() if first.split() else ""
     if word.endswith("1d"):
         if len(fs) > 2:
             raise MpitrainError(f"model.layers[0] ({first}): a 1-d layer needs data of feature_shape (L,) or "
@@ -194,87 +191,10 @@ def input_shape(feature_shape, first):
     if word.endswith("2d"):
         if len(fs) not in (2, 3):
             raise MpitrainError(f"model.layers[0] ({first}): a 2-d layer needs data of feature_shape (H, W) or "
-                                f"(C, H, W); the data has {fs}")
+                                f"(C, H, W); the data has {fs}" + (" (a 1-d signal: use conv1d)" if len(fs) == 1
+                                                                    else ""))
         C, H, W = (1, *fs) if len(fs) == 2 else fs
         return (H, W, C), C > 1
+    if word == "embedding":
+        return (fs[-1],), False
     return (math.prod(fs),), False
-
-
-def build(stack, feature_shape, n_classes):
-    """The layers of `stack` (strings, see the module doc) on data of `feature_shape`, with offsets into
-    the flat vector; a stack that does not fit is one MpitrainError naming the layer, its index and the
-    shapes."""
-    if not stack:
-        raise MpitrainError("model.layers is empty: expected a list of layers ending in 'dense <classes>'")
-    shape, _ = input_shape(feature_shape, stack[0])
-    dims = 1 if stack[0].split()[0].endswith("1d") else 2
-    layers, offset = [], 0
-    for i, text in enumerate(stack):
-        where = f"model.layers[{i}] ({text})"
-        words = text.split()
-        kind, args = (words[0].lower(), words[1:]) if words else ("", [])
-        if kind in ACTS:
-            if args or not layers or not isinstance(layers[-1], (Dense, Conv)) or layers[-1].act != IDENTITY:
-                raise MpitrainError(f"{where}: an activation follows a dense or conv layer (it is fused into it)")
-            layers[-1].act = ACTIVATIONS[kind]
-            continue
-        try:
-            layer = _layer(kind, args, shape, dims)
-        except (ValueError, IndexError):
-            raise MpitrainError(f"{where}: expected one of 'dense N', 'conv2d C K [same|valid] [stride=S]', "
-                                "'conv1d …', 'maxpool2d K [stride=S]', 'avgpool2d …', 'maxpool1d …', "
-                                "'avgpool1d …', 'flatten', 'relu', 'tanh'") from None
-        except MpitrainError as exc:
-            raise MpitrainError(f"{where}: {exc} (input {_shape_text(shape, dims)})") from None
-        if isinstance(layer, (Conv, Pool)) and layer.dims != dims:
-            raise MpitrainError(f"{where}: a {layer.dims}-d layer in a stack on {dims}-d input "
-                                f"{_shape_text(shape, dims)}")
-        if isinstance(layer, Pool) and layer.kind == "max" and isinstance(layers[-1] if layers else None, Conv):
-            layer.conv, layers[-1].pooled = layers[-1], True
-        layer.offset, offset = offset, offset + layer.n_params
-        layers.append(layer)
-        shape = layer.out_shape
-    last = layers[-1]
-    if not isinstance(last, Dense) or last.act != IDENTITY or last.units != n_classes:
-        raise MpitrainError(f"model.layers[{len(stack) - 1}] ({stack[-1]}): a stack ends in 'dense {n_classes}' "
-                            f"(one output per class, no activation: softmax cross-entropy follows)")
-    return layers
-
-
-def _layer(kind, args, shape, dims):
-    """One layer from its words; ValueError/IndexError = bad syntax, MpitrainError = does not fit."""
-    if kind == "dense" and len(args) == 1:
-        if len(shape) != 1:
-            raise MpitrainError("a dense layer takes flat features: put a flatten before it")
-        units = int(args[0])
-        if units < 1:
-            raise ValueError
-        return Dense(units, shape)
-    if kind == "flatten" and not args:
-        return Flatten(shape)
-    opts = {a.split("=")[0]: a.split("=")[1] for a in args if "=" in a}
-    plain = [a for a in args if "=" not in a]
-    if set(opts) - {"stride"}:
-        raise ValueError
-    d = int(kind[-2]) if kind[-2:] in ("1d", "2d") else 0
-    if d == 0 or len(shape) != 3:
-        if d and len(shape) != 3:
-            raise MpitrainError(f"{kind} after flatten or dense: it needs a {d}-d map")
-        raise ValueError
-    if kind in ("conv1d", "conv2d"):
-        channels = int(plain[0])
-        kernel = _pair(plain[1], d, "kernel")
-        pad = plain[2] if len(plain) > 2 else "valid"
-        if channels < 1 or len(plain) > 3 or pad not in ("same", "valid"):
-            raise ValueError
-        stride = _pair(opts.get("stride", "1"), d, "stride")
-        if pad == "valid" and (kernel[0] > shape[0] or kernel[1] > shape[1]):
-            raise MpitrainError("the kernel is larger than the input")
-        return Conv(d, channels, kernel, stride, pad == "same", shape)
-    if kind[3:7] == "pool" and kind[:3] in ("max", "avg") and len(plain) == 1:
-        kernel = _pair(plain[0], d, "kernel")
-        stride = _pair(opts["stride"], d, "stride") if "stride" in opts else kernel
-        if kernel[0] > shape[0] or kernel[1] > shape[1]:
-            raise MpitrainError("the pooling window is larger than the input")
-        return Pool(d, kind[:3], kernel, stride, shape)
-    raise ValueError

@@ -1,0 +1,62 @@
+"""The loss apart from the network: what a model's output is scored against, and the metrics that fit.
+
+Every task returns (loss sum, hit sum) over a batch, per sample, and overwrites the output with
+d(loss sum)/d(output), so the training step's buffer and its scale (1 / global batch) are the same for all:
+  classify  softmax cross-entropy of the logits (N, classes) against integer labels; hits = correct
+  lm        softmax cross-entropy at every position of (N, T, vocabulary) against the next tokens (N, T);
+            a sample's loss and hits are the means over its T positions
+  regress   mean squared error of (N, K) against float targets; a sample's loss is the mean over its K
+            outputs, hits the squared-error sum (for RMSE and R²)
+"""
+import math
+
+
+class Classify:
+    data = "labelled"
+
+    @staticmethod
+    def loss_grad(k, out, y):
+        return k.softmax_xent(out, y)
+
+    @staticmethod
+    def metrics(prefix, loss, hits, n, extra=None):
+        return {f"{prefix}_loss": loss / n, f"{prefix}_accuracy": hits / n}
+
+
+class LanguageModel:
+    data = "token-stream"
+
+    @staticmethod
+    def loss_grad(k, out, y):
+        n, T, V = out.shape
+        loss, hits = k.softmax_xent(out.reshape(n * T, V), y.reshape(n * T))
+        out *= 1.0 / T  # each sample's loss is the mean over its positions
+        return loss / T, hits / T
+
+    @staticmethod
+    def metrics(prefix, loss, hits, n, extra=None):
+        mean = loss / n
+        return {f"{prefix}_loss": mean, f"{prefix}_accuracy": hits / n, f"{prefix}_bits_per_token": mean / math.log(2),
+                f"{prefix}_perplexity": math.exp(min(mean, 700.0))}
+
+
+class Regress:
+    data = "regression"
+
+    @staticmethod
+    def loss_grad(k, out, y):
+        return k.mse(out, y)
+
+    @staticmethod
+    def metrics(prefix, loss, hits, n, extra=None):
+        """extra: (Σy, Σy², number of target values) of the scored targets, for R² (standardised units)."""
+        out = {f"{prefix}_loss": loss / n}
+        if extra is not None:
+            total, squares, m = extra
+            ss_tot = squares - total * total / m
+            out[f"{prefix}_rmse"] = math.sqrt(hits / m)
+            out[f"{prefix}_r2"] = 1.0 - hits / ss_tot if ss_tot > 0 else float("nan")
+        return out
+
+
+TASKS = {"classify": Classify, "lm": LanguageModel, "regress": Regress}
