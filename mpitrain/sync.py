@@ -139,6 +139,12 @@ class Plain:
         """The step buffer (overlap reduces its buckets while backward writes it)."""
         self.buf = buf
 
+    def grad_sqnorm(self):
+        """The squared L2 norm of the whole reduced gradient (summed over the ranks' parts where each holds
+        one), in float64: train.clip_norm's norm is the full gradient's in every mode."""
+        g = self.buf[:self.n]
+        return float(np.einsum("i,i->", g, g, dtype=np.float64))
+
     def _timed(self, fn, *args):
         t = time.perf_counter()
         fn(*args)
@@ -271,6 +277,11 @@ class Sharded(Plain):
         opt.update(params[self.part], self.mine, lr, scale)
         self._timed(self.comm.allgatherv_inplace, params, self.counts, self.displs)
         self.bytes += ring_bytes(4 * self.n, self.comm.size, "allgather")
+
+    def grad_sqnorm(self):
+        sq = np.array([np.einsum("i,i->", self.mine, self.mine, dtype=np.float64)])
+        self.comm.allreduce_sum(sq)
+        return float(sq[0])
 
     def gather_state(self, state):
         """Parts: the checkpoint gathers each vector onto rank 0 as it writes it."""

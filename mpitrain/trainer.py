@@ -5,6 +5,7 @@ its last two slots), and every rank applies the same optimizer update to its ide
 [parallel] tensor = T splits every layer over T ranks that share the samples (tensor.py), and the
 exchange then runs over the data group."""
 import functools
+import math
 import time
 
 import numpy as np
@@ -26,8 +27,8 @@ class Stepper:
     """One optimizer step on flat buffers: summed-loss gradient → optional synchronisation (sync.py) →
     fused update."""
 
-    def __init__(self, model, optimizer, sync=None, flags=0):
-        self.model, self.opt, self.sync = model, optimizer, sync
+    def __init__(self, model, optimizer, sync=None, flags=0, clip_norm=0.0):
+        self.model, self.opt, self.sync, self.clip_norm = model, optimizer, sync, clip_norm
         n, xp = model.n_params, model.xp
         self.n = n if sync is None else sync.slots  # fsdp: no full gradient (it leaves layer by layer)
         self.buf = xp.staging(self.n + 2 + flags)  # [gradient | loss sum | number correct | flags]; pinned on a GPU
@@ -52,15 +53,29 @@ class Stepper:
             mu, anchor = self.prox
             self.grad += (mu * len(x)) * (params - anchor)
         if self.sync is None:
-            self.opt.update(params, self.grad, lr, scale)
+            self.opt.update(params, self.grad, lr, self.clipped(scale))
         else:
             if self.staged:
                 self.grad.copy_to_host(self.buf[:n])
             self.sync.reduce(self.buf, scale)
             if self.staged:
                 self.grad.copy_to_device(self.buf[:n])
-            self.sync.update(self.opt, params, self.grad, lr, scale, len(x))
+            self.sync.update(self.opt, params, self.grad, lr, self.clipped(scale), len(x))
         return float(self.buf[n]), float(self.buf[n + 1])
+
+    def clipped(self, scale):
+        """The gradient's scale, lowered so that the global norm of the mean gradient is at most clip_norm
+        (PyTorch's clip_grad_norm_: factor clip / (norm + 1e-6)).  The norm is of the whole gradient
+        whatever the comm mode (sync.grad_sqnorm sums the shards' parts)."""
+        if not self.clip_norm:
+            return scale
+        if self.sync is None:
+            g = self.model.xp.to_host(self.grad)
+            sq = float(np.einsum("i,i->", g, g, dtype=np.float64))
+        else:
+            sq = self.sync.grad_sqnorm()
+        norm = math.sqrt(sq) * scale
+        return scale * min(1.0, self.clip_norm / (norm + 1e-6))
 
 
 def train(cfg, comm, out=None, quiet=False, resume=None):
