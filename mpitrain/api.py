@@ -7,35 +7,38 @@
     labels = model.predict(x)          # x: (N, *feature_shape) or (N, features), raw as given to prepare
 
 Every rank of `comm` (an mpi4py communicator; default COMM_WORLD) calls the same function with the same
-arguments; only that communicator is used, so a call works inside a larger MPI program.  Bad input raises
+arguments; `out` holding a run is refused unless `resume` continues it or `overwrite=True` replaces it; only that communicator is used, so a call works inside a larger MPI program.  Bad input raises
 MpitrainError with the one line the command line prints, on every rank of `comm`.  Signals are the
 caller's: the API does not install mpitrain's SIGTERM/SIGUSR1 handlers (the command line does).
 """
 import numpy as np
 
 
-def train(config=None, overrides=None, out=None, comm=None, resume=None, quiet=True):
+def train(config=None, overrides=None, out=None, comm=None, resume=None, quiet=True, overwrite=False):
     """Synchronous data-parallel training; returns the summary dict (summary.json) on every rank."""
     from .trainer import train as run
 
-    return _run(run, config, overrides, out, comm, resume, quiet)
+    return _run(run, config, overrides, out, comm, resume, quiet, overwrite)
 
 
-def federate(config=None, overrides=None, out=None, comm=None, resume=None, quiet=True):
+def federate(config=None, overrides=None, out=None, comm=None, resume=None, quiet=True, overwrite=False):
     """Federated rounds (rank 0 of `comm` aggregates); returns the summary dict on every rank."""
     from .federated.run import federate as run
 
-    return _run(run, config, overrides, out, comm, resume, quiet)
+    return _run(run, config, overrides, out, comm, resume, quiet, overwrite)
 
 
-def _run(run, config, overrides, out, comm, resume, quiet):
-    """config: a TOML path or None; overrides: {"section.key": value} or ["section.key=value", …]."""
+def _run(run, config, overrides, out, comm, resume, quiet, overwrite):
+    """config: a TOML path or None; overrides: {"section.key": value} or ["section.key=value", …];
+    resume: None, "auto", a run folder or a checkpoint file."""
     from .comm import Comm
     from .config import load
+    from .session import check_start
 
     comm = comm if isinstance(comm, Comm) else Comm(comm)  # the CLI passes its own
     cfg = comm.agree(load, config, overrides or ())
-    return run(cfg, comm, out, quiet, resume)
+    comm.agree(check_start, out, resume, overwrite, cfg.checkpoint.dir)
+    return run(cfg, comm, out, quiet, resume, overwrite)
 
 
 class Predictor:

@@ -123,45 +123,71 @@ def save_checkpoint(directory, index, arrays, attrs, keep=3):
             f.attrs.update(attrs)
 
     atomic_write(path, write)
-    names = sorted(glob.glob(os.path.join(directory, "ckpt-*.h5")))  # zero-padded: name order = step order
+    names = checkpoints(directory)
     for old in [p for p in names if p > path] + [p for p in names if p <= path][:-keep]:
         os.remove(old)
     return path
 
 
+RESUME_TAKES = "--resume takes auto, a run folder or a ckpt-*.h5 file"
+
+
+def checkpoints(directory):
+    """The checkpoint files in directory, oldest first (the names are zero-padded: name order = step order)."""
+    return sorted(glob.glob(os.path.join(directory, "ckpt-*.h5")))
+
+
 def load_checkpoint(path):
-    """(arrays, attrs) of a checkpoint whose checksum matches; MpitrainError otherwise."""
+    """(arrays, attrs) of a checkpoint whose checksum matches; MpitrainError otherwise, saying what the file
+    is when it is not a checkpoint (a model.h5, a data file, not HDF5) and what --resume takes."""
     import h5py
 
     if not os.path.exists(path):
-        raise MpitrainError(f"{path}: no such checkpoint")
+        raise MpitrainError(f"{path}: no such file or folder ({RESUME_TAKES})")
+    if not h5py.is_hdf5(path):  # the signature: an HDF5 file cut short still has it
+        raise MpitrainError(f"{path}: not an HDF5 file, so not a checkpoint ({RESUME_TAKES})")
     try:
         with h5py.File(path, "r") as f:
             arrays, attrs = {}, {k: v for k, v in f.attrs.items() if k != "checksum"}
             f.visititems(lambda name, obj: arrays.__setitem__(name, obj[...]) if isinstance(obj, h5py.Dataset) else None)
             stored = f.attrs.get("checksum")
     except (OSError, KeyError, RuntimeError):
-        raise MpitrainError(f"{path}: unreadable checkpoint (truncated or not HDF5)") from None
-    if stored is None or stored != _digest(arrays, attrs):
+        raise MpitrainError(f"{path}: unreadable checkpoint (a truncated or damaged HDF5 file)") from None
+    if stored is None:
+        what = ("a model file (model.h5), which holds no optimizer or server state to continue from"
+                if "params" in arrays and "kind" in attrs else "an HDF5 file without a checkpoint's checksum")
+        raise MpitrainError(f"{path}: not a checkpoint: {what} ({RESUME_TAKES})")
+    if stored != _digest(arrays, attrs):
         raise MpitrainError(f"{path}: corrupted checkpoint (checksum mismatch)")
     return arrays, attrs
 
 
 def resolve_resume(resume, directory):
     """(path, arrays, attrs, skipped): the checkpoint to continue from, path None to start afresh.
-    `auto` takes the newest good checkpoint in `directory` (skipped: messages about the corrupted ones
-    passed over); any other value is a checkpoint path that must be good."""
+    `auto` takes the newest good checkpoint in `directory`, a folder (a run folder or a checkpoint folder)
+    the newest good one in it (skipped: messages about the corrupted ones passed over); any other value is a
+    checkpoint path that must be good."""
     if resume is None:
         return None, None, None, []
-    if resume != "auto":
+    if resume != "auto" and not os.path.isdir(resume):
         return (resume, *load_checkpoint(resume), [])
+    folder = directory if resume == "auto" else checkpoint_folder(resume)
     skipped = []
-    for path in sorted(glob.glob(os.path.join(directory, "ckpt-*.h5")), reverse=True):
+    for path in reversed(checkpoints(folder)):
         try:
             return (path, *load_checkpoint(path), skipped)
         except MpitrainError as exc:
             skipped.append(str(exc))
+    if resume != "auto":  # a folder named explicitly must hold one
+        raise MpitrainError(f"{resume}: no good checkpoint in {folder}"
+                            + (f" ({len(skipped)} damaged)" if skipped else "") + f" ({RESUME_TAKES})")
     return None, None, None, skipped
+
+
+def checkpoint_folder(folder):
+    """The folder whose ckpt-*.h5 a --resume FOLDER means: the run folder's checkpoints/, or the folder itself."""
+    inner = os.path.join(folder, "checkpoints")
+    return inner if os.path.isdir(inner) else folder
 
 
 class Saved(dict):
@@ -182,9 +208,10 @@ class Checkpointer:
     barrier before training continues (no rank runs ahead into a collective while the file is written)."""
 
     def __init__(self, comm, cfg, out, spec, config_text, data_checksum, meaning):
-        """meaning: {setting: value} of every setting that gives the saved state, or the privacy
-        accounting of the run so far, its meaning: the run kind, train.optimizer / fed.strategy, the
-        partition, the DP settings the accountants depend on.  Each is written as an attribute and a
+        """meaning: {setting: value} of every setting that gives the saved state, the privacy accounting
+        of the run so far, or a number the run reports about its whole length, its meaning: the run kind,
+        train.optimizer / fed.strategy, train.global_batch (what a step and an epoch are), the partition, the
+        DP settings the accountants depend on, fed.target_accuracy.  Each is written as an attribute and a
         checkpoint that differs in any of them, or lacks one, is refused on resume."""
         c = cfg.checkpoint
         self.comm, self.every, self.every_seconds, self.keep = comm, c.every, c.every_seconds, c.keep
@@ -233,6 +260,6 @@ class Checkpointer:
             if theirs != mine:
                 raise MpitrainError(f"{path}: the checkpoint of step/round {attrs['index']} is of a {key} = "
                                     f"{theirs} run; this run has {mine} (a resume keeps {key}: it gives the "
-                                    "saved state or the privacy accounting its meaning)", agreed=True)
-        say(f"resuming from {path}")
+                                    "saved state, the privacy spent or the numbers reported their meaning)",
+                                    agreed=True)
         return path, int(attrs["index"]), Saved(path, arrays), attrs

@@ -31,9 +31,13 @@ def _parser():
         p_.add_argument("--out", metavar="DIR", help="run directory (default: runs/<timestamp>)")
         p_.add_argument("--quiet", action="store_true", help="print nothing but errors")
         p_.add_argument("--data", metavar="FILE.h5", help="shorthand for --set data.path=FILE.h5")
-        p_.add_argument("--resume", metavar="auto|PATH",
-                        help="continue from a checkpoint: auto = the newest good one in the checkpoint folder "
-                             "(start afresh if there is none), or a ckpt-*.h5 path")
+        p_.add_argument("--resume", metavar="auto|DIR|PATH",
+                        help="continue from a checkpoint: auto = the newest good one of the run in --out (start "
+                             "afresh if there is none), DIR = the newest good one of that run folder, or a "
+                             "ckpt-*.h5 path; a finished run is left as it is")
+        p_.add_argument("--overwrite", action="store_true",
+                        help="replace the run in --out (its files and checkpoints); without it a folder holding "
+                             "a run is refused unless --resume continues it")
         p_.add_argument("--checkpoint-every", metavar="N|Ns",
                         help="checkpoint every N steps (train) or rounds (federate), or every N seconds with "
                              "an s suffix (default: every 300 s and at the end)")
@@ -173,7 +177,7 @@ def _dispatch(args, comm):
         preempt.install()
         run = api.train if args.command == "train" else api.federate
         try:
-            run(args.config, overrides, args.out, comm, args.resume, args.quiet)
+            run(args.config, overrides, args.out, comm, args.resume, args.quiet, args.overwrite)
         except preempt.Preempted:
             return preempt.EXIT_PREEMPTED
     elif args.command == "prepare":

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, checkpoints
 from .errors import MpitrainError
 
 
@@ -80,23 +80,68 @@ def write_json(path, obj):
     atomic_write(path, write)
 
 
+RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "model.h5")
+
+
+def held_run(out, ckpt_dir):
+    """What of a started or finished run the folder holds: its run files and checkpoints ([] for none)."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    ckpts = checkpoints(ckpt_dir)
+    return found + ([f"{len(ckpts)} checkpoint(s) in {ckpt_dir}"] if ckpts else [])
+
+
+def clear_run(out, ckpt_dir):
+    """--overwrite: remove the previous run's files and checkpoints, so nothing of it mixes into the new run."""
+    for path in [os.path.join(out, name) for name in RUN_FILES] + checkpoints(ckpt_dir):
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def read_summary(comm, out):
+    """summary.json of the run folder as rank 0 reads it, on every rank; None when there is none."""
+    text = b""
+    if comm.rank == 0:
+        path = os.path.join(out, "summary.json")
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                text = f.read()
+    text = comm.bcast_bytes(text)
+    return json.loads(text) if text else None
+
+
 class RunLog:
     """metrics.jsonl (one JSON object per line) plus progress: a tqdm bar on a terminal, plain lines
-    otherwise (one per test evaluation).  Holds the run directory's lock (make_run_dir) until finish."""
+    otherwise (one per test evaluation).  Holds the run directory's lock (make_run_dir) until finish or
+    release; start opens the outputs once the run is known to go ahead."""
 
-    def __init__(self, comm, out_dir, lock, total_steps, quiet=False):
+    def __init__(self, comm, out_dir, lock, quiet=False):
         self.active = comm.rank == 0
         self.quiet = quiet
         self.out_dir = out_dir
         self.lock = lock
-        self.bar = None
+        self.bar = self.metrics = None
+
+    def start(self, index, total):
+        """Open metrics.jsonl keeping only the records up to step/round `index`, where the run goes on (later
+        ones are of steps it does again, or of an earlier run in the folder), and the bar at index of total."""
         if not self.active:
             return
-        self.metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
-        if not quiet and sys.stderr.isatty():
+        path = os.path.join(self.out_dir, "metrics.jsonl")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                lines = f.readlines()
+            kept = [line for line in lines if _at(line) <= index]
+            if kept != lines:
+                def write(tmp):
+                    with open(tmp, "w", encoding="utf-8") as f:
+                        f.writelines(kept)
+
+                atomic_write(path, write)
+        self.metrics = open(path, "a", encoding="utf-8")
+        if not self.quiet and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=index, unit="step", dynamic_ncols=True)
 
     def record(self, **fields):
         if self.active:
@@ -127,4 +172,18 @@ class RunLog:
             self.metrics.close()
             if summary is not None:
                 write_json(os.path.join(self.out_dir, "summary.json"), summary)
+        self.release()
+
+    def release(self):
+        """Let go of the folder's lock (a run that wrote nothing, or has finished)."""
+        if self.lock is not None:
             self.lock.close()
+
+
+def _at(line):
+    """The step or round of a metrics.jsonl line; a line cut short by a crash counts as past every index."""
+    try:
+        record = json.loads(line)
+        return record.get("step", record.get("round", 0))
+    except ValueError:
+        return float("inf")

@@ -11,7 +11,7 @@ from .errors import MpitrainError
 from .evaluate import read_part
 from .kernels import compiled
 from .model import Model, ModelSpec
-from .report import RunLog, make_run_dir
+from .report import RunLog, clear_run, held_run, make_run_dir, read_summary
 from .startup import check_world
 from .threads import limit, threads_per_rank
 
@@ -44,6 +44,28 @@ def _prepare_default(rank, path):
         print("\n".join(lines), flush=True)
 
 
+def check_start(out, resume, overwrite, ckpt_dir):
+    """The run-folder arguments that cannot go together, refused before any work."""
+    if resume is not None and overwrite:
+        raise MpitrainError(f"--resume {resume} with --overwrite: a run either continues or starts afresh; "
+                            "give one of them")
+    if resume == "auto" and out is None and not ckpt_dir:
+        raise MpitrainError("--resume auto without --out: auto continues the run in the folder --out names "
+                            "(a new runs/<timestamp> folder holds no checkpoint); give --out")
+
+
+def _refuse_reuse(rank, out, ckpt_dir, auto):
+    """Rank 0: refuse a run folder that holds another run, unless --resume auto found no checkpoint there:
+    then the run starts afresh where one stopped before its first checkpoint, but not over a finished one."""
+    held = held_run(out, ckpt_dir) if rank == 0 else []
+    if auto and "summary.json" in held:
+        raise MpitrainError(f"{out}: holds a finished run (summary.json) but no checkpoint in {ckpt_dir} to "
+                            "continue it from; replace it with --overwrite, or choose another --out")
+    if held and not auto:
+        raise MpitrainError(f"{out}: holds a run ({', '.join(held)}); continue it with --resume auto, replace "
+                            "it with --overwrite, or choose another --out")
+
+
 class Session:
     def __init__(self, cfg, comm):
         self.started = time.perf_counter()
@@ -60,28 +82,50 @@ class Session:
         self.kernels = comm.agree(compiled, comm, cfg.train.device)
         self.model = Model(self.spec, cfg.train.device)
 
-    def open(self, out, total, quiet, resume, meaning):
-        """Create the run directory and its log; returns (index, arrays, attrs) of the checkpoint to
-        resume from, or None.  meaning: see Checkpointer."""
-        self.out, lock = make_run_dir(self.comm, out)
-        if self.comm.rank == 0:
+    def open(self, out, total, quiet, resume, meaning, unit, past, overwrite=False):
+        """Claim the run directory and decide where the run starts: returns (index, arrays, attrs) of the
+        checkpoint to continue from, or None to start at 0.  A run resumed at its end whose summary.json is in
+        place is complete: self.finished is then that summary and nothing is written.  Every check comes
+        before the first write, so a refused start leaves the folder as it was.  meaning: see Checkpointer;
+        unit: "step" or "round"; past(index): what to change for a checkpoint past `total`."""
+        comm = self.comm
+        self.out, lock = make_run_dir(comm, out)
+        self.log, self.finished = RunLog(comm, self.out, lock, quiet), None
+        try:
+            self.ckpt = Checkpointer(comm, self.cfg, self.out, self.spec, self.config_text, self.data.checksum,
+                                     meaning)
+            resumed = self.ckpt.resume(resume, self.log.say)
+            index = 0 if resumed is None else resumed[1]
+            own = resumed is not None and (os.path.realpath(os.path.dirname(resumed[0]))
+                                           == os.path.realpath(self.ckpt.dir))  # continues this folder's run
+            if not (overwrite or own):
+                comm.agree(_refuse_reuse, comm.rank, self.out, self.ckpt.dir, resume == "auto")
+            if index > total:
+                raise MpitrainError(f"{resumed[0]}: the checkpoint of {unit} {index} lies past this run's last "
+                                    f"({total}); a resume continues a run and cannot take back {unit}s done: "
+                                    f"{past(index)}, or leave out --resume to start afresh", agreed=True)
+            if resumed is not None and index == total:
+                done = read_summary(comm, self.out)
+                if done is not None and done.get(unit + "s") == index:
+                    self.log.say(f"{self.out}: the run finished at {unit} {index} already; nothing to do, its "
+                                 "files are left as they were")
+                    self.log.release()
+                    self.finished = done
+                    return None
+        except BaseException:
+            self.log.release()
+            raise
+        if resume == "auto" and resumed is None:  # said even when a mistyped --out makes the folder new
+            self.log.say(f"no checkpoint in {self.ckpt.dir}: starting fresh")
+        elif resumed is not None:
+            self.log.say(f"resuming from {resumed[0]}")
+        if comm.rank == 0:
+            if overwrite:
+                clear_run(self.out, self.ckpt.dir)
             with open(os.path.join(self.out, "config.toml"), "w", encoding="utf-8") as f:
                 f.write(self.config_text)
-        self.log = RunLog(self.comm, self.out, lock, total, quiet)
-        self.ckpt = Checkpointer(self.comm, self.cfg, self.out, self.spec, self.config_text, self.data.checksum,
-                                 meaning)
-        resumed = self.ckpt.resume(resume, self.log.say)
-        if resumed is None:
-            self.log.advance(0)
-            return None
-        path, index, arrays, attrs = resumed
-        if index > total:
-            advice = ("it is another run's (use another --out or checkpoint.dir)" if resume == "auto" else
-                      "raise train.steps / fed.rounds to continue it")
-            raise MpitrainError(f"{path}: the checkpoint of step/round {index} lies past this run's last "
-                                f"({total}): {advice}", agreed=True)
-        self.log.advance(index)
-        return index, arrays, attrs
+        self.log.start(index, total)
+        return None if resumed is None else resumed[1:]
 
     def diverged(self, where, what):
         """The one line of a run whose loss or update stopped being finite (train and federate alike)."""

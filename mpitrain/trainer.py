@@ -78,7 +78,7 @@ class Stepper:
         return scale * min(1.0, self.clip_norm / (norm + 1e-6))
 
 
-def train(cfg, comm, out=None, quiet=False, resume=None):
+def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
     t, run = cfg.train, Session(cfg, comm)
     data, spec, model = run.data, run.spec, run.model
     grid = comm.agree(Grid, cfg, comm, model)  # data × tensor: the ranks of a tensor group read the same batches
@@ -91,13 +91,21 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
     part = sync.part  # the parameters this rank updates: all of them, or its shard (comm.mode = sharded)
     opt = comm.agree(Optimizer, run.kernels, t.optimizer, part.stop - part.start, t.momentum, t.beta1,
                      t.beta2, t.eps, t.weight_decay)
-    resumed = run.open(out, total, quiet, resume, {"run": "train", "train.optimizer": t.optimizer})
+    limit = "train.steps" if t.steps else "train.epochs"
+    resumed = run.open(out, total, quiet, resume, {"run": "train", "train.optimizer": t.optimizer,
+                                                   "train.global_batch": t.global_batch},
+                       "step", lambda index: f"raise {limit} to continue it", overwrite)
+    if run.finished is not None:
+        shard.close()
+        return run.finished
     log, ckpt = run.log, run.ckpt
+    last = {}  # the last step's train loss and accuracy: kept in checkpoints for a run resumed at its end
     if resumed:
         first, arrays, attrs = resumed
         params = grid.take(arrays["params"].astype(np.float32))
         sync.restore(grid.restored(arrays, opt.state), opt.state)  # checkpoints hold full vectors whatever the mode
         opt.t = int(attrs["opt_t"])
+        last = {k: float(attrs[k]) for k in ("train_loss", "train_accuracy") if k in attrs}
         del resumed, arrays  # the checkpoint's full vectors: fsdp and tensor ranks keep only their slices
     else:
         first = 0
@@ -112,11 +120,14 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
 
     if shard.note:
         log.say(shard.note)
+    if "partition" in data.f:
+        log.say(f"{data.path} holds a federated partition of {len(data.f['partition/n_train'])} clients: train "
+                "pools every client's rows (the file's whole train split, the clients' local test rows included)")
     step_fn = Stepper(local, opt, sync, flags=2)  # flags: stop requested, checkpoint due
     sync.step = first  # local SGD averages on the global step count, resumed or not
     eval_every = t.eval_every or shard.steps_per_epoch
     scale = 1.0 / t.global_batch
-    train_seconds, last = 0.0, {}
+    train_seconds = 0.0
     test_loss = test_acc = None
     if first < total:  # the first step's data is read before the timed loop, as an in-memory part is
         shard.get(*divmod(first, shard.steps_per_epoch))
@@ -135,10 +146,10 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         stop, timed = step_fn.flags > 0
         last = {"train_loss": loss * scale, "train_accuracy": correct * scale}
         if (step + 1) % max(t.log_every, 1) == 0 or step + 1 == total:
-            log.record(step=step + 1, epoch=epoch, lr=lr_now, **last)
+            log.record(step=step + 1, epoch=epoch + 1, lr=lr_now, **last)  # epochs count from 1, as printed
         if (step + 1) % eval_every == 0 or step + 1 == total:
             test_loss, test_acc = evaluate(comm, model, grid.full(sync.full(params)), run.test_x, run.test_y)
-            log.record(step=step + 1, epoch=epoch, test_loss=test_loss, test_accuracy=test_acc)
+            log.record(step=step + 1, epoch=epoch + 1, test_loss=test_loss, test_accuracy=test_acc)
             log.say(f"step {step + 1}/{total}  epoch {epoch + 1}  loss {last['train_loss']:.4f}  "
                     f"test loss {test_loss:.4f}  test acc {test_acc:.4f}")
         log.advance(1, loss=f"{loss * scale:.4f}")
@@ -146,7 +157,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
             host = model.xp.to_host
             state = sync.gather_state({f"opt/{k}": host(v) for k, v in opt.state.items()})
             state = {k: grid.saved(v) for k, v in state.items()}
-            ckpt.save(step + 1, {"params": grid.saved(host(sync.saved(params))), **state}, opt_t=opt.t)
+            ckpt.save(step + 1, {"params": grid.saved(host(sync.saved(params))), **state}, opt_t=opt.t, **last)
         if stop and step + 1 < total:  # at the last step the run simply ends (model.h5, summary, exit 0)
             run.stop(f"step {step + 1}")
     shard.close()
@@ -168,9 +179,11 @@ def train(cfg, comm, out=None, quiet=False, resume=None):
         "resumed_from_step": first, "tensor_parallel": grid.T, "data_parallel": dp.size,
         "tensor_comm_seconds": tensor_seconds, "tensor_comm_bytes_per_step": tensor_bytes,
     }
-    log.say(f"done: test accuracy {test_acc:.4f}, {summary['samples_per_second'] or 0:.0f} samples/s, "
-            f"{train_seconds:.1f} s ({comm_seconds:.1f} s in {cfg.comm.mode} communication"
-            f"{f', {tensor_seconds:.1f} s in the tensor group' if grid.T > 1 else ''}) → {run.out}")
+    speed = summary["samples_per_second"]
+    log.say(f"done: test accuracy {test_acc:.4f}, "
+            + (f"{speed:.0f} samples/s, {train_seconds:.1f} s ({comm_seconds:.1f} s in {cfg.comm.mode} communication"
+               f"{f', {tensor_seconds:.1f} s in the tensor group' if grid.T > 1 else ''})" if speed else
+               f"no step left to run after step {first}") + f" → {run.out}")
     final = grid.saved(sync.saved(params))
     final = final.gather() if isinstance(final, Parts) else model.xp.to_host(final)  # whole on rank 0
     return run.finish(summary, final, steps=total)

@@ -247,13 +247,13 @@ def refuse_tensor(tensor):
                             "tensor parallelism is for train (set parallel.tensor = 1)")
 
 
-def federate(cfg, comm, out=None, quiet=False, resume=None):
+def federate(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
     local, shared = Traces(cfg.fed.erase), Traces(cfg.fed.erase)  # one client's work; a round's contributions
     with local, shared:  # fed.erase: zeroed when the run returns or raises, on every rank
-        return _federate(cfg, comm, out, quiet, resume, local, shared)
+        return _federate(cfg, comm, out, quiet, resume, overwrite, local, shared)
 
 
-def _federate(cfg, comm, out, quiet, resume, local, shared):
+def _federate(cfg, comm, out, quiet, resume, overwrite, local, shared):
     t, f = cfg.train, cfg.fed
     comm.agree(check, f.strategy)
     comm.agree(refuse_tensor, cfg.parallel.tensor)
@@ -272,24 +272,7 @@ def _federate(cfg, comm, out, quiet, resume, local, shared):
     server_lr = f.server_lr or DEFAULT_SERVER_LR.get(f.strategy, 1.0)
     model_buf = np.zeros(n + 3, np.float32)  # [model | stop, checkpoint due, diverged]: the round's one Bcast
     params = model_buf[:n]
-    resumed = run.open(out, f.rounds, quiet, resume, resume_meaning(f, part, layers))
-    log, ckpt = run.log, run.ckpt
-    if resumed:
-        first, arrays, attrs = resumed
-        rounds_to_target = int(attrs.get("rounds_to_target", 0)) or None  # reached before the checkpoint
-        params[:] = arrays["params"]
-        for name, v in state.items():
-            v[:] = arrays[f"server/{name}"]
-        if dp is not None:
-            dp.restore(arrays, comm.rank == 0)
-    else:
-        first, rounds_to_target = 0, None
-        if comm.rank == 0:
-            params[:] = model.init_params(t.seed)
-        comm.bcast(params)
-    rounds, accountant, record_acc = f.rounds, None, None
-    if dp is not None:  # cohorts come from rank 0's secret key; rank 0 alone accounts
-        dp.cohort_key = comm.bcast(np.frombuffer(dp.sampling_key(), np.uint8).copy()).tobytes()
+    rounds, accountant, record_acc = f.rounds, None, None  # rounds: the last, fed.rounds or what ε allows
     if dp is not None and dp.z > 0:  # clipping only (z = 0) has ε = ∞: nothing to account
         from .dp import client_accountant
 
@@ -305,6 +288,29 @@ def _federate(cfg, comm, out, quiet, resume, local, shared):
         from .dp import record_accountants, record_epsilon
 
         record_acc = comm.agree(record_accountants, part, f, f.dpsgd) if comm.rank == 0 else comm.agree(_nothing)
+    resumed = run.open(out, rounds, quiet, resume, resume_meaning(f, part, layers), "round",
+                       lambda index: past_rounds(comm, f, dp, accountant, rounds, index), overwrite)
+    if run.finished is not None:
+        if rows.blocks is not None:
+            rows.blocks.close()
+        return run.finished
+    log, ckpt = run.log, run.ckpt
+    if resumed:
+        first, arrays, attrs = resumed
+        rounds_to_target = int(attrs.get("rounds_to_target", 0)) or None  # reached before the checkpoint
+        skipped = int(attrs.get("skipped_rounds", 0))
+        params[:] = arrays["params"]
+        for name, v in state.items():
+            v[:] = arrays[f"server/{name}"]
+        if dp is not None:
+            dp.restore(arrays, comm.rank == 0)
+    else:
+        first, rounds_to_target, skipped = 0, None, 0
+        if comm.rank == 0:
+            params[:] = model.init_params(t.seed)
+        comm.bcast(params)
+    if dp is not None:  # cohorts come from rank 0's secret key; rank 0 alone accounts
+        dp.cohort_key = comm.bcast(np.frombuffer(dp.sampling_key(), np.uint8).copy()).tobytes()
     log.say(f"mpitrain {__version__} federate: {f.strategy}, {part.clients} clients on {comm.size - 1} client "
             f"rank(s) × {run.threads} thread(s), {spec.kind} {spec.describe()}, "
             f"rounds {first + 1}…{rounds} → {run.out}")
@@ -324,7 +330,6 @@ def _federate(cfg, comm, out, quiet, resume, local, shared):
     test_acc = test_loss = fed_acc = worst = None
     round_seconds, round_bytes = [], []
     epsilon = record_eps = None
-    skipped = 0
     for rnd in range(first, rounds):
         tic = time.perf_counter()
         cohort = draw(rnd)
@@ -406,7 +411,8 @@ def _federate(cfg, comm, out, quiet, resume, local, shared):
         log.advance(1)
         if ckpt.due(rnd + 1, stop or timed) or rnd + 1 == rounds:
             ckpt.save(rnd + 1, {"params": params, **{f"server/{k}": v for k, v in state.items()},
-                                **(dp.state() if dp is not None else {})}, rounds_to_target=rounds_to_target or 0)
+                                **(dp.state() if dp is not None else {})}, rounds_to_target=rounds_to_target or 0,
+                      skipped_rounds=skipped)
         if stop and rnd + 1 < rounds:  # at the last round the run simply ends
             run.stop(f"round {rnd + 1}")
     if test_acc is None:  # resumed at the end: score the restored model
@@ -438,7 +444,7 @@ def _federate(cfg, comm, out, quiet, resume, local, shared):
     if record_acc is not None:
         summary.update(record_epsilon=record_eps, record_delta=f.dpsgd.delta,
                        record_noise_multiplier=f.dpsgd.noise_multiplier, record_clip=f.dpsgd.clip)
-    log.say(f"done: test accuracy {test_acc:.4f}, rounds to {f.target_accuracy}: {rounds_to_target}"
+    log.say(f"done: test accuracy {test_acc:.4f}, rounds to {f.target_accuracy}: {rounds_to_target or 'not reached'}"
             + (f", ε = {epsilon:.3f} at δ = {dp.delta:g}" if epsilon is not None else "") + f" → {run.out}")
     return run.finish(summary, params, rounds=rounds)
 
@@ -447,13 +453,24 @@ def _nothing():
     return None
 
 
+def past_rounds(comm, f, dp, accountant, rounds, index):
+    """What to change for a checkpoint of round `index` past the run's last `rounds`: fed.rounds, or, where
+    fed.dp.target_epsilon set the last round, the target (the checkpoint has spent more than it allows)."""
+    if rounds == f.rounds:
+        return "raise fed.rounds to continue it"
+    spent = float(comm.bcast(np.array([accountant.epsilon(index) if comm.rank == 0 else 0.0]))[0])
+    return (f"fed.dp.target_epsilon = {f.dp.target_epsilon:g} allows {rounds} round(s), and the {index} done have "
+            f"spent ε = {spent:.4f} at δ = {dp.delta:g}: set it to {math.ceil(spent * 1e4) / 1e4:g} or more")
+
+
 def resume_meaning(f, part, layers):
-    """The settings that give a federated checkpoint's state, and the privacy spent so far, their meaning
-    (Checkpointer refuses a resume that changes any): the server state's strategy, the partition, whether
-    each kind of DP is on, and every input of the accountants.  Refusing is what keeps ε exact: the
-    accountants compose one event per round, the same event in every round."""
+    """The settings that give a federated checkpoint's state, the privacy spent so far, and rounds_to_target
+    their meaning (Checkpointer refuses a resume that changes any): the server state's strategy, the
+    partition, whether each kind of DP is on, every input of the accountants, fed.target_accuracy.  Refusing
+    is what keeps ε exact: the accountants compose one event per round, the same event in every round."""
     d, g = f.dp, f.dpsgd
     meaning = {"run": "federate", "fed.strategy": f.strategy, "partition": part.checksum,
+               "fed.target_accuracy": f.target_accuracy,
                "fed.dp.noise_multiplier": d.noise_multiplier, "fed.dp.clip_only": d.clip_only,
                "fed.dpsgd.noise_multiplier": g.noise_multiplier}
     if layers.dp is not None:  # q (poisson) or the cohort size m (fixed); the clip state's meaning
