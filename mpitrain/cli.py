@@ -75,10 +75,16 @@ def _parser():
     pr.add_argument("--client-test-fraction", type=float,
                     help="share of each client's samples kept as its local test split (default 0.2)")
 
-    e = sub.add_parser("eval", help="score a saved model on a dataset (distributed)")
-    e.add_argument("--model", required=True, metavar="DIR/model.h5")
-    e.add_argument("--data", required=True, metavar="FILE.h5")
-    e.add_argument("--split", choices=("test", "train"), default="test")
+    e = sub.add_parser("eval", help="score a saved model on a dataset (distributed)",
+                       description="Print the accuracy and mean loss of a saved model on a split of a data "
+                                   "file as one JSON line; each rank scores a part. The file's rows are "
+                                   "standardised with the model's training statistics (model.h5), so a file "
+                                   "prepared separately scores as the model's own would; its feature shape "
+                                   "and classes must be the model's.")
+    e.add_argument("--model", required=True, metavar="DIR/model.h5", help="the model.h5 of a run")
+    e.add_argument("--data", required=True, metavar="FILE.h5", help="a file written by prepare")
+    e.add_argument("--split", choices=("test", "train"), default="test",
+                   help="which split of --data to score (default: test)")
 
     ex = sub.add_parser("export", help="write a saved model as ONNX or as PyTorch-layout weights (npz)",
                         description="Export model.h5 (rank 0 writes, atomically): --format onnx is an ONNX graph "
@@ -103,7 +109,8 @@ def _parser():
                                     "and federated runs together get separate panels.")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
     pl.add_argument("--out", metavar="FILE.png", default="plot.png",
-                    help="where to write the PNG (default: plot.png in the current folder)")
+                    help="where to write the PNG (.png is added to a name without a suffix, another "
+                         "suffix is refused; the folder is created; default: plot.png in the current folder)")
     return p
 
 
@@ -131,15 +138,16 @@ def _info(comm):
 def _eval(args, comm):
     from .checkpoint import load_model
     from .data.shard import DataFile
-    from .evaluate import check_compatible, evaluate, read_part
+    from .evaluate import as_trained, check_compatible, evaluate, read_part
     from .kernels import compiled
     from .model import Model
 
-    spec, params = comm.agree(load_model, args.model)
+    spec, params, stats = comm.agree(load_model, args.model, standardize=True)
     data = comm.agree(DataFile, args.data)
     comm.agree(check_compatible, spec, data, args.model)
     comm.agree(compiled, comm)
     x, y = read_part(comm, data, args.split)
+    x = as_trained(x, data.standardize, stats)  # the model's statistics, not the file's
     loss, acc = evaluate(comm, Model(spec), params, x, y)
     if comm.rank == 0:
         n = data.n_test if args.split == "test" else data.n_train

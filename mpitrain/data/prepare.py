@@ -585,8 +585,7 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
         std = np.sqrt(m2 / count).astype(np.float32)
         mean = mean.astype(np.float32)
         std[std < 1e-6] = 1.0  # constant features (e.g. the corners of digits) stay at 0
-        # a channel's mean/std applies to each of its H·W features (per feature: repeated once)
-        shift, scale = (np.repeat(v, features // len(v)) for v in (mean, std))
+        shift, scale = per_feature((mean, std), features)
         # pass 2: standardise in place (train), gather and standardise (test); the checksum in file order
         for split, ys in (("train", y[order]), ("test", y_test)):
             d = dsets[split]
@@ -614,6 +613,12 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
                       f"{feature_shape}, {n_classes} classes, from {source}{note}",
              parted if partition is not None else None]
     return "\n".join(line for line in lines if line)
+
+
+def per_feature(stats, n):
+    """(mean, std) of standardize/ (a data file's or a model.h5's) as n values each: a channel's pair
+    applies to each of its n/C features (per feature: repeated once)."""
+    return tuple(np.repeat(np.asarray(v, np.float32), n // len(v)) for v in stats)
 
 
 def _gather(x, rows, name, axes=None):
