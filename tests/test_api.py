@@ -145,3 +145,11 @@ def test_eval_standardises_with_the_models_statistics(tmp_path):
     assert r.returncode == 2 and r.error_lines() == [
         f"mpitrain: error: {model_h5}: the model takes samples of shape [6] and 4 classes, {tmp_path / 'c.h5'} "
         f"has [2, 3] and 4 classes"]
+
+
+def test_eval_help_describes_the_command_and_its_options():
+    r = launch([sys.executable, "-m", "mpitrain", "eval", "--help"])
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "standardised with the model's training statistics" in text
+    assert "which split of --data to score (default: test)" in text and "the model.h5 of a run" in text
