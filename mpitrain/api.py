@@ -5,6 +5,7 @@
     summary = mpitrain.federate(overrides={"data.path": "parts.h5", "fed.rounds": 20}, comm=my_comm)
     model = mpitrain.load_model("runs/a/model.h5")
     labels = model.predict(x)          # x: (N, *feature_shape) or (N, features), raw as given to prepare
+    labels = model.predict(x, layout="nhwc")  # x: (N, H, W, C), channels last (prepare --layout nhwc)
 
 Every rank of `comm` (an mpi4py communicator; default COMM_WORLD) calls the same function with the same
 arguments; `out` holding a run is refused unless `resume` continues it or `overwrite=True` replaces it; only that communicator is used, so a call works inside a larger MPI program.  Bad input raises
@@ -51,30 +52,46 @@ class Predictor:
         self.spec, self.params, self.standardize = load_model(path, standardize=True)
         self.model = Model(self.spec)
 
-    def predict_proba(self, x, standardized=False):
-        """Class probabilities (N, classes) of samples x, raw as prepare read them (standardised here
-        with the training split's statistics stored in model.h5), or rows of an mpitrain data file with
-        standardized=True."""
-        spec = self.spec
-        x = np.asarray(x, np.float32)
-        if x.ndim == 0 or int(np.prod(x.shape[1:])) != spec.n_in:
-            from .errors import MpitrainError
+    def rows(self, x, layout="nchw"):
+        """x as float32 rows (N, features) in the model's feature order: x is (N, *feature_shape) or flat
+        (N, features), or with layout="nhwc" its samples have their channels last (prepare --layout nhwc)."""
+        from .errors import MpitrainError
 
-            shapes = {f"(N, {', '.join(map(str, spec.feature_shape))})", f"(N, {spec.n_in})"}
-            raise MpitrainError(f"predict: x has shape {x.shape}; expected {' or '.join(sorted(shapes))}")
-        x = x.reshape(len(x), -1)
+        fs, n_in = self.spec.feature_shape, self.spec.n_in
+        x = np.asarray(x, np.float32)
+        last = (*fs[1:], fs[0]) if len(fs) > 1 else None  # a sample with its channels last
+        if layout == "nhwc":
+            if last is None or x.shape[1:] != last:
+                raise MpitrainError(f"predict: x has shape {x.shape}; with layout='nhwc' expected "
+                                    f"(N, {', '.join(map(str, last or fs))})"
+                                    + ("" if last else " (the model's samples have no channel axis)"))
+            x = x.transpose(0, x.ndim - 1, *range(1, x.ndim - 1))
+        elif layout != "nchw":
+            raise MpitrainError(f"predict: layout={layout!r}; expected 'nchw' (channels first) or 'nhwc'")
+        elif x.shape[1:] not in (fs, (n_in,)):  # an equal count is not enough: (32, 32, 3) is not (3, 32, 32)
+            shapes = " or ".join(sorted({f"(N, {', '.join(map(str, fs))})", f"(N, {n_in})"}))
+            hint = (f": its samples have their channels last; expected {shapes} (channels first), or pass "
+                    f"layout='nhwc'" if x.shape[1:] == last != fs else f"; expected {shapes}")
+            raise MpitrainError(f"predict: x has shape {x.shape}{hint}")
+        return x.reshape(len(x), n_in)
+
+    def predict_proba(self, x, standardized=False, layout="nchw"):
+        """Class probabilities (N, classes) of samples x (see rows), raw as prepare read them (standardised
+        here with the training split's statistics stored in model.h5), or with standardized=True rows
+        standardised with those statistics (the model's own data file)."""
+        from .data.prepare import per_feature
+
+        x = self.rows(x, layout)
         if not standardized and self.standardize is not None:
-            mean, std = self.standardize
-            if len(mean) != spec.n_in:  # one value per channel (images): repeat over each channel's pixels
-                mean, std = (np.repeat(v, spec.n_in // len(v)) for v in (mean, std))
+            mean, std = per_feature(self.standardize, self.spec.n_in)
             x = (x - mean) / std
         z = self.model.logits(self.params, np.ascontiguousarray(x, np.float32)).astype(np.float64)
         z = np.exp(z - z.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
 
-    def predict(self, x, standardized=False):
+    def predict(self, x, standardized=False, layout="nchw"):
         """Class labels (N,) of samples x (see predict_proba)."""
-        return np.argmax(self.predict_proba(x, standardized), axis=1)
+        return np.argmax(self.predict_proba(x, standardized, layout), axis=1)
 
 
 def load_model(path):

@@ -46,19 +46,24 @@ def _parser():
                         "one GPU per rank)")
 
     pr = sub.add_parser("prepare", help="write a dataset as HDF5 (train/test split, standardised)",
-                        description="Turn a source into the HDF5 layout every rank reads its shard from.")
+                        description="Turn a source into the HDF5 layout every rank reads its shard from "
+                                    "(docs/data.md). An option that the source or the partition scheme does "
+                                    "not read is refused.")
     pr.add_argument("--source", help="digits | synthetic | npz:PATH | npz:DIR | npy:DIR | csv:PATH | images:DIR "
                                      "(may be left out with --partition to re-partition an existing --out)")
-    pr.add_argument("--out", required=True, metavar="FILE.h5")
-    pr.add_argument("--test-fraction", type=float, default=0.2,
+    pr.add_argument("--out", required=True, metavar="FILE.h5", help="the file to write (its folder is created)")
+    pr.add_argument("--test-fraction", type=float,
                     help="held-out share when the source has no test split (default 0.2)")
-    pr.add_argument("--seed", type=int, default=0, help="shuffle/split (and synthetic) seed")
-    pr.add_argument("--samples", type=int, default=10000, help="synthetic: number of samples")
-    pr.add_argument("--features", type=int, default=64, help="synthetic: number of features")
+    pr.add_argument("--seed", type=int, default=0, help="shuffle/split/partition (and synthetic) seed, ≥ 0")
+    pr.add_argument("--samples", type=int, help="synthetic: number of samples (default 10000)")
+    pr.add_argument("--features", type=int, help="synthetic: number of features (default 64)")
     pr.add_argument("--classes", type=int,
                     help="number of classes (synthetic: default 10; other sources: default the largest "
                          "label + 1, and labels beyond --classes are refused)")
     pr.add_argument("--label-column", help="csv: label column name or index (default: the last column)")
+    pr.add_argument("--layout", choices=("nchw", "nhwc"),
+                    help="npz/npy: the samples' channels are first (nchw: stored as given) or last (nhwc: moved "
+                         "first); default: a 3-axis sample whose last axis is 1, 3 or 4 is channels last")
     pr.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                     help="images: resize every image to H×W pixels (Pillow's bilinear filter; default: keep "
                          "the size, which must then be the same for all)")
@@ -68,16 +73,22 @@ def _parser():
                     help="images: skip (and count) unreadable or corrupt files instead of stopping at the first")
     pr.add_argument("--partition", choices=("iid", "dirichlet", "shards", "quantity"),
                     help="also store a federated partition of the training split over --clients clients")
-    pr.add_argument("--clients", type=int, default=16, help="number of federated clients (default 16)")
-    pr.add_argument("--alpha", type=float, default=0.5, help="dirichlet/quantity concentration (default 0.5)")
-    pr.add_argument("--shards-per-client", type=int, default=2, help="shards: label shards per client")
-    pr.add_argument("--client-test-fraction", type=float, default=0.2,
+    pr.add_argument("--clients", type=int, help="number of federated clients (default 16)")
+    pr.add_argument("--alpha", type=float, help="dirichlet/quantity concentration (default 0.5)")
+    pr.add_argument("--shards-per-client", type=int, help="shards: label shards per client (default 2)")
+    pr.add_argument("--client-test-fraction", type=float,
                     help="share of each client's samples kept as its local test split (default 0.2)")
 
-    e = sub.add_parser("eval", help="score a saved model on a dataset (distributed)")
-    e.add_argument("--model", required=True, metavar="DIR/model.h5")
-    e.add_argument("--data", required=True, metavar="FILE.h5")
-    e.add_argument("--split", choices=("test", "train"), default="test")
+    e = sub.add_parser("eval", help="score a saved model on a dataset (distributed)",
+                       description="Print the accuracy and mean loss of a saved model on a split of a data "
+                                   "file as one JSON line; each rank scores a part. The file's rows are "
+                                   "standardised with the model's training statistics (model.h5), so a file "
+                                   "prepared separately scores as the model's own would; its feature shape "
+                                   "and classes must be the model's.")
+    e.add_argument("--model", required=True, metavar="DIR/model.h5", help="the model.h5 of a run")
+    e.add_argument("--data", required=True, metavar="FILE.h5", help="a file written by prepare")
+    e.add_argument("--split", choices=("test", "train"), default="test",
+                   help="which split of --data to score (default: test)")
 
     ex = sub.add_parser("export", help="write a saved model as ONNX or as PyTorch-layout weights (npz)",
                         description="Export model.h5 (rank 0 writes, atomically): --format onnx is an ONNX graph "
@@ -102,7 +113,8 @@ def _parser():
                                     "and federated runs together get separate panels.")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
     pl.add_argument("--out", metavar="FILE.png", default="plot.png",
-                    help="where to write the PNG (default: plot.png in the current folder)")
+                    help="where to write the PNG (.png is added to a name without a suffix, another "
+                         "suffix is refused; the folder is created; default: plot.png in the current folder)")
     return p
 
 
@@ -130,19 +142,53 @@ def _info(comm):
 def _eval(args, comm):
     from .checkpoint import load_model
     from .data.shard import DataFile
-    from .evaluate import check_compatible, evaluate, read_part
+    from .evaluate import as_trained, check_compatible, evaluate, read_part
     from .kernels import compiled
     from .model import Model
 
-    spec, params = comm.agree(load_model, args.model)
+    spec, params, stats = comm.agree(load_model, args.model, standardize=True)
     data = comm.agree(DataFile, args.data)
     comm.agree(check_compatible, spec, data, args.model)
     comm.agree(compiled, comm)
     x, y = read_part(comm, data, args.split)
+    x = as_trained(x, data.standardize, stats)  # the model's statistics, not the file's
     loss, acc = evaluate(comm, Model(spec), params, x, y)
     if comm.rank == 0:
         n = data.n_test if args.split == "test" else data.n_train
         print(json.dumps({"split": args.split, "samples": n, "accuracy": acc, "loss": loss}))
+
+
+PARTITION_OPTIONS = {"clients": "--clients", "alpha": "--alpha", "shards_per_client": "--shards-per-client",
+                     "test_fraction": "--client-test-fraction"}  # write_partition's keyword → option
+
+
+def _prepare(args, prepare):
+    """The prepare command: the file from --source (with its partition, if asked), or a new partition of
+    --out; an option that has no effect there is refused."""
+    from .data.partition import write_partition
+
+    partition = {k: getattr(args, "client_test_fraction" if k == "test_fraction" else k)
+                 for k in PARTITION_OPTIONS}
+    partition = {k: v for k, v in partition.items() if v is not None}
+    if not args.partition and partition:
+        raise MpitrainError(f"prepare: {', '.join(PARTITION_OPTIONS[k] for k in partition)}: only with --partition")
+    if args.partition:
+        partition.update(scheme=args.partition, seed=args.seed)
+    if not args.source:
+        if not args.partition:
+            raise MpitrainError("prepare: --source is required (unless --partition re-partitions --out)")
+        given = [o for o, v in (("--test-fraction", args.test_fraction), ("--samples", args.samples),
+                                ("--features", args.features), ("--classes", args.classes),
+                                ("--label-column", args.label_column), ("--layout", args.layout),
+                                ("--image-size", args.image_size), ("--grayscale", args.grayscale or None),
+                                ("--skip-bad", args.skip_bad or None)) if v is not None]
+        if given:
+            raise MpitrainError(f"prepare: {', '.join(given)}: only with --source (re-partitioning {args.out} "
+                                "keeps its data)")
+        return write_partition(args.out, **partition)
+    return prepare(args.source, args.out, args.test_fraction, args.seed, args.classes, args.image_size,
+                   args.grayscale, args.skip_bad, args.layout, partition or None, samples=args.samples,
+                   features=args.features, label_column=args.label_column)
 
 
 def _federate_default(args, overrides, comm):
@@ -181,24 +227,10 @@ def _dispatch(args, comm):
         except preempt.Preempted:
             return preempt.EXIT_PREEMPTED
     elif args.command == "prepare":
-        from .data.partition import write_partition
         from .data.prepare import prepare
 
         def prepare_on_root():  # one writer, however the command was launched
-            if comm.rank != 0:
-                return None
-            lines = []
-            if args.source or not args.partition:
-                if not args.source:
-                    raise MpitrainError("prepare: --source is required (unless --partition re-partitions --out)")
-                lines.append(prepare(args.source, args.out, args.test_fraction, args.seed, samples=args.samples,
-                                     features=args.features, classes=args.classes,
-                                     label_column=args.label_column, image_size=args.image_size,
-                                     grayscale=args.grayscale, skip_bad=args.skip_bad))
-            if args.partition:
-                lines.append(write_partition(args.out, args.partition, args.clients, args.alpha,
-                                             args.shards_per_client, args.seed, args.client_test_fraction))
-            return "\n".join(lines)
+            return _prepare(args, prepare) if comm.rank == 0 else None
 
         text = comm.agree(prepare_on_root)
         if text:

@@ -108,8 +108,8 @@ def _need_onnx():
         raise MpitrainError("export --format onnx needs the onnx package: pip install 'mpitrain[export]'") from None
 
 
-def to_onnx(spec, steps):
-    """The onnx.ModelProto of plan(spec, …), checked."""
+def to_onnx(spec, steps, standardize=None):
+    """The onnx.ModelProto of plan(spec, …), checked; standardize: model.h5's (mean, std), in its properties."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -152,11 +152,13 @@ def to_onnx(spec, steps):
         nodes, f"mpitrain_{spec.kind}",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_dims)],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", spec.n_out])], initializer=inits)
-    graph.input[0].doc_string = "standardised rows of an mpitrain data file, channels first"
+    graph.input[0].doc_string = ("samples channels first, standardised with the training statistics (the "
+                                 "property mpitrain.standardize)")
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="mpitrain",
                               producer_version=__version__, ir_version=IR_VERSION)
     helper.set_model_props(model, {"mpitrain.kind": spec.kind, "mpitrain.layers": json.dumps(list(spec.stack)),
-                                   "mpitrain.feature_shape": json.dumps(list(spec.feature_shape))})
+                                   "mpitrain.feature_shape": json.dumps(list(spec.feature_shape)),
+                                   "mpitrain.standardize": json.dumps(_stats(standardize))})
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -214,13 +216,18 @@ def to_npz(spec, steps, standardize=None):
         "modules": modules,
         "sequential": "nn.Sequential(" + ", ".join(m["torch"] for m in modules) + ")",
         "state_dict": sorted(arrays, key=lambda k: (int(k.split(".")[0]), k)),
-        "standardize": None if standardize is None else {
-            "mean": np.asarray(standardize[0], np.float64).tolist(),
-            "std": np.asarray(standardize[1], np.float64).tolist(),
-            "note": "raw x → (x - mean) / std; one value per feature, or per channel (repeat it over the "
-                    "channel's H·W features)"},
+        "standardize": _stats(standardize),
     }
     return arrays, description
+
+
+def _stats(standardize):
+    """model.h5's training statistics (the model's, whatever file it is later used on) for a reader."""
+    return None if standardize is None else {
+        "mean": np.asarray(standardize[0], np.float64).tolist(),
+        "std": np.asarray(standardize[1], np.float64).tolist(),
+        "note": "raw x → (x - mean) / std; one value per feature, or per channel (repeat it over the "
+                "channel's H·W features)"}
 
 
 def export(model_path, fmt, out):
@@ -233,14 +240,11 @@ def export(model_path, fmt, out):
         _need_onnx()
     spec, params, stats = load_model(model_path, standardize=True)
     steps = plan(spec, params, fmt)
-    directory = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(directory):
-        raise MpitrainError(f"{out}: no such directory {directory}")
     if os.path.isdir(out):
         raise MpitrainError(f"{out}: is a directory (expected a file name)")
     shape = channels_first_shape(spec)
     if fmt == "onnx":
-        model = to_onnx(spec, steps)
+        model = to_onnx(spec, steps, stats)
         ins = spec.feature_shape if steps[0]["op"] in ("conv", "pool") else (spec.n_in,)
 
         def write(tmp):
@@ -256,6 +260,7 @@ def export(model_path, fmt, out):
         what = (f"npz, {len(arrays)} arrays + description, torch.nn.Sequential of {len(description['modules'])} "
                 f"modules on input (N, {', '.join(map(str, shape))})")
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # as prepare and plot do
         atomic_write(out, write)
     except OSError as exc:
         raise MpitrainError(f"{out}: cannot write ({exc.strerror or exc})") from None

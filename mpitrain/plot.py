@@ -176,12 +176,20 @@ def figure(runs):
     return fig
 
 
+def png_path(out):
+    """--out checked: a file name ending in .png, which a name without a suffix is given."""
+    if os.path.isdir(out):
+        raise MpitrainError(f"--out {out}: is a folder; expected a file name such as {os.path.join(out, 'plot.png')}")
+    suffix = os.path.splitext(out)[1]
+    if suffix.lower() not in ("", ".png"):  # another suffix would name a PNG as something else
+        raise MpitrainError(f"--out {out}: plot writes PNG images; expected a name ending in .png")
+    return out if suffix else out + ".png"
+
+
 def write(fig, out):
     """Save the figure as a PNG at out, atomically (temporary file, fsync, rename)."""
     from .checkpoint import atomic_write
 
-    if os.path.isdir(out):
-        raise MpitrainError(f"--out {out}: is a folder; expected a file name such as {os.path.join(out, 'plot.png')}")
     directory = os.path.dirname(os.path.abspath(out))
     try:
         os.makedirs(directory, exist_ok=True)
@@ -191,8 +199,9 @@ def write(fig, out):
 
 
 def main(paths, out="plot.png"):
-    """The plot command: load the runs, draw them, write the PNG; returns out."""
+    """The plot command: load the runs, draw them, write the PNG; returns its path."""
     _matplotlib()  # the one line about matplotlib before anything else
+    out = png_path(out)
     runs = [Run(p) for p in paths]
     write(figure(runs), out)
     kinds = sorted({r.kind for r in runs})

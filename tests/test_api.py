@@ -82,3 +82,74 @@ def test_load_model_predicts_raw_and_standardised_inputs(tmp_path, synth):
         assert str(e) == "predict: x has shape (2, 5); expected (N, 12)"
     else:
         raise AssertionError("no error for a wrong shape")
+
+
+def test_predict_takes_the_models_layout_only(tmp_path):
+    """A channels-last array of the right size is refused, naming it, unless layout='nhwc' says so."""
+    import pytest
+
+    import mpitrain
+    from mpitrain.checkpoint import save_model
+    from mpitrain.model import Model, ModelSpec
+
+    spec = ModelSpec(kind="softmax", n_in=60, n_out=3, feature_shape=(3, 4, 5))
+    save_model(str(tmp_path / "model.h5"), spec, Model(spec).init_params(0))
+    model = mpitrain.load_model(str(tmp_path / "model.h5"))
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    p = model.predict_proba(x)
+    np.testing.assert_array_equal(model.predict_proba(x.reshape(2, 60)), p)
+    np.testing.assert_array_equal(model.predict_proba(x.transpose(0, 2, 3, 1), layout="nhwc"), p)
+    for shape, message in (((2, 4, 5, 3), r"\(2, 4, 5, 3\): its samples have their channels last; expected "
+                                          r"\(N, 3, 4, 5\) or \(N, 60\) \(channels first\), or pass layout='nhwc'"),
+                           ((2, 5, 4, 3), r"\(2, 5, 4, 3\); expected \(N, 3, 4, 5\) or \(N, 60\)$"),
+                           ((2, 3, 20), r"\(2, 3, 20\); expected \(N, 3, 4, 5\) or \(N, 60\)$")):
+        with pytest.raises(mpitrain.MpitrainError, match=r"^predict: x has shape " + message):
+            model.predict(np.zeros(shape))
+    with pytest.raises(mpitrain.MpitrainError, match=r"with layout='nhwc' expected \(N, 4, 5, 3\)"):
+        model.predict(x, layout="nhwc")
+
+
+def test_eval_standardises_with_the_models_statistics(tmp_path):
+    """A file prepared apart (classes 0 and 1 of the model's data: other statistics) scores in eval as
+    predict scores its raw samples; a file of another feature shape is one line."""
+    from mpitrain.checkpoint import save_model
+    from mpitrain.data.prepare import prepare
+    from mpitrain.model import ModelSpec
+
+    import mpitrain
+
+    rng = np.random.default_rng(0)
+    teacher = rng.normal(size=(6, 4))
+    x = rng.normal(size=(400, 6)) * 2 + 1
+    y = np.argmax((x - 1) @ teacher, axis=1)
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    np.savez(tmp_path / "b.npz", x=x[y < 2], y=y[y < 2])
+    np.savez(tmp_path / "c.npz", x=x.reshape(-1, 2, 3), y=y)
+    for name, classes in (("a", None), ("b", 4), ("c", None)):
+        prepare(f"npz:{tmp_path / name}.npz", str(tmp_path / f"{name}.h5"), classes=classes)
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        stats = f["standardize/mean"][...], f["standardize/std"][...]
+    spec = ModelSpec(kind="softmax", n_in=6, n_out=4)  # the teacher itself: [W (in × out) | b]
+    model_h5 = str(tmp_path / "model.h5")
+    save_model(model_h5, spec, np.concatenate([teacher.ravel(), np.zeros(4)]).astype(np.float32), stats)
+    with h5py.File(tmp_path / "b.h5", "r") as f:
+        bx, by = f["test/x"][...], f["test/y"][...]
+        raw = bx * f["standardize/std"][...] + f["standardize/mean"][...]
+    predicted = np.mean(mpitrain.load_model(model_h5).predict(raw) == by)
+    r = launch([MPIEXEC, "-n", "2", sys.executable, "-m", "mpitrain", "eval", "--model", model_h5, "--data",
+                str(tmp_path / "b.h5")])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["accuracy"] == predicted > 0.9  # b's own statistics: 0.65
+    r = launch([MPIEXEC, "-n", "2", sys.executable, "-m", "mpitrain", "eval", "--model", model_h5, "--data",
+                str(tmp_path / "c.h5")])
+    assert r.returncode == 2 and r.error_lines() == [
+        f"mpitrain: error: {model_h5}: the model takes samples of shape [6] and 4 classes, {tmp_path / 'c.h5'} "
+        f"has [2, 3] and 4 classes"]
+
+
+def test_eval_help_describes_the_command_and_its_options():
+    r = launch([sys.executable, "-m", "mpitrain", "eval", "--help"])
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "standardised with the model's training statistics" in text
+    assert "which split of --data to score (default: test)" in text and "the model.h5 of a run" in text

@@ -303,3 +303,106 @@ def test_classes_on_the_command_line(tmp_path):
     r = mpirun(1, "prepare", "--source", f"csv:{path}", "--label-column", "label", "--classes", 2, "--out", out)
     assert r.returncode == 2 and r.error_lines() == [
         f"mpitrain: error: csv:{path} y: 1 label(s) ≥ --classes 2; expected 0…1"]
+
+
+def test_channels_last_images_are_stored_channels_first_from_every_source(tmp_path):
+    """(N, H, W, C) with C in 1, 3, 4 (numpy/PIL/Keras) is moved to (C, H, W), said in a line, the same from
+    npz:PATH, npz:DIR and npy:DIR; --layout decides otherwise or where the shape cannot."""
+    rng = np.random.default_rng(0)
+    x, xt = rng.integers(0, 256, (30, 6, 5, 3), np.uint8), rng.integers(0, 256, (6, 6, 5, 3), np.uint8)
+    y, yt = np.arange(30) % 3, np.arange(6) % 3
+    os.makedirs(tmp_path / "npy")
+    os.makedirs(tmp_path / "npzs")
+    np.savez(tmp_path / "a.npz", x=x, y=y, x_test=xt, y_test=yt)
+    np.savez(tmp_path / "npzs" / "0.npz", x=x, y=y, x_test=xt, y_test=yt)
+    for name, a in (("x", x), ("y", y), ("x_test", xt), ("y_test", yt)):
+        np.save(tmp_path / "npy" / f"{name}.npy", a)
+    sums = set()
+    for source in (f"npz:{tmp_path / 'a.npz'}", f"npz:{tmp_path / 'npzs'}", f"npy:{tmp_path / 'npy'}"):
+        lines = prepare(source, str(tmp_path / "o.h5")).splitlines()
+        assert lines[0] == (f"layout: {source} x samples (6, 5, 3) read as channels last, stored channels first "
+                            f"as (3, 6, 5) (by its shape; --layout nchw if not)")
+        a, attrs, mean, std = _layout(str(tmp_path / "o.h5"))
+        assert list(attrs["feature_shape"]) == [3, 6, 5]
+        np.testing.assert_allclose(a["test/x"] * std + mean, xt.transpose(0, 3, 1, 2).reshape(6, 90), atol=1e-3)
+        sums.add(attrs["checksum"])
+    assert len(sums) == 1
+    npz = f"npz:{tmp_path / 'a.npz'}"
+    line = prepare(npz, str(tmp_path / "o.h5"), layout="nchw").splitlines()[0]
+    assert line == f"layout: {npz} x samples (6, 5, 3) taken as channels first"
+    assert list(_layout(str(tmp_path / "o.h5"))[1]["feature_shape"]) == [6, 5, 3]
+    np.savez(tmp_path / "b.npz", x=x.reshape(30, 30, 3), y=y)  # (L, C) signals: only --layout nhwc moves them
+    assert prepare(f"npz:{tmp_path / 'b.npz'}", str(tmp_path / "b.h5")).startswith(f"{tmp_path / 'b.h5'}: ")
+    assert list(_layout(str(tmp_path / "b.h5"))[1]["feature_shape"]) == [30, 3]
+    prepare(f"npz:{tmp_path / 'b.npz'}", str(tmp_path / "b.h5"), layout="nhwc")
+    assert list(_layout(str(tmp_path / "b.h5"))[1]["feature_shape"]) == [3, 30]
+    np.savez(tmp_path / "c.npz", x=np.zeros((6, 3, 5, 4)), y=np.arange(6) % 2)
+    np.savez(tmp_path / "d.npz", x=np.zeros((6, 5)), y=np.arange(6) % 2)
+    for source, layout, message in (
+            ("c", None, r"c.npz x: samples of shape \(3, 5, 4\) may have their channels first or last; pass "
+                        r"--layout nchw \(C, H, W\) or --layout nhwc \(H, W, C\)"),
+            ("d", "nhwc", r"--layout nhwc: npz:.*d.npz x samples have shape \(5,\), no channel axis")):
+        with pytest.raises(MpitrainError, match=message):
+            prepare(f"npz:{tmp_path / source}.npz", str(tmp_path / f"{source}.h5"), layout=layout)
+    assert not os.path.exists(tmp_path / "c.h5") and not os.path.exists(tmp_path / "d.h5")
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards", "quantity"])
+def test_each_clients_local_test_split_is_a_random_sample_of_it(tmp_path, scheme):
+    """The tail of a client's rows is its local test split: under shards it used to be the end of the
+    client's last label-sorted shard, one label."""
+    out = str(tmp_path / "p.h5")
+    prepare("digits", out, partition=dict(scheme=scheme, clients=10, seed=0, test_fraction=0.25))
+    with h5py.File(out, "r") as f:
+        y, offsets, n_train = f["partition/y"][...], f["partition/offsets"][...], f["partition/n_train"][...]
+    for k in range(10):
+        mine = y[offsets[k]:offsets[k + 1]]
+        labels, counts = np.unique(mine, return_counts=True)
+        common = labels[counts >= 20]  # present in a random quarter with probability > 0.996
+        assert set(common) <= set(mine[n_train[k]:]), (k, common, mine[n_train[k]:])
+
+
+@pytest.mark.parametrize("args, message", [
+    ("--partition shards --shards-per-client 0 --clients 10",
+     "--shards-per-client 0: expected 1 … 143 (10 clients share 1438 samples)"),
+    ("--partition shards --shards-per-client 200 --clients 10", "--shards-per-client 200: expected 1 … 143 (10 clients share 1438 samples)"),
+    ("--partition iid --clients 0", "--clients 0: expected 1 … 719 (2 samples per client at least)"),
+    ("--partition dirichlet --alpha nan", "--alpha nan: expected > 0 and finite"),
+    ("--partition iid --alpha 1", "--alpha: only for --partition dirichlet or quantity, not iid"),
+    ("--partition dirichlet --shards-per-client 3", "--shards-per-client: only for --partition shards, not dirichlet"),
+    ("--partition iid --client-test-fraction 1", "--client-test-fraction 1.0: expected a number in [0, 1)"),
+    ("--clients 4 --alpha 0.1", "prepare: --clients, --alpha: only with --partition"),
+    ("--seed -1", "--seed -1: expected an integer ≥ 0"),
+    ("--test-fraction 0", "--test-fraction 0.0: expected a number in (0, 1)"),
+    ("--samples 100", "--samples: only for the synthetic source, not 'digits'"),
+    ("--label-column 0", "--label-column: only for a csv:PATH source, not 'digits'"),
+    ("--layout nhwc", "--layout: only for npz:PATH, npz:DIR and npy:DIR sources, not 'digits'"),
+    ("--image-size 8 8", "--image-size: only for an images:DIR source, not 'digits'"),
+    ("--classes 1", "--classes 1: expected ≥ 2"),
+])
+def test_every_prepare_option_is_checked(tmp_path, args, message):
+    """One line for each option that is out of range or has no effect where it is given; no file."""
+    from mpitrain.cli import _parser, _prepare
+
+    out = tmp_path / "d" / "o.h5"
+    with pytest.raises(MpitrainError) as info:
+        _prepare(_parser().parse_args(["prepare", "--source", "digits", "--out", str(out), *args.split()]), prepare)
+    assert str(info.value) == message and not os.path.exists(out)
+
+
+def test_prepare_option_errors_from_the_command_line(tmp_path):
+    """The traceback of issue #23 (numpy's `number sections must be larger than 0`) is one line, and
+    neither a new file nor a change to the old one is left."""
+    out = tmp_path / "o.h5"
+    r = mpirun(1, "prepare", "--source", "synthetic", "--samples", 100, "--features", 3, "--out", out)
+    assert r.returncode == 0, r.stderr
+    before = h5py.File(out, "r").attrs["checksum"]
+    r = mpirun(1, "prepare", "--source", "digits", "--out", out, "--partition", "shards", "--shards-per-client", 0,
+               "--clients", 10)
+    assert r.returncode == 2 and r.error_lines() == [
+        "mpitrain: error: --shards-per-client 0: expected 1 … 143 (10 clients share 1438 samples)"]
+    assert h5py.File(out, "r").attrs["checksum"] == before and os.listdir(tmp_path) == ["o.h5"]
+    for args, message in (([], "prepare: --samples: only with --source (re-partitioning"),
+                          (["--source", "synthetic", "--samples", 100, "--classes", 101], "--classes ≤ --samples")):
+        r = mpirun(1, "prepare", "--out", out, "--partition", "iid", "--samples", 100, *args)
+        assert r.returncode == 2 and len(r.error_lines()) == 1 and message in r.stderr

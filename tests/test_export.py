@@ -204,6 +204,8 @@ def test_trained_model_exports(case, datasets, tmp_path):
     assert r.returncode == 0, r.stderr
     d = check_npz(str(npz), spec, x, ref)
     assert d["standardize"] is not None and len(d["standardize"]["mean"]) in (spec.n_in, spec.feature_shape[0])
+    props = {p.key: p.value for p in proto.metadata_props}  # the ONNX file carries the same statistics
+    assert json.loads(props["mpitrain.standardize"]) == d["standardize"]
 
 
 # ---- every model kind, from a model.h5 written directly (random weights) ----
@@ -335,5 +337,5 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     assert out.read_bytes() == b"the previous export"
     assert sorted(os.listdir(tmp_path)) == ["m.npz", "model.h5"]
     monkeypatch.undo()
-    with pytest.raises(MpitrainError, match="no such directory"):
-        export(str(tmp_path / "model.h5"), "npz", str(tmp_path / "missing" / "m.npz"))
+    export(str(tmp_path / "model.h5"), "npz", str(tmp_path / "missing" / "m.npz"))  # its folder is made, as prepare's
+    assert os.listdir(tmp_path / "missing") == ["m.npz"]

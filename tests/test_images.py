@@ -116,7 +116,9 @@ def test_train_and_test_folders_are_the_splits(tmp_path):
     test = _folder(tmp_path / "imgs" / "test", seed=1)
     _save(tmp_path / "imgs" / "val" / "x.png", np.zeros((1, 1), np.uint8))  # neither split: ignored
     out = str(tmp_path / "i.h5")
-    prepare(f"images:{tmp_path / 'imgs'}", out, test_fraction=0.5)
+    with pytest.raises(MpitrainError, match=r"--test-fraction: images:.* has its own test split"):
+        prepare(f"images:{tmp_path / 'imgs'}", out, test_fraction=0.5)  # it would be ignored
+    prepare(f"images:{tmp_path / 'imgs'}", out)
     data, attrs = _read(out)
     assert len(data["train/x"]) == 13 and len(data["test/x"]) == 13
     assert list(attrs["class_names"]) == ["a", "b", "c"]
@@ -209,7 +211,7 @@ def test_bad_folders_are_one_line(tmp_path):
                           (dict(image_size=(0, 2)), r"--image-size 0 2: expected H W ≥ 1")):
         with pytest.raises(MpitrainError, match=message):
             prepare(source, str(tmp_path / "i.h5"), **opts)
-    with pytest.raises(MpitrainError, match=r"--image-size, --grayscale, --skip-bad: only for an images:DIR"):
+    with pytest.raises(MpitrainError, match=r"--grayscale: only for an images:DIR source, not 'digits'"):
         prepare("digits", str(tmp_path / "d.h5"), grayscale=True)
     assert not os.path.exists(tmp_path / "i.h5") and not os.path.exists(tmp_path / "d.h5")
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import mpirun
+from mpitrain.errors import MpitrainError
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +112,13 @@ def test_plot_without_matplotlib_is_one_line(tmp_path):
             f"sys.exit(main(['plot', {str(tmp_path)!r}]))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "mpitrain: error: plot needs matplotlib: pip install 'mpitrain[bench]'"
+
+
+def test_out_without_suffix_gets_png_and_another_suffix_is_refused(runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    from mpitrain.plot import main
+
+    assert main([str(runs / "f")], str(tmp_path / "new" / "p")) == str(tmp_path / "new" / "p.png")
+    assert os.listdir(tmp_path / "new") == ["p.png"] and png_size(tmp_path / "new" / "p.png")[0] >= 1000
+    with pytest.raises(MpitrainError, match=r"p\.jpg: plot writes PNG images; expected a name ending in \.png"):
+        main([str(runs / "f")], str(tmp_path / "p.jpg"))

@@ -26,6 +26,16 @@ SOURCES = "digits | synthetic | npz:PATH | npz:DIR | npy:DIR | csv:PATH | images
 GROUP_BYTES = 4 << 20  # rows gathered, checked and written at a time (a source under it: one group)
 SYNTHETIC_CLASSES = 10  # --classes when the synthetic source is not given one
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # compared lower-cased
+LAYOUTS = ("nchw", "nhwc")  # --layout: a sample's channels first (stored as given) or last (moved first)
+CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: the channel counts --layout's automatic rule recognises
+# options only some sources read (given for another they would be ignored): option → (source kinds, which)
+SOURCE_OPTIONS = {"--samples": (("synthetic",), "the synthetic source"),
+                  "--features": (("synthetic",), "the synthetic source"),
+                  "--label-column": (("csv",), "a csv:PATH source"),
+                  "--layout": (("npz", "npy"), "npz:PATH, npz:DIR and npy:DIR sources"),
+                  "--image-size": (("images",), "an images:DIR source"),
+                  "--grayscale": (("images",), "an images:DIR source"),
+                  "--skip-bad": (("images",), "an images:DIR source")}
 
 
 def _digits():
@@ -38,8 +48,9 @@ def _digits():
 
 def _synthetic(samples, features, classes, seed):
     """A learnable task: labels are the argmax of a random two-layer tanh teacher network."""
-    if samples < 2 or features < 1:
-        raise MpitrainError("synthetic source: expected --samples ≥ 2, --features ≥ 1")
+    if samples < 2 or features < 1 or classes > samples:
+        raise MpitrainError(f"synthetic source: --samples {samples}, --features {features}, --classes {classes}; "
+                            "expected --samples ≥ 2, --features ≥ 1, --classes ≤ --samples")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5E7]))
     x = rng.standard_normal((samples, features), dtype=np.float32)
     hidden = rng.standard_normal((features, 64)).astype(np.float32) * (2.0 / np.sqrt(features))
@@ -159,8 +170,7 @@ def _npz_dir(root, temp):
             if a.shape[1:] != shape:
                 raise MpitrainError(f"{path}: {name} samples have shape {a.shape[1:]}, {paths[0]}'s x {shape}; "
                                     "expected the same")
-            x_checked = _features(a, f"{path} {name}")
-            copies[c].add(x_checked.reshape(a.shape))
+            copies[c].add(_features(a, f"{path} {name}"))
             labels[lab].append(_labels(b, f"{path} y" if c == 0 else f"{path} y_test", len(a)))
     return (copies[0].rows(), np.concatenate(labels[0]), copies[1].rows() if test else None,
             np.concatenate(labels[1]) if test else None)
@@ -402,8 +412,8 @@ def _labels(y, name, n):
 
 
 def _features(x, name):
-    """x checked and as float32 samples × features; Rows are checked here for their shape and dtype, for
-    finite values group by group as they are read (_gather)."""
+    """x checked, an array as float32 of its own shape (_gather flattens a group at a time); Rows are checked
+    here for their shape and dtype, for finite values group by group as they are read (_gather)."""
     x = x if isinstance(x, Rows) else np.asarray(x)
     if x.ndim < 2:
         raise MpitrainError(f"{name}: expected samples × features (2 or more dimensions), got shape {x.shape}")
@@ -415,7 +425,7 @@ def _features(x, name):
         return x
     if not np.all(np.isfinite(x)):
         raise MpitrainError(f"{name}: features must be finite (found NaN or Inf)")
-    return x.reshape(len(x), -1).astype(np.float32)
+    return x.astype(np.float32, copy=False)
 
 
 def _class_count(source, classes, labels):
@@ -434,16 +444,34 @@ def _class_count(source, classes, labels):
     return classes
 
 
-def prepare(source, out, test_fraction=0.2, seed=0, classes=None, image_size=None, grayscale=False,
-            skip_bad=False, **source_opts):
-    """Write the HDF5 file for `source` to `out` (atomically).  Returns a one-line description.
+def prepare(source, out, test_fraction=None, seed=0, classes=None, image_size=None, grayscale=False,
+            skip_bad=False, layout=None, partition=None, samples=None, features=None, label_column=None):
+    """Write the HDF5 file for `source` to `out` (atomically).  Returns what was done, in lines.
 
-    classes: the n_classes attribute; None = the largest label + 1 (synthetic: SYNTHETIC_CLASSES;
-    images:DIR: its class folders, and --classes is refused).  image_size (H, W), grayscale, skip_bad:
-    images:DIR only.
+    test_fraction: None = 0.2 where the source has no test split (refused where it has one).  classes: the
+    n_classes attribute; None = the largest label + 1 (synthetic: SYNTHETIC_CLASSES; images:DIR: its class
+    folders, and --classes is refused).  The options of SOURCE_OPTIONS (None/False: not given) are refused
+    for other sources.  partition: write_partition's keyword arguments, to add a partition before the file
+    is moved into place.
     """
+    given = {"--samples": samples is not None, "--features": features is not None,
+             "--label-column": label_column is not None, "--layout": layout is not None,
+             "--image-size": image_size is not None, "--grayscale": grayscale, "--skip-bad": skip_bad}
+    kind = source.partition(":")[0]
+    for option, (kinds, which) in SOURCE_OPTIONS.items():
+        if given[option] and kind not in kinds:
+            raise MpitrainError(f"{option}: only for {which}, not {source!r}")
+    if layout is not None and layout not in LAYOUTS:
+        raise MpitrainError(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
+    if seed < 0:
+        raise MpitrainError(f"--seed {seed}: expected an integer ≥ 0")
+    if os.path.isdir(out):
+        raise MpitrainError(f"--out {out}: is a folder; expected a file name such as {os.path.join(out, 'data.h5')}")
     out_dir = os.path.dirname(os.path.abspath(out))
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise MpitrainError(f"--out {out}: cannot create the folder {out_dir} ({exc.strerror or exc})") from None
     tmp = os.path.join(out_dir, f".{os.path.basename(out)}.tmp-{os.getpid()}")
     temps = [tmp]
 
@@ -451,16 +479,47 @@ def prepare(source, out, test_fraction=0.2, seed=0, classes=None, image_size=Non
         temps.append(f"{tmp}-{name}")
         return temps[-1]
 
+    opts = {k: v for k, v in (("samples", samples), ("features", features), ("label_column", label_column))
+            if v is not None}
     try:
         return _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, grayscale, skip_bad,
-                        **source_opts)
+                        layout, partition, opts)
+    except OSError as exc:  # the output's folder not writable, the disk full
+        raise MpitrainError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     finally:
         for path in temps:
             if os.path.exists(path):
                 os.remove(path)
 
 
-def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, grayscale, skip_bad, **source_opts):
+def _channels(shape, layout, name):
+    """(the axis order that puts a sample of `shape` channels first, None to keep it; the line saying what
+    was decided, None where nothing was).  --layout nhwc: the last axis holds the channels and is moved
+    first; nchw: the sample is channels first already.  Without --layout a sample of 3 axes whose last is
+    1, 3 or 4 (grey, RGB, RGBA) and whose first is not — a numpy, PIL or Keras image (H, W, C) — is
+    channels last; any other of 3 axes channels first; one whose first and last are both is refused.
+    Samples of other ranks are stored as given."""
+    why = ""
+    if layout is None:
+        if len(shape) != 3:
+            return None, None
+        if shape[0] in CHANNELS and shape[2] in CHANNELS:
+            raise MpitrainError(f"{name}: samples of shape {shape} may have their channels first or last; pass "
+                                f"--layout nchw (C, H, W) or --layout nhwc (H, W, C)")
+        layout = "nhwc" if shape[2] in CHANNELS else "nchw"
+        why = f" (by its shape; --layout {'nchw' if layout == 'nhwc' else 'nhwc'} if not)"
+    elif len(shape) < 2:
+        raise MpitrainError(f"--layout {layout}: {name} samples have shape {shape}, no channel axis; "
+                            f"expected 2 or more axes")
+    if layout == "nchw":
+        return None, f"layout: {name} samples {shape} taken as channels first{why}"
+    axes = (len(shape) - 1, *range(len(shape) - 1))
+    return axes, (f"layout: {name} samples {shape} read as channels last, stored channels first as "
+                  f"{tuple(shape[a] for a in axes)}{why}")
+
+
+def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, grayscale, skip_bad, layout,
+             partition, opts):
     import h5py
 
     if classes is not None and classes < 2:
@@ -476,17 +535,18 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
             raise MpitrainError(f"--image-size {' '.join(map(str, image_size))}: expected H W ≥ 1")
         x, y, x_test, y_test, class_names, skipped = _images(root, image_size, grayscale, skip_bad, temp)
         classes = len(class_names)  # every class folder holds a readable image (checked there)
-    elif image_size is not None or grayscale or skip_bad:
-        raise MpitrainError(f"--image-size, --grayscale, --skip-bad: only for an images:DIR source, not {source!r}")
     else:
-        x, y, x_test, y_test = load_source(source, seed=seed, classes=classes, temp=temp, **source_opts)
-    feature_shape = tuple(np.shape(x)[1:])
+        x, y, x_test, y_test = load_source(source, seed=seed, classes=classes, temp=temp, **opts)
+    raw_shape = tuple(np.shape(x)[1:])
+    axes, decided = (None, None) if kind not in ("npz", "npy") else _channels(raw_shape, layout, f"{source} x")
+    feature_shape = raw_shape if axes is None else tuple(raw_shape[a] for a in axes)
     x = _features(x, f"{source} x")
     y = _labels(y, f"{source} y", len(x))
     labels = {"y": y}
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xDA7A]))
     order = rng.permutation(len(x))
     if x_test is None:
+        test_fraction = 0.2 if test_fraction is None else test_fraction
         if not 0 < test_fraction < 1:
             raise MpitrainError(f"--test-fraction {test_fraction}: expected a number in (0, 1)")
         n_test = max(1, int(round(test_fraction * len(x))))
@@ -495,10 +555,12 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
         order, test_order = order[n_test:], order[:n_test]
         x_test, y_test = x, y[test_order]
     else:
+        if test_fraction is not None:
+            raise MpitrainError(f"--test-fraction: {source} has its own test split, so nothing is held out")
         test_shape = tuple(np.shape(x_test)[1:])
         x_test = _features(x_test, f"{source} x_test")
-        if test_shape != feature_shape:  # equal sizes are not enough: (3, 2) flattened is not (2, 3) flattened
-            raise MpitrainError(f"{source}: x_test samples have shape {test_shape}, x samples {feature_shape}; "
+        if test_shape != raw_shape:  # equal sizes are not enough: (3, 2) flattened is not (2, 3) flattened
+            raise MpitrainError(f"{source}: x_test samples have shape {test_shape}, x samples {raw_shape}; "
                                 f"expected the same")
         y_test = labels["y_test"] = _labels(y_test, f"{source} y_test", len(x_test))
         test_order = np.arange(len(x_test))
@@ -516,21 +578,20 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
         # pass 1: the shuffled training rows, unstandardised, and their statistics group by group
         moments = None
         for a in range(0, len(order), group):
-            xs = _gather(x, order[a:a + group], f"{source} x")
+            xs = _gather(x, order[a:a + group], f"{source} x", axes)
             moments = _merge(moments, _moments(xs, channels))
             dsets["train"][a:a + len(xs)] = xs
         count, mean, m2 = moments
         std = np.sqrt(m2 / count).astype(np.float32)
         mean = mean.astype(np.float32)
         std[std < 1e-6] = 1.0  # constant features (e.g. the corners of digits) stay at 0
-        # a channel's mean/std applies to each of its H·W features (per feature: repeated once)
-        shift, scale = (np.repeat(v, features // len(v)) for v in (mean, std))
+        shift, scale = per_feature((mean, std), features)
         # pass 2: standardise in place (train), gather and standardise (test); the checksum in file order
         for split, ys in (("train", y[order]), ("test", y_test)):
             d = dsets[split]
             for a in range(0, len(d), group):
                 xs = (d[a:a + group] if split == "train" else
-                      _gather(x_test, test_order[a:a + group], f"{source} x_test"))
+                      _gather(x_test, test_order[a:a + group], f"{source} x_test", axes))
                 xs = (xs - shift) / scale
                 d[a:a + len(xs)] = xs
                 digest.update(xs.tobytes())
@@ -542,24 +603,43 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
                        created_by=f"mpitrain {__version__}")
         if class_names is not None:
             f.attrs["class_names"] = np.array(class_names, dtype=h5py.string_dtype())
+        if partition is not None:  # before the rename: a refused partition leaves no file, or the old one
+            from .partition import add_partition
+
+            parted = f"{out}: " + add_partition(f, **partition)
     os.replace(tmp, out)
     note = f" ({len(skipped)} unreadable image(s) skipped, the first {skipped[0]})" if skipped else ""
-    return (f"{out}: {len(order)} train + {len(test_order)} test samples, {features} features "
-            f"{feature_shape}, {n_classes} classes, from {source}{note}")
+    lines = [decided, f"{out}: {len(order)} train + {len(test_order)} test samples, {features} features "
+                      f"{feature_shape}, {n_classes} classes, from {source}{note}",
+             parted if partition is not None else None]
+    return "\n".join(line for line in lines if line)
 
 
-def _gather(x, rows, name):
-    """Rows `rows` of x (an array already checked, or Rows checked here) as float32 samples × features."""
+def per_feature(stats, n):
+    """(mean, std) of standardize/ (a data file's or a model.h5's) as n values each: a channel's pair
+    applies to each of its n/C features (per feature: repeated once)."""
+    return tuple(np.repeat(np.asarray(v, np.float32), n // len(v)) for v in stats)
+
+
+def _gather(x, rows, name, axes=None):
+    """Rows `rows` of x (an array already checked, or Rows checked here) as float32 samples × features,
+    each sample's axes first put in the order `axes` (_channels; None: as stored)."""
     if isinstance(x, np.ndarray):
-        return x[rows]
+        return _flat(x[rows], axes)
     order = np.argsort(rows, kind="stable")
-    got = x.take(rows[order]).reshape(len(rows), -1).astype(np.float32)
+    got = _flat(x.take(rows[order]), axes)
     if not np.all(np.isfinite(got)):
         bad = np.sort(rows[order][~np.isfinite(got).all(axis=1)])
         raise MpitrainError(f"{name}: features must be finite (found NaN or Inf in row {bad[0]} of {x.path})")
     out = np.empty_like(got)
     out[order] = got
     return out
+
+
+def _flat(xs, axes):
+    if axes is not None:
+        xs = xs.transpose(0, *(1 + a for a in axes))
+    return xs.reshape(len(xs), -1).astype(np.float32, copy=False)
 
 
 def _moments(xs, channels):
