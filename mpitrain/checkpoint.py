@@ -36,13 +36,16 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def save_model(path, spec, params, standardize=None, **attrs):
-    """standardize: the data file's (mean, std), so a reader can standardise raw inputs as training did."""
+def save_model(path, spec, params, standardize=None, state=None, **attrs):
+    """standardize: the data file's (mean, std), so a reader can standardise raw inputs as training did;
+    state: the model's non-trainable values (BatchNorm running statistics), when it has any."""
     import h5py
 
     def write(tmp):
         with h5py.File(tmp, "w") as f:
             f.create_dataset("params", data=params)
+            if state is not None and len(state):
+                f.create_dataset("state", data=state)
             if standardize is not None:
                 f["standardize/mean"], f["standardize/std"] = standardize
             f.attrs.update(spec.attrs())
@@ -51,9 +54,10 @@ def save_model(path, spec, params, standardize=None, **attrs):
     atomic_write(path, write)
 
 
-def load_model(path, standardize=False):
-    """(ModelSpec, flat float32 parameters) from a model.h5, and with standardize=True the training data's
-    (mean, std), or None when the file has none."""
+def load_model(path, standardize=False, state=False):
+    """(ModelSpec, flat float32 parameters) from a model.h5, then with standardize=True the training data's
+    (mean, std) (None when the file has none), then with state=True the state vector (BatchNorm running
+    statistics; None when the model has none)."""
     import h5py
 
     if not os.path.exists(path):
@@ -68,11 +72,12 @@ def load_model(path, standardize=False):
             spec = ModelSpec.from_attrs(f.attrs)
             params = np.asarray(f["params"][...], np.float32)
             stats = (f["standardize/mean"][...], f["standardize/std"][...]) if "standardize" in f else None
+            values = np.asarray(f["state"][...], np.float32) if "state" in f else None
     except OSError:
         raise MpitrainError(f"{path}: not an HDF5 file (expected a model.h5 written by mpitrain)") from None
     if params.shape != (spec.n_params,):
         raise MpitrainError(f"{path}: params has shape {params.shape}, the model described needs ({spec.n_params},)")
-    return (spec, params, stats) if standardize else (spec, params)
+    return (spec, params) + ((stats,) if standardize else ()) + ((values,) if state else ())
 
 
 class Parts:

@@ -45,10 +45,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "mlp"           # softmax | mlp | lenet5 | fedavg_cnn | layers
+    kind: str = "mlp"           # softmax | mlp | lenet5 | fedavg_cnn | resnet8 | resnet20 | gpt | layers
     hidden: list[int] = field(default_factory=lambda: [128])  # mlp only
     activation: str = "relu"    # relu | tanh (mlp)
-    layers: list[str] = field(default_factory=list)  # kind = layers: e.g. ["conv2d 16 3 same", "relu", …] (model/layers.py)
+    layers: list[str] = field(default_factory=list)  # kind = layers: e.g. ["conv2d 16 3 same", "relu", …] (model/stack.py)
+    norm: str = "batch"         # resnet8/resnet20: batch | group (GroupNorm, 2 groups)
+    n_layer: int = 4            # gpt: transformer blocks
+    n_head: int = 4             # gpt: attention heads
+    n_embd: int = 128           # gpt: width
+    block_size: int = 64        # language models: tokens per window (the context length)
+    dropout: float = 0.0        # gpt: dropout rate after the embeddings and in every residual branch
 
 
 @dataclass
@@ -62,7 +68,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    weight_decay: float = 1e-4  # L2 term added to the gradient
+    weight_decay: float = 1e-4  # L2 term added to the gradient (adamw: decoupled, on the table's decay tensors)
+    clip_norm: float = 0.0      # > 0: clip the global L2 norm of the mean gradient to this
     schedule: str = "cosine"    # constant | step | cosine
     warmup_steps: int = 0
     step_size: int = 1000       # step schedule: decay every step_size steps
@@ -206,6 +213,14 @@ class Config:
         for key in ("warmup_steps", "eval_every", "log_every"):
             _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "≥ 0")
         _check(t.step_size >= 1, "train.step_size", t.step_size, "≥ 1")
+        _check(t.clip_norm >= 0, "train.clip_norm", t.clip_norm, "≥ 0 (0 = no clipping)")
+        if t.clip_norm and (self.comm.mode == "local_sgd" or self.parallel.tensor > 1):
+            raise MpitrainError(f"train.clip_norm = {t.clip_norm:g} clips the norm of the whole gradient, which "
+                                + ("comm.mode = 'local_sgd' never forms" if self.comm.mode == "local_sgd" else
+                                   f"parallel.tensor = {self.parallel.tensor} does not compute yet")
+                                + "; leave train.clip_norm = 0")
+        mc = self.model
+        _check(mc.block_size >= 1, "model.block_size", mc.block_size, "an integer ≥ 1")
         d = self.data
         _check(d.memory_mb >= 0, "data.memory_mb", d.memory_mb, "≥ 0 (0 = stream only when data.stream is set)")
         _check(d.window_blocks >= 1, "data.window_blocks", d.window_blocks, "≥ 1")

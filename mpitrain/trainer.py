@@ -89,8 +89,9 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
     lr_at = comm.agree(schedule, t.schedule, lr, total, t.warmup_steps, t.step_size, t.gamma)
     sync = comm.agree(make_sync, cfg, dp, local)
     part = sync.part  # the parameters this rank updates: all of them, or its shard (comm.mode = sharded)
+    mask = grid.take(model.table.decay_mask().astype(np.float32))[part].astype(np.uint8)  # adamw: which decay
     opt = comm.agree(Optimizer, run.kernels, t.optimizer, part.stop - part.start, t.momentum, t.beta1,
-                     t.beta2, t.eps, t.weight_decay)
+                     t.beta2, t.eps, t.weight_decay, decay_mask=mask)
     limit = "train.steps" if t.steps else "train.epochs"
     resumed = run.open(out, total, quiet, resume, {"run": "train", "train.optimizer": t.optimizer,
                                                    "train.global_batch": t.global_batch},
@@ -105,6 +106,8 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
         params = grid.take(arrays["params"].astype(np.float32))
         sync.restore(grid.restored(arrays, opt.state), opt.state)  # checkpoints hold full vectors whatever the mode
         opt.t = int(attrs["opt_t"])
+        if "state" in arrays:  # BatchNorm running statistics
+            local.ctx.state[:] = arrays["state"]
         last = {k: float(attrs[k]) for k in ("train_loss", "train_accuracy") if k in attrs}
         del resumed, arrays  # the checkpoint's full vectors: fsdp and tensor ranks keep only their slices
     else:
@@ -123,7 +126,11 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
     if "partition" in data.f:
         log.say(f"{data.path} holds a federated partition of {len(data.f['partition/n_train'])} clients: train "
                 "pools every client's rows (the file's whole train split, the clients' local test rows included)")
-    step_fn = Stepper(local, opt, sync, flags=2)  # flags: stop requested, checkpoint due
+    step_fn = Stepper(local, opt, sync, flags=2, clip_norm=t.clip_norm)  # flags: stop requested, checkpoint due
+    # dropout masks keyed by the global sample index of this rank's first row; BatchNorm sums its batch
+    # statistics over the data group (ranks of a tensor group share their samples)
+    local.ctx.seed, local.ctx.first = t.seed, shard.strata.start
+    local.ctx.comm = dp if dp.size > 1 else None
     sync.step = first  # local SGD averages on the global step count, resumed or not
     eval_every = t.eval_every or shard.steps_per_epoch
     scale = 1.0 / t.global_batch
@@ -139,6 +146,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
         grid.tp.allreduce_sum(step_fn.flags)  # the data group sums them next: every rank sees every flag
         # local SGD averages the parameters before anything reads them: evaluation, checkpoint, the end
         sync.due = (step + 1) % eval_every == 0 or step + 1 == total or ckpt.due(step + 1, False)
+        local.ctx.step = step
         loss, correct = step_fn(params, *shard.get(epoch, s), lr_now, scale)
         train_seconds += time.perf_counter() - tic
         if not np.isfinite(loss):
@@ -157,6 +165,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
             host = model.xp.to_host
             state = sync.gather_state({f"opt/{k}": host(v) for k, v in opt.state.items()})
             state = {k: grid.saved(v) for k, v in state.items()}
+            state["state"] = local.ctx.state  # BatchNorm running statistics: the same on every rank
             ckpt.save(step + 1, {"params": grid.saved(host(sync.saved(params))), **state}, opt_t=opt.t, **last)
         if stop and step + 1 < total:  # at the last step the run simply ends (model.h5, summary, exit 0)
             run.stop(f"step {step + 1}")
