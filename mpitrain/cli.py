@@ -43,11 +43,17 @@ def _parser():
 
     pr = sub.add_parser("prepare", help="write a dataset as HDF5 (train/test split, standardised)",
                         description="Turn a source into the HDF5 layout every rank reads its shard from.")
-    pr.add_argument("--source", help="digits | synthetic | npz:PATH | npz:DIR | npy:DIR | csv:PATH | images:DIR "
-                                     "(may be left out with --partition to re-partition an existing --out)")
+    pr.add_argument("--source", help="digits | synthetic | npz:PATH | npz:DIR | npy:DIR | csv:PATH | images:DIR | "
+                                     "text:FILE | pydoc (text: a token stream for language models; pydoc: Python's "
+                                     "documentation, embedded) (may be left out with --partition to re-partition "
+                                     "an existing --out)")
     pr.add_argument("--out", required=True, metavar="FILE.h5")
-    pr.add_argument("--test-fraction", type=float, default=0.2,
-                    help="held-out share when the source has no test split (default 0.2)")
+    pr.add_argument("--test-fraction", type=float,
+                    help="held-out share when the source has no test split (default 0.2, after a seeded shuffle; "
+                         "text sources: 0.1, the last tenth of the token stream)")
+    pr.add_argument("--tokenizer", choices=("chars", "bytes"),
+                    help="text sources: chars (default; the vocabulary is the text's distinct characters) or "
+                         "bytes (UTF-8 bytes, a fixed vocabulary of 256)")
     pr.add_argument("--seed", type=int, default=0, help="shuffle/split (and synthetic) seed")
     pr.add_argument("--samples", type=int, default=10000, help="synthetic: number of samples")
     pr.add_argument("--features", type=int, default=64, help="synthetic: number of features")
@@ -179,6 +185,7 @@ def _dispatch(args, comm):
     elif args.command == "prepare":
         from .data.partition import write_partition
         from .data.prepare import prepare
+        from .data.text import is_text_source
 
         def prepare_on_root():  # one writer, however the command was launched
             if comm.rank != 0:
@@ -187,10 +194,13 @@ def _dispatch(args, comm):
             if args.source or not args.partition:
                 if not args.source:
                     raise MpitrainError("prepare: --source is required (unless --partition re-partitions --out)")
+                if args.partition and is_text_source(args.source):
+                    raise MpitrainError(f"--partition: not for a text source ({args.source}); federated "
+                                        "partitions hold labelled samples")
                 lines.append(prepare(args.source, args.out, args.test_fraction, args.seed, samples=args.samples,
                                      features=args.features, classes=args.classes,
                                      label_column=args.label_column, image_size=args.image_size,
-                                     grayscale=args.grayscale, skip_bad=args.skip_bad))
+                                     grayscale=args.grayscale, skip_bad=args.skip_bad, tokenizer=args.tokenizer))
             if args.partition:
                 lines.append(write_partition(args.out, args.partition, args.clients, args.alpha,
                                              args.shards_per_client, args.seed, args.client_test_fraction))

@@ -22,7 +22,7 @@ from .. import __version__
 from ..errors import MpitrainError
 
 FORMAT = 1
-SOURCES = "digits | synthetic | npz:PATH | npz:DIR | npy:DIR | csv:PATH | images:DIR"
+SOURCES = "digits | synthetic | npz:PATH | npz:DIR | npy:DIR | csv:PATH | images:DIR | text:FILE | pydoc"
 GROUP_BYTES = 4 << 20  # rows gathered, checked and written at a time (a source under it: one group)
 SYNTHETIC_CLASSES = 10  # --classes when the synthetic source is not given one
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # compared lower-cased
@@ -434,14 +434,22 @@ def _class_count(source, classes, labels):
     return classes
 
 
-def prepare(source, out, test_fraction=0.2, seed=0, classes=None, image_size=None, grayscale=False,
-            skip_bad=False, **source_opts):
+def prepare(source, out, test_fraction=None, seed=0, classes=None, image_size=None, grayscale=False,
+            skip_bad=False, tokenizer=None, **source_opts):
     """Write the HDF5 file for `source` to `out` (atomically).  Returns a one-line description.
 
+    test_fraction: None = 0.2 (a seeded shuffle's share), text sources 0.1 (the stream's tail).
     classes: the n_classes attribute; None = the largest label + 1 (synthetic: SYNTHETIC_CLASSES;
     images:DIR: its class folders, and --classes is refused).  image_size (H, W), grayscale, skip_bad:
-    images:DIR only.
+    images:DIR only.  tokenizer (chars | bytes): text sources only (text:FILE, pydoc; data/text.py).
     """
+    from .text import is_text_source, prepare_text
+
+    text = is_text_source(source)
+    if tokenizer is not None and not text:
+        raise MpitrainError(f"--tokenizer: only for a text source (text:FILE, pydoc), not {source!r}")
+    if test_fraction is None:
+        test_fraction = 0.1 if text else 0.2
     out_dir = os.path.dirname(os.path.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, f".{os.path.basename(out)}.tmp-{os.getpid()}")
@@ -452,6 +460,9 @@ def prepare(source, out, test_fraction=0.2, seed=0, classes=None, image_size=Non
         return temps[-1]
 
     try:
+        if text:
+            return prepare_text(source, out, tmp, test_fraction, tokenizer, classes=classes, image_size=image_size,
+                                grayscale=grayscale, skip_bad=skip_bad)
         return _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, grayscale, skip_bad,
                         **source_opts)
     finally:
