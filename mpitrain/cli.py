@@ -49,11 +49,17 @@ def _parser():
                         description="Turn a source into the HDF5 layout every rank reads its shard from "
                                     "(docs/data.md). An option that the source or the partition scheme does "
                                     "not read is refused.")
-    pr.add_argument("--source", help="digits | synthetic | npz:PATH | npz:DIR | npy:DIR | csv:PATH | images:DIR "
-                                     "(may be left out with --partition to re-partition an existing --out)")
+    pr.add_argument("--source", help="digits | synthetic | npz:PATH | npz:DIR | npy:DIR | csv:PATH | images:DIR | "
+                                     "text:FILE | pydoc (text: a token stream for language models; pydoc: Python's "
+                                     "documentation, embedded) (may be left out with --partition to re-partition "
+                                     "an existing --out)")
     pr.add_argument("--out", required=True, metavar="FILE.h5", help="the file to write (its folder is created)")
     pr.add_argument("--test-fraction", type=float,
-                    help="held-out share when the source has no test split (default 0.2)")
+                    help="held-out share when the source has no test split (default 0.2, after a seeded shuffle; "
+                         "text sources: 0.1, the last tenth of the token stream)")
+    pr.add_argument("--tokenizer", choices=("chars", "bytes"),
+                    help="text sources: chars (default; the vocabulary is the text's distinct characters) or "
+                         "bytes (UTF-8 bytes, a fixed vocabulary of 256)")
     pr.add_argument("--seed", type=int, default=0, help="shuffle/split/partition (and synthetic) seed, ≥ 0")
     pr.add_argument("--samples", type=int, help="synthetic: number of samples (default 10000)")
     pr.add_argument("--features", type=int, help="synthetic: number of features (default 64)")
@@ -166,6 +172,7 @@ def _prepare(args, prepare):
     """The prepare command: the file from --source (with its partition, if asked), or a new partition of
     --out; an option that has no effect there is refused."""
     from .data.partition import write_partition
+    from .data.text import is_text_source
 
     partition = {k: getattr(args, "client_test_fraction" if k == "test_fraction" else k)
                  for k in PARTITION_OPTIONS}
@@ -174,6 +181,9 @@ def _prepare(args, prepare):
         raise MpitrainError(f"prepare: {', '.join(PARTITION_OPTIONS[k] for k in partition)}: only with --partition")
     if args.partition:
         partition.update(scheme=args.partition, seed=args.seed)
+    if args.partition and args.source and is_text_source(args.source):
+        raise MpitrainError(f"--partition: not for a text source ({args.source}); federated partitions hold "
+                            "labelled samples")
     if not args.source:
         if not args.partition:
             raise MpitrainError("prepare: --source is required (unless --partition re-partitions --out)")
@@ -181,14 +191,15 @@ def _prepare(args, prepare):
                                 ("--features", args.features), ("--classes", args.classes),
                                 ("--label-column", args.label_column), ("--layout", args.layout),
                                 ("--image-size", args.image_size), ("--grayscale", args.grayscale or None),
-                                ("--skip-bad", args.skip_bad or None)) if v is not None]
+                                ("--skip-bad", args.skip_bad or None), ("--tokenizer", args.tokenizer))
+                 if v is not None]
         if given:
             raise MpitrainError(f"prepare: {', '.join(given)}: only with --source (re-partitioning {args.out} "
                                 "keeps its data)")
         return write_partition(args.out, **partition)
     return prepare(args.source, args.out, args.test_fraction, args.seed, args.classes, args.image_size,
                    args.grayscale, args.skip_bad, args.layout, partition or None, samples=args.samples,
-                   features=args.features, label_column=args.label_column)
+                   features=args.features, label_column=args.label_column, tokenizer=args.tokenizer)
 
 
 def _federate_default(args, overrides, comm):

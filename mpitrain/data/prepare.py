@@ -22,7 +22,7 @@ from .. import __version__
 from ..errors import MpitrainError
 
 FORMAT = 1
-SOURCES = "digits | synthetic | npz:PATH | npz:DIR | npy:DIR | csv:PATH | images:DIR"
+SOURCES = "digits | synthetic | npz:PATH | npz:DIR | npy:DIR | csv:PATH | images:DIR | text:FILE | pydoc"
 GROUP_BYTES = 4 << 20  # rows gathered, checked and written at a time (a source under it: one group)
 SYNTHETIC_CLASSES = 10  # --classes when the synthetic source is not given one
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # compared lower-cased
@@ -445,10 +445,12 @@ def _class_count(source, classes, labels):
 
 
 def prepare(source, out, test_fraction=None, seed=0, classes=None, image_size=None, grayscale=False,
-            skip_bad=False, layout=None, partition=None, samples=None, features=None, label_column=None):
+            skip_bad=False, layout=None, partition=None, samples=None, features=None, label_column=None,
+            tokenizer=None):
     """Write the HDF5 file for `source` to `out` (atomically).  Returns what was done, in lines.
 
-    test_fraction: None = 0.2 where the source has no test split (refused where it has one).  classes: the
+    test_fraction: None = 0.2 where the source has no test split (refused where it has one); text sources
+    (text:FILE, pydoc; data/text.py) 0.1, the stream's tail.  tokenizer (chars | bytes): text sources only.  classes: the
     n_classes attribute; None = the largest label + 1 (synthetic: SYNTHETIC_CLASSES; images:DIR: its class
     folders, and --classes is refused).  The options of SOURCE_OPTIONS (None/False: not given) are refused
     for other sources.  partition: write_partition's keyword arguments, to add a partition before the file
@@ -463,6 +465,13 @@ def prepare(source, out, test_fraction=None, seed=0, classes=None, image_size=No
             raise MpitrainError(f"{option}: only for {which}, not {source!r}")
     if layout is not None and layout not in LAYOUTS:
         raise MpitrainError(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
+    from .text import is_text_source, prepare_text
+
+    text = is_text_source(source)
+    if tokenizer is not None and not text:
+        raise MpitrainError(f"--tokenizer: only for a text source (text:FILE, pydoc), not {source!r}")
+    if text and test_fraction is None:
+        test_fraction = 0.1
     if seed < 0:
         raise MpitrainError(f"--seed {seed}: expected an integer ≥ 0")
     if os.path.isdir(out):
@@ -482,6 +491,9 @@ def prepare(source, out, test_fraction=None, seed=0, classes=None, image_size=No
     opts = {k: v for k, v in (("samples", samples), ("features", features), ("label_column", label_column))
             if v is not None}
     try:
+        if text:
+            return prepare_text(source, out, tmp, test_fraction, tokenizer, classes=classes, image_size=image_size,
+                                grayscale=grayscale, skip_bad=skip_bad)
         return _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, grayscale, skip_bad,
                         layout, partition, opts)
     except OSError as exc:  # the output's folder not writable, the disk full

@@ -49,6 +49,12 @@ class DataFile:
             self.f = h5py.File(path, "r", rdcc_nbytes=cache[0], rdcc_nslots=cache[1])
         except OSError:
             _fail(path, "not an HDF5 file (expected one written by python -m mpitrain prepare)")
+        self.task = str(self.f.attrs.get("task", "classify"))
+        if self.task == "lm":  # a token stream: its own layout and attributes (data/text.py)
+            from .text import open_tokens
+
+            open_tokens(self)
+            return
         for key in ("train/x", "train/y", "test/x", "test/y"):
             if key not in self.f or not isinstance(self.f[key], h5py.Dataset):
                 _fail(path, f"missing dataset {key}")
@@ -128,25 +134,26 @@ class TrainShard:
     def __init__(self, data, global_batch, rank, size, seed):
         self._strata(data, global_batch, rank, size, seed)
         self.x, self.y = data.read("train", self.lo, self.hi, rank)
+        self.xb = np.empty((self.batch, data.n_features), np.float32)
+        self.yb = np.empty(self.batch, np.int64)
         self.order = (None, None)  # (epoch, its order)
 
-    def _strata(self, data, global_batch, rank, size, seed):
-        n, b = data.n_train, global_batch
+    def _strata(self, data, global_batch, rank, size, seed, n=None, what="samples"):
+        """The strata of n samples (default: the training rows; a TokenShard's windows), named `what`."""
+        n, b = data.n_train if n is None else n, global_batch
         if n < size:
-            _fail(data.path, f"train has {n} samples, fewer than the {size} ranks")
+            _fail(data.path, f"train has {n} {what}, fewer than the {size} ranks")
         if b < size:
             raise MpitrainError(f"train.global_batch = {b} is smaller than the number of ranks ({size}): "
                                 "every rank needs at least one sample per step")
         if n < b:
-            _fail(data.path, f"train has {n} samples, fewer than train.global_batch = {b}")
+            _fail(data.path, f"train has {n} {what}, fewer than train.global_batch = {b}")
         self.seed, self.global_batch = seed, b
         self.strata = range(*block(b, size, rank))
         self.bounds = [j * n // b for j in range(b + 1)]
         self.lo, self.hi = self.bounds[self.strata.start], self.bounds[self.strata.stop]
         self.steps_per_epoch = n // b
         self.batch = len(self.strata)
-        self.xb = np.empty((self.batch, data.n_features), np.float32)
-        self.yb = np.empty(self.batch, np.int64)
 
     def epoch_order(self, epoch):
         """Local row indices, shape (steps_per_epoch, local batch): row s is this rank's part of batch s."""
@@ -267,10 +274,15 @@ class ClientRows:
         return xb, yb
 
 
-def open_shard(comm, data, cfg, global_batch, seed, rank, p):
+def open_shard(comm, data, cfg, global_batch, seed, rank, p, block_size=None):
     """This rank's shard, rank of the p ranks that split the global batch (the data group): in memory, or
     streamed when cfg.stream (data.stream) is set or the largest rank's part exceeds cfg.memory_mb (0: never
-    automatically).  Every rank computes the same decision; errors are agreed over comm (the world)."""
+    automatically); a token file's windows of block_size + 1 tokens (text.token_shard).  Every rank computes
+    the same decision; errors are agreed over comm (the world)."""
+    if data.task == "lm":
+        from .text import token_shard
+
+        return comm.agree(token_shard, data, cfg, global_batch, seed, rank, p, block_size)
     n, b = data.n_train, global_batch
     rows = max((block(b, p, r)[1] * n // b - block(b, p, r)[0] * n // b for r in range(p)) if n >= b >= p else [0])
     if cfg.stream or (cfg.memory_mb > 0 and rows * (4 * data.n_features + 8) > cfg.memory_mb * 2**20):
