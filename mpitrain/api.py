@@ -49,8 +49,11 @@ class Predictor:
         from .checkpoint import load_model
         from .model import Model
 
-        self.spec, self.params, self.standardize = load_model(path, standardize=True)
+        self.path = path
+        self.spec, self.params, self.standardize, state = load_model(path, standardize=True, state=True)
         self.model = Model(self.spec)
+        if state is not None:  # BatchNorm's running statistics
+            self.model.ctx.state[:] = state
 
     def rows(self, x, layout="nchw"):
         """x as float32 rows (N, features) in the model's feature order: x is (N, *feature_shape) or flat
@@ -94,6 +97,15 @@ class Predictor:
         return np.argmax(self.predict_proba(x, standardized, layout), axis=1)
 
 
+    def generate(self, prompt, tokens=200, temperature=0.8, top_k=0, seed=0):
+        """A language model's continuation of the text prompt: `tokens` tokens sampled one at a time from
+        softmax(logits / temperature) (the top_k most likely only, when top_k > 0; temperature 0: the most
+        likely), seeded."""
+        from .generate import continuation
+
+        return continuation(self, prompt, tokens, temperature, top_k, seed)
+
+
 def load_model(path):
-    """The model of a model.h5 as a Predictor (predict, predict_proba)."""
+    """The model of a model.h5 as a Predictor (predict, predict_proba; generate for language models)."""
     return Predictor(path)

@@ -5,7 +5,7 @@ import sys
 
 from .errors import MpitrainError
 
-COMMANDS = ("train", "federate", "prepare", "eval", "info", "bench", "plot", "export")
+COMMANDS = ("train", "federate", "prepare", "eval", "info", "bench", "plot", "export", "generate")
 
 
 def _parser():
@@ -104,6 +104,18 @@ def _parser():
     ex.add_argument("--model", required=True, metavar="DIR/model.h5")
     ex.add_argument("--format", required=True, choices=("onnx", "npz"))
     ex.add_argument("--out", required=True, metavar="FILE")
+
+    g = sub.add_parser("generate", help="sample text from a trained language model (model.kind = gpt)",
+                       description="Continue --prompt with --tokens tokens drawn from the model's next-token "
+                                   "distribution (rank 0 samples and prints the prompt and its continuation).")
+    g.add_argument("--model", required=True, metavar="DIR/model.h5")
+    g.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
+    g.add_argument("--tokens", type=int, default=200, help="how many tokens to add (default 200)")
+    g.add_argument("--temperature", type=float, default=0.8,
+                   help="divides the logits before sampling: < 1 sharper, > 1 flatter, 0 = always the most "
+                        "likely (default 0.8)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only (0 = all)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
     sub.add_parser("info", help="versions of mpitrain, MPI, mpi4py, numba, h5py; threads per rank")
 
@@ -257,6 +269,13 @@ def _dispatch(args, comm):
         text = comm.agree(export_on_root)
         if text:
             print(text)
+    elif args.command == "generate":
+        from .api import load_model
+
+        text = comm.agree(lambda: load_model(args.model).generate(args.prompt, args.tokens, args.temperature,
+                                                                  args.top_k, args.seed) if comm.rank == 0 else None)
+        if text is not None:
+            print(args.prompt + text)
     elif args.command == "info":
         _info(comm)
     elif args.command == "plot":

@@ -1,46 +1,12 @@
-"""Sampling from a trained language model (model.h5 of a gpt or an lm stack): `python -m mpitrain generate`
-and the API's `load_model(path).generate(...)`.
+"""Sampling from a trained language model (model.h5 of a gpt or an lm stack): the API's
+`load_model(path).generate(...)`, which `python -m mpitrain generate` runs.
 
 The model was trained on windows of block_size tokens; a shorter context is padded on the right (causal
 attention never lets position t see a later one, so the logits at the context's last position do not depend
 on the padding), a longer one keeps its last block_size tokens."""
-import json
-
 import numpy as np
 
 from .errors import MpitrainError
-
-
-class Vocabulary:
-    """The tokenizer stored with the data and the model: "chars" (a JSON list of characters) or "bytes"."""
-
-    def __init__(self, kind, chars=None):
-        self.kind, self.chars = kind, chars
-        self.index = {c: i for i, c in enumerate(chars)} if chars is not None else None
-
-    @classmethod
-    def from_attrs(cls, attrs, where):
-        kind = str(attrs.get("tokenizer", ""))
-        if kind == "bytes":
-            return cls("bytes")
-        if kind == "chars" and "vocab" in attrs:
-            return cls("chars", list(json.loads(str(attrs["vocab"]))))
-        raise MpitrainError(f"{where}: no tokenizer stored (expected a language model trained on a file made by "
-                            "prepare --source text:FILE)")
-
-    def encode(self, text):
-        if self.kind == "bytes":
-            return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-        missing = sorted({c for c in text if c not in self.index})
-        if missing:
-            raise MpitrainError(f"the prompt holds {', '.join(map(repr, missing[:5]))}, not in the model's "
-                                f"vocabulary of {len(self.chars)} characters")
-        return np.array([self.index[c] for c in text], np.int32)
-
-    def decode(self, tokens):
-        if self.kind == "bytes":
-            return bytes(np.asarray(tokens, np.uint8)).decode("utf-8", errors="replace")
-        return "".join(self.chars[int(t)] for t in tokens)
 
 
 def sample(model, params, context, tokens, temperature=1.0, top_k=0, seed=0):
@@ -69,19 +35,19 @@ def sample(model, params, context, tokens, temperature=1.0, top_k=0, seed=0):
     return ids[len(context):]
 
 
-def generate(path, prompt, tokens=200, temperature=0.8, top_k=0, seed=0):
-    """The prompt's continuation by the language model in model.h5 at path, as text."""
+def continuation(predictor, prompt, tokens, temperature, top_k, seed):
+    """The text a Predictor's language model adds to prompt (api.Predictor.generate)."""
     import h5py
 
-    from .checkpoint import load_model
-    from .model import Model
+    from .data.text import Tokenizer
 
-    spec, params = load_model(path)
+    spec = predictor.spec
     if spec.task != "lm":
-        raise MpitrainError(f"{path}: a {spec.task} model; generate needs a language model (model.kind = gpt)")
-    with h5py.File(path, "r") as f:
-        vocab = Vocabulary.from_attrs(f.attrs, path)
+        raise MpitrainError(f"{predictor.path}: a {spec.task} model; generate needs a language model "
+                            "(model.kind = gpt)")
     if tokens < 0:
-        raise MpitrainError(f"generate: --tokens {tokens}: expected ≥ 0")
-    ids = sample(Model(spec), params, vocab.encode(prompt), tokens, temperature, top_k, seed)
-    return vocab.decode(ids)
+        raise MpitrainError(f"generate: tokens = {tokens}: expected ≥ 0")
+    with h5py.File(predictor.path, "r") as f:
+        tokenizer = Tokenizer.from_attrs(f.attrs, predictor.path)
+    ids = sample(predictor.model, predictor.params, tokenizer.encode(prompt), tokens, temperature, top_k, seed)
+    return tokenizer.decode(ids)

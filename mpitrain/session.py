@@ -7,6 +7,7 @@ from . import __version__
 from .checkpoint import Checkpointer, atomic_write, save_model
 from .config import DEFAULT_PARTITION, default_data_path, default_federated_data_path, to_toml
 from .data.shard import DataFile
+from .data.text import default_text_path, read_token_part
 from .errors import MpitrainError
 from .evaluate import read_part
 from .kernels import compiled
@@ -20,7 +21,7 @@ def ensure_default_data(comm, path):
     """Prepare the embedded default dataset on first use: rank 0 writes it, the others wait.  Whether to
     wait depends on the path only, never on what a rank sees on disk: a rank that looked after rank 0 had
     written the file would otherwise skip the wait and leave rank 0 alone in it."""
-    if path in (default_data_path(), default_federated_data_path()):
+    if path in (default_data_path(), default_federated_data_path(), default_text_path()):
         comm.agree(_prepare_default, comm.rank, path)
 
 
@@ -28,8 +29,8 @@ def _prepare_default(rank, path):
     if rank == 0 and not os.path.exists(path):
         from .data.prepare import prepare
 
-        if path == default_data_path():
-            print(prepare("digits", path), flush=True)
+        if path in (default_data_path(), default_text_path()):
+            print(prepare("digits" if path == default_data_path() else "pydoc", path), flush=True)
             return
         from .data.partition import write_partition
 
@@ -67,18 +68,26 @@ def _refuse_reuse(rank, out, ckpt_dir, auto):
 
 
 class Session:
-    def __init__(self, cfg, comm):
+    def __init__(self, cfg, comm, quiet=False):
         self.started = time.perf_counter()
         self.cfg, self.comm = cfg, comm
         self.threads = limit(threads_per_rank())
+        m = cfg.model
+        if m.kind == "gpt" and "data.path" not in getattr(cfg, "given", ()):
+            cfg.data.path = default_text_path()
+            if comm.rank == 0 and not quiet:
+                print(f"model.kind = gpt with no data.path: the embedded text (Python's documentation topics, "
+                      f"characters as tokens): {cfg.data.path}", flush=True)
         ensure_default_data(comm, cfg.data.path)
-        self.data = comm.agree(DataFile, cfg.data.path)
+        self.data = data = comm.agree(DataFile, cfg.data.path)
         self.config_text = to_toml(cfg)
         check_world(comm, self.config_text, self.data.checksum)
-        self.spec = comm.agree(ModelSpec, cfg.model.kind, self.data.n_features, self.data.n_classes,
-                               tuple(cfg.model.hidden), cfg.model.activation, tuple(cfg.model.layers),
-                               self.data.feature_shape)
-        self.test_x, self.test_y = read_part(comm, self.data)
+        lm = data.task == "lm"  # a language model's samples are windows of block_size tokens
+        self.spec = comm.agree(ModelSpec, m.kind, m.block_size if lm else data.n_features, data.n_classes,
+                               tuple(m.hidden), m.activation, tuple(m.layers),
+                               (m.block_size,) if lm else data.feature_shape, data.task, m.n_layer, m.n_head,
+                               m.n_embd, m.dropout, m.norm)
+        self.test_x, self.test_y = read_token_part(comm, data, m.block_size) if lm else read_part(comm, data)
         self.kernels = comm.agree(compiled, comm, cfg.train.device)
         self.model = Model(self.spec, cfg.train.device)
 

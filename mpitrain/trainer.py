@@ -79,11 +79,12 @@ class Stepper:
 
 
 def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
-    t, run = cfg.train, Session(cfg, comm)
+    t, run = cfg.train, Session(cfg, comm, quiet)
     data, spec, model = run.data, run.spec, run.model
     grid = comm.agree(Grid, cfg, comm, model)  # data × tensor: the ranks of a tensor group read the same batches
     dp, local = grid.dp, grid.model  # the data group, and the model this rank's steps run (its slices)
-    shard = open_shard(comm, data, cfg.data, t.global_batch, t.seed, dp.rank, dp.size)
+    shard = open_shard(comm, data, cfg.data, t.global_batch, t.seed, dp.rank, dp.size,
+                       cfg.model.block_size if data.task == "lm" else None)
     total = t.steps or t.epochs * shard.steps_per_epoch
     lr = t.lr * t.global_batch / 256 if t.scale_lr else t.lr
     lr_at = comm.agree(schedule, t.schedule, lr, total, t.warmup_steps, t.step_size, t.gamma)
