@@ -141,6 +141,24 @@ def adam_update(p, g, m, v, lr, scale, beta1, beta2, eps, wd, t):
         p[i] -= lr * (mi / c1) / (np.sqrt(vi / c2) + eps)
 
 
+@njit(cache=True, parallel=True)
+def adamw_update(p, g, m, v, lr, scale, beta1, beta2, eps, wd, t, mask):
+    """AdamW as torch.optim.AdamW: decoupled weight decay p ← p·(1 − lr·wd) where mask[i] is 1 (mask None:
+    everywhere), then the Adam step on g' = scale·g with bias correction at step t ≥ 1, eps outside the
+    square root; m moves by lerp toward g', as PyTorch's exp_avg."""
+    step = lr / (1.0 - beta1 ** t)
+    c2 = np.sqrt(1.0 - beta2 ** t)
+    keep = 1.0 - lr * wd
+    for i in prange(p.size):
+        gi = scale * g[i]
+        mi = m[i] + (1.0 - beta1) * (gi - m[i])
+        vi = beta2 * v[i] + (1.0 - beta2) * gi * gi
+        m[i] = mi
+        v[i] = vi
+        pi = p[i] * keep if mask is None or mask[i] else p[i]
+        p[i] = pi - step * mi / (np.sqrt(vi) / c2 + eps)
+
+
 @njit(cache=True)
 def dp_sqnorms(a, dz, sq):
     """DP-SGD, per-example clipping: sq[i] += (‖a_i‖² + 1)·‖dz_i‖², the squared L2 norm of example i's
@@ -190,6 +208,8 @@ def warmup():
     sgd_update(p, b, 0.1, 1.0, 0.0)
     momentum_update(p, b, b.copy(), 0.1, 1.0, 0.9, 0.0, False)
     adam_update(p, b, b.copy(), b.copy(), 0.1, 1.0, 0.9, 0.999, 1e-8, 0.0, 1)
+    for mask in (None, np.ones(4, np.uint8)):
+        adamw_update(p, b, b.copy(), b.copy(), 0.1, 1.0, 0.9, 0.999, 1e-8, 0.0, 1, mask)
     dp_sqnorms(x, y, np.zeros(2))
     _scale_rows(dy, np.ones(2, f4), b.copy())
     wire = np.zeros(4, np.uint16)
@@ -200,6 +220,7 @@ def warmup():
     topk_select(b, 2, idx, val)
     scatter_add(b, idx, val)
     warmup_conv()
+    warmup_ops()
 
 
 # -- 16-bit wire formats of the compressed gradient allreduce (host buffers: MPI sends from the host) ----
@@ -586,3 +607,6 @@ def conv_sqnorms(cols, dz, rows, sq):
         g = np.dot(d.T.copy(), a)
         bias = d.sum(axis=0)
         sq[i] += np.sum(g.astype(np.float64) ** 2) + np.sum(bias.astype(np.float64) ** 2)
+
+
+from .ops import *  # noqa: E402,F401,F403  the transformer and ResNet ops (kernels/ops.py), offered here too
