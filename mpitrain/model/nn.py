@@ -295,14 +295,15 @@ class Attention(Layer):
 
     def scratch(self, n, xp):
         T, C = self.T, self.C
-        return {"qkv": xp.empty((n, T, 3 * C)), "att": xp.empty((n, self.H, T, T)), "dqkv": xp.empty((n, T, 3 * C))}
+        return {"qkv": xp.empty((n, T, 3 * C)), "att": xp.empty((n, self.H, T, T)), "datt": xp.empty((n, self.H, T, T)),
+                "dqkv": xp.empty((n, T, 3 * C))}
 
     def forward(self, k, p, x, out, s):
         k.dense_forward(_rows(x, self.C), *p, 0, _rows(s["qkv"], 3 * self.C))
         k.attention_forward(s["qkv"], self.H, out, s["att"])
 
     def backward(self, k, p, g, x, y, dy, dx, s):
-        k.attention_backward(dy, s["qkv"], s["att"], self.H, s["dqkv"])
+        k.attention_backward(dy, s["qkv"], s["att"], self.H, s["dqkv"], s["datt"])
         q2, d2 = _rows(s["qkv"], 3 * self.C), _rows(s["dqkv"], 3 * self.C)
         if dx is None:
             k.dense_backward_params(_rows(x, self.C), q2, d2, 0, *g)
