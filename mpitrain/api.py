@@ -73,8 +73,9 @@ class Predictor:
             raise MpitrainError(f"predict: layout={layout!r}; expected 'nchw' (channels first) or 'nhwc'")
         elif x.shape[1:] not in (fs, (n_in,)):  # an equal count is not enough: (32, 32, 3) is not (3, 32, 32)
             shapes = " or ".join(sorted({f"(N, {', '.join(map(str, fs))})", f"(N, {n_in})"}))
-            hint = (f": its samples have their channels last; expected {shapes} (channels first), or pass "
-                    f"layout='nhwc'" if x.shape[1:] == last != fs else f"; expected {shapes}")
+            hint = (f": its samples have their channels last; expected (N, {', '.join(map(str, fs))}) (channels "
+                    f"first) or (N, {n_in}), or pass layout='nhwc'" if x.shape[1:] == last != fs
+                    else f"; expected {shapes}")
             raise MpitrainError(f"predict: x has shape {x.shape}{hint}")
         return x.reshape(len(x), n_in)
 

@@ -1,8 +1,8 @@
 """`mpitrain export`: a trained model.h5 as an ONNX graph, or as PyTorch-layout weight arrays (npz).
 
-Both describe the same network in channels-first order, the convention of ONNX and PyTorch, reading the
-rows an mpitrain data file stores (standardised, each sample channels first in the C order of its
-feature_shape) and giving the logits (softmax follows in training):
+Both describe the same network in channels-first order, the convention of ONNX and PyTorch, reading
+samples standardised with the model's training statistics (model.h5's, which both files carry; each sample
+channels first in the C order of its feature_shape) and giving the logits (softmax follows in training):
 
 * ONNX (opset 13, IR version 7, built with the onnx package's helper API and checked with
   onnx.checker): input `x` float32 [N, *feature_shape] (N dynamic), or [N, features] for a stack that
@@ -209,8 +209,8 @@ def to_npz(spec, steps, standardize=None):
         "format": NPZ_FORMAT, "version": 1, "mpitrain_version": __version__,
         "container": "torch.nn.Sequential",
         "input_shape": list(shape),
-        "input": f"float32 (N, {', '.join(map(str, shape))}): the standardised rows of an mpitrain data file "
-                 "(channels first) reshaped; the Sequential outputs the logits",
+        "input": f"float32 (N, {', '.join(map(str, shape))}): samples channels first, standardised with "
+                 "'standardize' (the training statistics); the Sequential outputs the logits",
         "feature_shape": list(spec.feature_shape), "n_features": spec.n_in, "classes": spec.n_out,
         "kind": spec.kind, "mpitrain_layers": list(spec.stack),
         "modules": modules,

@@ -100,7 +100,7 @@ def test_predict_takes_the_models_layout_only(tmp_path):
     np.testing.assert_array_equal(model.predict_proba(x.reshape(2, 60)), p)
     np.testing.assert_array_equal(model.predict_proba(x.transpose(0, 2, 3, 1), layout="nhwc"), p)
     for shape, message in (((2, 4, 5, 3), r"\(2, 4, 5, 3\): its samples have their channels last; expected "
-                                          r"\(N, 3, 4, 5\) or \(N, 60\) \(channels first\), or pass layout='nhwc'"),
+                                          r"\(N, 3, 4, 5\) \(channels first\) or \(N, 60\), or pass layout='nhwc'"),
                            ((2, 5, 4, 3), r"\(2, 5, 4, 3\); expected \(N, 3, 4, 5\) or \(N, 60\)$"),
                            ((2, 3, 20), r"\(2, 3, 20\); expected \(N, 3, 4, 5\) or \(N, 60\)$")):
         with pytest.raises(mpitrain.MpitrainError, match=r"^predict: x has shape " + message):
@@ -112,11 +112,10 @@ def test_predict_takes_the_models_layout_only(tmp_path):
 def test_eval_standardises_with_the_models_statistics(tmp_path):
     """A file prepared apart (classes 0 and 1 of the model's data: other statistics) scores in eval as
     predict scores its raw samples; a file of another feature shape is one line."""
+    import mpitrain
     from mpitrain.checkpoint import save_model
     from mpitrain.data.prepare import prepare
     from mpitrain.model import ModelSpec
-
-    import mpitrain
 
     rng = np.random.default_rng(0)
     teacher = rng.normal(size=(6, 4))

@@ -320,8 +320,8 @@ def test_channels_last_images_are_stored_channels_first_from_every_source(tmp_pa
     sums = set()
     for source in (f"npz:{tmp_path / 'a.npz'}", f"npz:{tmp_path / 'npzs'}", f"npy:{tmp_path / 'npy'}"):
         lines = prepare(source, str(tmp_path / "o.h5")).splitlines()
-        assert lines[0] == (f"layout: {source} x samples (6, 5, 3) read as channels last, stored channels first "
-                            f"as (3, 6, 5) (by its shape; --layout nchw if not)")
+        assert lines[0] == (f"layout: {source} x samples (6, 5, 3) channels last, stored as (3, 6, 5) "
+                            f"(by the shape; --layout nchw if not)")
         a, attrs, mean, std = _layout(str(tmp_path / "o.h5"))
         assert list(attrs["feature_shape"]) == [3, 6, 5]
         np.testing.assert_allclose(a["test/x"] * std + mean, xt.transpose(0, 3, 1, 2).reshape(6, 90), atol=1e-3)
@@ -329,7 +329,7 @@ def test_channels_last_images_are_stored_channels_first_from_every_source(tmp_pa
     assert len(sums) == 1
     npz = f"npz:{tmp_path / 'a.npz'}"
     line = prepare(npz, str(tmp_path / "o.h5"), layout="nchw").splitlines()[0]
-    assert line == f"layout: {npz} x samples (6, 5, 3) taken as channels first"
+    assert line == f"layout: {npz} x samples (6, 5, 3) channels first, stored as given"
     assert list(_layout(str(tmp_path / "o.h5"))[1]["feature_shape"]) == [6, 5, 3]
     np.savez(tmp_path / "b.npz", x=x.reshape(30, 30, 3), y=y)  # (L, C) signals: only --layout nhwc moves them
     assert prepare(f"npz:{tmp_path / 'b.npz'}", str(tmp_path / "b.h5")).startswith(f"{tmp_path / 'b.h5'}: ")
@@ -365,11 +365,13 @@ def test_each_clients_local_test_split_is_a_random_sample_of_it(tmp_path, scheme
 @pytest.mark.parametrize("args, message", [
     ("--partition shards --shards-per-client 0 --clients 10",
      "--shards-per-client 0: expected 1 … 143 (10 clients share 1438 samples)"),
-    ("--partition shards --shards-per-client 200 --clients 10", "--shards-per-client 200: expected 1 … 143 (10 clients share 1438 samples)"),
+    ("--partition shards --shards-per-client 200 --clients 10",
+     "--shards-per-client 200: expected 1 … 143 (10 clients share 1438 samples)"),
     ("--partition iid --clients 0", "--clients 0: expected 1 … 719 (2 samples per client at least)"),
     ("--partition dirichlet --alpha nan", "--alpha nan: expected > 0 and finite"),
     ("--partition iid --alpha 1", "--alpha: only for --partition dirichlet or quantity, not iid"),
-    ("--partition dirichlet --shards-per-client 3", "--shards-per-client: only for --partition shards, not dirichlet"),
+    ("--partition dirichlet --shards-per-client 3",
+     "--shards-per-client: only for --partition shards, not dirichlet"),
     ("--partition iid --client-test-fraction 1", "--client-test-fraction 1.0: expected a number in [0, 1)"),
     ("--clients 4 --alpha 0.1", "prepare: --clients, --alpha: only with --partition"),
     ("--seed -1", "--seed -1: expected an integer ≥ 0"),

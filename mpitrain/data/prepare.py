@@ -519,15 +519,14 @@ def _channels(shape, layout, name):
             raise MpitrainError(f"{name}: samples of shape {shape} may have their channels first or last; pass "
                                 f"--layout nchw (C, H, W) or --layout nhwc (H, W, C)")
         layout = "nhwc" if shape[2] in CHANNELS else "nchw"
-        why = f" (by its shape; --layout {'nchw' if layout == 'nhwc' else 'nhwc'} if not)"
+        why = f" (by the shape; --layout {'nchw' if layout == 'nhwc' else 'nhwc'} if not)"
     elif len(shape) < 2:
         raise MpitrainError(f"--layout {layout}: {name} samples have shape {shape}, no channel axis; "
                             f"expected 2 or more axes")
     if layout == "nchw":
-        return None, f"layout: {name} samples {shape} taken as channels first{why}"
+        return None, f"layout: {name} samples {shape} channels first, stored as given{why}"
     axes = (len(shape) - 1, *range(len(shape) - 1))
-    return axes, (f"layout: {name} samples {shape} read as channels last, stored channels first as "
-                  f"{tuple(shape[a] for a in axes)}{why}")
+    return axes, f"layout: {name} samples {shape} channels last, stored as {tuple(shape[a] for a in axes)}{why}"
 
 
 def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, grayscale, skip_bad, layout,
