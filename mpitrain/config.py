@@ -63,12 +63,13 @@ class TrainConfig:
     epochs: int = 40
     steps: int = 0              # > 0: train this many steps instead of `epochs`
     lr: float = 0.05
-    optimizer: str = "momentum"  # sgd | momentum | nesterov | adam
+    optimizer: str = "momentum"  # sgd | momentum | nesterov | adam | adamw
     momentum: float = 0.9
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    weight_decay: float = 1e-4  # L2 term added to the gradient (adamw: decoupled, on the table's decay tensors)
+    weight_decay: float = 1e-4  # L2 term added to the gradient; adamw: decoupled, p ← p·(1 − lr·weight_decay) on
+                                # the parameter table's decay tensors (weights, not biases, norms, embeddings)
     clip_norm: float = 0.0      # > 0: clip the global L2 norm of the mean gradient to this
     schedule: str = "cosine"    # constant | step | cosine
     warmup_steps: int = 0
@@ -235,9 +236,9 @@ class Config:
             _check(0 <= getattr(f, key) < 1, f"fed.{key}", getattr(f, key), "in [0, 1)")
         _check(f.weighting in ("samples", "uniform"), "fed.weighting", f.weighting, "samples or uniform")
         _validate_privacy(f, getattr(self, "given", set()))
-        if f.strategy == "fednova" and t.optimizer == "adam":
-            raise MpitrainError("fed.strategy = 'fednova' with train.optimizer = 'adam': FedNova divides each "
-                                "update by the sum of its steps' gradient coefficients, which Adam's per-"
+        if f.strategy == "fednova" and t.optimizer in ("adam", "adamw"):
+            raise MpitrainError(f"fed.strategy = 'fednova' with train.optimizer = {t.optimizer!r}: FedNova divides "
+                                "each update by the sum of its steps' gradient coefficients, which Adam's per-"
                                 "coordinate steps do not have; use sgd, momentum or nesterov")
         m = self.comm
         _check(m.mode in MODES, "comm.mode", m.mode, "one of " + ", ".join(MODES))

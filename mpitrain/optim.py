@@ -2,24 +2,42 @@
 
 An optimizer is its hyper-parameters plus named state vectors (same length as the parameters), updated
 by one fused kernel per step.  ``scale`` turns the summed gradient into the mean (1 / global batch).
+Weight decay is an L2 term added to the gradient, except in adamw: decoupled (torch.optim.AdamW), on the
+parameters its decay mask selects.
 """
 import math
+
+import numpy as np
 
 from .errors import MpitrainError
 from .kernels import arrays
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 
 
 class Optimizer:
-    def __init__(self, kernels, name, n, momentum=0.9, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    def __init__(self, kernels, name, n, momentum=0.9, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                 decay_mask=None):
+        """decay_mask (adamw only; the others decay every parameter): a vector of n flags, 1 where weight decay
+        applies, one per entry of the vector this optimizer updates (a rank's shard in comm.mode = sharded);
+        None: decay everything."""
         if name not in OPTIMIZERS:
             raise MpitrainError(f"train.optimizer = {name!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if name == "adamw" and not hasattr(kernels, "adamw_update"):
+            device = kernels.__name__.rsplit(".", 1)[-1]
+            raise MpitrainError(f"train.optimizer = 'adamw' is not available with train.device = {device!r}; "
+                                f"use train.device = 'cpu' or train.optimizer = 'adam'")
         self.k, self.name = kernels, name
         self.momentum, self.beta1, self.beta2 = float(momentum), float(beta1), float(beta2)
         self.eps, self.weight_decay = float(eps), float(weight_decay)
-        slots = {"sgd": (), "momentum": ("v",), "nesterov": ("v",), "adam": ("m", "v")}[name]
+        if decay_mask is not None:
+            decay_mask = np.ascontiguousarray(decay_mask, np.uint8)
+            if decay_mask.shape != (n,):
+                raise MpitrainError(f"optimizer decay_mask has shape {decay_mask.shape}; expected ({n},): one flag "
+                                    f"per parameter this optimizer updates")
+        self.decay_mask = decay_mask
+        slots = {"sgd": (), "momentum": ("v",), "nesterov": ("v",), "adam": ("m", "v"), "adamw": ("m", "v")}[name]
         self.state = {s: arrays(kernels).zeros(n) for s in slots}  # beside the parameters (host or GPU)
         self.t = 0  # updates applied so far
 
@@ -37,6 +55,9 @@ class Optimizer:
         elif self.name == "adam":
             self.k.adam_update(params, grad, self.state["m"], self.state["v"], lr, scale,
                                self.beta1, self.beta2, self.eps, wd, self.t)
+        elif self.name == "adamw":
+            self.k.adamw_update(params, grad, self.state["m"], self.state["v"], lr, scale,
+                                self.beta1, self.beta2, self.eps, wd, self.t, self.decay_mask)
         else:
             self.k.momentum_update(params, grad, self.state["v"], lr, scale, self.momentum, wd,
                                    self.name == "nesterov")

@@ -132,7 +132,7 @@ def _reference_steps(name, p, grads, lr, scale, wd, mu=0.9, b1=0.9, b2=0.999, ep
     return p
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("name", [o for o in OPTIMIZERS if o != "adamw"])  # adamw: tests/test_adamw.py
 def test_optimizer_update(name):
     r = np.random.default_rng(5)
     n = 13
