@@ -67,17 +67,42 @@ def _refuse_reuse(rank, out, ckpt_dir, auto):
                             "it with --overwrite, or choose another --out")
 
 
+# What model.kind = gpt trains with where the configuration does not say: nanoGPT's CPU "baby GPT" recipe
+# (AdamW, lr 1e-3, β2 0.99, weight decay 0.1, warm-up 100, batch 12, 2000 steps: minutes on 2 cores) and
+# the embedded text; train's defaults are an MLP's (SGD with momentum for 40 epochs).
+GPT_DEFAULTS = {"train.optimizer": "adamw", "train.lr": 1e-3, "train.beta2": 0.99, "train.weight_decay": 0.1,
+                "train.warmup_steps": 100, "train.clip_norm": 1.0, "train.global_batch": 12, "train.steps": 2000,
+                "train.eval_every": 250}
+
+
+def gpt_defaults(cfg):
+    """Set GPT_DEFAULTS and the embedded text where cfg.given does not name them; the settings chosen, as
+    lines."""
+    given, chose = getattr(cfg, "given", set()), []
+    if "data.path" not in given:
+        cfg.data.path = default_text_path()
+        chose.append(f"data.path = {cfg.data.path} (Python's documentation topics, characters as tokens)")
+    changed = [k for k in GPT_DEFAULTS if k not in given and not (k == "train.steps" and "train.epochs" in given)]
+    for key in changed:
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, GPT_DEFAULTS[key])
+    if changed:
+        chose.append(", ".join(f"{k} = {GPT_DEFAULTS[k]:g}" if not isinstance(GPT_DEFAULTS[k], str)
+                               else f"{k} = {GPT_DEFAULTS[k]}" for k in changed))
+    return chose
+
+
 class Session:
     def __init__(self, cfg, comm, quiet=False):
         self.started = time.perf_counter()
         self.cfg, self.comm = cfg, comm
         self.threads = limit(threads_per_rank())
         m = cfg.model
-        if m.kind == "gpt" and "data.path" not in getattr(cfg, "given", ()):
-            cfg.data.path = default_text_path()
-            if comm.rank == 0 and not quiet:
-                print(f"model.kind = gpt with no data.path: the embedded text (Python's documentation topics, "
-                      f"characters as tokens): {cfg.data.path}", flush=True)
+        if m.kind == "gpt":
+            chose = gpt_defaults(cfg)
+            if comm.rank == 0 and not quiet and chose:
+                print(f"model.kind = gpt: {', '.join(chose)} (nanoGPT's baby-GPT recipe; set any of them to "
+                      "change it)", flush=True)
         ensure_default_data(comm, cfg.data.path)
         self.data = data = comm.agree(DataFile, cfg.data.path)
         self.config_text = to_toml(cfg)

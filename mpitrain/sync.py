@@ -58,6 +58,11 @@ def make(cfg, comm, model):
     if c.mode == "local_sgd":
         return LocalSGD(comm, n, c.local_steps)
     if c.mode == "fsdp":
+        tied = next((l for l in model.net if l.shares is not None), None)
+        if tied is not None:  # its gradient lands in another unit's, which fsdp reduces once, unit by unit
+            raise MpitrainError(f"comm.mode = 'fsdp': layer {tied.name} ({tied.text()}) shares the parameters of "
+                                f"{tied.shares.name}, which fsdp cannot gather twice yet; use comm.mode = plain or "
+                                "sharded (ZeRO-2)")
         return FSDP(comm, model, c.bucket_mb)
     return Plain(comm, n)
 
