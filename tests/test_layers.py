@@ -17,6 +17,13 @@ def spec(stack, shape, classes):
 def test_presets_have_the_papers_parameter_counts():
     assert ModelSpec("lenet5", 784, 10, feature_shape=(1, 28, 28)).n_params == 61_706
     assert ModelSpec("fedavg_cnn", 784, 10, feature_shape=(1, 28, 28)).n_params == 1_663_370
+    # He et al. 2016's CIFAR ResNets with 1×1 projection shortcuts; GPT-2 small (tied embeddings), counted from
+    # the spec alone: nothing is allocated
+    for norm in ("batch", "group"):
+        assert ModelSpec("resnet20", 3072, 10, feature_shape=(3, 32, 32), norm=norm).n_params == 272_474
+        assert ModelSpec("resnet8", 3072, 10, feature_shape=(3, 32, 32), norm=norm).n_params == 78_042
+    gpt2 = ModelSpec("gpt", 1024, 50257, feature_shape=(1024,), task="lm", n_layer=12, n_head=12, n_embd=768)
+    assert gpt2.n_params == 124_439_808
     mlp = ModelSpec("mlp", 64, 10, (128,))  # as before the layer library: same layout, same count
     assert mlp.stack == ("dense 128", "relu", "dense 10") and mlp.n_params == 65 * 128 + 129 * 10
     assert ModelSpec("softmax", 64, 10).stack == ("dense 10",)
@@ -30,6 +37,10 @@ def test_canonical_stack_round_trips_through_the_attributes():
     old = {"kind": "mlp", "n_in": 64, "n_out": 10, "hidden": np.array([32]), "activation": "tanh"}  # pre-layers file
     assert ModelSpec.from_attrs(old).stack == ("dense 32", "tanh", "dense 10")
     assert json.loads(s.attrs()["layers"]) == list(s.stack)
+    for fam in (ModelSpec("gpt", 16, 11, feature_shape=(16,), task="lm", n_layer=2, n_head=2, n_embd=8, dropout=0.1),
+                ModelSpec("resnet8", 3 * 8 * 8, 5, feature_shape=(3, 8, 8), norm="group")):
+        back = ModelSpec.from_attrs(fam.attrs())  # a family is rebuilt from the stack it stored
+        assert (back.kind, back.stack, back.n_params, back.task) == (fam.kind, fam.stack, fam.n_params, fam.task)
 
 
 BAD = [
