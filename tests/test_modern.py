@@ -132,3 +132,22 @@ def test_combinations_that_cannot_work_are_one_line(tmp_path, data):
                    *[a for s in sets for a in ("--set", s)])
         lines = r.error_lines()
         assert r.returncode != 0 and len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_a_resnet_with_groupnorm_learns_the_digits(tmp_path, data):
+    s = run(2, str(tmp_path / "r"), data["digits"], "model.kind=resnet8", "model.norm=group", "train.epochs=5",
+            "train.optimizer=adamw", "train.lr=0.003", "train.weight_decay=0.01", "train.global_batch=32")
+    assert s["test_accuracy"] >= 0.97
+
+
+@pytest.mark.parametrize("mode", ["hierarchical", "fp16", "topk", "local_sgd"])
+def test_every_comm_mode_trains_a_gpt(tmp_path, data, mode):
+    """The exchanges that are not exact (16-bit, top-k, local SGD) still train: the loss falls."""
+    sets = [*GPT, "train.steps=30", "train.eval_every=30", f"comm.mode={mode}"]
+    if mode == "local_sgd":
+        sets += ["train.clip_norm=0", "comm.local_steps=4"]
+    out = str(tmp_path / mode)
+    s = run(2, out, data["text"], *sets)
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        losses = [r["train_loss"] for r in map(json.loads, f) if "train_loss" in r]
+    assert s["comm_mode"] == mode and losses[-1] < losses[0] - 0.3
