@@ -8,9 +8,10 @@
     labels = model.predict(x, layout="nhwc")  # x: (N, H, W, C), channels last (prepare --layout nhwc)
 
 Every rank of `comm` (an mpi4py communicator; default COMM_WORLD) calls the same function with the same
-arguments; `out` holding a run is refused unless `resume` continues it or `overwrite=True` replaces it; only that communicator is used, so a call works inside a larger MPI program.  Bad input raises
+arguments; only that communicator is used, so a call works inside a larger MPI program.  An `out` that holds
+a run is refused unless `resume` continues it or `overwrite=True` replaces it.  Bad input raises
 MpitrainError with the one line the command line prints, on every rank of `comm`.  Signals are the
-caller's: the API does not install mpitrain's SIGTERM/SIGUSR1 handlers (the command line does).
+caller's: the API does not install mpitrain's SIGTERM/SIGUSR1/SIGINT handlers (the command line does).
 """
 import numpy as np
 

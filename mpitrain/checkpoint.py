@@ -153,15 +153,16 @@ def load_checkpoint(path):
         raise MpitrainError(f"{path}: not an HDF5 file, so not a checkpoint ({RESUME_TAKES})")
     try:
         with h5py.File(path, "r") as f:
+            stored = f.attrs.get("checksum")
+            if stored is None or "index" not in f.attrs:  # said before reading anything: it may be a large file
+                what = ("a model file (model.h5), which holds no optimizer or server state to continue from"
+                        if "params" in f and "kind" in f.attrs else "a data file" if "train" in f else
+                        "an HDF5 file without a checkpoint's step/round and checksum")
+                raise MpitrainError(f"{path}: not a checkpoint: {what} ({RESUME_TAKES})")
             arrays, attrs = {}, {k: v for k, v in f.attrs.items() if k != "checksum"}
             f.visititems(lambda name, obj: arrays.__setitem__(name, obj[...]) if isinstance(obj, h5py.Dataset) else None)
-            stored = f.attrs.get("checksum")
     except (OSError, KeyError, RuntimeError):
         raise MpitrainError(f"{path}: unreadable checkpoint (a truncated or damaged HDF5 file)") from None
-    if stored is None:
-        what = ("a model file (model.h5), which holds no optimizer or server state to continue from"
-                if "params" in arrays and "kind" in attrs else "an HDF5 file without a checkpoint's checksum")
-        raise MpitrainError(f"{path}: not a checkpoint: {what} ({RESUME_TAKES})")
     if stored != _digest(arrays, attrs):
         raise MpitrainError(f"{path}: corrupted checkpoint (checksum mismatch)")
     return arrays, attrs

@@ -1,5 +1,6 @@
 """Checkpoints, resume, and faults: bit-exact continuation, corrupted files, signals, killed ranks."""
 import glob
+import json
 import os
 import shutil
 import signal
@@ -16,8 +17,9 @@ SYNC = ["model.hidden=[32]", "train.optimizer=adam", "train.lr=0.005", "train.gl
         "train.steps=60", "checkpoint.every=20"]
 
 
-def run(n, command, out, *sets, resume=None, data=None, timeout=300):
-    args = [command, "--quiet", "--out", out] + (["--resume", resume] if resume else [])
+def run(n, command, out, *sets, resume=None, data=None, timeout=300, overwrite=False, quiet=True):
+    args = [command, "--out", out] + ["--quiet"] * quiet + (["--resume", resume] if resume else [])
+    args += ["--overwrite"] * overwrite
     if data:
         args += ["--set", f"data.path={data}"]
     for s in sets:
@@ -28,6 +30,23 @@ def run(n, command, out, *sets, resume=None, data=None, timeout=300):
 def ok(r):
     assert r.returncode == 0, r.stderr
     return r
+
+
+def records(out):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def snapshot(out):
+    """{path: (bytes, mtime)} of every file under out but the lock (each run that claims the folder writes its
+    pid there): what a refused or finished run must leave alone."""
+    found = {}
+    for folder, _, names in os.walk(out):
+        for name in set(names) - {".lock"}:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                found[path] = (f.read(), os.stat(path).st_mtime_ns)
+    return found
 
 
 def checkpoints(out):
@@ -47,11 +66,13 @@ def test_sync_resume_is_bit_exact_and_falls_back_over_a_corrupted_file(tmp_path,
     ok(run(2, "train", cut, *SYNC, resume="auto", data=synth))
     assert summary(cut)["resumed_from_step"] == 40
     assert np.array_equal(params(full), params(cut))
+    steps = [r["step"] for r in records(cut) if "train_loss" in r]  # steps 41…60 logged once: the redone ones
+    assert steps == [r["step"] for r in records(full) if "train_loss" in r] == sorted(set(steps))
     with open(newest, "r+b") as f:  # the resumed run rewrote it; an explicit path must be good
         f.truncate(os.path.getsize(newest) // 2)
     r = run(2, "train", str(tmp_path / "x"), *SYNC, resume=newest, data=synth, timeout=120)
     assert r.returncode == 2 and r.error_lines() == [f"mpitrain: error: {newest}: unreadable checkpoint "
-                                                     "(truncated or not HDF5)"]
+                                                     "(a truncated or damaged HDF5 file)"]
 
 
 def test_resume_on_another_number_of_ranks(tmp_path, synth):
@@ -188,22 +209,26 @@ def test_singletons_under_slurm_are_refused(tmp_path, synth):
     assert r.returncode == 2 and "the ranks started as singletons" in r.stderr
 
 
-def test_another_runs_checkpoints_in_the_same_folder(tmp_path, synth):
-    """A 60-step run's checkpoints (20, 40, 60), then a fresh 20-step run with another seed into the same
-    --out (checkpoints at 10, 20): its saves delete the other run's later checkpoints, so resume auto
-    continues this run; a checkpoint past the run's end or of another optimizer is a clear error."""
+def test_overwrite_starts_afresh_and_a_resume_cannot_shorten_a_run(tmp_path, synth):
+    """A 60-step run's checkpoints (20, 40, 60), then a 20-step run with another seed into the same --out
+    with --overwrite: the earlier run's files and checkpoints go first, so none of them is ever resumed; a
+    checkpoint past the run's end, or of another optimizer or global batch, is one line, the folder untouched."""
     out = str(tmp_path / "o")
     ok(run(1, "train", out, *SYNC, data=synth))
     short = [*SYNC, "train.steps=20", "checkpoint.every=10", "train.seed=7"]
-    ok(run(1, "train", out, *short, data=synth))
+    ok(run(1, "train", out, *short, data=synth, overwrite=True))
     assert [os.path.basename(p) for p in checkpoints(out)] == ["ckpt-000000010.h5", "ckpt-000000020.h5"]
-    mine = params(out)
-    ok(run(1, "train", out, *short, resume="auto", data=synth))
-    assert summary(out)["resumed_from_step"] == 20 and np.array_equal(params(out), mine)
-    r = run(1, "train", out, *short, "train.steps=10", resume="auto", data=synth, timeout=120)
-    assert r.returncode == 2 and "lies past this run's last (10)" in r.stderr
-    r = run(1, "train", out, *short, "train.optimizer=momentum", resume="auto", data=synth, timeout=120)
-    assert r.returncode == 2 and "train.optimizer = adam run; this run has momentum" in r.stderr
+    assert [r["step"] for r in records(out) if "train_loss" in r] == [10, 20]  # none of the 60-step run
+    before = snapshot(out)
+    last = checkpoints(out)[-1]
+    for sets, needle in (
+            (["train.steps=10"], f"{last}: the checkpoint of step 20 lies past this run's last (10); a resume "
+                                 "continues a run and cannot take back steps done: raise train.steps to continue "
+                                 "it, or leave out --resume to start afresh"),
+            (["train.optimizer=momentum"], "train.optimizer = adam run; this run has momentum"),
+            (["train.global_batch=30"], "train.global_batch = 60 run; this run has 30")):
+        refused(run(1, "train", out, *short, *sets, resume="auto", data=synth, timeout=120), needle)
+    assert snapshot(out) == before
 
 
 def test_stop_requested_in_the_last_step_ends_the_run(tmp_path, synth):
@@ -260,5 +285,86 @@ def test_resume_refuses_every_checkpoint_of_another_meaning(tmp_path, fed_data, 
             "is of a partition = ")
     last = checkpoints(plain)[-1]  # an explicit path past the run's end: the file is named, not the folder
     line = refused(run(2, "federate", str(tmp_path / "p"), *FED, "fed.rounds=1", resume=last, data=fed_data),
-                   "lies past this run's last (1): raise train.steps / fed.rounds to continue it")
+                   "lies past this run's last (1); a resume continues a run and cannot take back rounds done: "
+                   "raise fed.rounds to continue it")
     assert line.startswith(f"mpitrain: error: {last}: ")
+    refused(run(2, "federate", plain, *longer, "fed.target_accuracy=0.5", resume="auto", data=fed_data),
+            "is of a fed.target_accuracy = 0.95 run; this run has 0.5")  # rounds_to_target is of the first
+
+
+DP = ["model.kind=softmax", "fed.rounds=5", "fed.local_epochs=1", "fed.fraction=0.2", "fed.dp.noise_multiplier=1.1"]
+
+
+def test_a_resume_that_cannot_continue_is_refused_and_a_finished_one_left_alone(tmp_path, fed_data):
+    """5 DP rounds (ε = 3.839 at q = 0.2, z = 1.1, δ = 1e-5) resumed with fed.dp.target_epsilon = 3: those
+    rounds are spent, so the resume is one line naming the ε spent, and the run stays as it was (before: no
+    round ran, and summary.json said ε = 2.923, 2 rounds, stopped at the target).  Resumed as it was set up it
+    is complete: one line, exit 0, every file untouched; started again without --resume: refused."""
+    out = str(tmp_path / "dp")
+    r = ok(run(2, "federate", out, *DP, data=fed_data, quiet=False))
+    assert "rounds to 0.95: not reached" in r.stdout.splitlines()[-1]
+    assert summary(out)["epsilon"] == pytest.approx(3.839, abs=5e-4) and summary(out)["rounds"] == 5
+    before = snapshot(out)
+    last = checkpoints(out)[-1]
+    line = refused(run(2, "federate", out, *DP, "fed.dp.target_epsilon=3", resume="auto", data=fed_data),
+                   "fed.dp.target_epsilon = 3 allows 2 round(s), and the 5 done have spent ε = 3.8390 at δ = 1e-05: "
+                   "set it to 3.8391 or more")
+    assert line.startswith(f"mpitrain: error: {last}: the checkpoint of round 5 lies past this run's last (2)")
+    r = ok(run(2, "federate", out, *DP, resume="auto", data=fed_data, quiet=False))
+    assert r.stdout.splitlines() == [f"{out}: the run finished at round 5 already; nothing to do, its files are "
+                                     "left as they were"]
+    refused(run(2, "federate", out, *DP, data=fed_data), f"mpitrain: error: {out}: holds a run (config.toml, ")
+    assert snapshot(out) == before
+
+
+def test_skipped_rounds_count_the_whole_run_after_a_resume(tmp_path, fed_data):
+    """Secure aggregation under Poisson sampling skips round 2 (1 client drawn with fed.dp.noise_seed = 1);
+    a run resumed after it still counts it (before: only the rounds of the last attempt)."""
+    sets = ["model.kind=softmax", "fed.rounds=4", "fed.local_epochs=1", "fed.fraction=0.375", "checkpoint.every=1",
+            "fed.dp.noise_multiplier=0.5", "fed.dp.noise_seed=1", "fed.secure_aggregation=true"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    ok(run(3, "federate", full, *sets, data=fed_data))
+    assert summary(full)["skipped_rounds"] == 1
+    ok(run(3, "federate", cut, *sets, data=fed_data))
+    for path in checkpoints(cut)[-2:] + [os.path.join(cut, "summary.json")]:
+        os.remove(path)
+    ok(run(3, "federate", cut, *sets, resume="auto", data=fed_data))
+    assert summary(cut)["resumed_from_round"] == 2 and summary(cut)["skipped_rounds"] == 1
+    assert np.array_equal(params(full), params(cut))
+
+
+def test_resume_says_what_it_was_given_and_what_it_takes(tmp_path, synth):
+    """--resume with a run folder continues from that run's newest good checkpoint (documented); a model.h5,
+    a file that is not HDF5 or a folder without checkpoints is one line saying what it is and what --resume
+    takes (before: "unreadable checkpoint" and "corrupted checkpoint (checksum mismatch)")."""
+    pre = str(tmp_path / "pre")
+    ok(run(1, "train", pre, *SYNC, data=synth))
+    r = ok(run(1, "train", str(tmp_path / "on"), *SYNC, "train.steps=70", resume=pre, data=synth, quiet=False))
+    assert f"resuming from {checkpoints(pre)[-1]}" in r.stdout
+    assert summary(str(tmp_path / "on"))["resumed_from_step"] == 60
+    takes = "(--resume takes auto, a run folder or a ckpt-*.h5 file)"
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    for given, what in ((os.path.join(pre, "model.h5"), "not a checkpoint: a model file (model.h5), which holds no "
+                                                         "optimizer or server state to continue from"),
+                        (synth, "not a checkpoint: a data file"),
+                        (str(text), "not an HDF5 file, so not a checkpoint"),
+                        (str(tmp_path), f"no good checkpoint in {tmp_path}")):
+        r = run(1, "train", str(tmp_path / "x"), *SYNC, resume=given, data=synth, timeout=120)
+        assert r.returncode == 2 and r.error_lines() == [f"mpitrain: error: {given}: {what} {takes}"]
+
+
+def test_ctrl_c_checkpoints_and_exits_75_like_sigterm(tmp_path, synth):
+    """SIGINT to mpiexec, as Ctrl-C in a terminal sends it (the ranks run in sessions of their own; hydra passes
+    it on to them): every rank stops at the same step after a checkpoint, exit 75, nothing on stderr (before:
+    no checkpoint and a KeyboardInterrupt traceback from the ranks; in a terminal also hydra's assertions)."""
+    out = str(tmp_path / "int")
+    proc = _start(out, synth, *LONG)
+    os.kill(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 75 and err == "", err
+    (ckpt,) = checkpoints(out)
+    assert not os.path.exists(os.path.join(out, "summary.json"))

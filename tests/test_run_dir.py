@@ -88,19 +88,109 @@ def test_make_run_dir_reports_an_unusable_folder_in_one_line(tmp_path):
         make_run_dir(ONE_RANK, out)
 
 
+def snapshot(out):
+    """{path: (bytes, mtime)} of the folder's files but the lock, which every run claiming it rewrites."""
+    found = {}
+    for folder, _, names in os.walk(out):
+        for name in set(names) - {".lock"}:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                found[path] = (f.read(), os.stat(path).st_mtime_ns)
+    return found
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, synth):
+    """train --out A twice used to overwrite model.h5, summary and metrics and delete the checkpoints; now
+    the second is one line and the folder is untouched, --overwrite replaces the whole run (none of its
+    checkpoints stays behind to be resumed), and the Python API does the same."""
+    out = tmp_path / "a"
+    assert train(1, synth, "--out", out, "--set", "checkpoint.every=2").returncode == 0
+    before = snapshot(out)
+    r = train(1, synth, "--out", out, timeout=120)
+    assert r.returncode == 2 and r.error_lines() == [
+        f"mpitrain: error: {out}: holds a run (config.toml, metrics.jsonl, summary.json, model.h5, 3 checkpoint(s) "
+        f"in {out}/checkpoints); continue it with --resume auto, replace it with --overwrite, or choose another --out"]
+    assert snapshot(out) == before
+    r = train(1, synth, "--out", out, "--overwrite", "--set", "train.steps=3")
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(out / "checkpoints") == ["ckpt-000000003.h5"] and summary(str(out))["steps"] == 3
+    r = mpirun(1, __file__, "api", synth, out, module=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"{out}: holds a run (config.toml, metrics.jsonl, summary.json, model.h5, 1 "
+                                     f"checkpoint(s) in {out}/checkpoints); continue it with --resume auto, replace "
+                                     "it with --overwrite, or choose another --out", "overwritten 5"]
+
+
+def test_resume_auto_needs_out_and_says_when_it_starts_fresh(tmp_path, synth):
+    """--resume auto without --out wrote a new runs/<timestamp> folder, where no checkpoint can be, and started
+    afresh without a word; a mistyped --out did the same.  Now the first is one line and the second says so.
+    The console and metrics.jsonl name the same epoch for a step (the console said one more)."""
+    r = mpirun(1, "train", "--set", f"data.path={synth}", *TINY, "--resume", "auto", cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.error_lines() == [
+        "mpitrain: error: --resume auto without --out: auto continues the run in the folder --out names (a new "
+        "runs/<timestamp> folder holds no checkpoint); give --out"]
+    assert os.listdir(tmp_path) == []
+    r = mpirun(1, "train", "--set", f"data.path={synth}", *TINY, "--resume", "auto", "--overwrite", cwd=tmp_path,
+               timeout=120)
+    assert r.returncode == 2 and "a run either continues or starts afresh" in r.stderr
+    out = tmp_path / "typo"
+    r = mpirun(1, "train", "--set", f"data.path={synth}", "--set", "model.hidden=[8]", "--set", "train.steps=20",
+               "--set", "train.eval_every=10", "--out", out, "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"no checkpoint in {out}/checkpoints: starting fresh"
+    printed = {int(m[1]): int(m[2]) for m in (re.match(r"step (\d+)/20  epoch (\d+) ", line) for line in lines) if m}
+    logged = {r["step"]: r["epoch"] for r in records(str(out)) if "test_loss" in r}
+    assert printed == logged == {10: 1, 20: 2}  # 15 steps an epoch (960 samples, batch 64)
+
+
+def test_resuming_a_finished_run_leaves_it_as_it_was(tmp_path, synth):
+    """A finished run resumed (a requeued SLURM job) rewrote summary.json with steps 6…5, 0 samples/s and no
+    train loss; now it says so in one line, exit 0, and touches nothing.  Where the run ended after its last
+    checkpoint but before summary.json, the resume completes it with the checkpoint's train loss."""
+    out = tmp_path / "done"
+    assert train(2, synth, "--out", out).returncode == 0
+    full = summary(str(out))
+    before = snapshot(out)
+    r = mpirun(2, "train", "--set", f"data.path={synth}", *TINY, "--out", out, "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"{out}: the run finished at step 5 already; nothing to do, its files are "
+                                     "left as they were"]
+    assert snapshot(out) == before
+    os.remove(out / "summary.json")
+    assert train(2, synth, "--out", out, "--resume", "auto").returncode == 0
+    s = summary(str(out))
+    assert (s["steps"], s["resumed_from_step"], s["samples_per_second"]) == (5, 5, None)
+    assert (s["train_loss"], s["train_accuracy"], s["test_accuracy"]) == \
+        (full["train_loss"], full["train_accuracy"], full["test_accuracy"])
+
+
+def _api(data, out):
+    """mpitrain.train into a folder holding a run: the error, then the same with overwrite=True."""
+    import mpitrain
+
+    overrides = {"data.path": data, "train.steps": 5, "model.hidden": [8]}
+    try:
+        mpitrain.train(overrides=overrides, out=out)
+    except mpitrain.MpitrainError as exc:
+        print(exc)
+    print("overwritten", mpitrain.train(overrides=overrides, out=out, overwrite=True)["steps"])
+
+
 def _twice(data, out):
-    """train() twice in one process into one folder, the second resuming: prints its resumed_from_step."""
+    """train() twice in one process into one folder, the second continuing to step 8: prints its
+    resumed_from_step."""
     from mpitrain.comm import Comm
     from mpitrain.config import load
     from mpitrain.trainer import train as run
 
     comm = Comm()
-    cfg = load(None, [f"data.path={data}", "train.steps=5", "model.hidden=[8]"])
-    run(cfg, comm, out, quiet=True)
-    s = run(cfg, comm, out, quiet=True, resume="auto")
+    sets = [f"data.path={data}", "train.steps=5", "model.hidden=[8]"]
+    run(load(None, sets), comm, out, quiet=True)
+    s = run(load(None, [*sets, "train.steps=8"]), comm, out, quiet=True, resume="auto")
     if comm.rank == 0:
         print("resumed_from_step", s["resumed_from_step"])
 
 
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "twice":
-    _twice(*sys.argv[2:4])
+if __name__ == "__main__" and len(sys.argv) > 1:
+    {"twice": _twice, "api": _api}[sys.argv[1]](*sys.argv[2:4])
