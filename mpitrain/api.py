@@ -18,23 +18,24 @@ def train(config=None, overrides=None, out=None, comm=None, resume=None, quiet=T
     """Synchronous data-parallel training; returns the summary dict (summary.json) on every rank."""
     from .trainer import train as run
 
-    return _run(run, config, overrides, out, comm, resume, quiet)
+    return _run(run, "train", config, overrides, out, comm, resume, quiet)
 
 
 def federate(config=None, overrides=None, out=None, comm=None, resume=None, quiet=True):
     """Federated rounds (rank 0 of `comm` aggregates); returns the summary dict on every rank."""
     from .federated.run import federate as run
 
-    return _run(run, config, overrides, out, comm, resume, quiet)
+    return _run(run, "federate", config, overrides, out, comm, resume, quiet)
 
 
-def _run(run, config, overrides, out, comm, resume, quiet):
-    """config: a TOML path or None; overrides: {"section.key": value} or ["section.key=value", …]."""
+def _run(run, command, config, overrides, out, comm, resume, quiet):
+    """config: a TOML path or None; overrides: {"section.key": value} or ["section.key=value", …]; a key
+    the command does not read is refused (config.load)."""
     from .comm import Comm
     from .config import load
 
     comm = comm if isinstance(comm, Comm) else Comm(comm)  # the CLI passes its own
-    cfg = comm.agree(load, config, overrides or ())
+    cfg = comm.agree(load, config, overrides or (), command)
     return run(cfg, comm, out, quiet, resume)
 
 

@@ -611,9 +611,9 @@ def test_nested_sections_in_toml_and_set(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[fed]\nsecure_aggregation = true\n\n[fed.dp]\nnoise_multiplier = 1.5\nclip = 2\n\n"
                     "[fed.secagg]\nneighbors = 6\n", encoding="utf-8")
-    cfg = config.load(str(path), ["fed.dp.clip=0.25", "fed.robust.fraction=0.1"])
+    cfg = config.load(str(path), ["fed.dp.clip=0.25", "fed.secagg.threshold=4"])
     assert cfg.fed.secure_aggregation and cfg.fed.dp.noise_multiplier == 1.5 and cfg.fed.dp.clip == 0.25
-    assert cfg.fed.secagg.neighbors == 6 and cfg.fed.robust.fraction == 0.1
+    assert cfg.fed.secagg.neighbors == 6 and cfg.fed.secagg.threshold == 4
     back = tmp_path / "back.toml"
     back.write_text(config.to_toml(cfg), encoding="utf-8")
     assert config.load(str(back)) == cfg and "[fed.dp]" in config.to_toml(cfg)
@@ -630,8 +630,9 @@ def test_nested_sections_in_toml_and_set(tmp_path):
 
 
 def test_privacy_settings_that_would_do_nothing_are_refused():
-    """fed.dp.* while client-level DP is off, fed.dpsgd.* while DP-SGD is off, an odd mask-graph degree
-    (it was silently rounded up): one line each; the same keys with their layer on load fine."""
+    """fed.dp.* while client-level DP is off, fed.dpsgd.* while DP-SGD is off, fed.secagg.* while secure
+    aggregation is off, fed.robust.* under the mean, an odd mask-graph degree (it was silently rounded up):
+    one line each; the same keys with their layer on load fine."""
     from mpitrain import config
     from mpitrain.errors import MpitrainError
 
@@ -641,13 +642,18 @@ def test_privacy_settings_that_would_do_nothing_are_refused():
                          (["fed.dp.noise_seed=3"], "fed.dp.noise_seed has no effect"),
                          (["fed.dp.clip_only=true", "fed.dp.noise_multiplier=1"], "fed.dp.clip_only = true clips "
                                                                                   "without noise"),
-                         (["fed.secagg.neighbors=5"], "fed.secagg.neighbors = 5: expected an even number")):
+                         (["fed.secagg.neighbors=5"], "fed.secagg.neighbors = 5: expected an even number"),
+                         (["fed.secagg.neighbors=6"], "fed.secagg.neighbors has no effect: secure aggregation is off"),
+                         (["fed.robust.fraction=0.1"], "fed.robust.fraction has no effect: fed.aggregator = 'mean'"),
+                         (["fed.dp.noise_multiplier=1", "fed.dp.count_stddev=2"],
+                          "fed.dp.count_stddev has no effect: fed.dp.adaptive = false")):
         with pytest.raises(MpitrainError) as e:
             config.load(overrides=sets)
         assert needle in str(e.value), (sets, str(e.value))
     for sets in (["fed.dp.clip=0.5", "fed.dp.noise_multiplier=1"], ["fed.dp.clip=0.5", "fed.dp.clip_only=true"],
                  ["fed.dpsgd.clip=2", "fed.dpsgd.noise_multiplier=1", "fed.dp.noise_seed=3"],
-                 ["fed.secagg.neighbors=6"]):
+                 ["fed.secagg.neighbors=6", "fed.secure_aggregation=true"],
+                 ["fed.robust.fraction=0.1", "fed.aggregator=trimmed_mean"]):
         config.load(overrides=sets)
 
 

@@ -181,6 +181,9 @@ class Layers:
     def __init__(self, cfg, comm, part, model, kernels, traces):
         t, f = cfg.train, cfg.fed
         n = model.n_params
+        if f.min_clients > part.clients and "fed.min_clients" in getattr(cfg, "given", ()):
+            raise MpitrainError(f"fed.min_clients = {f.min_clients}: expected at most the {part.clients} clients "
+                                "of the partition (the default 2 alone is capped at the number of clients)")
         self.dp = self.dpsgd = None
         self.fixed = cohort_size(part.clients, f.fraction, f.min_clients)
         dp_on = f.dp.noise_multiplier > 0 or f.dp.clip_only
@@ -310,12 +313,18 @@ def _federate(cfg, comm, out, quiet, resume, local, shared):
     log.say(f"mpitrain {__version__} federate: {f.strategy}, {part.clients} clients on {comm.size - 1} client "
             f"rank(s) × {run.threads} thread(s), {spec.kind} {spec.describe()}, "
             f"rounds {first + 1}…{rounds} → {run.out}")
+    given = getattr(cfg, "given", ())
     if dp is not None:
-        log.say(f"differential privacy: clip {dp.clip:g}{' (adaptive)' if dp.adaptive else ''}, "
+        log.say(f"differential privacy: clip {dp.clip:g}{' (adaptive)' if dp.adaptive else ''}"
+                + default_note("fed.dp.clip", given) + ", "
                 + (f"noise multiplier {dp.z:g}" if dp.z > 0 else "no noise (clipping only: ε = ∞)")
                 + f", {dp.sampling} sampling, uniform client weights over the fixed "
                 f"denominator m = {dp.m:g}" + (" (fed.weighting = samples is not used under DP)"
                                                if f.weighting == "samples" else ""))
+    if layers.dpsgd is not None:
+        g = f.dpsgd
+        log.say(f"record-level DP-SGD: per-example clip {g.clip:g}" + default_note("fed.dpsgd.clip", given)
+                + f", noise multiplier {g.noise_multiplier:g}, Poisson batches of {f.local_batch} expected samples")
 
     def draw(rnd):
         if dp is not None:
@@ -460,6 +469,12 @@ def _federate(cfg, comm, out, quiet, resume, local, shared):
 
 def _nothing():
     return None
+
+
+def default_note(key, given):
+    """Said at start-up when a DP clip norm was not given: its default 1 is a guess at the scale of the
+    norms, which it bounds, and the noise is scaled to it."""
+    return "" if key in given else f" (not given: the default of {key}; set it near the norms it clips)"
 
 
 def resume_meaning(f, part, layers):
