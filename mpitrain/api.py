@@ -20,25 +20,26 @@ def train(config=None, overrides=None, out=None, comm=None, resume=None, quiet=T
     """Synchronous data-parallel training; returns the summary dict (summary.json) on every rank."""
     from .trainer import train as run
 
-    return _run(run, config, overrides, out, comm, resume, quiet, overwrite)
+    return _run(run, "train", config, overrides, out, comm, resume, quiet, overwrite)
 
 
 def federate(config=None, overrides=None, out=None, comm=None, resume=None, quiet=True, overwrite=False):
     """Federated rounds (rank 0 of `comm` aggregates); returns the summary dict on every rank."""
     from .federated.run import federate as run
 
-    return _run(run, config, overrides, out, comm, resume, quiet, overwrite)
+    return _run(run, "federate", config, overrides, out, comm, resume, quiet, overwrite)
 
 
-def _run(run, config, overrides, out, comm, resume, quiet, overwrite):
-    """config: a TOML path or None; overrides: {"section.key": value} or ["section.key=value", …];
-    resume: None, "auto", a run folder or a checkpoint file."""
+def _run(run, command, config, overrides, out, comm, resume, quiet, overwrite):
+    """config: a TOML path or None; overrides: {"section.key": value} or ["section.key=value", …]; a key
+    the command does not read is refused (config.load); resume: None, "auto", a run folder or a checkpoint
+    file."""
     from .comm import Comm
     from .config import load
     from .session import check_start
 
     comm = comm if isinstance(comm, Comm) else Comm(comm)  # the CLI passes its own
-    cfg = comm.agree(load, config, overrides or ())
+    cfg = comm.agree(load, config, overrides or (), command)
     comm.agree(check_start, out, resume, overwrite, cfg.checkpoint.dir)
     return run(cfg, comm, out, quiet, resume, overwrite)
 

@@ -288,17 +288,29 @@ def _dispatch(args, comm):
         run(args, comm)
 
 
+def unknown_command(word):
+    """The one line for a first argument that is neither a command nor an option (a misspelt command:
+    without this, it became train's "unrecognized arguments")."""
+    import difflib
+
+    close = difflib.get_close_matches(word, COMMANDS, 1)
+    return MpitrainError(f"unknown command {word!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                         + f": expected one of {', '.join(COMMANDS)}, or options alone (which train)", agreed=True)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "train")
-    args = _parser().parse_args(argv)
     comm = None
     try:
         from .comm import Comm, install_abort_hook
 
         comm = Comm()
         install_abort_hook(comm)
+        if argv[0] not in (*COMMANDS, "-h", "--help"):
+            raise unknown_command(argv[0])
+        args = _parser().parse_args(argv)
         return _dispatch(args, comm) or 0
     except MpitrainError as exc:
         from .comm import report_error

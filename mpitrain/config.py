@@ -2,8 +2,11 @@
 
 Unknown sections/keys and values of the wrong type are errors that name the key and what was expected.
 Choices (model kind, optimizer, schedule) are checked where they are used, with the same key names.
+A key given with a value that would have no effect where it is given (a [fed] key to train, a [comm] key
+to federate, fed.dp.* with DP off, …) is refused with one line: the tables READ_BY and ACTS below.
 """
 import dataclasses
+import functools
 import json
 import os
 import typing
@@ -201,7 +204,9 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
-    def validate(self):
+    def validate(self, command=None):
+        """Check every value; then, for the keys given (self.given, from load), that each has an effect:
+        under `command` ("train" or "federate"; None: only the conditions that do not depend on it)."""
         t = self.train
         _check(t.global_batch >= 1, "train.global_batch", t.global_batch, "an integer ≥ 1")
         _check(t.epochs >= 1 or t.steps >= 1, "train.epochs", t.epochs, "≥ 1 (or train.steps ≥ 1)")
@@ -235,7 +240,7 @@ class Config:
         for key in ("server_momentum", "beta1", "beta2"):
             _check(0 <= getattr(f, key) < 1, f"fed.{key}", getattr(f, key), "in [0, 1)")
         _check(f.weighting in ("samples", "uniform"), "fed.weighting", f.weighting, "samples or uniform")
-        _validate_privacy(f, getattr(self, "given", set()))
+        _validate_privacy(f)
         if f.strategy == "fednova" and t.optimizer in ("adam", "adamw"):
             raise MpitrainError(f"fed.strategy = 'fednova' with train.optimizer = {t.optimizer!r}: FedNova divides "
                                 "each update by the sum of its steps' gradient coefficients, which Adam's per-"
@@ -251,6 +256,7 @@ class Config:
         _check(c.every >= 0, "checkpoint.every", c.every, "≥ 0")
         _check(c.every_seconds >= 0, "checkpoint.every_seconds", c.every_seconds, "≥ 0")
         _check(c.keep >= 1, "checkpoint.keep", c.keep, "≥ 1")
+        _check_effect(self, getattr(self, "given", set()), command)
         return self
 
 
@@ -263,7 +269,7 @@ HE_LINEAR = ("fedsgd", "fedavg", "fedprox", "fedavgm", "fednova")  # server step
 HE_REFUSED = ("fedadam", "fedyogi", "fedadagrad")  # adaptive: need the plaintext aggregate's squares
 
 
-def _validate_privacy(f, given):
+def _validate_privacy(f):
     """[fed] privacy/robustness keys and the combinations that cannot work (data-dependent checks, such as
     the cohort size against the secure-aggregation threshold, run at federate start)."""
     _check(0 <= f.dropout_rate < 1, "fed.dropout_rate", f.dropout_rate, "in [0, 1)")
@@ -310,23 +316,6 @@ def _validate_privacy(f, given):
         raise MpitrainError(f"fed.dp.clip_only = true clips without noise (ε = ∞): it cannot be combined with "
                             f"fed.dp.noise_multiplier = {d.noise_multiplier:g} or fed.dp.target_epsilon = "
                             f"{d.target_epsilon:g}")
-    # given and not the default: a saved config.toml, which lists every key, loads again
-    changed = {k for k in given if _lookup(k, f) != _lookup(k, FedConfig())}
-    for section, on, why in (("fed.dp", dp, "client-level differential privacy is off (set fed.dp.noise_multiplier "
-                                             "> 0, or fed.dp.clip_only = true to clip without noise)"),
-                             ("fed.dpsgd", g.noise_multiplier > 0, "record-level DP-SGD is off (set "
-                                                                   "fed.dpsgd.noise_multiplier > 0)"),
-                             ("fed.he", f.encryption != "none", "fed.encryption = 'none' (set fed.encryption = "
-                                                                "\"ckks\")")):
-        used = {section + ".noise_multiplier"}
-        if g.noise_multiplier > 0:
-            used.add("fed.dp.noise_seed")  # DP-SGD draws its noise from it too
-        unused = sorted(k for k in changed if k.startswith(section + ".") and k not in used)
-        if unused and not on:
-            raise MpitrainError(f"{unused[0]} has no effect: {why}")
-    if r.mixing != "none" and f.aggregator == "mean":
-        raise MpitrainError(f"fed.robust.mixing = {r.mixing!r} mixes the updates before a robust rule; choose "
-                            "one with fed.aggregator (median, trimmed_mean, krum, multikrum, norm_bound)")
     if f.aggregator != "mean" and f.secure_aggregation:
         raise MpitrainError(f"fed.aggregator = {f.aggregator!r} needs every client's update at the server, "
                             "which fed.secure_aggregation = true hides by design; use fed.aggregator = mean "
@@ -352,14 +341,121 @@ def _validate_privacy(f, given):
                             "privatised; use fedavg, fedprox, fedavgm or a FedOpt strategy")
 
 
-def _lookup(key, fed):
-    """The value of a fed.… key in a FedConfig (None for keys of other sections)."""
-    section, *path = key.split(".")
-    if section != "fed":
-        return None
-    for part in path:
-        fed = getattr(fed, part)
-    return fed
+# Where each setting takes effect: two tables, checked once (Config.validate → _check_effect) for the keys
+# the file and --set gave with a value other than the default (a saved config.toml, which lists every key,
+# loads again).  A key is looked up from its full name up through its sections ("fed.dp.clip", "fed.dp",
+# "fed"); the most specific entry of each table applies.
+#   READ_BY: the one command that reads a key or section (unlisted: both), and why the other one does not.
+#   ACTS:    a function of the configuration: why the key has no effect there, or a false value when it has.
+READ_BY = {
+    "fed": ("federate", "train does not read [fed]: federated settings are federate's (python -m mpitrain "
+                        "federate)"),
+    "comm": ("train", "federate exchanges each round's update as [fed] says (fed.secure_aggregation, "
+                      "fed.encryption, fed.aggregator); [comm] is train's gradient exchange"),
+    "train.global_batch": ("train", "federate's clients take batches of fed.local_batch"),
+    "train.epochs": ("train", "federate runs fed.rounds rounds of fed.local_epochs per client"),
+    "train.steps": ("train", "federate runs fed.rounds rounds of fed.local_steps (or fed.local_epochs) per client"),
+    **dict.fromkeys(("train.schedule", "train.warmup_steps", "train.step_size", "train.gamma", "train.scale_lr"),
+                    ("train", "federate's clients step at the constant train.lr")),
+    "train.eval_every": ("train", "federate evaluates every fed.eval_every rounds"),
+    "train.log_every": ("train", "federate records every round"),
+    "train.clip_norm": ("train", "federate's clients do not clip their gradients (fed.dp.clip bounds each client's "
+                                 "update)"),
+}
+
+
+def _dp_off(c):
+    d = c.fed.dp
+    return not (d.noise_multiplier > 0 or d.clip_only) and ("client-level differential privacy is off (set "
+                                                            "fed.dp.noise_multiplier > 0, or fed.dp.clip_only = "
+                                                            "true to clip without noise)")
+
+
+def _fedsgd(c):
+    return c.fed.strategy == "fedsgd" and "fed.strategy = 'fedsgd' takes one full-batch gradient step per client"
+
+
+def _only(key, *names, what=None):
+    """ACTS entry: the key acts only while `key` is one of names (it is their setting)."""
+    def why(c):
+        value = _value(c, key)
+        return value not in names and f"{key} = {value!r} (it is {what or ', '.join(names)}'s)"
+    return why
+
+
+_strategies = functools.partial(_only, "fed.strategy")
+
+
+ACTS = {
+    "model.hidden": _only("model.kind", "mlp"),
+    "model.activation": _only("model.kind", "mlp"),
+    "train.epochs": lambda c: c.train.steps > 0 and f"train.steps = {c.train.steps} sets the length of the run",
+    "train.momentum": _only("train.optimizer", "momentum", "nesterov"),
+    **dict.fromkeys(("train.beta1", "train.beta2", "train.eps"), _only("train.optimizer", "adam", "adamw")),
+    "model.norm": _only("model.kind", "resnet8", "resnet20"),
+    **dict.fromkeys(("model.n_layer", "model.n_head", "model.n_embd", "model.dropout"), _only("model.kind", "gpt")),
+    **dict.fromkeys(("train.step_size", "train.gamma"), _only("train.schedule", "step", what="the step schedule")),
+    "fed.local_batch": _fedsgd,
+    "fed.local_steps": _fedsgd,
+    "fed.local_epochs": lambda c: _fedsgd(c) or c.fed.local_steps > 0 and (
+        f"fed.local_steps = {c.fed.local_steps} sets each client's local steps"),
+    "fed.min_clients": lambda c: not _dp_off(c) and c.fed.dp.sampling == "poisson" and (
+        "client-level DP with fed.dp.sampling = 'poisson' takes each client with probability fed.fraction (set "
+        "fed.dp.sampling = \"fixed\" for cohorts of a fixed size)"),
+    "fed.mu": _strategies("fedprox"),
+    "fed.server_momentum": _strategies("fedavgm"),
+    "fed.beta1": _strategies("fedadam", "fedyogi", "fedadagrad"),
+    "fed.tau": _strategies("fedadam", "fedyogi", "fedadagrad"),
+    "fed.beta2": _strategies("fedadam", "fedyogi"),
+    "fed.attack_fraction": lambda c: c.fed.attack == "none" and "fed.attack = 'none' (no simulated attackers)",
+    "fed.attack_scale": lambda c: c.fed.attack != "scale" and f"fed.attack = {c.fed.attack!r} (it is the scale "
+                                                              "attack's factor)",
+    "fed.secagg": lambda c: not c.fed.secure_aggregation and ("secure aggregation is off (set "
+                                                              "fed.secure_aggregation = true)"),
+    "fed.dp": _dp_off,
+    "fed.dp.noise_seed": lambda c: _dp_off(c) and c.fed.dpsgd.noise_multiplier == 0 and (
+        "neither kind of differential privacy is on (fed.dp.noise_multiplier, fed.dpsgd.noise_multiplier)"),
+    **dict.fromkeys(("fed.dp.target_quantile", "fed.dp.clip_lr", "fed.dp.count_stddev"), lambda c: _dp_off(c) or (
+        not c.fed.dp.adaptive and "fed.dp.adaptive = false (adaptive clipping is off)")),
+    "fed.dpsgd": lambda c: c.fed.dpsgd.noise_multiplier == 0 and ("record-level DP-SGD is off (set "
+                                                                  "fed.dpsgd.noise_multiplier > 0)"),
+    "fed.he": lambda c: c.fed.encryption == "none" and "fed.encryption = 'none' (set fed.encryption = \"ckks\")",
+    "fed.robust": lambda c: c.fed.aggregator == "mean" and (
+        "fed.aggregator = 'mean' (choose a robust rule: " + ", ".join(AGGREGATORS[1:]) + ")"),
+    "fed.robust.norm_bound": lambda c: c.fed.aggregator != "norm_bound" and (
+        f"fed.aggregator = {c.fed.aggregator!r} (it is norm_bound's bound)"),
+    "fed.robust.fraction": lambda c: c.fed.aggregator in ("mean", "median", "norm_bound") and (
+        c.fed.robust.mixing == "none") and (f"fed.aggregator = {c.fed.aggregator!r} without fed.robust.mixing "
+                                            "(β is trimmed_mean's, krum's, multikrum's and nnm mixing's)"),
+}
+
+
+def _entry(table, key):
+    """The most specific entry of table for key (its own, else its section's, …), or None."""
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in table:
+            return table[".".join(parts[:i])]
+    return None
+
+
+def _check_effect(cfg, given, command):
+    """Refuse, with one line, the first given key (in sorted order) that has no effect under `command`."""
+    default = Config()
+    for key in sorted(k for k in given if _value(cfg, k) != _value(default, k)):
+        read, acts = _entry(READ_BY, key), _entry(ACTS, key)
+        if command is not None and read is not None and read[0] != command:
+            why = read[1]
+        else:
+            why = acts(cfg) if acts else None
+        if why:
+            raise MpitrainError(f"{key} has no effect: {why}")
+
+
+def _value(cfg, key):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _check(ok, key, value, expected):
@@ -368,11 +464,16 @@ def _check(ok, key, value, expected):
 
 
 def _coerce(key, value, typ):
-    """Check a TOML value against a field type; ints are accepted for floats."""
+    """Check a TOML value against a field type; ints are accepted for floats.  A list of numbers also
+    takes one number (model.hidden=128 → [128]); a list of strings needs the list, since a bare string
+    is ambiguous (model.layers = "conv2d 8 3" is one layer, or the start of a stack written as one string)."""
     origin = typing.get_origin(typ)
     if origin is list:
         (item,) = typing.get_args(typ)
         if not isinstance(value, list):
+            if item is str:
+                raise MpitrainError(f"{key} = {value!r}: expected a list of strings, e.g. "
+                                    f"{key} = [{json.dumps(str(value))}]")
             value = [value]
         return [_coerce(key, v, item) for v in value]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
@@ -431,9 +532,11 @@ def _parse_value(text, typ):
     return text if typ is str and not isinstance(value, str) else value
 
 
-def load(path=None, overrides=()):
+def load(path=None, overrides=(), command=None):
     """The validated configuration: defaults, then the TOML file, then the overrides — "section.key=value"
-    strings as --set takes them, or a mapping {"section.key": value} of Python values (the API's)."""
+    strings as --set takes them, or a mapping {"section.key": value} of Python values (the API's).
+    command: "train" or "federate", the command it is for: a given key that command does not read is
+    refused (validate)."""
     cfg = Config()
     cfg.given = set()  # the keys the file and --set gave: validation refuses those that would do nothing
     if path:
@@ -459,7 +562,7 @@ def load(path=None, overrides=()):
         if not sep or not dot:
             raise MpitrainError(f"--set {item!r}: expected section.key=value")
         _set(cfg, section, key.strip(), None, f"--set {item}", text=text.strip())
-    return cfg.validate()
+    return cfg.validate(command)
 
 
 def to_toml(cfg):

@@ -93,16 +93,11 @@ def gpt_defaults(cfg):
 
 
 class Session:
-    def __init__(self, cfg, comm, quiet=False):
+    def __init__(self, cfg, comm):
         self.started = time.perf_counter()
         self.cfg, self.comm = cfg, comm
         self.threads = limit(threads_per_rank())
         m = cfg.model
-        if m.kind == "gpt":
-            chose = gpt_defaults(cfg)
-            if comm.rank == 0 and not quiet and chose:
-                print(f"model.kind = gpt: {', '.join(chose)} (nanoGPT's baby-GPT recipe; set any of them to "
-                      "change it)", flush=True)
         ensure_default_data(comm, cfg.data.path)
         self.data = data = comm.agree(DataFile, cfg.data.path)
         self.config_text = to_toml(cfg)

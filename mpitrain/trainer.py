@@ -18,7 +18,7 @@ from .evaluate import evaluate
 from .kernels import HOST
 from .memory import peak_rss
 from .optim import Optimizer, schedule
-from .session import Session
+from .session import Session, gpt_defaults
 from .sync import make as make_sync
 from .tensor import Grid
 
@@ -79,7 +79,12 @@ class Stepper:
 
 
 def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
-    t, run = cfg.train, Session(cfg, comm, quiet)
+    if cfg.model.kind == "gpt":
+        chose = gpt_defaults(cfg)
+        if comm.rank == 0 and not quiet and chose:
+            print(f"model.kind = gpt: {', '.join(chose)} (nanoGPT's baby-GPT recipe; set any of them to change it)",
+                  flush=True)
+    t, run = cfg.train, Session(cfg, comm)
     data, spec, model = run.data, run.spec, run.model
     grid = comm.agree(Grid, cfg, comm, model)  # data × tensor: the ranks of a tensor group read the same batches
     dp, local = grid.dp, grid.model  # the data group, and the model this rank's steps run (its slices)

@@ -179,7 +179,7 @@ def test_toml_file_overrides(tmp_path):
 path = "/data/x.h5"
 
 [model]
-kind = "softmax"
+kind = "mlp"
 hidden = [32, 16]
 activation = "tanh"
 
@@ -192,7 +192,7 @@ weight_decay = 0
 """)
     cfg = config.load(path)
     assert cfg.data == DataConfig(path="/data/x.h5")
-    assert cfg.model == ModelConfig(kind="softmax", hidden=[32, 16], activation="tanh")
+    assert cfg.model == ModelConfig(kind="mlp", hidden=[32, 16], activation="tanh")
     assert cfg.train.global_batch == 32
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)  # an int is accepted for a float
     assert cfg.train.weight_decay == 0.0 and isinstance(cfg.train.weight_decay, float)
@@ -204,15 +204,16 @@ weight_decay = 0
             assert getattr(cfg.train, f.name) == getattr(TrainConfig(), f.name), f.name
 
     # --set wins over the file
-    cfg2 = config.load(path, ["train.global_batch=16", "model.kind=mlp"])
-    assert cfg2.train.global_batch == 16 and cfg2.model.kind == "mlp" and cfg2.model.hidden == [32, 16]
+    cfg2 = config.load(path, ["train.global_batch=16", "model.hidden=[8]"])
+    assert cfg2.train.global_batch == 16 and cfg2.model.kind == "mlp" and cfg2.model.hidden == [8]
+    with pytest.raises(MpitrainError, match="model.activation has no effect: model.kind = 'softmax'"):
+        config.load(path, ["model.kind=softmax"])  # the file's mlp settings would be ignored
 
 
 def test_set_overrides_parse_values():
     cfg = config.load(overrides=[
         "train.global_batch=128",
         "train.lr=0.25",
-        "train.eps=1e-6",
         "train.momentum = 0.5",
         "train.scale_lr=true",
         "model.hidden=[64, 32]",
@@ -224,7 +225,7 @@ def test_set_overrides_parse_values():
     ])
     t = cfg.train
     assert t.global_batch == 128 and type(t.global_batch) is int
-    assert t.lr == 0.25 and t.eps == 1e-6 and t.momentum == 0.5
+    assert t.lr == 0.25 and t.momentum == 0.5
     assert t.scale_lr is True
     assert cfg.model.hidden == [64, 32]
     assert t.optimizer == "nesterov" and cfg.model.activation == "tanh"
@@ -320,18 +321,20 @@ def test_validate_ranges(override, key):
 def test_validate_epochs_or_steps():
     with pytest.raises(MpitrainError, match=r"train\.epochs"):
         config.load(overrides=["train.epochs=0"])
-    cfg = config.load(overrides=["train.epochs=0", "train.steps=5"])  # steps alone is enough
+    cfg = config.load(overrides=["train.steps=5"])  # steps alone is enough: it replaces epochs
     assert cfg.train.steps == 5
+    with pytest.raises(MpitrainError, match="train.epochs has no effect: train.steps = 5 sets the length"):
+        config.load(overrides=["train.epochs=0", "train.steps=5"])
     assert Config().validate() is not None
 
 
 @pytest.mark.parametrize("overrides", [
     [],
     ["train.lr=0.125", "train.eps=1e-08", "train.weight_decay=3e-05", "train.scale_lr=true",
-     "model.hidden=[7, 5, 3]", "model.kind=softmax", "train.optimizer=adam", "train.seed=12345",
+     "model.hidden=[7, 5, 3]", "model.activation=tanh", "train.optimizer=adam", "train.seed=12345",
      "train.global_batch=1000", "train.lr=1"],
     ['data.path="C:\\\\runs\\\\a \\"quoted\\" dir\\\\d.h5"'],
-    ["data.path=/tmp/ünïcødé/d.h5", "model.hidden=[]", "train.gamma=0.3333333333333333"],
+    ["data.path=/tmp/ünïcødé/d.h5", "model.hidden=[]", "train.schedule=step", "train.gamma=0.3333333333333333"],
 ])
 def test_to_toml_round_trip(tmp_path, overrides):
     cfg = config.load(overrides=overrides)
@@ -491,3 +494,69 @@ def test_to_toml_escapes_control_characters(tmp_path):
 def test_set_string_key_takes_the_text_as_is():
     for text in ("123", "inf", "true", "2024-01-01"):
         assert config.load(None, [f"data.path={text}"]).data.path == text
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. settings that would have no effect where they are given (config.READ_BY, config.ACTS)
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command,sets,needle", [
+    ("federate", ["comm.mode=fp16"], "comm.mode has no effect: federate exchanges each round's update as [fed]"),
+    ("federate", ["train.steps=10"], "train.steps has no effect: federate runs fed.rounds rounds"),
+    ("federate", ["train.epochs=3"], "train.epochs has no effect: federate runs fed.rounds rounds"),
+    ("federate", ["train.schedule=step"], "train.schedule has no effect: federate's clients step at the constant"),
+    ("federate", ["train.global_batch=32"], "train.global_batch has no effect: federate's clients take batches"),
+    ("federate", ["fed.strategy=fedsgd", "fed.local_steps=5"], "fed.local_steps has no effect: fed.strategy = "
+                                                               "'fedsgd' takes one full-batch"),
+    ("federate", ["fed.local_steps=5", "fed.local_epochs=2"], "fed.local_epochs has no effect: fed.local_steps = 5"),
+    ("federate", ["fed.mu=0.1"], "fed.mu has no effect: fed.strategy = 'fedavg' (it is fedprox's)"),
+    ("federate", ["train.optimizer=adam", "train.momentum=0.5"], "train.momentum has no effect: train.optimizer = "
+                                                                 "'adam' (it is momentum, nesterov's)"),
+    ("train", ["train.gamma=0.5"], "train.gamma has no effect: train.schedule = 'cosine' (it is the step schedule's)"),
+    ("train", ["model.kind=lenet5", "model.hidden=[64]"], "model.hidden has no effect: model.kind = 'lenet5' (it is "
+                                                          "mlp's)"),
+    ("federate", ["fed.dp.noise_multiplier=1", "fed.min_clients=5"], "fed.min_clients has no effect: client-level "
+                                                                      "DP with fed.dp.sampling = 'poisson'"),
+    ("federate", ["fed.secagg.clip_range=2"], "fed.secagg.clip_range has no effect: secure aggregation is off"),
+    ("federate", ["fed.robust.mixing=nnm"], "fed.robust.mixing has no effect: fed.aggregator = 'mean'"),
+    ("train", ["fed.rounds=5"], "fed.rounds has no effect: train does not read [fed]"),
+    ("train", ["fed.dp.clip=0.5"], "fed.dp.clip has no effect: train does not read [fed]"),
+    ("train", ["train.epochs=3", "train.steps=10"], "train.epochs has no effect: train.steps = 10 sets the length"),
+])
+def test_a_setting_without_effect_is_refused(command, sets, needle):
+    with pytest.raises(MpitrainError) as e:
+        config.load(overrides=sets, command=command)
+    assert str(e.value).startswith(needle) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("command,sets", [
+    ("federate", ["train.lr=0.1", "train.optimizer=adam", "train.seed=3", "train.weight_decay=0",
+                  "fed.strategy=fedprox", "fed.mu=0.1", "fed.local_steps=5", "checkpoint.every=2"]),
+    ("federate", ["fed.dp.noise_multiplier=1", "fed.dp.sampling=fixed", "fed.min_clients=5"]),
+    ("federate", ["train.steps=0", "comm.mode=plain", "train.global_batch=64"]),  # given at their defaults
+    ("train", ["comm.mode=fp16", "train.steps=10", "train.schedule=step", "parallel.tensor=1", "fed.rounds=50"]),
+])
+def test_settings_with_an_effect_load(command, sets):
+    config.load(overrides=sets, command=command)
+
+
+def test_a_saved_config_loads_again_for_its_command(tmp_path):
+    """config.toml lists every key, each command's own non-defaults included: it loads for that command."""
+    for command, sets in (("train", ["train.steps=10", "comm.mode=overlap"]),
+                          ("federate", ["fed.rounds=3", "fed.dp.noise_multiplier=1", "fed.dp.clip=0.5"])):
+        path = write(tmp_path, config.to_toml(config.load(overrides=sets, command=command)))
+        config.load(path, command=command)
+    with pytest.raises(MpitrainError, match="fed.dp.clip has no effect: train does not read"):
+        config.load(path, command="train")  # federate's settings, given to train
+
+
+def test_a_list_of_strings_is_not_taken_from_one_string(tmp_path):
+    """model.layers is a list of layer strings: one string is refused with one line (it was wrapped into a
+    one-layer list); a list of numbers still takes one number."""
+    for where in ([], [write(tmp_path, '[model]\nkind = "layers"\nlayers = "conv2d 8 3"\n')]):
+        with pytest.raises(MpitrainError) as e:
+            config.load(*where, overrides=[] if where else ["model.layers=conv2d 8 3"])
+        assert "model.layers = 'conv2d 8 3': expected a list of strings, e.g. model.layers = [\"conv2d 8 3\"]" \
+            in str(e.value), str(e.value)
+    assert config.load(overrides=['model.layers=["conv2d 8 3", "relu"]']).model.layers == ["conv2d 8 3", "relu"]
+    assert config.load(overrides=["model.hidden=128"]).model.hidden == [128]

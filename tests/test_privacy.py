@@ -257,6 +257,7 @@ def test_secure_sum_decodes_exactly_with_dropouts_and_rank0_sees_uniform_bytes(t
             assert len(alive) == n - n // 5 and int(res["neighbors"]) == 16  # each masks with 16 of 39 others
         # the masked aggregate decodes to the plain aggregate within the quantization error n/2^f
         assert np.abs(res["total"] - res["exact"]).max() <= len(alive) / res["scale"]
+        assert res["clipped"] == res["exact_clipped"] > 0  # the survivors' clipped coordinates, counted exactly
         assert res["weight"] == res["exact_weight"] and res["clients"] == len(alive)
         # rank 0 holds one kind of share per client: b-shares of survivors, key shares of the dropped
         kinds = dict(zip(res["store_owner"].tolist(), res["store_kind"].tolist()))
@@ -307,8 +308,8 @@ def test_round_completes_with_a_third_of_the_cohort_dropping(digits, tmp_path):
 
 def test_secure_aggregation_messages(digits, tmp_path):
     """What crosses ranks with secure aggregation: the model, uint32 masked sums of the model's size
-    (+ 5 stats), uint8 buffers of public keys (64 bytes each), encrypted share records (156 bytes) and
-    revealed shares (75 bytes), and a few integers; never samples or labels."""
+    (+ 5 stats and the clipped count), uint8 buffers of public keys (64 bytes each), encrypted share records
+    (156 bytes) and revealed shares (75 bytes), and a few integers; never samples or labels."""
     trace = str(tmp_path / "trace")
     s = federate(4, digits[16], str(tmp_path / "o"), *FEDAVG, "fed.fraction=0.5", "fed.rounds=2",
                  "fed.secure_aggregation=true", "fed.dropout_rate=0.25", env={"MPITRAIN_COMM_TRACE": trace})
@@ -319,7 +320,7 @@ def test_secure_aggregation_messages(digits, tmp_path):
             op, dtype, shape, nbytes = line.split()
             count = int(np.prod([int(x) for x in shape.split("x")]))
             seen.add((op, dtype))
-            ok = ((dtype == "float32" and count in (n, n + 3)) or (dtype == "uint32" and count in (0, n + 5))
+            ok = ((dtype == "float32" and count in (n, n + 3)) or (dtype == "uint32" and count in (0, n + 6))
                   or (dtype == "uint8" and (count % 64 == 0 or count % 156 == 0 or count % 75 == 0))
                   or (dtype in ("int64", "float64") and count <= 20))
             assert ok, line
@@ -610,9 +611,9 @@ def test_nested_sections_in_toml_and_set(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[fed]\nsecure_aggregation = true\n\n[fed.dp]\nnoise_multiplier = 1.5\nclip = 2\n\n"
                     "[fed.secagg]\nneighbors = 6\n", encoding="utf-8")
-    cfg = config.load(str(path), ["fed.dp.clip=0.25", "fed.robust.fraction=0.1"])
+    cfg = config.load(str(path), ["fed.dp.clip=0.25", "fed.secagg.threshold=4"])
     assert cfg.fed.secure_aggregation and cfg.fed.dp.noise_multiplier == 1.5 and cfg.fed.dp.clip == 0.25
-    assert cfg.fed.secagg.neighbors == 6 and cfg.fed.robust.fraction == 0.1
+    assert cfg.fed.secagg.neighbors == 6 and cfg.fed.secagg.threshold == 4
     back = tmp_path / "back.toml"
     back.write_text(config.to_toml(cfg), encoding="utf-8")
     assert config.load(str(back)) == cfg and "[fed.dp]" in config.to_toml(cfg)
@@ -629,8 +630,9 @@ def test_nested_sections_in_toml_and_set(tmp_path):
 
 
 def test_privacy_settings_that_would_do_nothing_are_refused():
-    """fed.dp.* while client-level DP is off, fed.dpsgd.* while DP-SGD is off, an odd mask-graph degree
-    (it was silently rounded up): one line each; the same keys with their layer on load fine."""
+    """fed.dp.* while client-level DP is off, fed.dpsgd.* while DP-SGD is off, fed.secagg.* while secure
+    aggregation is off, fed.robust.* under the mean, an odd mask-graph degree (it was silently rounded up):
+    one line each; the same keys with their layer on load fine."""
     from mpitrain import config
     from mpitrain.errors import MpitrainError
 
@@ -640,13 +642,18 @@ def test_privacy_settings_that_would_do_nothing_are_refused():
                          (["fed.dp.noise_seed=3"], "fed.dp.noise_seed has no effect"),
                          (["fed.dp.clip_only=true", "fed.dp.noise_multiplier=1"], "fed.dp.clip_only = true clips "
                                                                                   "without noise"),
-                         (["fed.secagg.neighbors=5"], "fed.secagg.neighbors = 5: expected an even number")):
+                         (["fed.secagg.neighbors=5"], "fed.secagg.neighbors = 5: expected an even number"),
+                         (["fed.secagg.neighbors=6"], "fed.secagg.neighbors has no effect: secure aggregation is off"),
+                         (["fed.robust.fraction=0.1"], "fed.robust.fraction has no effect: fed.aggregator = 'mean'"),
+                         (["fed.dp.noise_multiplier=1", "fed.dp.count_stddev=2"],
+                          "fed.dp.count_stddev has no effect: fed.dp.adaptive = false")):
         with pytest.raises(MpitrainError) as e:
             config.load(overrides=sets)
         assert needle in str(e.value), (sets, str(e.value))
     for sets in (["fed.dp.clip=0.5", "fed.dp.noise_multiplier=1"], ["fed.dp.clip=0.5", "fed.dp.clip_only=true"],
                  ["fed.dpsgd.clip=2", "fed.dpsgd.noise_multiplier=1", "fed.dp.noise_seed=3"],
-                 ["fed.secagg.neighbors=6"]):
+                 ["fed.secagg.neighbors=6", "fed.secure_aggregation=true"],
+                 ["fed.robust.fraction=0.1", "fed.aggregator=trimmed_mean"]):
         config.load(overrides=sets)
 
 
@@ -675,7 +682,26 @@ def test_secure_aggregation_clips_each_coordinate_of_the_update_before_weighting
     agg = SecureAggregator(Comm(), SimpleNamespace(clients=4), 3, "fedavg", SecAggConfig(), 0,
                            lambda n: np.full(3 + 5, 100.0), clip=2.0)
     v = agg.contribution(0, np.float32([5.0, -1.0, -3.0]), 10.0, 4, 0.5, 10.0)
-    assert np.array_equal(v[:3], [20.0, -10.0, -20.0]) and np.array_equal(v[3:], [10.0, 40.0, 0.5, 10.0, 1.0])
+    assert np.array_equal(v[:3], [20.0, -10.0, -20.0]) and np.array_equal(v[3:8], [10.0, 40.0, 0.5, 10.0, 1.0])
+    assert v[8] == 2  # the count of clipped coordinates: the last slot of the masked vector
+
+
+def test_secure_aggregation_reports_clipped_coordinates(digits, tmp_path):
+    """A clip range below the updates' coordinates: metrics.jsonl counts the clipped ones per round,
+    summary.json in all, and the run warns once; at the default range nothing is clipped on digits."""
+    sets = ["model.kind=softmax", "fed.rounds=2", "fed.local_epochs=1", "fed.fraction=0.25",
+            "fed.secure_aggregation=true"]
+    out = str(tmp_path / "small")
+    r = mpirun(3, "federate", "--data", digits[16], "--out", out, *[a for s in sets + ["fed.secagg.clip_range=1e-4"]
+                                                                   for a in ("--set", s)])
+    assert r.returncode == 0, r.stderr
+    warned = [line for line in r.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "clipped" in warned[0] and "fed.secagg.clip_range = ±0.0001" in warned[0], r.stdout
+    per_round = [m["clipped"] for m in metrics(out) if "round" in m]
+    assert len(per_round) == 2 and all(0 < c <= 4 * 650 for c in per_round)  # ≤ 4 clients × 650 parameters
+    assert summary(out)["clipped_coordinates"] == sum(per_round)
+    s = federate(3, digits[16], str(tmp_path / "default"), *sets)
+    assert s["clipped_coordinates"] == 0
 
 
 BAD = {
@@ -701,6 +727,18 @@ def test_bad_privacy_input_is_one_clear_line(digits, tmp_path, case):
     assert r.returncode == 2, r.stderr
     (line,) = r.error_lines()
     assert line.startswith("mpitrain: error: ") and expected in line, line
+
+
+def test_ckks_refuses_an_update_beyond_its_range(digits, tmp_path):
+    """CKKS's sibling of the clip: a mean beyond ±2^(first prime − scale − 1) would decrypt wrapped around
+    (a wrong model, silently); clients count such coordinates before encrypting and the round stops."""
+    pytest.importorskip("tenseal")
+    r = federate(3, digits[16], str(tmp_path / "o"), "model.kind=softmax", "fed.fraction=0.25", "train.lr=1e4",
+                 "fed.encryption=ckks", "fed.he.coeff_mod_bit_sizes=[30, 20, 30]", "fed.he.scale_bits=20",
+                 ok=False, timeout=120)
+    assert r.returncode == 2, r.stderr
+    (line,) = r.error_lines()
+    assert "fed.encryption: round 1: " in line and "beyond CKKS's range ±2^9" in line, line
 
 
 def test_bench_federated_secure_aggregation(tmp_path):
@@ -739,10 +777,10 @@ def _probe_secagg(out, clients, n_params, rounds, dropout, neighbors, fraction):
         return np.array([w_max * R] * n_params + [w_max, w_max * steps, 64 * 100, 100, 1])
 
     agg = SecureAggregator(comm, SimpleNamespace(clients=clients), n_params, "fedavg",
-                           SecAggConfig(neighbors=neighbors), 11, bounds)
+                           SecAggConfig(neighbors=neighbors), 11, bounds, clip=0.999 * R)
     lo, hi = block(clients, comm.size - 1, comm.rank - 1) if comm.rank else (0, 0)
 
-    def client(k, rnd):
+    def client(k, rnd):  # about 0.1 % of the coordinates beyond the clip 0.999·R
         rng = np.random.default_rng([k, rnd])
         return rng.uniform(-R, R, n_params).astype(np.float32), float(1 + k % 8)
 
@@ -755,10 +793,13 @@ def _probe_secagg(out, clients, n_params, rounds, dropout, neighbors, fraction):
             agg.add(int(k), delta, w, steps, 0.5, 10.0)
         res = agg.finish(0.0, 0)
         if comm.rank == 0:
-            exact = sum(client(int(k), rnd)[1] * client(int(k), rnd)[0].astype(np.float64) for k in active)
+            deltas = [client(int(k), rnd)[0].astype(np.float64) for k in active]
+            exact = sum(client(int(k), rnd)[1] * np.clip(d, -agg.clip, agg.clip) for k, d in zip(active, deltas))
+            exact_clipped = sum(int(np.sum(np.abs(d) > agg.clip)) for d in deltas)
             weight = sum(client(int(k), rnd)[1] for k in active)
             kinds = agg.store.kind if agg.store is not None else {}
             np.savez(f"{out}-{rnd}.npz", total=res.total, exact=exact, weight=res.weight, exact_weight=weight,
+                     clipped=res.metrics.get("clipped", -1), exact_clipped=exact_clipped,
                      clients=res.clients, skipped=res.skipped, cohort=len(cohort),
                      alive=np.array([agg.index[int(k)] for k in active]), scale=agg.scales[0],
                      neighbors=agg.k, store_owner=np.array(sorted(kinds), np.int64),

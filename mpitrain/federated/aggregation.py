@@ -5,8 +5,9 @@ An aggregator has three calls per round, made by every rank in the same order: `
 active)`` (False = the round is skipped), ``add(k, delta, w, steps, loss, seen, below)`` for each hosted
 active client with a finite update, ``finish(stop, diverged)`` → a Result on rank 0 (None elsewhere);
 stop and diverged (this rank's count of clients whose loss or update is not finite, which were not added)
-are summed over ranks on every path alike.  ``buffers()`` lists what it holds of individual contributions
-(this rank's, or those rank 0 gathered): fed.erase zeroes them once the round is aggregated (erase.py).
+are summed over ranks on every path alike.  What an aggregator holds of individual contributions (this
+rank's, or those rank 0 gathered) goes through the round's erase registry `traces` (erase.py: its fixed
+buffers held, per-round arrays added as they are made): fed.erase zeroes them once the round is aggregated.
 The secure (secagg.py) and the robust (robust.py) aggregators have the same calls, so the round loop in
 run.py is one loop.
 """
@@ -51,11 +52,13 @@ def contribution_scale(strategy, w, steps):
 class MeanAggregator:
     """The plain weighted sum: one float32 Reduce(SUM) per round, whatever the number of hosted clients."""
 
-    def __init__(self, comm, n, strategy, adaptive=False):
+    def __init__(self, comm, n, strategy, adaptive=False, traces=None):
         self.comm, self.n, self.strategy, self.adaptive = comm, n, strategy, adaptive
         self.buf = np.zeros(n + N_STATS + 2 + int(adaptive), np.float32)
         self.scaled = np.zeros(n, np.float32)  # ω_k·Δ_k, here rather than in a fresh temporary per client
         self.bytes = (comm.size - 1) * self.buf.nbytes
+        if traces is not None:
+            traces.hold(self.buf, self.scaled)
 
     def begin(self, rnd, cohort, active):
         self.buf[:] = 0.0
@@ -78,6 +81,3 @@ class MeanAggregator:
         s = buf[n:]  # float32 scalars: the same arithmetic as before these layers existed
         return Result(buf[:n], *s[:N_STATS], stop=s[N_STATS], diverged=s[N_STATS + 1],
                       below=s[N_STATS + 2] if len(s) > N_STATS + 2 else 0.0)
-
-    def buffers(self):
-        return [self.buf, self.scaled]

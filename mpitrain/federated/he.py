@@ -215,7 +215,7 @@ class HEAggregator:
 
     dp: the ClientDP (distributed noise shares are added on the clients) or None."""
 
-    def __init__(self, comm, part, n_params, f, t, dp=None, adaptive=False):
+    def __init__(self, comm, part, n_params, f, t, dp=None, adaptive=False, traces=None):
         tenseal()  # one clear line on every rank when the extra is not installed
         self.comm, self.part, self.n, self.strategy, self.he = comm, part, n_params, f.strategy, f.he
         self.f, self.dp, self.adaptive = f, dp, adaptive
@@ -223,10 +223,13 @@ class HEAggregator:
         self.slots = f.he.poly_modulus_degree // 2
         self.sizes = chunk_sizes(self.length, self.slots)
         self.levels = len(f.he.coeff_mod_bit_sizes) - 1  # data primes of a fresh ciphertext
+        self.limit = 2.0 ** (f.he.coeff_mod_bit_sizes[0] - f.he.scale_bits - 1)  # |a decrypted slot| (Range)
         self.samples_bound = np.array([np.prod(local_schedule(f, int(m))) for m in part.n_train], np.float64)
         self.ctx = None
-        self.vec = np.zeros(self.length, np.float64)  # this rank's plaintext sum of a round (buffers)
+        self.vec = np.zeros(self.length, np.float64)  # this rank's plaintext sum of a round
         self.scaled = np.zeros(n_params, np.float64)  # ω_k·Δ_k, here rather than in fresh temporaries
+        if traces is not None:
+            traces.hold(self.vec, self.scaled)
         self.setup_bytes = self.context_bytes = 0  # rank 0: the context copy it received (counted in round 1)
         self.corrupt = corruption(comm.rank) if comm.rank else {}
         if dp is not None and dp.sampling == "fixed":
@@ -265,11 +268,14 @@ class HEAggregator:
         self.bytes = self.setup_bytes
         self.setup_bytes = 0
         self.vec[:] = 0.0
-        self.stats = np.zeros(3, np.float64)  # Σω, Σω·a, Σclients
+        self.stats = np.zeros(4, np.float64)  # Σω, Σω·a, Σclients, coordinates beyond the range
         return True
 
     def add(self, k, delta, w, steps, loss, seen, below=None):
         n, v = self.n, self.vec
+        # the mean is a convex combination of the Δ_k (FedNova: of Δ_k / a_k): it stays in range if each does
+        lim = self.limit * (steps if self.strategy == "fednova" else 1.0)
+        beyond = np.count_nonzero(delta > lim) + np.count_nonzero(delta < -lim)
         v[:n] += np.multiply(delta, contribution_scale(self.strategy, w, steps), out=self.scaled, dtype=np.float64)
         loss = min(float(loss), 64.0 * seen) if np.isfinite(loss) else 64.0 * seen
         v[n:n + 2] += (loss, seen)
@@ -280,10 +286,7 @@ class HEAggregator:
             v[:n] += z[:n]
             if self.adaptive:
                 v[n + 2] += z[n]
-        self.stats += (w, w * steps, 1.0)
-
-    def buffers(self):
-        return [self.vec, self.scaled]
+        self.stats += (w, w * steps, 1.0, beyond)
 
     def factors(self, weight):
         """Per chunk, the plaintext rank 0 multiplies by: 1/D on the model slots, 1/T on loss and samples,
@@ -304,7 +307,7 @@ class HEAggregator:
         comm, n = self.comm, self.n
         included = self.stats[2] > 0
         data = np.zeros(0, np.uint8)
-        if comm.rank and included:
+        if comm.rank and included and not self.stats[3]:  # out of range: nothing to encrypt (rank 0 refuses)
             values = self.vec
             mode = self.corrupt.get(self.rnd)
             if mode == "size":
@@ -320,11 +323,20 @@ class HEAggregator:
         code, message = 0, ""
         if comm.rank == 0:
             self.bytes += meta.nbytes + up.nbytes
-            meta = meta.reshape(comm.size, 5)
+            meta = meta.reshape(comm.size, 6)
             stop, diverged = float(meta[:, 0].sum()), float(meta[:, 1].sum())
-            weight, weight_steps, clients = meta[:, 2:].sum(axis=0)
+            weight, weight_steps, clients, beyond = meta[:, 2:].sum(axis=0)
             uploads, pos = [], 0
             try:
+                if beyond:  # CKKS would wrap them around: a wrong mean, silently
+                    r = int(np.flatnonzero(meta[:, 5])[0])
+                    first, scale = self.he.coeff_mod_bit_sizes[0], self.he.scale_bits
+                    raise MpitrainError(f"fed.encryption: round {self.rnd + 1}: {int(beyond)} update coordinate(s) "
+                                        f"(client rank {r} first) beyond CKKS's range ±2^{first - scale - 1} (fed.he:"
+                                        f" first prime {first} bits − scale_bits {scale} − 1), "
+                                        "which would decrypt wrapped around; the model is diverging (lower train.lr) "
+                                        "or widen the range (a larger first prime in fed.he.coeff_mod_bit_sizes, or a "
+                                        "smaller fed.he.scale_bits)")
                 for r in range(1, comm.size):
                     part = up[pos:pos + counts[r]]
                     pos += counts[r]

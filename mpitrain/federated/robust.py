@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import MpitrainError
 from .aggregation import N_STATS, Result
+from .erase import Traces
 
 ROBUST = ("median", "trimmed_mean", "krum", "multikrum", "norm_bound")
 
@@ -109,11 +110,12 @@ def aggregate(rule, x, weights=None, fraction=0.25, norm_bound=0.0, mixing="none
 class GatherAggregator:
     """Individual updates at rank 0 (one float32 Gatherv per round), then a robust rule."""
 
-    def __init__(self, comm, n, strategy, rule, fraction, norm_bound, mixing):
+    def __init__(self, comm, n, strategy, rule, fraction, norm_bound, mixing, traces=None):
         self.comm, self.n, self.strategy = comm, n, strategy
         self.rule, self.fraction, self.norm_bound, self.mixing = rule, fraction, norm_bound, mixing
         self.row = n + N_STATS - 1  # Δ_k | ω, ω·a, loss, samples
-        self.rows = []  # this rank's rows, then what was sent and gathered: individual updates (buffers)
+        self.rows = []  # this rank's rows of the round
+        self.traces = Traces(False) if traces is None else traces  # every individual update goes through it
 
     def begin(self, rnd, cohort, active):
         self.rows = []
@@ -121,29 +123,26 @@ class GatherAggregator:
         return True
 
     def add(self, k, delta, w, steps, loss, seen, below=None):
-        row = np.concatenate([delta, np.array([w, w * steps, loss, seen], np.float32)])
+        row = self.traces.add(np.concatenate([delta, np.array([w, w * steps, loss, seen], np.float32)]))
         if self.strategy == "fednova":
             row[:self.n] /= np.float32(steps)
         self.rows.append(row)
 
     def finish(self, stop, diverged):
-        buf = np.concatenate([np.array([stop, diverged], np.float32), *self.rows])
+        add = self.traces.add
+        buf = add(np.concatenate([np.array([stop, diverged], np.float32), *self.rows]))
         got, counts = self.comm.gatherv(buf)
-        self.rows.append(buf)
         if self.comm.rank != 0:
             return None
+        add(got)
         self.bytes = got.nbytes + (self.comm.size - 1) * 8
         starts = np.concatenate([[0], np.cumsum(counts)])
         stop, diverged = float(got[starts[:-1]].sum()), float(got[starts[:-1] + 1].sum())
         rows = [got[a + 2:b].reshape(-1, self.row) for a, b in zip(starts[:-1], starts[1:])]
-        x = np.concatenate(rows) if rows else np.zeros((0, self.row), np.float32)
+        x = add(np.concatenate(rows) if rows else np.zeros((0, self.row), np.float32))
         n = self.n
-        work = x[:, :n].astype(np.float64)  # the rules' one working copy, overwritten by them
-        self.rows += [got, x, work]
+        work = add(x[:, :n].astype(np.float64))  # the rules' one working copy, overwritten by them
         est = aggregate(self.rule, work, x[:, n], self.fraction, self.norm_bound, self.mixing)
         s = x[:, n:].sum(axis=0, dtype=np.float64)
         return Result(est, weight=s[0], weight_steps=s[1], loss=s[2], seen=s[3], clients=float(len(x)),
                       stop=stop, diverged=diverged, denominator=1.0)
-
-    def buffers(self):
-        return self.rows

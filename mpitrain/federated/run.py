@@ -98,17 +98,21 @@ def sample_clients(seed, rnd, clients, fraction, min_clients):
 
 
 class Client:
-    """Local training of one client at a time on this rank, reusing one model, optimizer and Stepper."""
+    """Local training of one client at a time on this rank, reusing one model, optimizer and Stepper.
+    Every buffer it fills from a client's data is registered with `traces` (the client's work's erase
+    registry, erase.py) as it is made; without one (benchmarks, tests) nothing is zeroed."""
 
-    def __init__(self, model, kernels, t, f, dpsgd=None):
+    def __init__(self, model, kernels, t, f, dpsgd=None, traces=None):
         self.t, self.f = t, f
         opt = Optimizer(kernels, t.optimizer, model.n_params, t.momentum, t.beta1, t.beta2, t.eps, t.weight_decay)
         self.stepper = Stepper(model, opt)
         self.params = np.empty(model.n_params, np.float32)
-        self.n_in, self.xb, self.yb = model.spec.n_in, None, None  # the batch buffers, reused (buffers_for)
+        self.n_in = model.spec.n_in
         self.dpsgd = dpsgd  # record-level DP-SGD: Poisson batches, clipped per-example gradients + noise
         if dpsgd is not None:
             self.stepper.loss_grad = dpsgd.loss_grad
+        self.traces = Traces(False) if traces is None else traces
+        self.traces.hold(self.buffers)
 
     def train(self, k, rnd, x, y, global_params):
         """Train client k from the global model on its rows x, y (arrays, or x a streamed ClientRows and y None);
@@ -141,17 +145,15 @@ class Client:
 
     def buffers_for(self, m):
         """The client's batch buffers for m rows, reused across steps and clients (no fresh copy of rows per
-        step, and one place for fed.erase to zero)."""
-        if self.xb is None or len(self.xb) < m:
-            self.xb, self.yb = np.empty((m, self.n_in), np.float32), np.empty(m, np.int64)
-        return self.xb[:m], self.yb[:m]
+        step); the registry allocates them, and zeroes one it outgrows (DP-SGD's batch sizes vary)."""
+        return (self.traces.buffer("batch x", m, (self.n_in,), np.float32),
+                self.traces.buffer("batch y", m, (), np.int64))
 
     def buffers(self):
-        """What a client's training leaves on this rank: its local model, last batch, the model's
-        activations, the gradient and the optimizer state (Traces zeroes them)."""
+        """The fixed buffers a client's training leaves on this rank: its local model, the model's
+        activations, the gradient and the optimizer state (the batch buffers are the registry's own)."""
         s = self.stepper
-        return [self.params, s.buf, s.grad, *s.opt.state.values(), *(b for b in (self.xb, self.yb) if b is not None),
-                *s.model.buffers()]
+        return [self.params, s.buf, s.grad, *s.opt.state.values(), *s.model.buffers()]
 
 
 def cohort_size(clients, fraction, min_clients):
@@ -173,11 +175,15 @@ class Layers:
     """The privacy and robustness layers around a round, checked once on every rank (no collectives
     here, so comm.agree can report a bad combination as one line): the cohort rule, differential privacy
     (client level and record level), the aggregator (mean Reduce, secure sum, CKKS sum, robust Gather) and the
-    simulated attackers."""
+    simulated attackers.  `traces`: the round's erase registry, which the aggregator registers what it
+    holds of individual contributions with."""
 
-    def __init__(self, cfg, comm, part, model, kernels):
+    def __init__(self, cfg, comm, part, model, kernels, traces):
         t, f = cfg.train, cfg.fed
         n = model.n_params
+        if f.min_clients > part.clients and "fed.min_clients" in getattr(cfg, "given", ()):
+            raise MpitrainError(f"fed.min_clients = {f.min_clients}: expected at most the {part.clients} clients "
+                                "of the partition (the default 2 alone is capped at the number of clients)")
         self.dp = self.dpsgd = None
         self.fixed = cohort_size(part.clients, f.fraction, f.min_clients)
         dp_on = f.dp.noise_multiplier > 0 or f.dp.clip_only
@@ -214,7 +220,7 @@ class Layers:
 
             self.agg = SecureAggregator(comm, part, n, f.strategy, f.secagg, t.seed, bounds,
                                         noise if dp else None, dp.n_min if dp else None, f.dropout_rate,
-                                        clip=None if dp else f.secagg.clip_range)
+                                        clip=None if dp else f.secagg.clip_range, traces=traces)
             if dp is None or dp.sampling == "fixed":
                 self.agg.check(self.fixed, f"fed.fraction = {f.fraction:g} of {part.clients} clients with "
                                            f"fed.min_clients = {f.min_clients}")
@@ -224,7 +230,7 @@ class Layers:
         elif he:  # CKKS: rank 0 adds ciphertexts and never holds the secret key (he.py)
             from .he import HEAggregator
 
-            self.agg = HEAggregator(comm, part, n, f, t, self.dp, adaptive)
+            self.agg = HEAggregator(comm, part, n, f, t, self.dp, adaptive, traces)
         elif f.aggregator != "mean":
             active = self.fixed - math.floor(f.dropout_rate * self.fixed + 1e-9)
             byz = math.floor(f.robust.fraction * active + 1e-9)
@@ -233,9 +239,9 @@ class Layers:
                                     f"this run has n = {active}, f = ⌊fed.robust.fraction·n⌋ = {byz}; sample "
                                     "more clients or lower fed.robust.fraction")
             self.agg = GatherAggregator(comm, n, f.strategy, f.aggregator, f.robust.fraction, f.robust.norm_bound,
-                                        f.robust.mixing)
+                                        f.robust.mixing, traces)
         else:
-            self.agg = MeanAggregator(comm, n, f.strategy, adaptive)
+            self.agg = MeanAggregator(comm, n, f.strategy, adaptive, traces)
         self.attackers = np.zeros(part.clients, bool)
         if f.attack != "none":
             self.attackers = attackers(t.seed, part.clients, f.attack_fraction)
@@ -262,11 +268,9 @@ def _federate(cfg, comm, out, quiet, resume, overwrite, local, shared):
     part = comm.agree(Partition, data, comm)
     _, blocks = comm.agree(client_blocks, cfg, data, part, comm)
     rows = comm.agree(HostedRows, data, part, comm.rank, local, blocks)
-    layers = comm.agree(Layers, cfg, comm, part, model, run.kernels)
+    layers = comm.agree(Layers, cfg, comm, part, model, run.kernels, shared)
     dp, agg = layers.dp, layers.agg
-    client = comm.agree(Client, model, run.kernels, t, f, layers.dpsgd)
-    local.hold(client.buffers)
-    shared.hold(agg.buffers)
+    client = comm.agree(Client, model, run.kernels, t, f, layers.dpsgd, local)
     n = spec.n_params
     state = init_state(f.strategy, n)
     server_lr = f.server_lr or DEFAULT_SERVER_LR.get(f.strategy, 1.0)
@@ -299,13 +303,14 @@ def _federate(cfg, comm, out, quiet, resume, overwrite, local, shared):
         first, arrays, attrs = resumed
         rounds_to_target = int(attrs.get("rounds_to_target", 0)) or None  # reached before the checkpoint
         skipped = int(attrs.get("skipped_rounds", 0))
+        clipped_total = int(attrs.get("clipped_coordinates", 0))
         params[:] = arrays["params"]
         for name, v in state.items():
             v[:] = arrays[f"server/{name}"]
         if dp is not None:
             dp.restore(arrays, comm.rank == 0)
     else:
-        first, rounds_to_target, skipped = 0, None, 0
+        first, rounds_to_target, skipped, clipped_total = 0, None, 0, 0
         if comm.rank == 0:
             params[:] = model.init_params(t.seed)
         comm.bcast(params)
@@ -314,12 +319,18 @@ def _federate(cfg, comm, out, quiet, resume, overwrite, local, shared):
     log.say(f"mpitrain {__version__} federate: {f.strategy}, {part.clients} clients on {comm.size - 1} client "
             f"rank(s) × {run.threads} thread(s), {spec.kind} {spec.describe()}, "
             f"rounds {first + 1}…{rounds} → {run.out}")
+    given = getattr(cfg, "given", ())
     if dp is not None:
-        log.say(f"differential privacy: clip {dp.clip:g}{' (adaptive)' if dp.adaptive else ''}, "
+        log.say(f"differential privacy: clip {dp.clip:g}{' (adaptive)' if dp.adaptive else ''}"
+                + default_note("fed.dp.clip", given) + ", "
                 + (f"noise multiplier {dp.z:g}" if dp.z > 0 else "no noise (clipping only: ε = ∞)")
                 + f", {dp.sampling} sampling, uniform client weights over the fixed "
                 f"denominator m = {dp.m:g}" + (" (fed.weighting = samples is not used under DP)"
                                                if f.weighting == "samples" else ""))
+    if layers.dpsgd is not None:
+        g = f.dpsgd
+        log.say(f"record-level DP-SGD: per-example clip {g.clip:g}" + default_note("fed.dpsgd.clip", given)
+                + f", noise multiplier {g.noise_multiplier:g}, Poisson batches of {f.local_batch} expected samples")
 
     def draw(rnd):
         if dp is not None:
@@ -388,6 +399,16 @@ def _federate(cfg, comm, out, quiet, resume, overwrite, local, shared):
             if len(dropped) or res.skipped:
                 record.update(dropped=len(dropped), survivors=float(res.clients), skipped=res.skipped)
             skipped += res.skipped
+            if f.secure_aggregation:
+                record["clipped"] = clipped = res.metrics.get("clipped", 0)
+                if clipped and not clipped_total:
+                    log.say(f"warning: round {rnd + 1}: secure aggregation clipped {clipped} update coordinate(s) "
+                            + (f"to ±fed.secagg.clip_range = ±{f.secagg.clip_range:g}, so the model differs from "
+                               "plain aggregation's; raise fed.secagg.clip_range (each doubling costs a bit of "
+                               "fixed-point precision)" if dp is None else
+                               "whose noise share fell beyond the fixed-point bound C + 8σ")
+                            + "; metrics.jsonl counts them per round (clipped), summary.json in all")
+                clipped_total += clipped
         if accountant is not None:
             epsilon = accountant.epsilon(rnd + 1)
             record["epsilon"] = epsilon
@@ -412,7 +433,7 @@ def _federate(cfg, comm, out, quiet, resume, overwrite, local, shared):
         if ckpt.due(rnd + 1, stop or timed) or rnd + 1 == rounds:
             ckpt.save(rnd + 1, {"params": params, **{f"server/{k}": v for k, v in state.items()},
                                 **(dp.state() if dp is not None else {})}, rounds_to_target=rounds_to_target or 0,
-                      skipped_rounds=skipped)
+                      skipped_rounds=skipped, clipped_coordinates=clipped_total)
         if stop and rnd + 1 < rounds:  # at the last round the run simply ends
             run.stop(f"round {rnd + 1}")
     if test_acc is None:  # resumed at the end: score the restored model
@@ -435,6 +456,8 @@ def _federate(cfg, comm, out, quiet, resume, overwrite, local, shared):
     }
     if f.secure_aggregation or f.dropout_rate:
         summary.update(dropout_rate=f.dropout_rate, skipped_rounds=skipped)
+    if f.secure_aggregation:
+        summary.update(clipped_coordinates=clipped_total)
     if f.attack != "none":
         summary.update(attack=f.attack, attackers=int(layers.attackers.sum()))
     if dp is not None:
@@ -461,6 +484,12 @@ def past_rounds(comm, f, dp, accountant, rounds, index):
     spent = float(comm.bcast(np.array([accountant.epsilon(index) if comm.rank == 0 else 0.0]))[0])
     return (f"fed.dp.target_epsilon = {f.dp.target_epsilon:g} allows {rounds} round(s), and the {index} done have "
             f"spent ε = {spent:.4f} at δ = {dp.delta:g}: set it to {math.ceil(spent * 1e4) / 1e4:g} or more")
+
+
+def default_note(key, given):
+    """Said at start-up when a DP clip norm was not given: its default 1 is a guess at the scale of the
+    norms, which it bounds, and the noise is scaled to it."""
+    return "" if key in given else f" (not given: the default of {key}; set it near the norms it clips)"
 
 
 def resume_meaning(f, part, layers):

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import MpitrainError
 from .aggregation import N_STATS, Result, contribution_scale
+from .erase import Traces
 
 P = 2 ** 521 - 1  # Mersenne prime M521: one field element holds a 32-byte secret
 ELEM = 66         # bytes of a field element
@@ -149,17 +150,25 @@ def scales_for(bounds, n):
     return np.exp2(np.floor(np.log2(room)))
 
 
-def encode(values, scales, bounds, rng, head=0):
+def clip_count(v, bound):
+    """Clip v to ±bound in place; the number of values that were beyond it."""
+    count = np.count_nonzero(v > bound) + np.count_nonzero(v < -bound)
+    np.clip(v, -bound, bound, out=v)
+    return count
+
+
+def encode(values, scales, bounds, rng, head=0, made=lambda a: a):
     """Clip to ±bound, scale, round stochastically (unbiased: floor(v·s + U[0,1))) and wrap into uint32.
-    The first `head` slots share bounds[0] and scales[0] (the model coordinates: scalar arithmetic)."""
-    v = np.array(values, np.float64)
+    The first `head` slots share bounds[0] and scales[0] (the model coordinates: scalar arithmetic).
+    made: called on each full-size intermediate (fed.erase registers them, erase.py)."""
+    v = made(np.array(values, np.float64))
     if head:
         np.clip(v[:head], -bounds[0], bounds[0], out=v[:head])
         v[:head] *= scales[0]
     v[head:] = np.clip(v[head:], -bounds[head:], bounds[head:]) * scales[head:]
     v += rng.random(v.shape)
     np.floor(v, out=v)
-    return v.astype(np.int64).astype(np.uint32)
+    return made(v.astype(np.int64)).astype(np.uint32)  # masked in place next: no trace left in it
 
 
 def decode(total, scales):
@@ -251,22 +260,25 @@ class ShareStore:
 # -- the protocol over MPI ----------------------------------------------------------------------------
 
 class SecureAggregator:
-    """The round's secure sum of [ω_k·Δ_k | ω_k, ω_k·a_k, loss_k, samples_k, 1 (| b_k − ½)] over the
-    surviving sampled clients.  `bounds(n)` gives per-slot bounds on |value| for a cohort of n (values are
-    clipped to them before encoding); `noise(k, rnd, n)` is client k's distributed DP noise share for the
-    slots after the stats (the coordinates, then the clipped-count slot), or None; `n_min(n)` the
-    survivors a round needs (DP: the noise shares are calibrated to them)."""
+    """The round's secure sum of [ω_k·Δ_k | ω_k, ω_k·a_k, loss_k, samples_k, 1 (| b_k − ½) | c_k] over the
+    surviving sampled clients, c_k the number of client k's coordinates clipped (it rides in the masked
+    sum, so only the round's total is revealed).  `bounds(n)` gives per-slot bounds on |value| for a cohort
+    of n (values are clipped to them before encoding) up to the count slot; `noise(k, rnd, n)` is client
+    k's distributed DP noise share for the coordinates and the adaptive-clipping count slot, or None;
+    `n_min(n)` the survivors a round needs (DP: the noise shares are calibrated to them)."""
 
     def __init__(self, comm, part, n_params, strategy, cfg, seed, bounds, noise=None, n_min=None, dropout=0.0,
-                 clip=None):
+                 clip=None, traces=None):
         """clip: R, each coordinate of Δ_k is clipped to ±R before weighting (fed.secagg.clip_range; None
-        under DP, whose norm clip bounds the coordinates)."""
+        under DP, whose norm clip bounds the coordinates).  traces: the round's erase registry."""
         self.comm, self.part, self.n, self.strategy, self.seed = comm, part, n_params, strategy, seed
         self.clip = clip
         self.neighbors, self.t_cfg, self.dropout = cfg.neighbors, cfg.threshold, dropout
-        self.bounds_for = bounds
-        self.length = len(bounds(3))
+        self.bounds_for = lambda n: np.append(bounds(n), n_params)  # a client clips at most n_params values
+        self.length = len(self.bounds_for(3))
+        self.adaptive = self.length > n_params + N_STATS + 1
         self.noise, self.n_min = noise, n_min
+        self.traces = Traces(False) if traces is None else traces
         self.host = np.zeros(part.clients, np.int64)
         from ..data.shard import block
 
@@ -274,7 +286,6 @@ class SecureAggregator:
             lo, hi = block(part.clients, comm.size - 1, r - 1)
             self.host[lo:hi] = r
         self.dump = os.environ.get("MPITRAIN_SECAGG_DUMP") if comm.rank == 0 else None
-        self.plain = []  # this round's contributions before masking (buffers)
 
     def plan(self, n):
         """(k, t, n_min) for a cohort of n, or None when secure aggregation cannot run on it."""
@@ -311,7 +322,6 @@ class SecureAggregator:
         plan = self.plan(n)
         self.skip = plan is None
         self.sum, self.included = np.zeros(self.length, np.uint32), []
-        self.plain = []
         if self.skip:
             return False
         self.k, self.t, self.min_survivors = plan
@@ -388,34 +398,33 @@ class SecureAggregator:
             raise MpitrainError(f"secure aggregation: share from client {owner} failed authentication") from None
 
     def contribution(self, k, delta, w, steps, loss, seen, below=None):
-        """Client k's vector before masking: [ω·Δ | ω, ω·a, loss, samples, 1 (| b − ½)] (+ DP noise share)."""
-        n, v = self.n, np.empty(self.length, np.float64)
+        """Client k's vector before masking: [ω·Δ | ω, ω·a, loss, samples, 1 (| b − ½) | c] (+ DP noise
+        share), c the coordinates clipped: to ±R (fed.secagg.clip_range), and (with DP) a noised coordinate
+        beyond its fixed-point bound, as encoding would clip it."""
+        n, v = self.n, self.traces.add(np.empty(self.length, np.float64))
         v[:n] = delta
-        if self.clip is not None:
-            np.clip(v[:n], -self.clip, self.clip, out=v[:n])
+        clipped = clip_count(v[:n], self.clip) if self.clip is not None else 0
         v[:n] *= contribution_scale(self.strategy, w, steps)
         loss = min(float(loss), 64.0 * seen) if np.isfinite(loss) else 64.0 * seen
         v[n:n + N_STATS] = (w, w * steps, loss, seen, 1.0)
-        if self.length > n + N_STATS:  # adaptive clipping's count slot
+        if self.adaptive:  # adaptive clipping's count slot
             v[n + N_STATS] = float(below) - 0.5
         if self.noise is not None:
             z = self.noise(k, self.rnd, len(self.cohort))
             v[:n] += z[:n]
-            v[n + N_STATS:] += z[n:]
+            v[n + N_STATS:-1] += z[n:]
+            clipped += clip_count(v[:n], self.bounds[0])
+        v[-1] = clipped
         return v
 
     def add(self, k, delta, w, steps, loss, seen, below=None):
-        self.plain.append(self.contribution(k, delta, w, steps, loss, seen, below))
-        self.add_vector(k, self.plain[-1])
-
-    def buffers(self):
-        return self.plain
+        self.add_vector(k, self.contribution(k, delta, w, steps, loss, seen, below))
 
     def add_vector(self, k, values):
         """Encode, mask and add client k's vector to this rank's sum (mod 2^32)."""
         i = self.index[int(k)]
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.rnd, int(k), 0x5A]))
-        y = encode(values, self.scales, self.bounds, rng, head=self.n)
+        y = encode(values, self.scales, self.bounds, rng, head=self.n, made=self.traces.add)
         y += prg(self.b[i], self.length, SELF_NONCE)
         for j in self.graph[i]:
             j = int(j)
@@ -491,6 +500,7 @@ class SecureAggregator:
         values = decode(total, self.scales)
         n = self.n
         s = values[n:]
-        return Result(values[:n], *s[:N_STATS], stop=stop, diverged=diverged, below=s[N_STATS] if len(s) > N_STATS else 0.0,
+        return Result(values[:n], *s[:N_STATS], stop=stop, diverged=diverged,
+                      below=s[N_STATS] if self.adaptive else 0.0,
                       metrics={"survivors": len(alive), "dropped": len(dropped), "neighbors": self.k,
-                               "threshold": self.t})
+                               "threshold": self.t, "clipped": int(round(s[-1]))})
