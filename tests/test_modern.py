@@ -151,3 +151,21 @@ def test_every_comm_mode_trains_a_gpt(tmp_path, data, mode):
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
         losses = [r["train_loss"] for r in map(json.loads, f) if "train_loss" in r]
     assert s["comm_mode"] == mode and losses[-1] < losses[0] - 0.3
+
+
+def test_federated_rounds_with_a_residual_network(tmp_path, data):
+    """GroupNorm federates (dropout keyed per client and step); BatchNorm's unaggregated statistics and DP-SGD
+    on layers without per-example norms are one line each."""
+    path = str(tmp_path / "parts.h5")
+    assert mpirun(1, "prepare", "--source", "digits", "--out", path, "--partition", "iid", "--clients", 4).returncode == 0
+    base = ["federate", "--quiet", "--set", f"data.path={path}", "--set", "fed.rounds=2", "--set", "fed.fraction=1",
+            "--set", "fed.local_steps=3", "--set", "train.optimizer=adamw", "--set", "train.lr=0.003"]
+    kind, layers = stack("groupnorm 2")
+    r = mpirun(3, *base, "--out", str(tmp_path / "gn"), "--set", kind, "--set", layers)
+    assert r.returncode == 0, r.stderr
+    assert summary(str(tmp_path / "gn"))["rounds"] == 2
+    for sets, needle in ((["model.kind=resnet8"], "keeps running statistics"),
+                         (["model.kind=resnet8", "model.norm=group", "fed.dpsgd.noise_multiplier=1"],
+                          "has no per-example gradient norms")):
+        r = mpirun(3, *base, "--out", str(tmp_path / "x"), *[a for s in sets for a in ("--set", s)])
+        assert r.returncode != 0 and len(r.error_lines()) == 1 and needle in r.error_lines()[0], r.stderr

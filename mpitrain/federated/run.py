@@ -104,8 +104,10 @@ class Client:
 
     def __init__(self, model, kernels, t, f, dpsgd=None, traces=None):
         self.t, self.f = t, f
-        opt = Optimizer(kernels, t.optimizer, model.n_params, t.momentum, t.beta1, t.beta2, t.eps, t.weight_decay)
+        opt = Optimizer(kernels, t.optimizer, model.n_params, t.momentum, t.beta1, t.beta2, t.eps, t.weight_decay,
+                        decay_mask=model.table.decay_mask())
         self.stepper = Stepper(model, opt)
+        self.ctx = model.ctx
         self.params = np.empty(model.n_params, np.float32)
         self.n_in = model.spec.n_in
         self.dpsgd = dpsgd  # record-level DP-SGD: Poisson batches, clipped per-example gradients + noise
@@ -139,6 +141,8 @@ class Client:
                 epoch, i = divmod(s, per_epoch)
                 xb, yb = local.batch(epoch, i * batch, min((i + 1) * batch, n), *self.buffers_for(batch))
                 scale = 1.0 / len(xb)
+            # dropout masks keyed by (client, round, step): no two local steps of any client share one
+            self.ctx.seed, self.ctx.first, self.ctx.step = t.seed, k << 32, rnd << 24 | s
             l, _ = self.stepper(self.params, xb, yb, t.lr, scale)
             loss, seen = loss + l, seen + len(xb)
         return self.params - global_params, step_norm(f, t, steps), loss, seen  # FedNova: ‖a_k‖₁, not τ
@@ -265,6 +269,12 @@ def _federate(cfg, comm, out, quiet, resume, overwrite, local, shared):
     comm.agree(refuse_tensor, cfg.parallel.tensor)
     run = Session(cfg, comm)
     data, spec, model = run.data, run.spec, run.model
+    norm = next((x for l in model.net for x in l.layers() if x.state_size), None)
+    if norm is not None:  # rank 0's model would keep its initial running statistics
+        raise MpitrainError(f"federate: layer {norm.name} (batchnorm) keeps running statistics, which federated "
+                            "rounds do not aggregate yet; use GroupNorm (model.norm = group for resnet8/20, or "
+                            "groupnorm G in model.layers), as Hsieh et al. 2020 recommend for non-IID clients",
+                            agreed=True)
     part = comm.agree(Partition, data, comm)
     _, blocks = comm.agree(client_blocks, cfg, data, part, comm)
     rows = comm.agree(HostedRows, data, part, comm.rank, local, blocks)
