@@ -194,11 +194,11 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
         "resumed_from_step": first, "tensor_parallel": grid.T, "data_parallel": dp.size,
         "tensor_comm_seconds": tensor_seconds, "tensor_comm_bytes_per_step": tensor_bytes,
     }
-    speed = summary["samples_per_second"]
-    log.say(f"done: test accuracy {test_acc:.4f}, "
-            + (f"{speed:.0f} samples/s, {train_seconds:.1f} s ({comm_seconds:.1f} s in {cfg.comm.mode} communication"
-               f"{f', {tensor_seconds:.1f} s in the tensor group' if grid.T > 1 else ''})" if speed else
-               f"no step left to run after step {first}") + f" → {run.out}")
+    speed = summary["samples_per_second"]  # None when the run resumed at its end: no step was timed
+    timing = (f"{speed:.0f} samples/s, {train_seconds:.1f} s ({comm_seconds:.1f} s in {cfg.comm.mode} communication"
+              f"{f', {tensor_seconds:.1f} s in the tensor group' if grid.T > 1 else ''})" if speed else
+              f"no step left to run after step {first}")
+    log.say(f"done: test accuracy {test_acc:.4f}, {timing} → {run.out}")
     final = grid.saved(sync.saved(params))
     final = final.gather() if isinstance(final, Parts) else model.xp.to_host(final)  # whole on rank 0
     return run.finish(summary, final, steps=total)

@@ -275,7 +275,9 @@ def test_resume_refuses_every_checkpoint_of_another_meaning(tmp_path, fed_data, 
     ok(run(2, "federate", plain, *FED, data=fed_data))
     refused(run(2, "federate", plain, *longer, "fed.dp.noise_multiplier=1", resume="auto", data=fed_data),
             "is of a fed.dp.noise_multiplier = 0.0 run; this run has 1.0")
-    ok(run(1, "train", trained, "model.kind=softmax", "train.steps=4", "checkpoint.every=2", data=fed_data))
+    r = ok(run(1, "train", trained, "model.kind=softmax", "train.steps=4", "checkpoint.every=2", data=fed_data,
+               quiet=False))
+    assert f"{fed_data} holds a federated partition of 8 clients: train pools every client's rows" in r.stdout
     refused(run(2, "federate", trained, *longer, "fed.strategy=fedadam", resume="auto", data=fed_data),
             "is of a run = train run; this run has federate")
     other = str(tmp_path / "repartitioned.h5")
