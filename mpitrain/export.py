@@ -66,7 +66,7 @@ import numpy as np
 from . import __version__
 from .errors import MpitrainError
 from .kernels.cpu import ACTIVATIONS, IDENTITY, RELU, TANH
-from .model.layers import Conv, Dense, Flatten, Pool, input_shape
+from .model.layers import Conv, Dense, Flatten, Pool
 from .model.nn import (BN_MOMENTUM, GELU, LN_EPS, Activation, Attention, BatchNorm, Dropout, Embedding,
                        GlobalAvgPool, GroupNorm, LayerNorm, Residual, Tied)
 from .model.stack import build
@@ -79,6 +79,7 @@ NPZ_FORMAT = "mpitrain-torch-sequential"
 NPZ_VERSION = 2  # 2: the layers of modern networks (nested residual modules, custom modules, torch_modules)
 _ACT = {RELU: ("Relu", "ReLU"), TANH: ("Tanh", "Tanh")}  # (ONNX op, nn module)
 _WORD = {code: word for word, code in ACTIVATIONS.items()}
+_TO_LAST = {1: ([0, 2, 1], [0, 2, 1]), 2: ([0, 2, 3, 1], [0, 3, 1, 2])}  # a map's (to channels last, back)
 _ELEMENTWISE = (Activation, GELU, Dropout)  # layers a permutation of the features passes through unchanged
 
 # The PyTorch modules an npz's description uses beyond torch.nn's own (carried in it as `torch_modules`).
@@ -216,7 +217,8 @@ def _plan(layers, prefix, params, state, fmt, dims):
         place += 1 + (act != IDENTITY)
         if act != IDENTITY and act not in _ACT:
             raise MpitrainError(f"{where}: its activation cannot be exported to {fmt}")
-        step = dict(where=where, name=getattr(layer, "name", where), layout=_layout(layer.in_shape))
+        # wrap: (before, after) permutations of the axes around the step (None: none)
+        step = dict(where=where, name=getattr(layer, "name", where), layout=_layout(layer.in_shape), wrap=None)
         if isinstance(layer, Conv):
             KH, KW, SH, SW, PH, PW, OH, OW = layer.geom
             H, W, C = layer.in_shape
@@ -242,10 +244,12 @@ def _plan(layers, prefix, params, state, fmt, dims):
         elif isinstance(layer, Flatten):
             if len(layer.in_shape) == 1:  # a flatten of flat features is nothing
                 continue
-            last = len(layer.in_shape) == 3 and not _feeds_dense(layers, i)
-            if len(layer.in_shape) == 3 and not last:
+            # a map: in mpitrain's (H, W, C) order unless a dense reads it; a sequence's (T, C) order is PyTorch's
+            if len(layer.in_shape) == 3 and _feeds_dense(layers, i):
                 flat_from = layer.in_shape
-            step.update(op="flatten", dims=dims, channels_last=last)  # a sequence's (T, C) order is PyTorch's
+            elif len(layer.in_shape) == 3:
+                step["wrap"] = (_TO_LAST[dims][0], None)
+            step.update(op="flatten")
         elif isinstance(layer, Dense):
             w, b = layer.views(params)  # (in, out)
             if flat_from is not None:  # rows in (H, W, C) order → (C, H, W), as a channels-first Flatten lays out
@@ -265,6 +269,10 @@ def _plan(layers, prefix, params, state, fmt, dims):
         elif isinstance(layer, (LayerNorm, GroupNorm, BatchNorm)):
             w, b = (np.array(a, np.float32) for a in layer.views(params))
             step.update(op=type(layer).__name__.lower(), dims=dims, C=layer.C, weight=w, bias=b)
+            if isinstance(layer, LayerNorm) and step["layout"] == "map":  # over the channels of each pixel
+                step["wrap"] = _TO_LAST[dims]
+            if isinstance(layer, BatchNorm) and step["layout"] == "seq":  # over the positions of each channel
+                step["wrap"] = ([0, 2, 1], [0, 2, 1])
             if isinstance(layer, GroupNorm):
                 H, W, C = layer.in_shape
                 step.update(groups=layer.G, shape=(C, W) if dims == 1 else (C, H, W))
@@ -296,20 +304,12 @@ def _plan(layers, prefix, params, state, fmt, dims):
     return steps
 
 
-
 def _need_onnx():
     try:
         import onnx  # noqa: F401
         from onnx import checker, helper, numpy_helper  # noqa: F401
     except ImportError:
         raise MpitrainError("export --format onnx needs the onnx package: pip install 'mpitrain[export]'") from None
-
-
-def _perm(layout, dims):
-    """(to channels last, back) of a channels-first map, or of a sequence to channels first and back."""
-    if layout == "seq":
-        return [0, 2, 1], [0, 2, 1]
-    return ([0, 2, 1], [0, 2, 1]) if dims == 1 else ([0, 2, 3, 1], [0, 3, 1, 2])
 
 
 class _Graph:
@@ -331,7 +331,12 @@ class _Graph:
 
     def steps(self, steps, value):
         for s in steps:
+            before, after = s["wrap"] or (None, None)
+            if before:
+                value = self.node("Transpose", [value], f"{s['name']}.before", perm=before)
             value = self.step(s, value)
+            if after:
+                value = self.node("Transpose", [value], f"{s['name']}.after", perm=after)
             if s.get("act", IDENTITY) != IDENTITY:
                 op = _ACT[s["act"]][0]
                 value = self.node(op, [value], f"{s['name']}.{op.lower()}")
@@ -340,15 +345,15 @@ class _Graph:
     def step(self, s, x):
         op, n, node, const = s["op"], s["name"], self.node, self.const
         if op == "conv":
-            ins = [x, const(f"{n}.weight", s["weight"])] + ([] if s["bias"] is None else [const(f"{n}.bias", s["bias"])])
+            ins = [x, const(f"{n}.weight", s["weight"])]
+            if s["bias"] is not None:
+                ins.append(const(f"{n}.bias", s["bias"]))
             return node("Conv", ins, n, kernel_shape=list(s["kernel"]), strides=list(s["stride"]),
                         pads=[*s["begin"], *s["end"]])
         if op == "pool":
             return node("MaxPool" if s["kind"] == "max" else "AveragePool", [x], n, kernel_shape=list(s["kernel"]),
                         strides=list(s["stride"]))
         if op == "flatten":
-            if s["channels_last"]:
-                x = node("Transpose", [x], f"{n}.nhwc", perm=_perm("map", s["dims"])[0])
             return node("Flatten", [x], n, axis=1)
         if op == "dense":
             if s["layout"] == "flat":
@@ -368,12 +373,8 @@ class _Graph:
         if op == "globalavgpool":
             return node("Flatten", [node("GlobalAveragePool", [x], f"{n}.pool")], n, axis=1)
         if op == "layernorm":
-            there, back = _perm(s["layout"], s["dims"])
-            if s["layout"] == "map":
-                x = node("Transpose", [x], f"{n}.last", perm=there)
-            y = node("LayerNormalization", [x, const(f"{n}.weight", s["weight"]), const(f"{n}.bias", s["bias"])],
-                     f"{n}.norm" if s["layout"] == "map" else n, axis=-1, epsilon=LN_EPS)
-            return node("Transpose", [y], n, perm=back) if s["layout"] == "map" else y
+            return node("LayerNormalization", [x, const(f"{n}.weight", s["weight"]), const(f"{n}.bias", s["bias"])],
+                        n, axis=-1, epsilon=LN_EPS)
         if op == "groupnorm":
             G, C = s["groups"], s["C"]
             per = [C] + [1] * (len(s["shape"]) - 1)  # the affine's shape, broadcast over the positions
@@ -384,13 +385,9 @@ class _Graph:
             y = node("Reshape", [g, const(f"{n}.map_shape", np.array([0, *s["shape"]], np.int64))], f"{n}.map")
             y = node("Mul", [y, const(f"{n}.weight", s["weight"].reshape(per))], f"{n}.scaled")
             return node("Add", [y, const(f"{n}.bias", s["bias"].reshape(per))], n)
-        if op == "batchnorm":
-            seq = s["layout"] == "seq"
-            if seq:
-                x = node("Transpose", [x], f"{n}.channels", perm=[0, 2, 1])
+        if op == "batchnorm":  # inference: the running statistics
             ins = [x] + [const(f"{n}.{k}", s[k]) for k in ("weight", "bias", "mean", "var")]
-            y = node("BatchNormalization", ins, f"{n}.norm" if seq else n, epsilon=LN_EPS)
-            return node("Transpose", [y], n, perm=[0, 2, 1]) if seq else y
+            return node("BatchNormalization", ins, n, epsilon=LN_EPS)
         if op == "dropout":
             return x
         if op == "embedding":
@@ -490,10 +487,11 @@ class _Torch:
             return m
 
         for s in steps:
-            src = s["where"]
-            op = s["op"]
+            src, op, (before, after) = s["where"], s["op"], s["wrap"] or (None, None)
             d = s.get("dims", 2)
             one = (lambda t: t[0]) if d == 1 else tuple
+            if before:
+                add(src, "Permute", *before)
             if op == "conv":
                 pad = s["begin"]
                 if s["begin"] != s["end"]:  # asymmetric: F.pad as a module, then an unpadded conv
@@ -509,8 +507,6 @@ class _Torch:
             elif op == "pool":
                 add(src, f"{'Max' if s['kind'] == 'max' else 'Avg'}Pool{d}d", one(s["kernel"]), stride=one(s["stride"]))
             elif op == "flatten":
-                if s["channels_last"]:
-                    add(src, "Permute", *_perm("map", d)[0])
                 add(src, "Flatten")
             elif op == "dense":
                 add(src, "Linear", s["n_in"], s["units"],
@@ -522,21 +518,13 @@ class _Torch:
             elif op == "globalavgpool":
                 add(src, f"AdaptiveAvgPool{d}d", 1)
                 add(src, "Flatten")
-            elif op in ("layernorm", "batchnorm"):
-                wrap = op == "layernorm" and s["layout"] == "map" or op == "batchnorm" and s["layout"] == "seq"
-                there, back = _perm(s["layout"], d)
-                if wrap:
-                    add(src, "Permute", *there)
-                arrays = [("weight", s["weight"]), ("bias", s["bias"])]
-                if op == "layernorm":
-                    add(src, "LayerNorm", s["C"], eps=LN_EPS, arrays=arrays)
-                else:
-                    arrays += [("running_mean", s["mean"]), ("running_var", s["var"]),
-                               ("num_batches_tracked", np.array(0, np.int64))]
-                    add(src, f"BatchNorm{2 if s['layout'] == 'map' and d == 2 else 1}d", s["C"], eps=LN_EPS,
-                        momentum=BN_MOMENTUM, arrays=arrays)
-                if wrap:
-                    add(src, "Permute", *back)
+            elif op == "layernorm":
+                add(src, "LayerNorm", s["C"], eps=LN_EPS, arrays=[("weight", s["weight"]), ("bias", s["bias"])])
+            elif op == "batchnorm":
+                arrays = [("weight", s["weight"]), ("bias", s["bias"]), ("running_mean", s["mean"]),
+                          ("running_var", s["var"]), ("num_batches_tracked", np.array(0, np.int64))]
+                add(src, f"BatchNorm{2 if s['layout'] == 'map' and d == 2 else 1}d", s["C"], eps=LN_EPS,
+                    momentum=BN_MOMENTUM, arrays=arrays)
             elif op == "groupnorm":
                 add(src, "GroupNorm", s["groups"], s["C"], eps=LN_EPS,
                     arrays=[("weight", s["weight"]), ("bias", s["bias"])])
@@ -562,6 +550,8 @@ class _Torch:
                 m.update(main=main, shortcut=short)
             else:
                 raise AssertionError(op)
+            if after:
+                add(src, "Permute", *after)
             if s.get("act", IDENTITY) != IDENTITY:
                 add(s["act_where"], _ACT[s["act"]][1])
         return modules, "nn.Sequential(" + ", ".join(texts) + ")"

@@ -243,9 +243,12 @@ def test_trained_model_exports(case, datasets, tmp_path):
     accuracy = json.loads(r.stdout)["accuracy"]
     assert accuracy == pytest.approx(summary(run)["test_accuracy"])
 
-    spec, params = load_model(model_h5)
+    spec, params, state = load_model(model_h5, state=True)
+    model = Model(spec)
+    if state is not None:  # BatchNorm's running statistics, as eval uses them
+        model.ctx.state[:] = state
     x, y = split_of(data)
-    ref = Model(spec).logits(params, x)
+    ref = model.logits(params, x)
 
     out = tmp_path / "model.onnx"
     r = export_cli("--model", model_h5, "--format", "onnx", "--out", out, n=2)  # rank 0 alone writes
@@ -270,6 +273,38 @@ def test_trained_model_exports(case, datasets, tmp_path):
     assert d["standardize"] is not None and len(d["standardize"]["mean"]) in (spec.n_in, spec.feature_shape[0])
     props = {p.key: p.value for p in proto.metadata_props}  # the ONNX file carries the same statistics
     assert json.loads(props["mpitrain.standardize"]) == d["standardize"]
+
+
+def test_trained_language_model_exports(tmp_path):
+    """A GPT trained with dropout on: tokens in, logits at every position out; the tokenizer travels along."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    text = "".join(np.random.default_rng(3).choice(list("abc de\n"), 3000))
+    (tmp_path / "t.txt").write_text(text)
+    data, run = tmp_path / "t.h5", tmp_path / "run"
+    r = launch([sys.executable, "-m", "mpitrain", "prepare", "--source", f"text:{tmp_path / 't.txt'}", "--out", data])
+    assert r.returncode == 0, r.stderr
+    sets = ["model.kind=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=8",
+            "model.dropout=0.1", "train.steps=5", f"data.path={data}"]
+    r = mpirun(2, "train", "--quiet", "--out", run, *[a for s in sets for a in ("--set", s)])
+    assert r.returncode == 0, r.stderr
+    spec, params = load_model(str(run / "model.h5"))
+    with h5py.File(data, "r") as f:
+        x = np.asarray(f["test/tokens"][:8 * 20], np.int32).reshape(20, 8)
+    ref = Model(spec).logits(params, x)
+    tokenizer = {"tokenizer": "chars", "vocab": sorted(set(text))}
+
+    r = export_cli("--model", run / "model.h5", "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert r.returncode == 0, r.stderr
+    assert "input tokens [N, 8] → logits [N, 8, 7]" in r.stdout  # a, b, c, space, d, e, newline
+    assert np.abs(onnx_logits(str(tmp_path / "m.onnx"), x, "tokens") - ref).max() <= TOL
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(props["mpitrain.tokenizer"]) == tokenizer and json.loads(props["mpitrain.standardize"]) is None
+    r = export_cli("--model", run / "model.h5", "--format", "npz", "--out", tmp_path / "m.npz")
+    assert r.returncode == 0, r.stderr
+    d = check_npz(str(tmp_path / "m.npz"), spec, x, ref)
+    assert d["tokenizer"] == tokenizer and d["input_dtype"] == "int64"
 
 
 # ---- every model kind, from a model.h5 written directly (random weights) ----
@@ -474,23 +509,48 @@ def test_onnx_missing_is_one_line(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m.npz", "model.h5"]
 
 
-def test_layer_without_equivalent_names_it(tmp_path, monkeypatch):
-    from mpitrain import export as ex
+def unknown_layer(shape):
+    """A layer of a kind the exporter does not know."""
     from mpitrain.model.base import Layer
-    from mpitrain.model.stack import build
 
-    class Dropout(Layer):
-        def __init__(self, shape):
-            self.in_shape = self.out_shape = shape
+    class Unknown(Layer):
+        in_shape = out_shape = shape
 
         def text(self):
-            return "flatten"
+            return "unknown"
+
+    return Unknown()
+
+
+def test_layer_without_equivalent_names_it(tmp_path, monkeypatch):
+    from mpitrain import export as ex
+    from mpitrain.model.stack import build
 
     real = build
-    monkeypatch.setattr(ex, "build", lambda *args: [Dropout((6,)), *real(*args)[1:]])
+    monkeypatch.setattr(ex, "build", lambda *args: [unknown_layer((6,)), *real(*args)[1:]])
     spec = ModelSpec(kind="layers", n_in=6, n_out=3, layers=("flatten", "dense 3"))
     save_model(str(tmp_path / "model.h5"), spec, Model(spec).init_params(0))
-    with pytest.raises(MpitrainError, match=r"^model.layers\[0\] \(flatten\): this layer cannot be exported to npz"):
+    with pytest.raises(MpitrainError, match=r"^model.layers\[0\] \(unknown\): this layer cannot be exported to npz"):
+        ex.export(str(tmp_path / "model.h5"), "npz", str(tmp_path / "m.npz"))
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_layer_without_equivalent_in_a_block_names_it(tmp_path, monkeypatch):
+    """Inside a residual block's branch: its place as the layer syntax's messages give it."""
+    from mpitrain import export as ex
+    from mpitrain.model.stack import build
+
+    def patched(*args):
+        net = build(*args)
+        net[1].shortcut[1] = unknown_layer((6,))
+        return net
+
+    monkeypatch.setattr(ex, "build", patched)
+    spec = ModelSpec(kind="layers", n_in=6, n_out=3,
+                     layers=("dense 6", "tanh", "residual [dense 6] shortcut [dense 6, layernorm]", "dense 3"))
+    save_model(str(tmp_path / "model.h5"), spec, Model(spec).init_params(0))
+    with pytest.raises(MpitrainError, match=r"^model.layers\[2\].shortcut\[1\] \(unknown\): this layer cannot be "
+                                            r"exported to npz"):
         ex.export(str(tmp_path / "model.h5"), "npz", str(tmp_path / "m.npz"))
     assert not (tmp_path / "m.npz").exists()
 
