@@ -15,8 +15,8 @@ ONNX (opset 17, IR version 8, built with the onnx package's helper API and check
 input `x` float32 [N, …] or `tokens` int64 [N, T] (N dynamic), output `logits`.  Each layer becomes
   conv        Conv (explicit pads [begin…, end…]: TensorFlow 'same' padding is asymmetric; no B without a bias)
   pooling     MaxPool / AveragePool;  globalavgpool: GlobalAveragePool + Flatten
-  flatten     Flatten when a dense reads it (its rows are permuted, below), else Transpose to channels last +
-              Flatten (mpitrain's (H, W, C) order, for the layers after it)
+  flatten     Flatten when a dense reads it, through elementwise layers only (its rows are permuted, below),
+              else Transpose to channels last + Flatten (mpitrain's (H, W, C) order, for the layers after it)
   dense       Gemm on flat features; MatMul + Add per position of a sequence [N, T, C]
   relu, tanh  Relu / Tanh;  gelu: its tanh form composed at opset 17 (0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))))
   layernorm   LayerNormalization (axis −1; on a map between Transposes to channels last and back)
@@ -31,25 +31,27 @@ input `x` float32 [N, …] or `tokens` int64 [N, T] (N dynamic), output `logits`
   tied        MatMul with Transpose(wte) (the embedding's initializer, not a copy)
   residual    its branches inline, then Add (of the shortcut branch's output, or of the block's input)
 
-npz: the state_dict of a torch.nn.Sequential in PyTorch's layouts, plus `description`, a 0-d unicode array
-holding JSON: the modules in order, each {index, module, args, kwargs, torch (its constructor text), source
-(the mpitrain layer it comes from)}, a residual block's also `main` and `shortcut` (its branches' modules,
-indexed within the branch; shortcut [] for the identity), a tied layer's `tied_to` (the state_dict key of the
-weight it shares); `sequential` (the whole constructor expression), `torch_modules` (Python source defining
-the five modules that are not torch.nn's own: Permute, Residual, TokenEmbedding, CausalSelfAttention, Tied),
-`state_dict` (every key), the input shape and dtype, the outputs, the data's standardisation and a language
-model's tokenizer.  State_dict keys are PyTorch's: `<index>.weight`, nested `<index>.main.<j>.weight`;
-nn.Linear (out, in); nn.Conv2d (C_out, C_in, KH, KW), nn.Conv1d (C_out, C_in, K); norms `weight`, `bias`,
-BatchNorm also `running_mean`, `running_var` and `num_batches_tracked` (0: mpitrain does not count; PyTorch
-reads it only with momentum=None); TokenEmbedding `wte.weight` (V, C), `wpe.weight` (T, C);
-CausalSelfAttention `qkv.weight` (3C, C), `qkv.bias`.  Each layer becomes
+npz (format mpitrain-torch-sequential, version 2): the state_dict of a torch.nn.Sequential in PyTorch's
+layouts, plus `description`, a 0-d unicode array holding JSON: `modules`, the modules in order, each {index,
+module, args, kwargs, torch (its constructor text), source (the mpitrain layer it comes from)}, a residual
+block's also `main` and `shortcut` (its branches' modules, indexed within the branch; shortcut [] for the
+identity), a tied layer's `tied_to` (the state_dict key of the weight it shares, not copied); `sequential`
+(the whole constructor expression; the embedding bound to the name `embedding` that Tied's text uses);
+`custom_modules` (the modules it uses that are not torch.nn's own) and `torch_modules` (TORCH_MODULES, the
+Python source defining all five: Permute, Residual, TokenEmbedding, CausalSelfAttention, Tied; null when
+none is used); `state_dict` (every key); the input shape and dtype, the output shape, the data's
+standardisation and a language model's tokenizer.  State_dict keys are PyTorch's: `<index>.weight`, in a
+block `<index>.main.<j>.weight`; nn.Linear (out, in); nn.Conv2d (C_out, C_in, KH, KW), nn.Conv1d (C_out,
+C_in, K); norms `weight`, `bias`, BatchNorm also `running_mean`, `running_var` and `num_batches_tracked`
+(int64 0: mpitrain does not count; PyTorch reads it only with momentum=None); TokenEmbedding `wte.weight`
+(V, C), `wpe.weight` (T, C); CausalSelfAttention `qkv.weight` (3C, C), `qkv.bias`.  Each layer becomes
   conv: [nn.ZeroPad2d | nn.ConstantPad1d (asymmetric 'same' padding)] nn.Conv2d | nn.Conv1d (padding 0 then);
   pooling: nn.MaxPool/AvgPool{1,2}d;  globalavgpool: nn.AdaptiveAvgPool{1,2}d(1), nn.Flatten();
   flatten: nn.Flatten() (a dense reads it) or Permute to channels last, nn.Flatten();  dense: nn.Linear;
   relu/tanh: nn.ReLU/nn.Tanh (a fused one after its layer);  gelu: nn.GELU(approximate='tanh');
   layernorm: nn.LayerNorm(C) (on a map between Permutes);  groupnorm: nn.GroupNorm(G, C);
   batchnorm: nn.BatchNorm1d(F) on flat features, nn.BatchNorm2d/1d(C) on a map, nn.BatchNorm1d(C) between
-  Permutes on a sequence;  dropout: nn.Dropout(p);  embedding: TokenEmbedding(V, C, T);  attention:
+  Permutes on a sequence;  dropout: nn.Dropout(p);  embedding: TokenEmbedding(V, C[, T]);  attention:
   CausalSelfAttention(C, H);  tied: Tied(embedding);  residual: Residual(nn.Sequential(main…)[, nn.Sequential(
   shortcut…)]).  Norms keep mpitrain's eps (1e-5) and BatchNorm's momentum (0.1), PyTorch's defaults.
 
