@@ -475,7 +475,7 @@ class _Torch:
         self.arrays, self.embedding = {}, {}  # embedding: its layer name → state_dict prefix
 
     def modules(self, steps, prefix=""):
-        """([module entry], constructor texts) of steps as a Sequential whose state_dict keys start with prefix."""
+        """(module entries, nn.Sequential constructor text) of steps, their state_dict keys starting with prefix."""
         modules, texts = [], []
 
         def add(source, name, *args, arrays=(), text=None, **kwargs):
@@ -502,10 +502,10 @@ class _Torch:
                     else:  # ZeroPad2d takes (left, right, top, bottom)
                         add(src, "ZeroPad2d", (s["begin"][1], s["end"][1], s["begin"][0], s["end"][0]))
                     pad = (0,) * d
-                kw = {} if s["bias"] is not None else {"bias": False}
+                no_bias = s["bias"] is None
                 add(src, f"Conv{d}d", s["c_in"], s["c_out"], one(s["kernel"]), stride=one(s["stride"]),
-                    padding=one(pad), **kw, arrays=[("weight", s["weight"])] + (
-                        [("bias", s["bias"])] if s["bias"] is not None else []))
+                    padding=one(pad), **({"bias": False} if no_bias else {}),
+                    arrays=[("weight", s["weight"])] + ([] if no_bias else [("bias", s["bias"])]))
             elif op == "pool":
                 add(src, f"{'Max' if s['kind'] == 'max' else 'Avg'}Pool{d}d", one(s["kernel"]), stride=one(s["stride"]))
             elif op == "flatten":
