@@ -29,14 +29,16 @@ def split_of(path):
         return np.asarray(f["test/x"][...], np.float32), np.asarray(f["test/y"][...])
 
 
-def onnx_logits(path, x):
+def onnx_logits(path, x, name="x"):
+    """The ONNX file's logits of x (float samples as x, or int token windows as tokens, int64)."""
     ort = pytest.importorskip("onnxruntime")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
-    assert (inp.name, out.name) == ("x", "logits") and isinstance(inp.shape[0], str)  # N is dynamic
-    return sess.run(None, {"x": x.reshape(len(x), *inp.shape[1:])})[0]
+    assert (inp.name, out.name) == (name, "logits") and isinstance(inp.shape[0], str)  # N is dynamic
+    x = x.astype(np.int64) if name == "tokens" else x.reshape(len(x), *inp.shape[1:])
+    return sess.run(None, {name: x})[0]
 
 
 # ---- the npz rebuilt in NumPy from its description alone ----
@@ -52,25 +54,41 @@ def _two(v, one):
     return (one, v) if isinstance(v, int) else tuple(v)
 
 
-def numpy_sequential(description, arrays, x):
-    x = x.astype(np.float64)
-    for m in description["modules"]:
-        name, args, kw, i = m["module"], m["args"], m["kwargs"], m["index"]
-        one_d = name.endswith("1d")
-        if one_d:
+def _per_channel(a, x):
+    """A per-channel vector (axis 1 of x) shaped to broadcast over x."""
+    return a.reshape(-1, *[1] * (x.ndim - 2))
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def numpy_sequential(modules, arrays, x, prefix=""):
+    """The network of the description's modules (those of a residual branch with prefix) on x, in float64."""
+    x = x if x.dtype.kind == "i" else x.astype(np.float64)
+    for m in modules:
+        name, args, kw = m["module"], m["args"], m["kwargs"]
+
+        def a(key):
+            return arrays[f"{prefix}{m['index']}.{key}"].astype(np.float64)
+
+        spatial = name[-2:] == "1d" and not name.startswith("BatchNorm")  # run as 2-d of height 1
+        if spatial:
             x = x[:, :, None, :]
         if name == "Linear":
-            assert args == list(arrays[f"{i}.weight"].shape[::-1])
-            x = x @ arrays[f"{i}.weight"].T + arrays[f"{i}.bias"]
+            assert args == list(arrays[f"{prefix}{m['index']}.weight"].shape[::-1])
+            x = x @ a("weight").T + a("bias")
         elif name in ("Conv1d", "Conv2d"):
-            w = arrays[f"{i}.weight"].astype(np.float64)
+            w = a("weight")
             assert w.shape[:2] == (args[1], args[0])
-            w = w[:, :, None, :] if one_d else w
+            w = w[:, :, None, :] if spatial else w
             (ph, pw), kernel = _two(kw["padding"], 0), _two(args[2], 1)
             assert w.shape[2:] == kernel
             x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
             x = np.einsum("nchwij,ocij->nohw", _windows(x, kernel, _two(kw["stride"], 1)), w)
-            x = x + arrays[f"{i}.bias"][None, :, None, None]
+            if kw.get("bias", True):
+                x = x + a("bias")[None, :, None, None]
         elif name == "ZeroPad2d":
             left, right, top, bottom = args[0]
             x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
@@ -80,29 +98,73 @@ def numpy_sequential(description, arrays, x):
         elif name in ("MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d"):
             win = _windows(x, _two(args[0], 1), _two(kw["stride"], 1))
             x = win.max(axis=(-2, -1)) if name.startswith("Max") else win.mean(axis=(-2, -1))
+        elif name in ("AdaptiveAvgPool1d", "AdaptiveAvgPool2d"):
+            assert args == [1]
+            x = x.mean(axis=(2, 3), keepdims=True)
         elif name == "ReLU":
             x = np.maximum(x, 0)
         elif name == "Tanh":
             x = np.tanh(x)
+        elif name == "GELU":
+            assert kw == {"approximate": "tanh"}
+            x = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
         elif name == "Flatten":
             x = x.reshape(len(x), -1)
+        elif name == "Permute":
+            x = x.transpose(args)
+        elif name == "Dropout":
+            assert 0 < args[0] < 1  # the identity at inference
+        elif name == "LayerNorm":
+            assert x.shape[-1] == args[0]
+            z = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + kw["eps"])
+            x = z * a("weight") + a("bias")
+        elif name == "GroupNorm":
+            G, C = args
+            g = x.reshape(len(x), G, -1)
+            g = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + kw["eps"])
+            x = g.reshape(x.shape) * _per_channel(a("weight"), x) + _per_channel(a("bias"), x)
+        elif name in ("BatchNorm1d", "BatchNorm2d"):
+            assert x.shape[1] == args[0] and x.ndim == (4 if name == "BatchNorm2d" else x.ndim) and x.ndim <= 4
+            assert arrays[f"{prefix}{m['index']}.num_batches_tracked"].dtype == np.int64
+            z = (x - _per_channel(a("running_mean"), x)) / np.sqrt(_per_channel(a("running_var"), x) + kw["eps"])
+            x = z * _per_channel(a("weight"), x) + _per_channel(a("bias"), x)
+        elif name == "TokenEmbedding":
+            V, C, *positions = args
+            x = a("wte.weight")[x] + (a("wpe.weight")[:x.shape[1]] if positions else 0)
+            assert a("wte.weight").shape == (V, C)
+        elif name == "CausalSelfAttention":
+            C, H = args
+            N, T, _ = x.shape
+            q, k, v = (x @ a("qkv.weight").T + a("qkv.bias")).reshape(N, T, 3, H, C // H).transpose(2, 0, 3, 1, 4)
+            s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(C // H)
+            s[..., np.triu(np.ones((T, T), bool), 1)] = -np.inf
+            x = (_softmax(s) @ v).transpose(0, 2, 1, 3).reshape(N, T, C)
+        elif name == "Tied":
+            x = x @ arrays[m["tied_to"]].astype(np.float64).T
+        elif name == "Residual":
+            at = f"{prefix}{m['index']}."
+            y = numpy_sequential(m["main"], arrays, x, at + "main.")
+            x = y + (numpy_sequential(m["shortcut"], arrays, x, at + "shortcut.") if m["shortcut"] else x)
         else:
             raise AssertionError(f"unexpected module {name}")
-        if one_d:
+        if spatial:
             x = x[:, :, 0, :]
     return x
 
 
 def torch_logits(description, arrays, x):
-    """The Sequential built from description['sequential'] with the state_dict loaded strictly; None
-    without torch."""
+    """The Sequential built from description['sequential'] (with its torch_modules) and the state_dict loaded
+    strictly; None without torch."""
     try:
         import torch
         from torch import nn
     except ImportError:
         return None
     torch.set_num_threads(1)
-    net = eval(description["sequential"], {"nn": nn})  # the description's own constructor text
+    namespace = {"nn": nn}
+    if description["torch_modules"]:
+        exec(description["torch_modules"], namespace)  # the description's own module definitions
+    net = eval(description["sequential"], namespace)  # and constructor text
     net.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()}, strict=True)
     with torch.no_grad():
         return net.eval()(torch.from_numpy(x)).numpy()
@@ -117,11 +179,13 @@ def read_npz(path):
 
 def check_npz(path, spec, x, ref):
     arrays, d = read_npz(path)
-    assert d["format"] == "mpitrain-torch-sequential" and d["classes"] == spec.n_out
+    assert d["format"] == "mpitrain-torch-sequential" and d["version"] == 2 and d["classes"] == spec.n_out
     assert d["feature_shape"] == list(spec.feature_shape) and d["mpitrain_layers"] == list(spec.stack)
-    assert sorted(arrays) == sorted(d["state_dict"]) and all(a.dtype == np.float32 for a in arrays.values())
-    xin = x.reshape(len(x), *d["input_shape"])
-    assert np.abs(numpy_sequential(d, arrays, xin) - ref).max() <= TOL
+    assert sorted(arrays) == sorted(d["state_dict"])
+    assert all(a.dtype == (np.int64 if k.endswith("num_batches_tracked") else np.float32) for k, a in arrays.items())
+    xin = x.reshape(len(x), *d["input_shape"]).astype(d["input_dtype"])
+    assert d["output_shape"] == list(ref.shape[1:])
+    assert np.abs(numpy_sequential(d["modules"], arrays, xin) - ref).max() <= TOL
     got = torch_logits(d, arrays, xin)
     if got is not None:
         assert np.abs(got - ref).max() <= TOL
@@ -179,9 +243,12 @@ def test_trained_model_exports(case, datasets, tmp_path):
     accuracy = json.loads(r.stdout)["accuracy"]
     assert accuracy == pytest.approx(summary(run)["test_accuracy"])
 
-    spec, params = load_model(model_h5)
+    spec, params, state = load_model(model_h5, state=True)
+    model = Model(spec)
+    if state is not None:  # BatchNorm's running statistics, as eval uses them
+        model.ctx.state[:] = state
     x, y = split_of(data)
-    ref = Model(spec).logits(params, x)
+    ref = model.logits(params, x)
 
     out = tmp_path / "model.onnx"
     r = export_cli("--model", model_h5, "--format", "onnx", "--out", out, n=2)  # rank 0 alone writes
@@ -192,7 +259,7 @@ def test_trained_model_exports(case, datasets, tmp_path):
 
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto)
-    assert proto.opset_import[0].version >= 13
+    assert (proto.opset_import[0].version, proto.ir_version) == (17, 8)
     logits = onnx_logits(str(out), x)
     assert logits.shape == (len(x), spec.n_out)
     assert np.abs(logits - ref).max() <= TOL
@@ -206,6 +273,38 @@ def test_trained_model_exports(case, datasets, tmp_path):
     assert d["standardize"] is not None and len(d["standardize"]["mean"]) in (spec.n_in, spec.feature_shape[0])
     props = {p.key: p.value for p in proto.metadata_props}  # the ONNX file carries the same statistics
     assert json.loads(props["mpitrain.standardize"]) == d["standardize"]
+
+
+def test_trained_language_model_exports(tmp_path):
+    """A GPT trained with dropout on: tokens in, logits at every position out; the tokenizer travels along."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    text = "".join(np.random.default_rng(3).choice(list("abc de\n"), 3000))
+    (tmp_path / "t.txt").write_text(text)
+    data, run = tmp_path / "t.h5", tmp_path / "run"
+    r = launch([sys.executable, "-m", "mpitrain", "prepare", "--source", f"text:{tmp_path / 't.txt'}", "--out", data])
+    assert r.returncode == 0, r.stderr
+    sets = ["model.kind=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=8",
+            "model.dropout=0.1", "train.steps=5", f"data.path={data}"]
+    r = mpirun(2, "train", "--quiet", "--out", run, *[a for s in sets for a in ("--set", s)])
+    assert r.returncode == 0, r.stderr
+    spec, params = load_model(str(run / "model.h5"))
+    with h5py.File(data, "r") as f:
+        x = np.asarray(f["test/tokens"][:8 * 20], np.int32).reshape(20, 8)
+    ref = Model(spec).logits(params, x)
+    tokenizer = {"tokenizer": "chars", "vocab": sorted(set(text))}
+
+    r = export_cli("--model", run / "model.h5", "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert r.returncode == 0, r.stderr
+    assert "input tokens [N, 8] → logits [N, 8, 7]" in r.stdout  # a, b, c, space, d, e, newline
+    assert np.abs(onnx_logits(str(tmp_path / "m.onnx"), x, "tokens") - ref).max() <= TOL
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(props["mpitrain.tokenizer"]) == tokenizer and json.loads(props["mpitrain.standardize"]) is None
+    r = export_cli("--model", run / "model.h5", "--format", "npz", "--out", tmp_path / "m.npz")
+    assert r.returncode == 0, r.stderr
+    d = check_npz(str(tmp_path / "m.npz"), spec, x, ref)
+    assert d["tokenizer"] == tokenizer and d["input_dtype"] == "int64"
 
 
 # ---- every model kind, from a model.h5 written directly (random weights) ----
@@ -264,6 +363,118 @@ def test_npz_description_names_pytorch_modules(tmp_path):
                                "9.weight", "11.bias", "11.weight"]
 
 
+# ---- the layers of modern networks, from a model.h5 written directly (random weights and statistics) ----
+
+MODERN = {  # spec, ONNX operators and npz modules it must use
+    "gpt": (dict(kind="gpt", n_in=8, n_out=11, feature_shape=(8,), task="lm", n_layer=2, n_head=2, n_embd=16,
+                 dropout=0.1),  # dropout in the blocks: nothing in ONNX, nn.Dropout in the npz
+            {"Gather", "LayerNormalization", "Softmax", "Tanh", "Transpose"},
+            {"TokenEmbedding", "CausalSelfAttention", "Tied", "Residual", "Dropout", "GELU", "LayerNorm", "Linear"}),
+    "resnet8-batch": (dict(kind="resnet8", n_in=3 * 8 * 8, n_out=5, feature_shape=(3, 8, 8), norm="batch"),
+                      {"BatchNormalization", "GlobalAveragePool", "Conv", "Add"},
+                      {"BatchNorm2d", "Residual", "AdaptiveAvgPool2d", "Conv2d"}),
+    "resnet8-group": (dict(kind="resnet8", n_in=3 * 8 * 8, n_out=5, feature_shape=(3, 8, 8), norm="group"),
+                      {"InstanceNormalization", "GlobalAveragePool"}, {"GroupNorm", "Residual"}),
+    # layernorm on a map (between transposes), a standalone tanh after a conv without bias and after
+    # global average pooling, groupnorm, layernorm on flat features
+    "maps": (dict(kind="layers", n_in=90, n_out=3, feature_shape=(3, 6, 5), layers=(
+        "conv2d 4 3 same bias=false", "batchnorm", "tanh", "residual [layernorm, gelu, conv2d 4 3 same, relu]",
+        "groupnorm 2", "dropout 0.3", "globalavgpool", "tanh", "layernorm", "dense 3")),
+        {"LayerNormalization", "Tanh", "Relu", "InstanceNormalization", "BatchNormalization"},
+        {"Permute", "LayerNorm", "GELU", "GroupNorm", "BatchNorm2d", "Tanh", "Dropout"}),
+    # a flatten that no dense reads (its features in mpitrain's order), batchnorm on flat features, a
+    # residual block of dense layers
+    "flatten": (dict(kind="layers", n_in=90, n_out=3, feature_shape=(3, 6, 5), layers=(
+        "conv2d 4 3 same stride=2", "relu", "flatten", "layernorm", "gelu", "dense 6", "batchnorm", "tanh",
+        "residual [dense 6, tanh, dropout 0.2]", "dense 3")),
+        {"Flatten", "LayerNormalization", "BatchNormalization", "Gemm"}, {"Permute", "BatchNorm1d", "Residual"}),
+    # 1-d: batchnorm, layernorm and groupnorm on signals, a projection shortcut, a flatten a dense reads
+    # through gelu
+    "signal": (dict(kind="layers", n_in=24, n_out=3, feature_shape=(2, 12), layers=(
+        "conv1d 4 3 same", "relu", "batchnorm", "layernorm", "groupnorm 2",
+        "residual [conv1d 4 3 same bias=false, batchnorm] shortcut [conv1d 4 1]", "maxpool1d 2", "flatten",
+        "gelu", "dense 3")), {"BatchNormalization", "InstanceNormalization", "MaxPool"},
+        {"Conv1d", "BatchNorm1d", "GroupNorm", "MaxPool1d", "Permute"}),
+    "signal-gap": (dict(kind="layers", n_in=12, n_out=3, feature_shape=(12,), layers=(
+        "conv1d 3 3 same", "tanh", "globalavgpool", "dense 3")), {"GlobalAveragePool"}, {"AdaptiveAvgPool1d"}),
+    # a language model of kind layers: no position rows, batchnorm on sequences, an untied output layer
+    "lm-layers": (dict(kind="layers", n_in=6, n_out=7, feature_shape=(6,), task="lm", layers=(
+        "embedding 8 positions=false", "batchnorm", "residual [layernorm, attention 2, dense 8, dropout 0.2]",
+        "residual [batchnorm, dense 16, gelu, dense 8]", "layernorm", "dense 7")),
+        {"Gather", "BatchNormalization", "Softmax", "MatMul"}, {"TokenEmbedding", "BatchNorm1d", "Permute"}),
+}
+
+
+def all_modules(modules):
+    for m in modules:
+        yield m
+        yield from all_modules(m.get("main", []) + m.get("shortcut", []))
+
+
+@pytest.mark.parametrize("case", list(MODERN))
+def test_modern_layers_export(case, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from mpitrain.export import export
+
+    kw, ops, modules = MODERN[case]
+    spec = ModelSpec(**kw)
+    model = Model(spec)
+    rng = np.random.default_rng(2)
+    params = model.init_params(3) + rng.normal(0, 0.05, spec.n_params).astype(np.float32)
+    state = model.ctx.state  # BatchNorm's running statistics, not the initial ones (means 0, variances 1)
+    for e in model.state_table:
+        state[e.offset:e.offset + e.size] = (rng.normal(0, 0.3, e.size) if e.name.endswith("mean")
+                                             else rng.uniform(0.5, 2.0, e.size))
+    save_model(str(tmp_path / "model.h5"), spec, params, state=state.copy())
+    lm = spec.task == "lm"
+    x = (rng.integers(0, spec.n_out, (7, spec.n_in)) if lm else rng.normal(size=(7, spec.n_in))).astype(
+        np.int32 if lm else np.float32)
+    ref = model.logits(params, x)
+    assert ref.std(axis=0).mean() > 0.01  # the logits depend on the sample (no layer's output is lost)
+
+    export(str(tmp_path / "model.h5"), "onnx", str(tmp_path / "m.onnx"))
+    used = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert ops <= used and "Dropout" not in used, used
+    got = onnx_logits(str(tmp_path / "m.onnx"), x, "tokens" if lm else "x")
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= TOL
+    export(str(tmp_path / "model.h5"), "npz", str(tmp_path / "m.npz"))
+    d = check_npz(str(tmp_path / "m.npz"), spec, x, ref)
+    assert modules <= {m["module"] for m in all_modules(d["modules"])}
+    assert d["input_dtype"] == ("int64" if lm else "float32")
+
+
+def test_npz_description_nests_residual_blocks(tmp_path):
+    """A residual block's branches are nested module lists whose keys PyTorch's state_dict would have; a tied
+    output layer names the embedding's weight instead of holding a copy."""
+    from mpitrain.export import TORCH_MODULES, export
+
+    spec = ModelSpec(kind="gpt", n_in=4, n_out=5, feature_shape=(4,), task="lm", n_layer=1, n_head=2, n_embd=4)
+    save_model(str(tmp_path / "model.h5"), spec, Model(spec).init_params(0))
+    export(str(tmp_path / "model.h5"), "npz", str(tmp_path / "m.npz"))
+    arrays, d = read_npz(str(tmp_path / "m.npz"))
+    assert [m["module"] for m in d["modules"]] == ["TokenEmbedding", "Residual", "Residual", "LayerNorm", "Tied"]
+    attn, mlp = d["modules"][1], d["modules"][2]
+    assert [m["module"] for m in attn["main"]] == ["LayerNorm", "CausalSelfAttention", "Linear"]
+    assert attn["shortcut"] == [] and attn["source"].startswith("model.layers[1] (residual [layernorm, ")
+    assert attn["main"][1]["source"] == "model.layers[1].main[1] (attention 2)"
+    assert [m["module"] for m in mlp["main"]] == ["LayerNorm", "Linear", "GELU", "Linear"]
+    assert d["modules"][4] == {"index": 4, "module": "Tied", "args": [], "kwargs": {}, "torch": "Tied(embedding)",
+                               "source": "model.layers[4] (tied)", "tied_to": "0.wte.weight"}
+    assert d["sequential"].startswith("nn.Sequential((embedding := TokenEmbedding(5, 4, 4)), Residual(nn.Sequential("
+                                      "nn.LayerNorm(4, eps=1e-05), CausalSelfAttention(4, 2), nn.Linear(4, 4))), ")
+    assert d["custom_modules"] == ["CausalSelfAttention", "Residual", "Tied", "TokenEmbedding"]
+    assert d["torch_modules"] == TORCH_MODULES
+    assert {k: v.shape for k, v in arrays.items()} == {
+        "0.wte.weight": (5, 4), "0.wpe.weight": (4, 4), "1.main.0.weight": (4,), "1.main.0.bias": (4,),
+        "1.main.1.qkv.weight": (12, 4), "1.main.1.qkv.bias": (12,), "1.main.2.weight": (4, 4), "1.main.2.bias": (4,),
+        "2.main.0.weight": (4,), "2.main.0.bias": (4,), "2.main.1.weight": (16, 4), "2.main.1.bias": (16,),
+        "2.main.3.weight": (4, 16), "2.main.3.bias": (4,), "3.weight": (4,), "3.bias": (4,)}
+    assert d["state_dict"][:4] == ["0.wpe.weight", "0.wte.weight", "1.main.0.bias", "1.main.0.weight"]
+    assert d["output_shape"] == [4, 5] and d["input_shape"] == [4] and d["tokenizer"] is None
+
+
 # ---- errors ----
 
 def one_error(r):
@@ -298,23 +509,48 @@ def test_onnx_missing_is_one_line(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m.npz", "model.h5"]
 
 
-def test_layer_without_equivalent_names_it(tmp_path, monkeypatch):
-    from mpitrain import export as ex
+def unknown_layer(shape):
+    """A layer of a kind the exporter does not know."""
     from mpitrain.model.base import Layer
-    from mpitrain.model.stack import build
 
-    class Dropout(Layer):
-        def __init__(self, shape):
-            self.in_shape = self.out_shape = shape
+    class Unknown(Layer):
+        in_shape = out_shape = shape
 
         def text(self):
-            return "flatten"
+            return "unknown"
+
+    return Unknown()
+
+
+def test_layer_without_equivalent_names_it(tmp_path, monkeypatch):
+    from mpitrain import export as ex
+    from mpitrain.model.stack import build
 
     real = build
-    monkeypatch.setattr(ex, "build", lambda stack, fs, n: [Dropout((6,)), *real(stack, fs, n)[1:]])
+    monkeypatch.setattr(ex, "build", lambda *args: [unknown_layer((6,)), *real(*args)[1:]])
     spec = ModelSpec(kind="layers", n_in=6, n_out=3, layers=("flatten", "dense 3"))
     save_model(str(tmp_path / "model.h5"), spec, Model(spec).init_params(0))
-    with pytest.raises(MpitrainError, match=r"^model.layers\[0\] \(flatten\): this layer cannot be exported to npz"):
+    with pytest.raises(MpitrainError, match=r"^model.layers\[0\] \(unknown\): this layer cannot be exported to npz"):
+        ex.export(str(tmp_path / "model.h5"), "npz", str(tmp_path / "m.npz"))
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_layer_without_equivalent_in_a_block_names_it(tmp_path, monkeypatch):
+    """Inside a residual block's branch: its place as the layer syntax's messages give it."""
+    from mpitrain import export as ex
+    from mpitrain.model.stack import build
+
+    def patched(*args):
+        net = build(*args)
+        net[1].shortcut[1] = unknown_layer((6,))
+        return net
+
+    monkeypatch.setattr(ex, "build", patched)
+    spec = ModelSpec(kind="layers", n_in=6, n_out=3,
+                     layers=("dense 6", "tanh", "residual [dense 6] shortcut [dense 6, layernorm]", "dense 3"))
+    save_model(str(tmp_path / "model.h5"), spec, Model(spec).init_params(0))
+    with pytest.raises(MpitrainError, match=r"^model.layers\[2\].shortcut\[1\] \(unknown\): this layer cannot be "
+                                            r"exported to npz"):
         ex.export(str(tmp_path / "model.h5"), "npz", str(tmp_path / "m.npz"))
     assert not (tmp_path / "m.npz").exists()
 
