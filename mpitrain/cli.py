@@ -98,9 +98,9 @@ def _parser():
 
     ex = sub.add_parser("export", help="write a saved model as ONNX or as PyTorch-layout weights (npz)",
                         description="Export model.h5 (rank 0 writes, atomically): --format onnx is an ONNX graph "
-                                    "x [N, *feature_shape] → logits [N, classes] (pip install 'mpitrain[export]'); "
-                                    "--format npz the state_dict of a torch.nn.Sequential plus a JSON "
-                                    "description of its modules.")
+                                    "x [N, *feature_shape] → logits [N, classes] (a language model: tokens [N, T] → "
+                                    "logits [N, T, vocabulary]; pip install 'mpitrain[export]'); --format npz the "
+                                    "PyTorch state_dict plus a JSON description of its modules (docs/models.md).")
     ex.add_argument("--model", required=True, metavar="DIR/model.h5")
     ex.add_argument("--format", required=True, choices=("onnx", "npz"))
     ex.add_argument("--out", required=True, metavar="FILE")

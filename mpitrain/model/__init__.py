@@ -145,8 +145,8 @@ class ModelSpec:
         if self.sizes:
             return "-".join(map(str, self.sizes))
         if self.kind == "gpt":
-            return (f"{self.n_layer} layers, {self.n_head} heads, {self.n_embd} wide, block {self.feature_shape[0]}, "
-                    f"vocabulary {self.n_out}")
+            return (f"{self.n_layer} layer{'s' * (self.n_layer > 1)}, {self.n_head} head{'s' * (self.n_head > 1)}, "
+                    f"{self.n_embd} wide, block {self.feature_shape[0]}, vocabulary {self.n_out}")
         if self.kind.startswith("resnet"):
             return f"{self.norm} norm"
         return ", ".join(self.stack)

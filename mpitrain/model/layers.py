@@ -174,14 +174,21 @@ def _shape_text(shape, dims):
     return f"{C}×{W} (C×L)" if dims == 1 else f"{C}×{H}×{W} (C×H×W)"
 
 
+def first_word(text):
+    """The name of the layer that reads a stack's input: the first word of its first string, or of the first
+    layer inside a residual block that opens it."""
+    while text.split() and text.split()[0].lower() == "residual" and "[" in text:
+        text = text[text.index("[") + 1:]
+    words = text.replace(",", " ").replace("]", " ").split()
+    return words[0].lower() if words else ""
+
+
 def input_shape(feature_shape, first):
     """The per-sample shape the first layer sees, and whether a batch must be transposed from the stored
     channels-first order: conv1d reads (L,) or (C, L); conv2d/pool2d (H, W) or (C, H, W); an embedding
     reads (T,) tokens; a dense or flatten first reads the flat features."""
     fs = tuple(int(d) for d in feature_shape)
-    while first.split() and first.split()[0].lower() == "residual" and "[" in first:  # its first layer reads
-        first = first[first.index("[") + 1:]
-    word = first.replace(",", " ").replace("]", " ").split()[0].lower() if first.split() else ""
+    word = first_word(first)
     if word.endswith("1d"):
         if len(fs) > 2:
             raise MpitrainError(f"model.layers[0] ({first}): a 1-d layer needs data of feature_shape (L,) or "

@@ -26,7 +26,7 @@ nn.py) with their shapes, names and offsets into the flat vector.
 """
 from ..errors import MpitrainError
 from ..kernels.cpu import ACTIVATIONS, IDENTITY
-from .layers import Conv, Dense, Flatten, Pool, _shape_text, input_shape
+from .layers import Conv, Dense, Flatten, Pool, _shape_text, first_word, input_shape
 from .nn import (GELU, Activation, Attention, BatchNorm, Dropout, Embedding, GlobalAvgPool, GroupNorm, LayerNorm,
                  Residual, Tied)
 
@@ -292,7 +292,7 @@ def build(stack, feature_shape, n_out, task="classify"):
     if not stack:
         raise MpitrainError("model.layers is empty: expected a list of layers ending in 'dense <classes>'")
     shape, _ = input_shape(feature_shape, stack[0])
-    dims = 1 if stack[0].split()[0].lower().endswith("1d") else 2
+    dims = 1 if first_word(stack[0]).endswith("1d") else 2
     b = Builder(dims, n_out if task == "lm" else None)
     layers, shape = b.sequence(list(stack), shape, "layers.", "model.layers")
     last = layers[-1]
