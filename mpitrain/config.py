@@ -372,14 +372,15 @@ def _dp_off(c):
 
 
 def _fedsgd(c):
-    return c.fed.strategy == "fedsgd" and "fed.strategy = 'fedsgd' takes one full-batch gradient step per client"
+    return c.fed.strategy == "fedsgd" and ("fed.strategy = 'fedsgd' takes one full-batch gradient step per client "
+                                          "and round")
 
 
-def _only(key, *names, what=None):
+def _only(key, *names):
     """ACTS entry: the key acts only while `key` is one of names (it is their setting)."""
     def why(c):
         value = _value(c, key)
-        return value not in names and f"{key} = {value!r} (it is {what or ', '.join(names)}'s)"
+        return value not in names and f"{key} = {value!r}; it acts under {' or '.join(names)} only"
     return why
 
 
@@ -394,7 +395,7 @@ ACTS = {
     **dict.fromkeys(("train.beta1", "train.beta2", "train.eps"), _only("train.optimizer", "adam", "adamw")),
     "model.norm": _only("model.kind", "resnet8", "resnet20"),
     **dict.fromkeys(("model.n_layer", "model.n_head", "model.n_embd", "model.dropout"), _only("model.kind", "gpt")),
-    **dict.fromkeys(("train.step_size", "train.gamma"), _only("train.schedule", "step", what="the step schedule")),
+    **dict.fromkeys(("train.step_size", "train.gamma"), _only("train.schedule", "step")),
     "fed.local_batch": _fedsgd,
     "fed.local_steps": _fedsgd,
     "fed.local_epochs": lambda c: _fedsgd(c) or c.fed.local_steps > 0 and (

@@ -509,12 +509,12 @@ def test_set_string_key_takes_the_text_as_is():
     ("federate", ["fed.strategy=fedsgd", "fed.local_steps=5"], "fed.local_steps has no effect: fed.strategy = "
                                                                "'fedsgd' takes one full-batch"),
     ("federate", ["fed.local_steps=5", "fed.local_epochs=2"], "fed.local_epochs has no effect: fed.local_steps = 5"),
-    ("federate", ["fed.mu=0.1"], "fed.mu has no effect: fed.strategy = 'fedavg' (it is fedprox's)"),
+    ("federate", ["fed.mu=0.1"], "fed.mu has no effect: fed.strategy = 'fedavg'; it acts under fedprox only"),
     ("federate", ["train.optimizer=adam", "train.momentum=0.5"], "train.momentum has no effect: train.optimizer = "
-                                                                 "'adam' (it is momentum, nesterov's)"),
-    ("train", ["train.gamma=0.5"], "train.gamma has no effect: train.schedule = 'cosine' (it is the step schedule's)"),
-    ("train", ["model.kind=lenet5", "model.hidden=[64]"], "model.hidden has no effect: model.kind = 'lenet5' (it is "
-                                                          "mlp's)"),
+                                                                 "'adam'; it acts under momentum or nesterov only"),
+    ("train", ["train.gamma=0.5"], "train.gamma has no effect: train.schedule = 'cosine'; it acts under step only"),
+    ("train", ["model.kind=lenet5", "model.hidden=[64]"], "model.hidden has no effect: model.kind = 'lenet5'; it "
+                                                          "acts under mlp only"),
     ("federate", ["fed.dp.noise_multiplier=1", "fed.min_clients=5"], "fed.min_clients has no effect: client-level "
                                                                       "DP with fed.dp.sampling = 'poisson'"),
     ("federate", ["fed.secagg.clip_range=2"], "fed.secagg.clip_range has no effect: secure aggregation is off"),
