@@ -4,11 +4,12 @@ mean-squared-error loss.  Same style as cpu.py (re-exported there, so ``backend(
 Numba @njit(cache=True) passes, pure functions of arrays, no globals.
 
 Conventions.  Arrays are float32 and C-contiguous unless said; N rows are the B·T positions or B samples.
-Every kernel is also correct on float64 arrays (the tests take finite differences in float64).
+Every kernel also runs on float64 arrays (the tests take finite differences in float64; gelu's and the
+softmax's exp is then good to 5e-10).
 - A backward ACCUMULATES (+=) into parameter gradients (dw, db, dwte, …: the model zeroes its gradient vector
   once per step) and WRITES (=) the input gradient dx (the model adds residual branches itself).
-- Sums over rows into a parameter gradient go through partial sums over a fixed number of row chunks, added
-  in chunk order: no race, and the same bits whatever the thread count.
+- A sum into a parameter gradient goes through partial sums over a fixed partition (row chunks, samples,
+  vocabulary ranges) added in a fixed order: no race, and the same bits whatever the thread count.
 - Statistics are accumulated in float64 (exact enough for the 10⁵-element channels of a BatchNorm); the
   elementwise arithmetic stays in the arrays' precision (F = x.dtype.type casts a row's statistics to it: a
   float64 scalar would turn a float32 loop into a float64 one).
@@ -246,16 +247,16 @@ def _softmax_causal_backward(att, dp, scale):
 
 def _qkv_heads(a, NH):
     """The (B, NH, T, hs) views of q, k, v: the three C-wide column blocks of a (B, T, 3C), head h being
-    columns h·hs:(h+1)·hs of each."""
+    columns h·hs:(h+1)·hs of each (views, never copies: results are written through them)."""
     B, T, C3 = a.shape
-    v = a.reshape(B, T, 3, NH, C3 // 3 // NH).transpose(2, 0, 3, 1, 4)
+    v = np.reshape(a, (B, T, 3, NH, C3 // 3 // NH), copy=False).transpose(2, 0, 3, 1, 4)
     return v[0], v[1], v[2]
 
 
 def _heads(a, NH):
     """The (B, NH, T, hs) view of a (B, T, C)."""
     B, T, C = a.shape
-    return a.reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3)
+    return np.reshape(a, (B, T, NH, C // NH), copy=False).transpose(0, 2, 1, 3)
 
 
 def _scale(att, q):
@@ -331,7 +332,7 @@ def _dropout(x, out, p, seed, site, step, first_sample, row_len):
     if p == 0.0:
         out[:] = x
         return
-    keep_scale = 1.0 / (1.0 - p)
+    keep_scale = x.dtype.type(1.0 / (1.0 - p))
     threshold = uint64(p * 4294967296.0)  # keep when the hash's top 32 bits are ≥ p·2³²
     key = _mix(_mix(_mix(uint64(seed) + GOLDEN) ^ uint64(site)) ^ uint64(step))
     for r in prange(x.size // row_len):

@@ -240,6 +240,11 @@ def test_attention_shapes():
     qkv = np.zeros((1, 2, 9), np.float32)
     with pytest.raises(ValueError, match="n_head"):
         cpu.attention_forward(qkv, 2, np.zeros((1, 2, 3), np.float32), np.zeros((1, 2, 2, 2), np.float32))
+    qkv = rng_for(7).standard_normal((2, 3, 12)).astype(np.float32)
+    out, strided = np.empty((2, 3, 4), np.float32), np.zeros((2, 3, 8), np.float32)[:, :, ::2]
+    cpu.attention_forward(qkv, 2, out, np.empty((2, 2, 3, 3), np.float32))
+    cpu.attention_forward(qkv, 2, strided, np.empty((2, 2, 3, 3), np.float32))  # written through the view
+    np.testing.assert_array_equal(strided, out)
 
 
 # -- dropout -----------------------------------------------------------------------------------------------
