@@ -170,11 +170,9 @@ class BatchNorm(_Norm):
         x2, C = _rows(x, self.C), self.C
         running = self.ctx.state[self.state_offset:self.state_offset + 2 * C].reshape(2, C)
         if self.ctx.training:
-            (total, squares), count = self._moments(k.batchnorm_moments, x2, s["sums"])
-            mean = total / count
-            var = np.maximum(squares / count - mean * mean, 0.0)
-            s["mean"][:], s["rstd"][:] = mean, 1.0 / np.sqrt(var + LN_EPS)
-            running[0] += BN_MOMENTUM * (mean - running[0])
+            sums, count = self._moments(k.batchnorm_moments, x2, s["sums"])
+            var = k.batchnorm_stats(sums, count, LN_EPS, s["mean"], s["rstd"])
+            running[0] += BN_MOMENTUM * (sums[0] / count - running[0])
             running[1] += BN_MOMENTUM * (var * (count / max(count - 1, 1)) - running[1])
         else:
             s["mean"][:], s["rstd"][:] = running[0], 1.0 / np.sqrt(running[1] + LN_EPS)
