@@ -15,10 +15,10 @@ import numpy as np
 
 from ..errors import MpitrainError
 from ..kernels import arrays, backend
-from ..kernels.cpu import ACTIVATIONS, IDENTITY
+from ..kernels.cpu import ACTIVATIONS
 from .base import Context, Sequence
 from .layers import Conv, Dense, Flatten, Pool, input_shape
-from .nn import Attention, Residual
+from .nn import Attention, Residual, texts
 from .stack import build
 from .table import ParameterTable
 from .tasks import TASKS
@@ -128,9 +128,7 @@ class ModelSpec:
         if self.kind not in ("layers", "gpt") and not self.stored:
             stack += (f"dense {self.n_out}",)
         built = build(list(stack), shape, self.n_out, self.task)
-        canon = tuple(t for l in built for t in (l.text(), *[a for a, c in ACTIVATIONS.items()
-                                                               if c == l.act != IDENTITY]))
-        object.__setattr__(self, "stack", canon)
+        object.__setattr__(self, "stack", tuple(texts(built)))
         object.__setattr__(self, "n_params", sum(l.n_params for l in built))
 
     @property

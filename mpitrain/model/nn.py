@@ -8,6 +8,7 @@ a tied embedding: the output layer, later in forward and so earlier in backward,
 matrix's gradient, and the embedding adds its own to it."""
 import numpy as np
 
+from ..kernels.cpu import ACTIVATIONS, IDENTITY
 from .base import Layer, Param, Sequence
 
 LN_EPS = 1e-5  # PyTorch's LayerNorm/GroupNorm/BatchNorm default
@@ -314,14 +315,14 @@ class Residual(Layer):
     tensors, then the shortcut's; backward sums the two branches' input gradients."""
     skips_dx = True
 
-    def __init__(self, main, shortcut, in_shape, xp=None):
+    def __init__(self, main, shortcut, in_shape):
         self.main, self.shortcut = main, shortcut  # lists of layers
         self.in_shape, self.out_shape = in_shape, main[-1].out_shape if main else in_shape
         self.n_params = sum(l.n_params for l in main + shortcut)
 
     def text(self):
-        t = "residual [" + ", ".join(_texts(self.main)) + "]"
-        return t + (" shortcut [" + ", ".join(_texts(self.shortcut)) + "]" if self.shortcut else "")
+        t = "residual [" + ", ".join(texts(self.main)) + "]"
+        return t + (" shortcut [" + ", ".join(texts(self.shortcut)) + "]" if self.shortcut else "")
 
     def params(self):
         return [p for l in self.main + self.shortcut for _, p in l.entries()]
@@ -367,8 +368,6 @@ class Residual(Layer):
             np.add(dy, s["dx"], out=dx)
 
 
-def _texts(layers):
+def texts(layers):
     """The canonical texts of a list of layers, each fused activation after its layer."""
-    from ..kernels.cpu import ACTIVATIONS, IDENTITY
-
     return [t for l in layers for t in (l.text(), *[a for a, c in ACTIVATIONS.items() if c == l.act != IDENTITY])]
