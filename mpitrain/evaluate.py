@@ -76,12 +76,11 @@ def check_compatible(spec, data, model_path):
     """One line where the file's samples are not what the model reads: the task (class labels, regression
     targets, tokens), the feature shape (an equal count is not enough: (16, 16, 3) is not (3, 16, 16)) and
     the number of classes or targets."""
-    what = {"classify": "class labels", "regress": "float regression targets", "lm": "a token stream"}
+    held = {"classify": "class labels", "regress": "float regression targets", "lm": "a token stream"}
     if spec.task != data.task:
-        raise MpitrainError(f"{model_path}: a {spec.task} model, trained on {what[spec.task]}; {data.path} holds "
-                            f"{what[data.task]} (prepare it from "
-                            + ("float y, or csv with --target)" if spec.task == "regress" else
-                               "integer labels)" if spec.task == "classify" else "text)"))
+        model = {"classify": f"a classification model ({spec.n_out} classes)", "lm": "a language model",
+                 "regress": f"a regression model ({spec.n_out} target(s))"}[spec.task]
+        raise MpitrainError(f"{model_path}: {model} scores {held[spec.task]}; {data.path} holds {held[data.task]}")
     outputs = "targets" if spec.task == "regress" else "classes"
     if spec.feature_shape != data.feature_shape or spec.n_out != data.n_out:
         raise MpitrainError(f"{model_path}: the model takes samples of shape {list(spec.feature_shape)} and "

@@ -613,9 +613,6 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
     if regress and classes is not None:
         raise MpitrainError(f"--classes: {source} holds regression targets "
                             f"({'--target' if kind == 'csv' else 'float y'}), not class labels (integers)")
-    if regress and partition is not None:
-        raise MpitrainError(f"--partition: not for regression targets ({source}); federated partitions hold "
-                            "class labels")
     y = _outputs(y, f"{source} y", len(x), regress)
     labels = {"y": y}
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xDA7A]))
