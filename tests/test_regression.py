@@ -10,6 +10,7 @@ import pytest
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import r2_score
 
+import mpitrain
 from conftest import mpirun, params, summary
 from mpitrain.data.prepare import prepare
 from mpitrain.data.shard import DataFile
@@ -71,8 +72,6 @@ def test_diabetes_beats_linear_regression_in_original_units(diabetes):
     e = _eval(2, os.path.join(out, "model.h5"), data)
     assert set(e) == {"split", "samples", "loss", "rmse", "r2"} and e["samples"] == 88
     assert np.allclose([e["loss"], e["rmse"], e["r2"]], [s["test_loss"], s["test_rmse"], s["test_r2"]], rtol=1e-6)
-    import mpitrain
-
     model = mpitrain.load_model(os.path.join(out, "model.h5"))
     pred = model.predict(x_test, standardized=True)
     assert pred.shape == (88, 1) and abs(r2_score(y_test, pred) - s["test_r2"]) < 1e-6
@@ -136,8 +135,6 @@ def test_csv_targets_by_name_and_index_and_eval_on_a_file_prepared_apart(tmp_pat
                        rtol=1e-5)
     out = str(tmp_path / "run")
     s = _train(2, out, a, *MLP[:-1], "train.steps=100")
-    import mpitrain
-
     model = mpitrain.load_model(os.path.join(out, "model.h5"))
     for data in (a, b):  # b: restored with its statistics, standardised with the model's
         with h5py.File(data, "r") as f:
