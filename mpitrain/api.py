@@ -6,6 +6,7 @@
     model = mpitrain.load_model("runs/a/model.h5")
     labels = model.predict(x)          # x: (N, *feature_shape) or (N, features), raw as given to prepare
     labels = model.predict(x, layout="nhwc")  # x: (N, H, W, C), channels last (prepare --layout nhwc)
+    targets = mpitrain.load_model("runs/diabetes/model.h5").predict(x)  # regression: (N, K), original units
 
 Every rank of `comm` (an mpi4py communicator; default COMM_WORLD) calls the same function with the same
 arguments; only that communicator is used, so a call works inside a larger MPI program.  An `out` that holds
@@ -56,6 +57,10 @@ class Predictor:
         self.model = Model(self.spec)
         if state is not None:  # BatchNorm's running statistics
             self.model.ctx.state[:] = state
+        if self.spec.task == "regress":  # what prepare standardised the targets with: predict undoes it
+            from .evaluate import model_targets
+
+            self.targets = model_targets(path)
 
     def rows(self, x, layout="nchw"):
         """x as float32 rows (N, features) in the model's feature order: x is (N, *feature_shape) or flat
@@ -81,22 +86,35 @@ class Predictor:
             raise MpitrainError(f"predict: x has shape {x.shape}{hint}")
         return x.reshape(len(x), n_in)
 
-    def predict_proba(self, x, standardized=False, layout="nchw"):
-        """Class probabilities (N, classes) of samples x (see rows), raw as prepare read them (standardised
-        here with the training split's statistics stored in model.h5), or with standardized=True rows
-        standardised with those statistics (the model's own data file)."""
+    def outputs(self, x, standardized=False, layout="nchw"):
+        """The model's outputs (N, classes or targets), float64, for samples x (see rows), raw as prepare read
+        them (standardised here with the training split's statistics stored in model.h5), or with
+        standardized=True rows standardised with those statistics (the model's own data file)."""
         from .data.prepare import per_feature
 
         x = self.rows(x, layout)
         if not standardized and self.standardize is not None:
             mean, std = per_feature(self.standardize, self.spec.n_in)
             x = (x - mean) / std
-        z = self.model.logits(self.params, np.ascontiguousarray(x, np.float32)).astype(np.float64)
+        return self.model.logits(self.params, np.ascontiguousarray(x, np.float32)).astype(np.float64)
+
+    def predict_proba(self, x, standardized=False, layout="nchw"):
+        """Class probabilities (N, classes) of samples x (see outputs)."""
+        from .errors import MpitrainError
+
+        if self.spec.task == "regress":
+            raise MpitrainError(f"predict_proba: {self.path} is a regression model ({self.spec.n_out} target(s)), "
+                                "without class probabilities; predict gives its targets")
+        z = self.outputs(x, standardized, layout)
         z = np.exp(z - z.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
 
     def predict(self, x, standardized=False, layout="nchw"):
-        """Class labels (N,) of samples x (see predict_proba)."""
+        """Class labels (N,) of samples x (see outputs); a regression model's targets (N, targets) in their
+        original units (prepare's standardisation of the targets undone)."""
+        if self.spec.task == "regress":
+            mean, std = self.targets
+            return self.outputs(x, standardized, layout) * std + mean
         return np.argmax(self.predict_proba(x, standardized, layout), axis=1)
 
 

@@ -49,10 +49,11 @@ def _parser():
                         description="Turn a source into the HDF5 layout every rank reads its shard from "
                                     "(docs/data.md). An option that the source or the partition scheme does "
                                     "not read is refused.")
-    pr.add_argument("--source", help="digits | synthetic | npz:PATH | npz:DIR | npy:DIR | csv:PATH | images:DIR | "
-                                     "text:FILE | pydoc (text: a token stream for language models; pydoc: Python's "
-                                     "documentation, embedded) (may be left out with --partition to re-partition "
-                                     "an existing --out)")
+    pr.add_argument("--source", help="digits | diabetes | synthetic | npz:PATH | npz:DIR | npy:DIR | csv:PATH | "
+                                     "images:DIR | text:FILE | pydoc (text: a token stream for language models; "
+                                     "pydoc: Python's documentation, embedded; diabetes: scikit-learn's, regression; "
+                                     "npz/npy with a float y: regression) (may be left out with --partition to "
+                                     "re-partition an existing --out)")
     pr.add_argument("--out", required=True, metavar="FILE.h5", help="the file to write (its folder is created)")
     pr.add_argument("--test-fraction", type=float,
                     help="held-out share when the source has no test split (default 0.2, after a seeded shuffle; "
@@ -67,6 +68,9 @@ def _parser():
                     help="number of classes (synthetic: default 10; other sources: default the largest "
                          "label + 1, and labels beyond --classes are refused)")
     pr.add_argument("--label-column", help="csv: label column name or index (default: the last column)")
+    pr.add_argument("--target", metavar="COL[,COL…]",
+                    help="csv: regression on these columns (names or indices; float targets, standardised); the "
+                         "other columns are the features")
     pr.add_argument("--layout", choices=("nchw", "nhwc"),
                     help="npz/npy: the samples' channels are first (nchw: stored as given) or last (nhwc: moved "
                          "first); default: a 3-axis sample whose last axis is 1, 3 or 4 is channels last")
@@ -87,10 +91,11 @@ def _parser():
 
     e = sub.add_parser("eval", help="score a saved model on a dataset (distributed)",
                        description="Print the accuracy and mean loss of a saved model on a split of a data "
-                                   "file as one JSON line; each rank scores a part. The file's rows are "
+                                   "file as one JSON line (regression: the mean loss, and the RMSE and R² in "
+                                   "the targets' units); each rank scores a part. The file's rows are "
                                    "standardised with the model's training statistics (model.h5), so a file "
                                    "prepared separately scores as the model's own would; its feature shape "
-                                   "and classes must be the model's.")
+                                   "and classes (or targets) must be the model's.")
     e.add_argument("--model", required=True, metavar="DIR/model.h5", help="the model.h5 of a run")
     e.add_argument("--data", required=True, metavar="FILE.h5", help="a file written by prepare")
     e.add_argument("--split", choices=("test", "train"), default="test",
@@ -160,7 +165,7 @@ def _info(comm):
 def _eval(args, comm):
     from .checkpoint import load_model
     from .data.shard import DataFile
-    from .evaluate import as_trained, check_compatible, evaluate, read_part
+    from .evaluate import as_trained, check_compatible, model_targets, read_part, scores
     from .kernels import compiled
     from .model import Model
 
@@ -170,10 +175,14 @@ def _eval(args, comm):
     comm.agree(compiled, comm)
     x, y = read_part(comm, data, args.split)
     x = as_trained(x, data.standardize, stats)  # the model's statistics, not the file's
-    loss, acc = evaluate(comm, Model(spec), params, x, y)
+    targets = comm.agree(model_targets, args.model) if spec.task == "regress" else None
+    if targets is not None:  # the file's targets as the model's were standardised
+        y = as_trained(y, data.targets, targets)
+    metrics = scores(comm, Model(spec), params, x, y, args.split, targets)
     if comm.rank == 0:
         n = data.n_test if args.split == "test" else data.n_train
-        print(json.dumps({"split": args.split, "samples": n, "accuracy": acc, "loss": loss}))
+        print(json.dumps({"split": args.split, "samples": n,
+                          **{k[len(args.split) + 1:]: v for k, v in metrics.items()}}))
 
 
 PARTITION_OPTIONS = {"clients": "--clients", "alpha": "--alpha", "shards_per_client": "--shards-per-client",
@@ -201,7 +210,8 @@ def _prepare(args, prepare):
             raise MpitrainError("prepare: --source is required (unless --partition re-partitions --out)")
         given = [o for o, v in (("--test-fraction", args.test_fraction), ("--samples", args.samples),
                                 ("--features", args.features), ("--classes", args.classes),
-                                ("--label-column", args.label_column), ("--layout", args.layout),
+                                ("--label-column", args.label_column), ("--target", args.target),
+                                ("--layout", args.layout),
                                 ("--image-size", args.image_size), ("--grayscale", args.grayscale or None),
                                 ("--skip-bad", args.skip_bad or None), ("--tokenizer", args.tokenizer))
                  if v is not None]
@@ -211,7 +221,8 @@ def _prepare(args, prepare):
         return write_partition(args.out, **partition)
     return prepare(args.source, args.out, args.test_fraction, args.seed, args.classes, args.image_size,
                    args.grayscale, args.skip_bad, args.layout, partition or None, samples=args.samples,
-                   features=args.features, label_column=args.label_column, tokenizer=args.tokenizer)
+                   features=args.features, label_column=args.label_column, tokenizer=args.tokenizer,
+                   target=args.target)
 
 
 def _federate_default(args, overrides, comm):

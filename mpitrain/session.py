@@ -9,7 +9,7 @@ from .config import DEFAULT_PARTITION, default_data_path, default_federated_data
 from .data.shard import DataFile
 from .data.text import default_text_path, read_token_part
 from .errors import MpitrainError
-from .evaluate import read_part
+from .evaluate import read_part, target_attrs
 from .kernels import compiled
 from .model import Model, ModelSpec
 from .report import RunLog, clear_run, held_run, make_run_dir, read_summary
@@ -103,7 +103,7 @@ class Session:
         self.config_text = to_toml(cfg)
         check_world(comm, self.config_text, self.data.checksum)
         lm = data.task == "lm"  # a language model's samples are windows of block_size tokens
-        self.spec = comm.agree(ModelSpec, m.kind, m.block_size if lm else data.n_features, data.n_classes,
+        self.spec = comm.agree(ModelSpec, m.kind, m.block_size if lm else data.n_features, data.n_out,
                                tuple(m.hidden), m.activation, tuple(m.layers),
                                (m.block_size,) if lm else data.feature_shape, data.task, m.n_layer, m.n_head,
                                m.n_embd, m.dropout, m.norm)
@@ -171,7 +171,8 @@ class Session:
 
     def finish(self, summary, params, **model_attrs):
         """Add the common summary fields, write model.h5 (rank 0: the parameters, the model's state vector,
-        the data's standardisation and vocabulary) and summary.json; all ranks return together."""
+        the data's standardisation, vocabulary or target standardisation) and summary.json; all ranks return
+        together."""
         summary.update(world_size=self.comm.size, threads_per_rank=self.threads, n_params=self.spec.n_params,
                        wall_seconds=time.perf_counter() - self.started, data=self.cfg.data.path,
                        data_checksum=self.data.checksum, mpitrain_version=__version__)
@@ -179,6 +180,7 @@ class Session:
             save_model(os.path.join(self.out, "model.h5"), self.spec, params, self.data.standardize,
                        self.model.ctx.state, data_checksum=self.data.checksum,
                        **{k: self.data.f.attrs[k] for k in ("tokenizer", "vocab") if k in self.data.f.attrs},
+                       **target_attrs(self.data.targets if self.data.task == "regress" else None),
                        **model_attrs)
         self.log.finish(summary)
         self.comm.barrier()

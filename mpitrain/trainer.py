@@ -14,7 +14,7 @@ from . import __version__
 from . import preempt
 from .checkpoint import Parts
 from .data.shard import open_shard
-from .evaluate import evaluate
+from .evaluate import said, scores
 from .kernels import HOST
 from .memory import peak_rss
 from .optim import Optimizer, schedule
@@ -106,7 +106,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
         shard.close()
         return run.finished
     log, ckpt = run.log, run.ckpt
-    last = {}  # the last step's train loss and accuracy: kept in checkpoints for a run resumed at its end
+    last = {}  # the last step's train loss (and accuracy): kept in checkpoints for a run resumed at its end
     if resumed:
         first, arrays, attrs = resumed
         params = grid.take(arrays["params"].astype(np.float32))
@@ -141,7 +141,8 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
     eval_every = t.eval_every or shard.steps_per_epoch
     scale = 1.0 / t.global_batch
     train_seconds = 0.0
-    test_loss = test_acc = None
+    test = None  # the last evaluation's metrics (evaluate.scores)
+    targets = data.targets if spec.task == "regress" else None  # test RMSE in the targets' original units
     if first < total:  # the first step's data is read before the timed loop, as an in-memory part is
         shard.get(*divmod(first, shard.steps_per_epoch))
     for step in range(first, total):
@@ -158,14 +159,15 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
         if not np.isfinite(loss):
             raise run.diverged(f"step {step + 1}", "the loss")
         stop, timed = step_fn.flags > 0
-        last = {"train_loss": loss * scale, "train_accuracy": correct * scale}
+        last = {"train_loss": loss * scale}
+        if spec.task != "regress":  # a regression step's hits are its squared errors: train_loss says them
+            last["train_accuracy"] = correct * scale
         if (step + 1) % max(t.log_every, 1) == 0 or step + 1 == total:
             log.record(step=step + 1, epoch=epoch + 1, lr=lr_now, **last)  # epochs count from 1, as printed
         if (step + 1) % eval_every == 0 or step + 1 == total:
-            test_loss, test_acc = evaluate(comm, model, grid.full(sync.full(params)), run.test_x, run.test_y)
-            log.record(step=step + 1, epoch=epoch + 1, test_loss=test_loss, test_accuracy=test_acc)
-            log.say(f"step {step + 1}/{total}  epoch {epoch + 1}  loss {last['train_loss']:.4f}  "
-                    f"test loss {test_loss:.4f}  test acc {test_acc:.4f}")
+            test = scores(comm, model, grid.full(sync.full(params)), run.test_x, run.test_y, targets=targets)
+            log.record(step=step + 1, epoch=epoch + 1, **test)
+            log.say(f"step {step + 1}/{total}  epoch {epoch + 1}  loss {last['train_loss']:.4f}  {said(test)}")
         log.advance(1, loss=f"{loss * scale:.4f}")
         if ckpt.due(step + 1, stop or timed) or step + 1 == total:
             host = model.xp.to_host
@@ -176,15 +178,15 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
         if stop and step + 1 < total:  # at the last step the run simply ends (model.h5, summary, exit 0)
             run.stop(f"step {step + 1}")
     shard.close()
-    if test_acc is None:  # resumed at the end: score the restored model
-        test_loss, test_acc = evaluate(comm, model, grid.full(sync.full(params)), run.test_x, run.test_y)
+    if test is None:  # resumed at the end: score the restored model
+        test = scores(comm, model, grid.full(sync.full(params)), run.test_x, run.test_y, targets=targets)
     memory = [sum(v.nbytes for v in opt.state.values()), *sync.bytes_per_rank(params, step_fn.grad), peak_rss(),
               shard.reader_rss]
     tensor = getattr(local, "seconds", 0.0), getattr(local, "bytes", 0) / max(sync.steps, 1)
     train_seconds, comm_seconds, *memory, tensor_seconds, tensor_bytes = comm.allreduce(
         [train_seconds, sync.seconds, *memory, *tensor], op="max")
     summary = {
-        "test_accuracy": test_acc, "test_loss": test_loss, **last,
+        **test, **last,
         "steps": total, "epochs": total / shard.steps_per_epoch, "global_batch": t.global_batch,
         "samples_per_second": (total - first) * t.global_batch / train_seconds if train_seconds else None,
         "comm_seconds": comm_seconds, "comm_mode": cfg.comm.mode, "data_stream": shard.streams,
@@ -198,7 +200,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
     timing = (f"{speed:.0f} samples/s, {train_seconds:.1f} s ({comm_seconds:.1f} s in {cfg.comm.mode} communication"
               f"{f', {tensor_seconds:.1f} s in the tensor group' if grid.T > 1 else ''})" if speed else
               f"no step left to run after step {first}")
-    log.say(f"done: test accuracy {test_acc:.4f}, {timing} → {run.out}")
+    log.say(f"done: {said(test, loss=False)}, {timing} → {run.out}")
     final = grid.saved(sync.saved(params))
     final = final.gather() if isinstance(final, Parts) else model.xp.to_host(final)  # whole on rank 0
     return run.finish(summary, final, steps=total)

@@ -90,7 +90,7 @@ def test_prepare_npz_and_csv(tmp_path):
 def test_prepare_rejects_bad_sources(tmp_path):
     np.savez(tmp_path / "nolabels.npz", x=np.zeros((5, 2)))
     np.savez(tmp_path / "nan.npz", x=np.full((5, 2), np.nan), y=np.zeros(5))
-    np.savez(tmp_path / "neg.npz", x=np.zeros((5, 2)), y=-np.ones(5))
+    np.savez(tmp_path / "neg.npz", x=np.zeros((5, 2)), y=-np.ones(5, np.int64))  # float y: regression targets
     for source, message in (("npz:" + str(tmp_path / "nolabels.npz"), "missing array(s) y"),
                             ("npz:" + str(tmp_path / "nan.npz"), "features must be finite"),
                             ("npz:" + str(tmp_path / "neg.npz"), "labels must be integers ≥ 0"),
@@ -221,7 +221,7 @@ def test_csv_common_exports_take_the_fast_path(tmp_path, monkeypatch):
      r"x_test: shape \(0, 2\) has no samples"),
     (dict(x=np.zeros((5, 2)), y=np.zeros(5), x_test=np.zeros((3, 0)), y_test=np.zeros(3)),
      r"x_test: shape \(3, 0\) has no features"),
-    (dict(x=np.zeros((5, 2)), y=np.zeros((5, 1))), r"y: expected 5 labels \(one per sample\), got shape \(5, 1\)"),
+    (dict(x=np.zeros((5, 2)), y=np.zeros((5, 1), int)), r"y: expected 5 labels \(one per sample\), got shape \(5, 1\)"),
     (dict(x=np.zeros((5, 2)), y=np.array(list("abcde"))), r"y: labels must be integers, got dtype <U1"),
     (dict(x=np.zeros((5, 2), complex), y=np.zeros(5)), r"x: features must be real numbers, got dtype complex128"),
     (dict(x=np.zeros((5, 2), "m8[s]"), y=np.zeros(5)), r"x: features must be real numbers, got dtype timedelta64"),
@@ -247,8 +247,9 @@ def test_degenerate_sources_from_the_command_line(tmp_path):
      r"x_test samples have shape \(3, 2\), x samples \(2, 3\); expected the same"),
     (dict(x_test=np.zeros((4, 6)), y_test=np.zeros(4)), r"x_test samples have shape \(6,\), x samples \(2, 3\)"),
     (dict(x_test=np.zeros((4, 2, 4)), y_test=np.zeros(4)), r"x_test samples have shape \(2, 4\), x samples \(2, 3\)"),
-    (dict(x_test=np.zeros((4, 2, 3)), y_test=np.zeros(5)), r"y_test: expected 4 labels \(one per sample\), got shape \(5,\)"),
-    (dict(x_test=np.zeros((4, 2, 3)), y_test=np.full(4, 0.5)), r"y_test: labels must be integers ≥ 0"),
+    (dict(x_test=np.zeros((4, 2, 3)), y_test=np.zeros(5, int)), r"y_test: expected 4 labels \(one per sample\), got shape \(5,\)"),
+    (dict(x_test=np.zeros((4, 2, 3)), y_test=np.full(4, 0.5)),
+     r"y_test: dtype float64, but y is integer \(class labels\); expected the same kind"),
     (dict(x_test=np.zeros((4, 2, 3), complex), y_test=np.zeros(4)), r"x_test: features must be real numbers"),
     (dict(x_test=np.full((4, 2, 3), np.inf), y_test=np.zeros(4)), r"x_test: features must be finite"),
     (dict(x_test=np.zeros((4, 2, 3))), r"x_test and y_test must be given together"),
@@ -281,7 +282,7 @@ def test_requested_class_count_is_honoured(tmp_path):
     np.savez(tmp_path / "t.npz", x=np.zeros((6, 2)), y=np.arange(6) % 3, x_test=np.zeros((2, 2)), y_test=[0, 4])
     with pytest.raises(MpitrainError, match=r"t.npz y_test: 1 label\(s\) ≥ --classes 3; expected 0…2"):
         prepare("npz:" + str(tmp_path / "t.npz"), out, classes=3)
-    np.savez(tmp_path / "one.npz", x=np.zeros((6, 2)), y=np.zeros(6))
+    np.savez(tmp_path / "one.npz", x=np.zeros((6, 2)), y=np.zeros(6, int))
     with pytest.raises(MpitrainError, match=r"one.npz: every label is 0, so the file would have 1 class; "
                                             r"expected ≥ 2 \(or pass --classes\)"):
         prepare("npz:" + str(tmp_path / "one.npz"), out)

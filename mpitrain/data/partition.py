@@ -80,6 +80,9 @@ def add_partition(f, scheme, clients=16, alpha=None, shards_per_client=None, see
     alpha, shards_per_client = 0.5 if alpha is None else alpha, 2 if shards_per_client is None else shards_per_client
     if not 0 <= test_fraction < 1:
         raise MpitrainError(f"--client-test-fraction {test_fraction}: expected a number in [0, 1)")
+    if f.attrs.get("task", "classify") != "classify":
+        raise MpitrainError(f"--partition: not for {f.attrs.get('source')} (task = {f.attrs['task']!r}): federated "
+                            "partitions hold class labels")
     x, y = f["train/x"], f["train/y"][...]  # x is copied a group of rows at a time: bounded memory
     parts = split_clients(y, scheme, clients, alpha, shards_per_client, seed)
     order = np.concatenate(parts)

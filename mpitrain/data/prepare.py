@@ -3,7 +3,9 @@
 Layout: train/x, test/x (float32, samples × features, chunked along samples), train/y, test/y (int64),
 standardize/mean, standardize/std (training-split statistics, already applied: one per feature, or for
 images one per channel), and attributes n_classes, feature_shape, source, checksum (sha256 of the four
-arrays), format; images also class_names.
+arrays), format; images also class_names.  Regression (float y, or csv --target): train/y, test/y are
+float32 samples × targets, standardised with the training split's target/mean, target/std; attributes
+task = "regress" and n_targets instead of n_classes.
 
 Bounded memory: sources larger than memory (npy:DIR, npz:DIR, images:DIR) are read a group of rows at a
 time — npy files with positioned reads, a folder of npz files or of images first copied in storage order
@@ -22,7 +24,7 @@ from .. import __version__
 from ..errors import MpitrainError
 
 FORMAT = 1
-SOURCES = "digits | synthetic | npz:PATH | npz:DIR | npy:DIR | csv:PATH | images:DIR | text:FILE | pydoc"
+SOURCES = "digits | diabetes | synthetic | npz:PATH | npz:DIR | npy:DIR | csv:PATH | images:DIR | text:FILE | pydoc"
 GROUP_BYTES = 4 << 20  # rows gathered, checked and written at a time (a source under it: one group)
 SYNTHETIC_CLASSES = 10  # --classes when the synthetic source is not given one
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # compared lower-cased
@@ -32,6 +34,7 @@ CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: the channel counts --layout's automatic
 SOURCE_OPTIONS = {"--samples": (("synthetic",), "the synthetic source"),
                   "--features": (("synthetic",), "the synthetic source"),
                   "--label-column": (("csv",), "a csv:PATH source"),
+                  "--target": (("csv",), "a csv:PATH source (npz and npy sources give float y for regression)"),
                   "--layout": (("npz", "npy"), "npz:PATH, npz:DIR and npy:DIR sources"),
                   "--image-size": (("images",), "an images:DIR source"),
                   "--grayscale": (("images",), "an images:DIR source"),
@@ -44,6 +47,15 @@ def _digits():
     d = load_digits()
     # one channel, as images:DIR --grayscale: feature_shape [1, 8, 8], the same 64 numbers in the same order
     return d.images.astype(np.float32)[:, None], d.target.astype(np.int64), None, None
+
+
+def _diabetes():
+    """scikit-learn's diabetes data (Efron et al. 2004, shipped in its wheel): 442 patients, 10 raw baseline
+    variables, the target a measure of disease progression one year later (float: regression)."""
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes(scaled=False)
+    return d.data, d.target, None, None
 
 
 def _synthetic(samples, features, classes, seed):
@@ -159,7 +171,7 @@ def _npz_dir(root, temp):
     for path in paths:
         x, y, x_test, y_test = _npz(path)
         if test is None:
-            test = x_test is not None
+            test, regress = x_test is not None, _is_float(y)
         elif test != (x_test is not None):
             raise MpitrainError(f"{path}: {'no' if test else 'an'} x_test, unlike {paths[0]}; expected the same arrays in every file")
         for c, lab, a, b, name in ((0, 0, x, y, "x"), (1, 1, x_test, y_test, "x_test")):
@@ -171,7 +183,8 @@ def _npz_dir(root, temp):
                 raise MpitrainError(f"{path}: {name} samples have shape {a.shape[1:]}, {paths[0]}'s x {shape}; "
                                     "expected the same")
             copies[c].add(_features(a, f"{path} {name}"))
-            labels[lab].append(_labels(b, f"{path} y" if c == 0 else f"{path} y_test", len(a)))
+            like = (f"{paths[0]} y", labels[0][0]) if labels[0] else None
+            labels[lab].append(_outputs(b, f"{path} y" if c == 0 else f"{path} y_test", len(a), regress, like))
     return (copies[0].rows(), np.concatenate(labels[0]), copies[1].rows() if test else None,
             np.concatenate(labels[1]) if test else None)
 
@@ -219,22 +232,21 @@ def _csv_rows(path):
         raise MpitrainError(f"{path}: line {reader.line_num}: {exc}") from None
 
 
-def _label_index(path, label_column, header, width):
-    if label_column is None:
-        return width - 1
-    if header and label_column in header:
-        if header.count(label_column) > 1:
-            raise MpitrainError(f"{path}: column name {label_column!r} appears {header.count(label_column)} "
-                                f"times in the header")
-        return header.index(label_column)
+def _column(path, name, header, width, option):
+    """The index of column `name` (a header name, else an index) that option (--label-column, --target) gives."""
+    if header and name in header:
+        if header.count(name) > 1:
+            raise MpitrainError(f"{path}: column name {name!r} appears {header.count(name)} times in the header")
+        return header.index(name)
     try:
-        col = int(label_column)
+        col = int(name)
     except ValueError:
         known = (f"columns: {', '.join(header)}" if header else
-                 f"no header row, so --label-column must be a column index, 0…{width - 1}")
-        raise MpitrainError(f"{path}: no column named {label_column!r} ({known})") from None
+                 f"no header row, so {option} must be a column index, 0…{width - 1}")
+        raise MpitrainError(f"{path}: no column named {name!r} ({known})") from None
     if not -width <= col < width:
-        raise MpitrainError(f"{path}: label column {label_column} is out of range for {width} columns")
+        what = "label" if option == "--label-column" else "target"
+        raise MpitrainError(f"{path}: {what} column {name} is out of range for {width} columns")
     return col % width
 
 
@@ -258,7 +270,12 @@ def _csv_table(path, header, width):
     return np.array(table, dtype=np.float64)
 
 
-def _csv(path, label_column):
+def _csv(path, label_column, target=None):
+    """x and the label column (classification), or with target (--target COL[,COL…]) the target columns
+    (regression); every other column is a feature."""
+    if target is not None and label_column is not None:
+        raise MpitrainError("--target with --label-column: a csv source has one label column (classification) "
+                            "or target columns (regression); give one of them")
     rows = _csv_rows(path)
     first = next(rows, None)
     if first is None:
@@ -269,8 +286,17 @@ def _csv(path, label_column):
     header = names if any(n and not _is_number(n) for n in names) else None
     width = len(cells)
     if width < 2:
-        raise MpitrainError(f"{path}: 1 column; expected a label column and at least one feature column")
-    col = _label_index(path, label_column, header, width)
+        raise MpitrainError(f"{path}: 1 column; expected a {'label' if target is None else 'target'} column and "
+                            "at least one feature column")
+    if target is None:
+        cols = [width - 1 if label_column is None else _column(path, label_column, header, width, "--label-column")]
+    else:
+        cols = [_column(path, t.strip(), header, width, "--target") for t in target.split(",")]
+        if len(set(cols)) < len(cols):
+            raise MpitrainError(f"--target {target}: names a column of {path} twice")
+        if len(cols) == width:
+            raise MpitrainError(f"--target {target}: every column of {path} is a target; expected at least one "
+                                "feature column")
     if header and next(rows, None) is None:
         raise MpitrainError(f"{path}: a header row but no data rows")
     rows.close()
@@ -281,7 +307,7 @@ def _csv(path, label_column):
         table = None
     if table is None or table.shape[1] != width:
         table = _csv_table(path, header, width)
-    return np.delete(table, col, axis=1), table[:, col], None, None
+    return np.delete(table, cols, axis=1), table[:, cols] if target is not None else table[:, cols[0]], None, None
 
 
 def _visible(folder):
@@ -384,11 +410,13 @@ def _images(root, image_size, grayscale, skip_bad, temp):
 
 
 def load_source(source, samples=10000, features=64, classes=SYNTHETIC_CLASSES, seed=0, label_column=None,
-                temp=None):
+                target=None, temp=None):
     """x, y, x_test, y_test of a source (arrays, or Rows read in groups); temp(name): a temporary path."""
     kind, _, path = source.partition(":")
     if source == "digits":
         return _digits()
+    if source == "diabetes":
+        return _diabetes()
     if source == "synthetic":
         return _synthetic(samples, features, classes, seed)
     if kind == "npy" and path:
@@ -396,7 +424,7 @@ def load_source(source, samples=10000, features=64, classes=SYNTHETIC_CLASSES, s
     if kind == "npz" and os.path.isdir(path):
         return _npz_dir(path, temp)
     if kind in ("npz", "csv") and path:
-        return _npz(path) if kind == "npz" else _csv(path, label_column)
+        return _npz(path) if kind == "npz" else _csv(path, label_column, target)
     raise MpitrainError(f"--source {source!r}: expected one of {SOURCES}")
 
 
@@ -409,6 +437,32 @@ def _labels(y, name, n):
     if not np.all(np.isfinite(y)) or np.any(y != np.round(y)) or y.min() < 0:
         raise MpitrainError(f"{name}: labels must be integers ≥ 0")
     return y.astype(np.int64)
+
+
+def _is_float(y):
+    return np.asarray(y).dtype.kind == "f"
+
+
+def _targets(y, name, n):
+    """Regression targets: floats (n,) or (n, targets), finite, as float64 (n, targets)."""
+    y = np.asarray(y)
+    if y.ndim not in (1, 2) or len(y) != n or y.size == 0:
+        raise MpitrainError(f"{name}: expected {n} float targets, shape ({n},) or ({n}, targets), got shape {y.shape}")
+    if not np.all(np.isfinite(y)):
+        raise MpitrainError(f"{name}: targets must be finite (found NaN or Inf)")
+    return y.reshape(n, -1).astype(np.float64)
+
+
+def _outputs(y, name, n, regress, like=None):
+    """y as class labels (_labels) or, regress, as float targets (_targets); like: (name, array) of a y
+    checked before that this one must match (its kind, and its number of targets)."""
+    if like is not None and _is_float(y) != regress:
+        kind = "float (regression targets)" if regress else "integer (class labels)"
+        raise MpitrainError(f"{name}: dtype {np.asarray(y).dtype}, but {like[0]} is {kind}; expected the same kind")
+    y = _targets(y, name, n) if regress else _labels(y, name, n)
+    if like is not None and regress and y.shape[1] != like[1].shape[1]:
+        raise MpitrainError(f"{name}: {y.shape[1]} target(s), {like[0]} {like[1].shape[1]}; expected the same")
+    return y
 
 
 def _features(x, name):
@@ -446,18 +500,20 @@ def _class_count(source, classes, labels):
 
 def prepare(source, out, test_fraction=None, seed=0, classes=None, image_size=None, grayscale=False,
             skip_bad=False, layout=None, partition=None, samples=None, features=None, label_column=None,
-            tokenizer=None):
+            tokenizer=None, target=None):
     """Write the HDF5 file for `source` to `out` (atomically).  Returns what was done, in lines.
 
     test_fraction: None = 0.2 where the source has no test split (refused where it has one); text sources
     (text:FILE, pydoc; data/text.py) 0.1, the stream's tail.  tokenizer (chars | bytes): text sources only.  classes: the
     n_classes attribute; None = the largest label + 1 (synthetic: SYNTHETIC_CLASSES; images:DIR: its class
-    folders, and --classes is refused).  The options of SOURCE_OPTIONS (None/False: not given) are refused
-    for other sources.  partition: write_partition's keyword arguments, to add a partition before the file
-    is moved into place.
+    folders, and --classes is refused; regression: refused).  target: csv's target columns ("COL[,COL…]":
+    names or indices), making a regression file, as a float y of npz/npy and diabetes do.  The options of
+    SOURCE_OPTIONS (None/False: not given) are refused for other sources.  partition: write_partition's
+    keyword arguments, to add a partition before the file is moved into place.
     """
     given = {"--samples": samples is not None, "--features": features is not None,
-             "--label-column": label_column is not None, "--layout": layout is not None,
+             "--label-column": label_column is not None, "--target": target is not None,
+             "--layout": layout is not None,
              "--image-size": image_size is not None, "--grayscale": grayscale, "--skip-bad": skip_bad}
     kind = source.partition(":")[0]
     for option, (kinds, which) in SOURCE_OPTIONS.items():
@@ -488,8 +544,8 @@ def prepare(source, out, test_fraction=None, seed=0, classes=None, image_size=No
         temps.append(f"{tmp}-{name}")
         return temps[-1]
 
-    opts = {k: v for k, v in (("samples", samples), ("features", features), ("label_column", label_column))
-            if v is not None}
+    opts = {k: v for k, v in (("samples", samples), ("features", features), ("label_column", label_column),
+                              ("target", target)) if v is not None}
     try:
         if text:
             return prepare_text(source, out, tmp, test_fraction, tokenizer, classes=classes, image_size=image_size,
@@ -552,7 +608,12 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
     axes, decided = (None, None) if kind not in ("npz", "npy") else _channels(raw_shape, layout, f"{source} x")
     feature_shape = raw_shape if axes is None else tuple(raw_shape[a] for a in axes)
     x = _features(x, f"{source} x")
-    y = _labels(y, f"{source} y", len(x))
+    # csv cells are all read as numbers: --target says regression there; elsewhere y's dtype does
+    regress = "target" in opts if kind == "csv" else _is_float(y)
+    if regress and classes is not None:
+        raise MpitrainError(f"--classes: {source} holds regression targets "
+                            f"({'--target' if kind == 'csv' else 'float y'}), not class labels (integers)")
+    y = _outputs(y, f"{source} y", len(x), regress)
     labels = {"y": y}
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xDA7A]))
     order = rng.permutation(len(x))
@@ -573,9 +634,14 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
         if test_shape != raw_shape:  # equal sizes are not enough: (3, 2) flattened is not (2, 3) flattened
             raise MpitrainError(f"{source}: x_test samples have shape {test_shape}, x samples {raw_shape}; "
                                 f"expected the same")
-        y_test = labels["y_test"] = _labels(y_test, f"{source} y_test", len(x_test))
+        y_test = labels["y_test"] = _outputs(y_test, f"{source} y_test", len(x_test), regress, ("y", y))
         test_order = np.arange(len(x_test))
-    n_classes = _class_count(source, classes, labels)
+    n_classes = None if regress else _class_count(source, classes, labels)
+    ys = {"train": y[order], "test": y_test}
+    if regress:  # targets standardised as features are, with the training split's statistics
+        t_mean, t_std = ys["train"].mean(axis=0).astype(np.float32), ys["train"].std(axis=0).astype(np.float32)
+        t_std[t_std < 1e-6] = 1.0
+        ys = {k: ((v - t_mean) / t_std).astype(np.float32) for k, v in ys.items()}
     features = int(np.prod(feature_shape))
     # images: one mean/std per channel over all its training pixels (as torchvision's Normalize)
     channels = feature_shape[0] if class_names is not None else 0
@@ -598,18 +664,20 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
         std[std < 1e-6] = 1.0  # constant features (e.g. the corners of digits) stay at 0
         shift, scale = per_feature((mean, std), features)
         # pass 2: standardise in place (train), gather and standardise (test); the checksum in file order
-        for split, ys in (("train", y[order]), ("test", y_test)):
-            d = dsets[split]
+        for split, d in dsets.items():
             for a in range(0, len(d), group):
                 xs = (d[a:a + group] if split == "train" else
                       _gather(x_test, test_order[a:a + group], f"{source} x_test", axes))
                 xs = (xs - shift) / scale
                 d[a:a + len(xs)] = xs
                 digest.update(xs.tobytes())
-            f.create_dataset(f"{split}/y", data=ys, chunks=(min(len(ys), 1 << 17),))
-            digest.update(np.ascontiguousarray(ys).tobytes())
+            f.create_dataset(f"{split}/y", data=ys[split], chunks=(min(len(d), 1 << 17), *ys[split].shape[1:]))
+            digest.update(np.ascontiguousarray(ys[split]).tobytes())
         f["standardize/mean"], f["standardize/std"] = mean, std
-        f.attrs.update(n_classes=n_classes, feature_shape=np.array(feature_shape, np.int64),
+        if regress:
+            f["target/mean"], f["target/std"] = t_mean, t_std
+        outputs = {"task": "regress", "n_targets": len(t_mean)} if regress else {"n_classes": n_classes}
+        f.attrs.update(**outputs, feature_shape=np.array(feature_shape, np.int64),
                        source=source, checksum=digest.hexdigest(), format=FORMAT,
                        created_by=f"mpitrain {__version__}")
         if class_names is not None:
@@ -621,7 +689,9 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
     os.replace(tmp, out)
     note = f" ({len(skipped)} unreadable image(s) skipped, the first {skipped[0]})" if skipped else ""
     lines = [decided, f"{out}: {len(order)} train + {len(test_order)} test samples, {features} features "
-                      f"{feature_shape}, {n_classes} classes, from {source}{note}",
+                      f"{feature_shape}, "
+                      + (f"{len(t_mean)} target(s) (regression)" if regress else f"{n_classes} classes")
+                      + f", from {source}{note}",
              parted if partition is not None else None]
     return "\n".join(line for line in lines if line)
 

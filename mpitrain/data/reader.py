@@ -28,21 +28,26 @@ CHILD = ("import signal as s; [s.signal(g, s.SIG_IGN) for g in (s.SIGTERM, s.SIG
          "from mpitrain.data.reader import main; main()")
 
 
-def layout(rows, features, span, strata):
+def _shapes(data, rows, span, strata):
+    """(shape, dtype) of a slot's x, y (labels, or regression targets) and order buffers."""
+    return [((rows, data.n_features), np.float32), ((rows, *data.y_shape), data.y_dtype), ((span, strata), np.int64)]
+
+
+def layout(data, rows, span, strata):
     """Byte offsets of the two slots' (x, y, order) buffers in the shared file, and its size (each buffer
     starts on a 64-byte boundary)."""
-    sizes = [rows * features * 4, rows * 8, span * strata * 8] * 2
+    sizes = [int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in _shapes(data, rows, span, strata)]
     offsets, at = [], 0
-    for size in sizes:
+    for size in sizes * 2:
         offsets.append(at)
         at += -(-max(size, 1) // 64) * 64
     return offsets, at
 
 
-def views(buffer, rows, features, span, strata):
+def views(buffer, data, rows, span, strata):
     """The two slots' (x, y, order) arrays on the shared mapping."""
-    offsets, _ = layout(rows, features, span, strata)
-    shapes = [((rows, features), np.float32), ((rows,), np.int64), ((span, strata), np.int64)]
+    offsets, _ = layout(data, rows, span, strata)
+    shapes = _shapes(data, rows, span, strata)
     arrays = [np.frombuffer(buffer, dtype, int(np.prod(shape)), at).reshape(shape)
               for at, (shape, dtype) in zip(offsets, shapes * 2)]
     return arrays[:3], arrays[3:]
@@ -59,22 +64,22 @@ class Blocks:
         self.data, self.split, self.rank, self.block, self.window = data, split, rank, block, window
         self.span = block * window
         rows = strata * self.span
-        shape = rows, data.n_features, self.span, strata
+        shape = rows, self.span, strata
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # memory, not disk, where Linux has it
         with tempfile.TemporaryFile(dir=shm) as f:  # unlinked: nothing to clean up, whatever ends the run
-            f.truncate(layout(*shape)[1])
-            self.mapping = mmap.mmap(f.fileno(), layout(*shape)[1])
+            f.truncate(layout(data, *shape)[1])
+            self.mapping = mmap.mmap(f.fileno(), layout(data, *shape)[1])
             root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
                        PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", CHILD, str(f.fileno())],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(f.fileno(),), env=env)
-        self.buffers = views(self.mapping, *shape)
+        self.buffers = views(self.mapping, data, *shape)
         # the child's chunk cache (h5py's is 1 MiB by default) holds a window's chunks, so a chunk that two
         # blocks of a window share is decompressed once
         chunks = data.f[f"{split}/x"].chunks
-        cache = max(2**20, rows * (4 * data.n_features + 8))
+        cache = max(2**20, rows * data.row_bytes)
         slots = max(521, 100 * (cache // ((chunks[0] if chunks else 1) * 4 * data.n_features))) | 1
         self._send(path=data.path, cache=[cache, slots], split=split, rank=rank, block=block, window=window,
                    shape=shape)
@@ -172,9 +177,9 @@ class Reader:
         self.split, self.rank, self.block, self.window = split, rank, block, window
         self.span = block * window
         self.dx, self.dy = self.data.f[f"{split}/x"], self.data.f[f"{split}/y"]
-        self.mapping = mmap.mmap(fd, layout(*shape)[1])
+        self.mapping = mmap.mmap(fd, layout(self.data, *shape)[1])
         os.close(fd)
-        self.buffers = views(self.mapping, *shape)
+        self.buffers = views(self.mapping, self.data, *shape)
 
     def start(self, bounds, strata, positions, key):
         self.bounds, self.strata, self.positions, self.key = bounds, range(*strata), positions, tuple(key)
@@ -215,7 +220,7 @@ class Reader:
             ends.append(n)
         self._each(spans, lambda lo, hi, at: self._read(lo, hi, x[at:], y[at:]))
         # the whole window checked at once; block by block only to name the first bad one
-        if not (np.isfinite(x[:n]).all() and (y[:n] >= 0).all() and (y[:n] < self.data.n_classes).all()):
+        if not self.data.fine(x[:n], y[:n]):
             self._each(spans, lambda lo, hi, at: self.data.check(x[at:at + hi - lo], y[at:at + hi - lo],
                                                                  self.split, lo, self.rank))
         steps = min(self.span, self.positions - w * self.span)

@@ -55,25 +55,41 @@ class DataFile:
 
             open_tokens(self)
             return
-        for key in ("train/x", "train/y", "test/x", "test/y"):
+        if self.task not in ("classify", "regress"):
+            _fail(path, f"attribute task = {self.task!r}: expected classify, regress or lm")
+        regress = self.task == "regress"
+        for key in ("train/x", "train/y", "test/x", "test/y") + (("target/mean", "target/std") if regress else ()):
             if key not in self.f or not isinstance(self.f[key], h5py.Dataset):
                 _fail(path, f"missing dataset {key}")
-        if "n_classes" not in self.f.attrs:
-            _fail(path, "missing attribute n_classes")
-        self.n_classes = int(self.f.attrs["n_classes"])
-        if self.n_classes < 2:
-            _fail(path, f"attribute n_classes = {self.n_classes}: expected ≥ 2")
+        count = "n_targets" if regress else "n_classes"
+        if count not in self.f.attrs:
+            _fail(path, f"missing attribute {count}")
+        n = int(self.f.attrs[count])
+        if n < (1 if regress else 2):
+            _fail(path, f"attribute {count} = {n}: expected ≥ {1 if regress else 2}")
+        # a sample's y: an int64 label (n_classes classes), or n_targets float32 targets (regression)
+        self.n_classes, self.n_targets = (None, n) if regress else (n, None)
+        self.y_shape, self.y_dtype = ((n,), np.float32) if regress else ((), np.int64)
+        # what prepare subtracted from the targets and divided them by: model.h5 keeps it (None: labels)
+        self.targets = (self.f["target/mean"][...], self.f["target/std"][...]) if regress else None
+        if regress and any(v.shape != (n,) for v in self.targets):
+            _fail(path, f"target/mean, target/std have shapes {self.targets[0].shape}, {self.targets[1].shape}: "
+                        f"expected ({n},) (n_targets)")
         self.checksum = str(self.f.attrs.get("checksum", ""))
         self.n_features = None
         for split in ("train", "test"):
             x, y = self.f[f"{split}/x"], self.f[f"{split}/y"]
             if x.ndim != 2 or x.dtype != np.float32:
                 _fail(path, f"{split}/x has shape {x.shape} and dtype {x.dtype}: expected float32 samples × features")
-            if y.shape != (x.shape[0],) or y.dtype.kind not in "iu":
+            if regress and (y.shape != (x.shape[0], n) or y.dtype != np.float32):
+                _fail(path, f"{split}/y has shape {y.shape} and dtype {y.dtype}: expected float32 {x.shape[0]} "
+                            f"samples × {n} targets")
+            if not regress and (y.shape != (x.shape[0],) or y.dtype.kind not in "iu"):
                 _fail(path, f"{split}/y has shape {y.shape} and dtype {y.dtype}: expected {x.shape[0]} integer labels")
             if self.n_features not in (None, x.shape[1]):
                 _fail(path, f"test/x has {x.shape[1]} features, train/x has {self.n_features}")
             self.n_features = x.shape[1]
+        self.row_bytes = 4 * self.n_features + np.dtype(self.y_dtype).itemsize * int(np.prod(self.y_shape))  # x, y
         self.n_train, self.n_test = len(self.f["train/y"]), len(self.f["test/y"])
         if self.n_train == 0:
             _fail(path, "train/x is empty")
@@ -86,16 +102,21 @@ class DataFile:
             _fail(path, f"attribute feature_shape = {list(self.feature_shape)} does not hold {self.n_features} "
                         "features")
 
+    @property
+    def n_out(self):
+        """A model's outputs for this file: its classes, its targets (regression) or its vocabulary (lm)."""
+        return self.n_targets if self.task == "regress" else self.n_classes
+
     def read(self, split, lo, hi, rank, keep=None):
-        """Rows [lo, hi) of split/x and split/y, checked (finite features, labels in range).  HDF5 reads
-        straight into the two arrays returned (no chunk cache; int64 labels need no conversion copy): they
-        are the only copies the read makes.  keep(array) is called on each as soon as it is read (fed.erase
-        registers them to be zeroed, also when a check fails)."""
+        """Rows [lo, hi) of split/x and split/y, checked (finite features, labels in range, finite targets).
+        HDF5 reads straight into the two arrays returned (no chunk cache; int64 labels and float32 targets need
+        no conversion copy): they are the only copies the read makes.  keep(array) is called on each as soon as
+        it is read (fed.erase registers them to be zeroed, also when a check fails)."""
         try:
             x = self.f[f"{split}/x"][lo:hi]
-            y = self.f[f"{split}/y"][lo:hi].astype(np.int64, copy=False)
+            y = self.f[f"{split}/y"][lo:hi].astype(self.y_dtype, copy=False)
         except MemoryError:  # the in-memory plan holds a rank's whole part
-            mib = (hi - lo) * (4 * self.n_features + 8) / 2**20
+            mib = (hi - lo) * self.row_bytes / 2**20
             raise MpitrainError(f"{self.path}: {split} rows {lo}..{hi - 1} ({mib:.0f} MiB) do not fit in the "
                                 f"memory of rank {rank}; set data.stream = true to read them block by block") from None
         if keep is not None:
@@ -104,11 +125,20 @@ class DataFile:
         self.check(x, y, split, lo, rank)
         return np.ascontiguousarray(x), y
 
+    def fine(self, x, y):
+        """Whether rows pass check (quickly: without naming a row)."""
+        if self.n_targets:
+            return bool(np.isfinite(x).all() and np.isfinite(y).all())
+        return bool(np.isfinite(x).all() and (y >= 0).all() and (y < self.n_classes).all())
+
     def check(self, x, y, split, lo, rank):
-        """Rows lo… of split as read: finite features, labels in 0..n_classes-1, or one line naming them."""
+        """Rows lo… of split as read: finite features, labels in 0..n_classes-1 or finite targets, or one line
+        naming them."""
         bad = ~np.isfinite(x).all(axis=1)
         what = "features contain NaN or Inf"
-        if not bad.any() and len(y):
+        if not bad.any() and len(y) and self.n_targets:
+            bad, what = ~np.isfinite(y).all(axis=1), "targets contain NaN or Inf"
+        elif not bad.any() and len(y):
             bad, what = (y < 0) | (y >= self.n_classes), f"labels must lie in 0..{self.n_classes - 1} (n_classes)"
         if bad.any():
             first = lo + int(np.argmax(bad))
@@ -135,7 +165,7 @@ class TrainShard:
         self._strata(data, global_batch, rank, size, seed)
         self.x, self.y = data.read("train", self.lo, self.hi, rank)
         self.xb = np.empty((self.batch, data.n_features), np.float32)
-        self.yb = np.empty(self.batch, np.int64)
+        self.yb = np.empty((self.batch, *data.y_shape), data.y_dtype)
         self.order = (None, None)  # (epoch, its order)
 
     def _strata(self, data, global_batch, rank, size, seed, n=None, what="samples"):
@@ -167,7 +197,7 @@ class TrainShard:
     def batch_at(self, rows):
         """Gather the rows of one step into the preallocated batch buffers."""
         np.take(self.x, rows, axis=0, out=self.xb)
-        np.take(self.y, rows, out=self.yb)
+        np.take(self.y, rows, axis=0, out=self.yb)
         return self.xb, self.yb
 
     def get(self, epoch, s):
@@ -183,7 +213,7 @@ class TrainShard:
 def block_rows(data, split, memory_mb, strata, window, given):
     """K: data.block_rows, or the file's chunk rows, less where two windows of `strata` strata would
     exceed half of memory_mb (the chunk cache takes up to another window)."""
-    row = 4 * data.n_features + 8
+    row = data.row_bytes
     chunks = data.f[f"{split}/x"].chunks
     fit = int(memory_mb * 2**20 // (4 * window * strata * row))
     return given or max(1, min(chunks[0] if chunks else max(1, 2**20 // row), fit))
@@ -207,13 +237,13 @@ class StreamShard(TrainShard):
         self.span = self.blocks.span  # steps per window
         dx = data.f["train/x"]
         if dx.compression and dx.chunks and k < dx.chunks[0]:
-            need = 4 * window_blocks * global_batch * dx.chunks[0] * (4 * data.n_features + 8) / 2**20
+            need = 4 * window_blocks * global_batch * dx.chunks[0] * data.row_bytes / 2**20
             self.note = (f"note: {data.path}: train/x is {dx.compression}-compressed in chunks of {dx.chunks[0]} "
                          f"rows and the stream reads blocks of {k}, so each chunk is decompressed up to "
                          f"{-(-dx.chunks[0] // k)} times an epoch; data.memory_mb ≥ {need:.0f} reads whole chunks "
                          "(or store the file uncompressed, or in smaller chunks)")
         self.xb = np.empty((self.batch, data.n_features), np.float32)
-        self.yb = np.empty(self.batch, np.int64)
+        self.yb = np.empty((self.batch, *data.y_shape), data.y_dtype)
 
     def _take(self, epoch, w):
         self.blocks.take(epoch, w)
@@ -225,7 +255,7 @@ class StreamShard(TrainShard):
             self.comm.agree(self._take, epoch, w)  # every rank changes window at the same step
         _, _, x, y, rows = self.blocks.current
         np.take(x, rows[s - w * self.span], axis=0, out=self.xb)
-        np.take(y, rows[s - w * self.span], out=self.yb)
+        np.take(y, rows[s - w * self.span], axis=0, out=self.yb)
         return self.xb, self.yb
 
     def close(self):
@@ -285,7 +315,7 @@ def open_shard(comm, data, cfg, global_batch, seed, rank, p, block_size=None):
         return comm.agree(token_shard, data, cfg, global_batch, seed, rank, p, block_size)
     n, b = data.n_train, global_batch
     rows = max((block(b, p, r)[1] * n // b - block(b, p, r)[0] * n // b for r in range(p)) if n >= b >= p else [0])
-    if cfg.stream or (cfg.memory_mb > 0 and rows * (4 * data.n_features + 8) > cfg.memory_mb * 2**20):
+    if cfg.stream or (cfg.memory_mb > 0 and rows * data.row_bytes > cfg.memory_mb * 2**20):
         return comm.agree(StreamShard, data, b, rank, p, seed, comm, cfg.memory_mb, cfg.window_blocks,
                           cfg.block_rows)
     return comm.agree(TrainShard, data, b, rank, p, seed)
