@@ -169,16 +169,24 @@ def _eval(args, comm):
     from .kernels import compiled
     from .model import Model
 
-    spec, params, stats = comm.agree(load_model, args.model, standardize=True)
+    from .data.text import read_token_part
+
+    spec, params, stats, state = comm.agree(load_model, args.model, standardize=True, state=True)
     data = comm.agree(DataFile, args.data)
     comm.agree(check_compatible, spec, data, args.model)
     comm.agree(compiled, comm)
-    x, y = read_part(comm, data, args.split)
-    x = as_trained(x, data.standardize, stats)  # the model's statistics, not the file's
+    if spec.task == "lm":  # windows of the model's block size
+        x, y = read_token_part(comm, data, spec.feature_shape[0], args.split)
+    else:
+        x, y = read_part(comm, data, args.split)
+        x = as_trained(x, data.standardize, stats)  # the model's statistics, not the file's
     targets = comm.agree(model_targets, args.model) if spec.task == "regress" else None
     if targets is not None:  # the file's targets as the model's were standardised
         y = as_trained(y, data.targets, targets)
-    metrics = scores(comm, Model(spec), params, x, y, args.split, targets)
+    model = Model(spec)
+    if state is not None:  # BatchNorm's running statistics
+        model.ctx.state[:] = state
+    metrics = scores(comm, model, params, x, y, args.split, targets)
     if comm.rank == 0:
         n = data.n_test if args.split == "test" else data.n_train
         print(json.dumps({"split": args.split, "samples": n,

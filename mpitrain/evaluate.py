@@ -34,9 +34,9 @@ def scores(comm, model, params, x, y, prefix="test", targets=None):
     sse, total, squares = np.reshape(sums, (3, K))
     var = np.ones(K) if targets is None else np.square(np.asarray(targets[1], np.float64))  # back to original units
     # sums of standardised targets: well conditioned; R² pools the targets, each about its own mean (scikit-learn's
-    # multioutput="variance_weighted"), so the task gets them centred: Σ = 0, Σ² = the total sum of squares
+    # multioutput="variance_weighted")
     ss_tot = float(var @ (squares - total * total / n))
-    return model.task.metrics(prefix, loss, float(var @ sse), n, (0.0, ss_tot, n * K))
+    return model.task.metrics(prefix, loss, float(var @ sse), n, (ss_tot, n * K))
 
 
 WORDS = {"accuracy": "acc", "r2": "R²", "bits_per_token": "bits/token"}  # a log line's names of metrics
@@ -81,6 +81,17 @@ def check_compatible(spec, data, model_path):
         model = {"classify": f"a classification model ({spec.n_out} classes)", "lm": "a language model",
                  "regress": f"a regression model ({spec.n_out} target(s))"}[spec.task]
         raise MpitrainError(f"{model_path}: {model} scores {held[spec.task]}; {data.path} holds {held[data.task]}")
+    if spec.task == "lm":  # the same tokens must mean the same characters
+        import h5py
+
+        with h5py.File(model_path, "r") as f:
+            mine = {k: str(f.attrs[k]) for k in ("tokenizer", "vocab") if k in f.attrs}
+        theirs = {k: str(v) for k, v in data.tokenizer.attrs().items()}
+        if mine != theirs:
+            raise MpitrainError(f"{model_path}: the model's vocabulary ({spec.n_out} tokens, "
+                                f"{mine.get('tokenizer', 'unknown')}) is not {data.path}'s ({data.n_out} tokens, "
+                                f"{theirs['tokenizer']}); prepare the text with the model's tokenizer")
+        return
     outputs = "targets" if spec.task == "regress" else "classes"
     if spec.feature_shape != data.feature_shape or spec.n_out != data.n_out:
         raise MpitrainError(f"{model_path}: the model takes samples of shape {list(spec.feature_shape)} and "

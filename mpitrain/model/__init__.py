@@ -188,6 +188,9 @@ class Model:
                                     f"{device.upper()} kernels yet; train this model with train.device = 'cpu'")
             if isinstance(l, Residual):
                 l.bind(self.xp)
+        if spec.task == "regress" and not hasattr(self.k, "mse"):
+            raise MpitrainError(f"train.device = {device!r}: regression's squared-error kernel runs on the CPU only; "
+                                "use train.device = 'cpu'")
         self.state_table = ParameterTable(self.net, state=True)
         self.ctx.state = self.state_table.init(0)  # BatchNorm running statistics: means 0, variances 1
         self.task = TASKS[spec.task]

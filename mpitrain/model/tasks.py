@@ -49,11 +49,11 @@ class Regress:
 
     @staticmethod
     def metrics(prefix, loss, hits, n, extra=None):
-        """extra: (Σy, Σy², number of target values) of the scored targets, for R² (standardised units)."""
+        """hits: the squared-error sum; extra: (the targets' total sum of squares about their means, the
+        number of target values), both in the units hits is in, for RMSE and R² (evaluate.scores)."""
         out = {f"{prefix}_loss": loss / n}
         if extra is not None:
-            total, squares, m = extra
-            ss_tot = squares - total * total / m
+            ss_tot, m = extra
             out[f"{prefix}_rmse"] = math.sqrt(hits / m)
             out[f"{prefix}_r2"] = 1.0 - hits / ss_tot if ss_tot > 0 else float("nan")
         return out
