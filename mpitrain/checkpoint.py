@@ -262,7 +262,10 @@ class Checkpointer:
                 raise MpitrainError(f"{path}: checkpoint of another model or dataset ({key} = "
                                     f"{attrs.get(key)!r}, this run has {self.attrs[key]!r})", agreed=True)
         for key, mine in self.meaning.items():
-            theirs = str(attrs[key]) if key in attrs else "(not recorded)"
+            if key not in attrs:  # an older checkpoint did not record it: take the run's setting, and say so
+                say(f"{path}: written before checkpoints recorded {key}; taking this run's ({mine})")
+                continue
+            theirs = str(attrs[key])
             if theirs != mine:
                 raise MpitrainError(f"{path}: the checkpoint of step/round {attrs['index']} is of a {key} = "
                                     f"{theirs} run; this run has {mine} (a resume keeps {key}: it gives the "
