@@ -425,9 +425,10 @@ class _Graph:
         return node("Reshape", [y, const(f"{n}.out_shape", np.array([0, T, C], np.int64))], n)
 
 
-def to_onnx(spec, p, standardize=None, tokenizer=None):
+def to_onnx(spec, p, standardize=None, tokenizer=None, targets=None):
     """The onnx.ModelProto of p = plan(spec, …), checked; standardize: model.h5's (mean, std), in its
-    properties; tokenizer: a language model's ({"tokenizer": …, "vocab": …}), likewise."""
+    properties; tokenizer: a language model's ({"tokenizer": …, "vocab": …}), likewise; targets: a regression
+    model's target (mean, std): the graph's output `targets` is then in the targets' units."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -435,12 +436,17 @@ def to_onnx(spec, p, standardize=None, tokenizer=None):
     if p.in_dims[1:] != [*p.shape]:  # a map stored (H, W) → (1, H, W), (L,) → (1, L)
         value = g.node("Reshape", [value, g.const("input_shape", np.array([-1, *p.shape], np.int64))], "x_nchw")
     value = g.steps(p.steps, value)
+    if targets is not None:  # the standardised outputs back to the targets' units
+        mean, std = (np.asarray(v, np.float32).reshape(-1) for v in targets)
+        value = g.node("Add", [g.node("Mul", [value, g.const("target_std", std)], "unscaled"),
+                               g.const("target_mean", mean)], "targets")
+    out = "targets" if targets is not None else "logits"
     assert g.nodes[-1].output[0] == value
-    g.nodes[-1].output[0] = "logits"
+    g.nodes[-1].output[0] = out
     graph = helper.make_graph(
         g.nodes, f"mpitrain_{spec.kind}",
         [helper.make_tensor_value_info(p.name, getattr(TensorProto, p.dtype), p.in_dims)],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, p.out_dims)], initializer=g.inits)
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, p.out_dims)], initializer=g.inits)
     graph.input[0].doc_string = ("token ids (int64), the block size of them" if p.dtype == "INT64" else
                                  "samples channels first, standardised with the training statistics (the "
                                  "property mpitrain.standardize)")
@@ -624,6 +630,7 @@ def _tokenizer(path):
 def export(model_path, fmt, out):
     """Write the model of model_path as `fmt` to out (atomically); returns the line to print."""
     from .checkpoint import atomic_write, load_model
+    from .evaluate import model_targets
 
     if fmt not in FORMATS:
         raise MpitrainError(f"export --format {fmt}: expected one of {', '.join(FORMATS)}")
@@ -634,16 +641,22 @@ def export(model_path, fmt, out):
     p = plan(spec, params, fmt, state)
     if os.path.isdir(out):
         raise MpitrainError(f"{out}: is a directory (expected a file name)")
+    targets = model_targets(model_path) if spec.task == "regress" else None
     if fmt == "onnx":
-        model = to_onnx(spec, p, stats, tokenizer)
+        model = to_onnx(spec, p, stats, tokenizer, targets)
 
         def write(tmp):
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
-        what = (f"onnx opset {OPSET}, input {p.name} [{', '.join(map(str, p.in_dims))}] → logits "
+        what = (f"onnx opset {OPSET}, input {p.name} [{', '.join(map(str, p.in_dims))}] → "
+                f"{'targets' if targets is not None else 'logits'} "
                 f"[{', '.join(map(str, p.out_dims))}]")
     else:
         arrays, description = to_npz(spec, p, stats, tokenizer)
+        if targets is not None:  # the Sequential's outputs are standardised targets
+            description["targets"] = {"mean": np.asarray(targets[0], np.float64).tolist(),
+                                      "std": np.asarray(targets[1], np.float64).tolist(),
+                                      "note": "output · std + mean: the targets in their units"}
 
         def write(tmp):
             with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name

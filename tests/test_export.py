@@ -575,3 +575,34 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     export(str(tmp_path / "model.h5"), "npz", str(tmp_path / "missing" / "m.npz"))  # its folder is made, as prepare's
     assert os.listdir(tmp_path / "missing") == ["m.npz"]
+
+
+def test_a_regression_model_exports_its_targets_units(tmp_path):
+    """ONNX's output `targets` and the npz description's target statistics give predict's values."""
+    import onnxruntime as ort
+
+    import mpitrain
+    from mpitrain.data.prepare import per_feature, prepare
+    from mpitrain.evaluate import model_targets
+    from mpitrain.export import export
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5)).astype(np.float32)
+    y = np.stack([x @ rng.normal(size=5) * 30 + 100, x[:, 0] - 5], axis=1).astype(np.float32)
+    np.savez(tmp_path / "reg.npz", x=x, y=y)
+    prepare(f"npz:{tmp_path / 'reg.npz'}", str(tmp_path / "reg.h5"))
+    mpitrain.train(overrides={"data.path": str(tmp_path / "reg.h5"), "model.hidden": [8], "train.steps": 20,
+                              "train.global_batch": 16},
+                   out=str(tmp_path / "run"))
+    model = str(tmp_path / "run" / "model.h5")
+    export(model, "onnx", str(tmp_path / "r.onnx"))
+    export(model, "npz", str(tmp_path / "r.npz"))
+    p = mpitrain.load_model(model)
+    mean, std = per_feature(p.standardize, 5)
+    session = ort.InferenceSession(str(tmp_path / "r.onnx"))
+    (got,) = session.run(["targets"], {"x": ((x - mean) / std).astype(np.float32)})
+    want = p.predict(x)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    d = json.loads(str(np.load(tmp_path / "r.npz")["description"]))
+    mean, std = model_targets(model)
+    assert d["targets"]["mean"] == mean.tolist() and d["targets"]["std"] == std.tolist() and abs(mean).max() > 1
