@@ -74,6 +74,7 @@ class TrainConfig:
     weight_decay: float = 1e-4  # L2 term added to the gradient; adamw: decoupled, p ← p·(1 − lr·weight_decay) on
                                 # the parameter table's decay tensors (weights, not biases, norms, embeddings)
     clip_norm: float = 0.0      # > 0: clip the global L2 norm of the mean gradient to this
+    decay: list[str] = field(default_factory=lambda: ["weight"])  # adamw: the groups decayed (weight|bias|norm|embedding)
     schedule: str = "cosine"    # constant | step | cosine
     warmup_steps: int = 0
     step_size: int = 1000       # step schedule: decay every step_size steps
@@ -220,6 +221,7 @@ class Config:
             _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "≥ 0")
         _check(t.step_size >= 1, "train.step_size", t.step_size, "≥ 1")
         _check(t.clip_norm >= 0, "train.clip_norm", t.clip_norm, "≥ 0 (0 = no clipping)")
+        _check(set(t.decay) <= set(DECAY_GROUPS), "train.decay", t.decay, "a list of " + ", ".join(DECAY_GROUPS))
         if t.clip_norm and (self.comm.mode == "local_sgd" or self.parallel.tensor > 1):
             raise MpitrainError(f"train.clip_norm = {t.clip_norm:g} clips the norm of the whole gradient, which "
                                 + ("comm.mode = 'local_sgd' never forms" if self.comm.mode == "local_sgd" else
@@ -260,6 +262,7 @@ class Config:
         return self
 
 
+DECAY_GROUPS = ("weight", "bias", "norm", "embedding")  # the parameter table's groups (model/base.py Param)
 MODES = ("plain", "overlap", "hierarchical", "fp16", "bf16", "topk", "sharded", "local_sgd", "fsdp")  # comm.mode
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multikrum", "norm_bound")
 ATTACKS = ("none", "sign_flip", "scale", "label_flip")
@@ -393,6 +396,7 @@ ACTS = {
     "train.epochs": lambda c: c.train.steps > 0 and f"train.steps = {c.train.steps} sets the length of the run",
     "train.momentum": _only("train.optimizer", "momentum", "nesterov"),
     **dict.fromkeys(("train.beta1", "train.beta2", "train.eps"), _only("train.optimizer", "adam", "adamw")),
+    "train.decay": _only("train.optimizer", "adamw"),
     "model.norm": _only("model.kind", "resnet8", "resnet20"),
     **dict.fromkeys(("model.n_layer", "model.n_head", "model.n_embd", "model.dropout"), _only("model.kind", "gpt")),
     **dict.fromkeys(("train.step_size", "train.gamma"), _only("train.schedule", "step")),

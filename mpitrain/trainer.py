@@ -95,7 +95,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
     lr_at = comm.agree(schedule, t.schedule, lr, total, t.warmup_steps, t.step_size, t.gamma)
     sync = comm.agree(make_sync, cfg, dp, local)
     part = sync.part  # the parameters this rank updates: all of them, or its shard (comm.mode = sharded)
-    mask = grid.take(model.table.decay_mask().astype(np.float32))[part].astype(np.uint8)  # adamw: which decay
+    mask = grid.take(model.table.decay_mask(t.decay).astype(np.float32))[part].astype(np.uint8)  # adamw: which decay
     opt = comm.agree(Optimizer, run.kernels, t.optimizer, part.stop - part.start, t.momentum, t.beta1,
                      t.beta2, t.eps, t.weight_decay, decay_mask=mask)
     limit = "train.steps" if t.steps else "train.epochs"

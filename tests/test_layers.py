@@ -200,3 +200,17 @@ def test_cnn_loss_and_gradient_match_the_reference(case):
         assert np.abs(w).max() > 0 and np.abs(b).max() > 0, layer.text()
     s_loss, s_correct = model.score(flat, x, y, chunk=3)
     assert s_loss == pytest.approx(loss, rel=1e-5) and s_correct == correct
+
+
+def test_the_decay_mask_follows_the_tables_groups():
+    from mpitrain.model import Model
+
+    m = Model(ModelSpec("gpt", 8, 11, feature_shape=(8,), task="lm", n_layer=1, n_head=2, n_embd=4))
+    groups = {e.name: e.param.group for e in m.table}
+    assert groups["layers.0.wte"] == "embedding" and groups["layers.1.main.0.weight"] == "norm"
+    assert groups["layers.1.main.1.qkv.weight"] == "weight" and groups["layers.1.main.1.qkv.bias"] == "bias"
+    default, more = m.table.decay_mask(), m.table.decay_mask(("weight", "embedding"))
+    for e in m.table:
+        part = slice(e.offset, e.offset + e.size)
+        assert default[part].all() == (e.param.group == "weight") and not default[part].any() == (e.param.group != "weight")
+        assert more[part].all() == (e.param.group in ("weight", "embedding"))

@@ -105,7 +105,7 @@ class Client:
     def __init__(self, model, kernels, t, f, dpsgd=None, traces=None):
         self.t, self.f = t, f
         opt = Optimizer(kernels, t.optimizer, model.n_params, t.momentum, t.beta1, t.beta2, t.eps, t.weight_decay,
-                        decay_mask=model.table.decay_mask())
+                        decay_mask=model.table.decay_mask(t.decay))
         self.stepper = Stepper(model, opt)
         self.ctx = model.ctx
         self.params = np.empty(model.n_params, np.float32)

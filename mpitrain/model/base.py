@@ -8,12 +8,13 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Param:
     """One named tensor of a layer's slice of the flat vector, in the order the slice holds them.
-    init: ("uniform", limit) | ("normal", std) | ("zeros",) | ("ones",); decay: AdamW's weight decay
-    applies; split: how tensor parallelism cuts it (column | row | heads | replicated)."""
+    init: ("uniform", limit) | ("normal", std) | ("zeros",) | ("ones",); group: weight | bias | norm |
+    embedding (| state), what AdamW's weight decay is chosen by (train.decay); split: how tensor parallelism
+    cuts it (column | row | heads | vocab | replicated)."""
     name: str
     shape: tuple
     init: tuple
-    decay: bool
+    group: str
     split: str = "replicated"
 
     @property

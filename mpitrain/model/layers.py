@@ -47,8 +47,8 @@ class Dense(Layer):
 
     def params(self):
         init = ("normal", self.std) if self.std else uniform_init(self.act, *self.fan)
-        return [Param("weight", (self.n_in, self.units), init, True, "column"),
-                Param("bias", (self.units,), ("zeros",), False, "column")]
+        return [Param("weight", (self.n_in, self.units), init, "weight", "column"),
+                Param("bias", (self.units,), ("zeros",), "bias", "column")]
 
     def views(self, flat, at=None):
         o, a, b = self.offset if at is None else at, self.n_in, self.units
@@ -91,8 +91,8 @@ class Conv(Layer):
                 + ("" if self.bias else " bias=false"))
 
     def params(self):
-        w = Param("weight", (self.channels, self.k_len), uniform_init(self.act, *self.fan), True, "column")
-        return [w, Param("bias", (self.channels,), ("zeros",), False, "column")] if self.bias else [w]
+        w = Param("weight", (self.channels, self.k_len), uniform_init(self.act, *self.fan), "weight", "column")
+        return [w, Param("bias", (self.channels,), ("zeros",), "bias", "column")] if self.bias else [w]
 
     def views(self, flat, at=None):
         o, a, b = self.offset if at is None else at, self.channels, self.k_len

@@ -85,7 +85,7 @@ class _Norm(Layer):
         self.n_params = 2 * self.C
 
     def params(self):
-        return [Param("weight", (self.C,), ("ones",), False), Param("bias", (self.C,), ("zeros",), False)]
+        return [Param("weight", (self.C,), ("ones",), "norm"), Param("bias", (self.C,), ("zeros",), "norm")]
 
     def views(self, flat, at=None):
         o = self.offset if at is None else at
@@ -153,7 +153,7 @@ class BatchNorm(_Norm):
         return "batchnorm"
 
     def state_entries(self):
-        return [Param("running_mean", (self.C,), ("zeros",), False), Param("running_var", (self.C,), ("ones",), False)]
+        return [Param("running_mean", (self.C,), ("zeros",), "state"), Param("running_var", (self.C,), ("ones",), "state")]
 
     def scratch(self, n, xp):
         return {"sums": np.empty(2 * self.C + 1, np.float64), "mean": xp.empty(self.C), "rstd": xp.empty(self.C)}
@@ -231,8 +231,8 @@ class Embedding(Layer):
         return f"embedding {self.C}" + ("" if self.positions else " positions=false")
 
     def params(self):
-        wte = Param("wte", (self.V, self.C), ("normal", 0.02), False, "vocab")
-        return [wte, Param("wpe", (self.T, self.C), ("normal", 0.02), False)] if self.positions else [wte]
+        wte = Param("wte", (self.V, self.C), ("normal", 0.02), "embedding", "vocab")
+        return [wte, Param("wpe", (self.T, self.C), ("normal", 0.02), "embedding")] if self.positions else [wte]
 
     def forward(self, k, p, x, out, s):
         k.encoder_forward(x, p[0], p[1] if self.positions else self.nopos, out)
@@ -285,8 +285,8 @@ class Attention(Layer):
         return f"attention {self.H}"
 
     def params(self):
-        return [Param("qkv.weight", (self.C, 3 * self.C), ("normal", self.std), True, "heads"),
-                Param("qkv.bias", (3 * self.C,), ("zeros",), False, "heads")]
+        return [Param("qkv.weight", (self.C, 3 * self.C), ("normal", self.std), "weight", "heads"),
+                Param("qkv.bias", (3 * self.C,), ("zeros",), "bias", "heads")]
 
     def views(self, flat, at=None):
         o, C = self.offset if at is None else at, self.C

@@ -51,12 +51,12 @@ class ParameterTable:
         e = self.by_name[name]
         return flat[e.offset:e.offset + e.size].reshape(e.param.shape)
 
-    def decay_mask(self):
-        """1 where AdamW's weight decay applies (weights of dense, conv and attention projections), 0 for
-        biases, norms and embeddings."""
+    def decay_mask(self, groups=("weight",)):
+        """1 where AdamW's weight decay applies: the tensors of those groups (by default the weights of dense,
+        conv and attention projections; not biases, norms and embeddings), 0 elsewhere."""
         mask = np.zeros(self.size, np.uint8)
         for e in self.entries:
-            mask[e.offset:e.offset + e.size] = e.param.decay
+            mask[e.offset:e.offset + e.size] = e.param.group in groups
         return mask
 
     def init(self, seed, part=None):
@@ -82,6 +82,6 @@ class ParameterTable:
         return flat
 
     def lines(self):
-        """One line per tensor (name, shape, offset, decay), for `info --model` and messages."""
-        return [f"{e.name:40s} {'×'.join(map(str, e.param.shape)):>14s}  @{e.offset:<10d} "
-                f"{'decay' if e.param.decay else ''}" for e in self.entries]
+        """One line per tensor (name, shape, offset, group), for messages and reading a model."""
+        return [f"{e.name:40s} {'×'.join(map(str, e.param.shape)):>14s}  @{e.offset:<10d} {e.param.group}"
+                for e in self.entries]

@@ -153,8 +153,8 @@ def main():
         out.update({f"{name}/x": x, f"{name}/y": y, f"{name}/logits": logits.detach().numpy().astype(np.float32),
                     f"{name}/grad": net.flat_grad().astype(np.float32)})
         # AdamW with PyTorch's decoupled decay on the table's decay entries only, global-norm clipping
-        decay = [net.tensors[e.name] for e in net.table if e.param.decay]
-        rest = [net.tensors[e.name] for e in net.table if not e.param.decay]
+        decay = [net.tensors[e.name] for e in net.table if e.param.group == "weight"]
+        rest = [net.tensors[e.name] for e in net.table if e.param.group != "weight"]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": rest, "weight_decay": 0.0}],
                                 lr=LR, betas=BETAS, eps=EPS)
         losses = []
