@@ -128,12 +128,23 @@ def test_open_shard_for_tokens(stream):
     comm, cfg = Comm(), DataConfig(path=stream.path)
     shard = open_shard(comm, stream, cfg, 16, 0, 0, 1, block_size=8)
     assert isinstance(shard, TokenShard) and not shard.streams
-    for cfg, block, what in ((DataConfig(stream=True), 8, "data.stream = true: token streams are read in memory"),
-                             (DataConfig(memory_mb=1e-4), 8, r"900 tokens .*beyond data.memory_mb"),
-                             (cfg, None, "needs a block size")):
-        with pytest.raises(MpitrainError, match=what) as e:
-            open_shard(comm, stream, cfg, 16, 0, 0, 1, block_size=block)
-        assert stream.path in str(e.value)
+    with pytest.raises(MpitrainError, match="needs a block size") as e:
+        open_shard(comm, stream, cfg, 16, 0, 0, 1, block_size=None)
+    assert stream.path in str(e.value)
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_streamed_windows_are_the_windows_in_memory(stream, size):
+    """data.stream (or a part beyond data.memory_mb) reads each step's windows from the file: the same batches."""
+    comm = Comm()
+    for r in range(size):
+        held = open_shard(comm, stream, DataConfig(), 12, 5, r, size, block_size=8)
+        for cfg in (DataConfig(stream=True), DataConfig(memory_mb=1e-4)):
+            streamed = open_shard(comm, stream, cfg, 12, 5, r, size, block_size=8)
+            assert streamed.streams and not hasattr(streamed, "tokens") and "streaming" in streamed.note
+            for epoch, s in ((0, 0), (0, 3), (1, 2)):
+                for a, b in zip(held.get(epoch, s), streamed.get(epoch, s)):
+                    np.testing.assert_array_equal(a, b)
 
 
 def test_test_windows(stream):

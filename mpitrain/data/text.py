@@ -15,9 +15,10 @@ Windows (TokenShard): training sample i is the window of T + 1 tokens starting a
 (n the training tokens, T the block size); x is its first T tokens, y its last T (the next token at every
 position).  The n − T windows are cut into strata and batched by TrainShard's rule (shard.py's docstring), so
 p ranks take exactly the windows one rank takes; a rank reads the tokens its strata's windows cover, one
-contiguous range.  Token files are read in memory (a rank's part is n/p tokens of 1 or 2 bytes): data.stream
-is refused, and so is a part beyond data.memory_mb.  The test split is scored on non-overlapping windows
-(stride T), each rank a contiguous block of them (token_windows).
+contiguous range, in memory — or, with data.stream = true or a part beyond data.memory_mb, none of them:
+each step then reads its own windows from the file (one hyperslab read of T + 1 tokens per window, a few per
+rank and step, and nothing held between steps), which gives the same batches.  The test split is scored on
+non-overlapping windows (stride T), each rank a contiguous block of them (token_windows).
 """
 import codecs
 import hashlib
@@ -254,38 +255,41 @@ class TokenShard(TrainShard):
     """This rank's strata of the training windows and TrainShard's batch plan over them (module docstring).
     get(epoch, s) → (x, y), int32 (local batch, T), in buffers reused from step to step."""
 
-    def __init__(self, data, block_size, global_batch, rank, size, seed):
+    def __init__(self, data, block_size, global_batch, rank, size, seed, stream=False):
         _no_window(data, "train", block_size)
         T = block_size
         self._strata(data, global_batch, rank, size, seed, data.n_train - T, f"windows of {T} + 1 tokens")
-        self.tokens = read_tokens(data, "train", self.lo, self.hi + T, rank)  # every window of its strata
-        self.windows = np.lib.stride_tricks.sliding_window_view(self.tokens, T + 1)  # local window i: row i
-        self.wb = np.empty((self.batch, T + 1), self.tokens.dtype)
+        self.data, self.rank, self.streams = data, rank, stream
+        if stream:
+            self.note = (f"{data.path}: streaming the training windows, each step reading its {self.batch} "
+                         f"window(s) of {T + 1} tokens from the file")
+        else:
+            self.tokens = read_tokens(data, "train", self.lo, self.hi + T, rank)  # every window of its strata
+            self.windows = np.lib.stride_tricks.sliding_window_view(self.tokens, T + 1)  # local window i: row i
+        self.wb = np.empty((self.batch, T + 1), data.f["train/tokens"].dtype)
         self.xb, self.yb = np.empty((self.batch, T), np.int32), np.empty((self.batch, T), np.int32)
         self.order = (None, None)
 
     def batch_at(self, rows):
-        np.take(self.windows, rows, axis=0, out=self.wb, mode="clip")  # "raise" gathers into a hidden copy
+        if self.streams:
+            for j, i in enumerate(rows):  # local window i starts at token lo + i
+                self.wb[j] = read_tokens(self.data, "train", self.lo + i, self.lo + i + self.wb.shape[1], self.rank)
+        else:
+            np.take(self.windows, rows, axis=0, out=self.wb, mode="clip")  # "raise" gathers into a hidden copy
         self.xb[...] = self.wb[:, :-1]
         self.yb[...] = self.wb[:, 1:]
         return self.xb, self.yb
 
 
 def token_shard(data, cfg, global_batch, seed, rank, p, block_size):
-    """open_shard for a token file (task = "lm"): a TokenShard, in memory (module docstring)."""
+    """open_shard for a token file (task = "lm"): a TokenShard, in memory, or streamed with data.stream or
+    when the largest rank's part exceeds data.memory_mb (0: never automatically) (module docstring)."""
     if block_size is None:
         _fail(data.path, "a token stream (task = 'lm'): the model needs a block size (model.block_size)")
-    if cfg.stream:
-        _fail(data.path, "data.stream = true: token streams are read in memory (a rank holds 1/p of the "
-                         "tokens); set data.stream = false")
     n, b, item = data.n_train - block_size, global_batch, data.f["train/tokens"].dtype.itemsize
-    if n >= b >= p and cfg.memory_mb > 0:  # the largest rank's tokens against the budget
-        most = max(block(b, p, r)[1] * n // b - block(b, p, r)[0] * n // b for r in range(p)) + block_size
-        if most * item > cfg.memory_mb * 2**20:
-            _fail(data.path, f"a rank's part of train is {most} tokens ({most * item / 2**20:.0f} MiB), beyond "
-                             f"data.memory_mb = {cfg.memory_mb:g}; token streams are read in memory: raise "
-                             "data.memory_mb or use more ranks")
-    return TokenShard(data, block_size, global_batch, rank, p, seed)
+    most = max(block(b, p, r)[1] * n // b - block(b, p, r)[0] * n // b for r in range(p)) + block_size
+    stream = cfg.stream or (n >= b >= p and cfg.memory_mb > 0 and most * item > cfg.memory_mb * 2**20)
+    return TokenShard(data, block_size, global_batch, rank, p, seed, stream)
 
 
 def token_windows(data, split, block_size, rank, size):
