@@ -82,3 +82,29 @@ def saved(out, name):
     with open(path[:-5] + ".csv", encoding="utf-8") as f:
         assert len(list(csv.DictReader(f))) == len(doc["results"])
     return path, doc["results"]
+
+
+def central_diff(f, a, eps=1e-6):
+    """d f() / d a by central differences, perturbing a in place (the gradient checks' reference)."""
+    g = np.zeros_like(a, dtype=np.float64)
+    for i in np.ndindex(a.shape):
+        old = a[i]
+        a[i] = old + eps
+        up = f()
+        a[i] = old - eps
+        down = f()
+        a[i] = old
+        g[i] = (up - down) / (2 * eps)
+    return g
+
+
+def snapshot(out):
+    """{path: (bytes, mtime)} of every file under out but the lock (each run that claims the folder writes its
+    pid there): what a refused or finished run must leave alone."""
+    found = {}
+    for folder, _, names in os.walk(out):
+        for name in set(names) - {".lock"}:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                found[path] = (f.read(), os.stat(path).st_mtime_ns)
+    return found

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import MPIEXEC, mpirun, params, summary
+from conftest import MPIEXEC, mpirun, params, snapshot, summary
 
 SYNC = ["model.hidden=[32]", "train.optimizer=adam", "train.lr=0.005", "train.global_batch=60",
         "train.steps=60", "checkpoint.every=20"]
@@ -35,18 +35,6 @@ def ok(r):
 def records(out):
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
-
-
-def snapshot(out):
-    """{path: (bytes, mtime)} of every file under out but the lock (each run that claims the folder writes its
-    pid there): what a refused or finished run must leave alone."""
-    found = {}
-    for folder, _, names in os.walk(out):
-        for name in set(names) - {".lock"}:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                found[path] = (f.read(), os.stat(path).st_mtime_ns)
-    return found
 
 
 def checkpoints(out):

@@ -4,6 +4,7 @@ import pytest
 
 from mpitrain.kernels import cpu
 from mpitrain.model import Model, ModelSpec
+from conftest import central_diff
 
 ACT_NAMES = ("identity", "relu", "tanh")
 F32 = dict(rtol=1e-5, atol=1e-5)  # float32 kernels vs float64 references
@@ -318,21 +319,6 @@ def kernel_loss_grad(layers, acts, x, labels):
         grads[i], dinputs[i] = (dw, db), dx.copy()  # dx is overwritten with dz by the layer below
         d = dx
     return loss, grads, dinputs
-
-
-def central_diff(f, a, eps=1e-6):
-    """d f / d a by central differences, perturbing a in place."""
-    g = np.empty_like(a)
-    flat, gflat = a.reshape(-1), g.reshape(-1)
-    for k in range(flat.size):
-        old = flat[k]
-        flat[k] = old + eps
-        fp = f()
-        flat[k] = old - eps
-        fm = f()
-        flat[k] = old
-        gflat[k] = (fp - fm) / (2 * eps)
-    return g
 
 
 FD_CASES = [

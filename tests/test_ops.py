@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mpitrain.kernels import backend, cpu, ops
+from conftest import central_diff
 
 F32 = dict(rtol=1e-5, atol=1e-5)  # float32 kernels vs float64 references
 FD = dict(rtol=1e-6, atol=1e-8)  # float64 kernels vs central differences (h = 1e-6)
@@ -13,20 +14,6 @@ FD = dict(rtol=1e-6, atol=1e-8)  # float64 kernels vs central differences (h = 1
 
 def rng_for(*key):
     return np.random.default_rng(np.random.SeedSequence([20240624, *key]))
-
-
-def numgrad(loss, a, h=1e-6):
-    """Central differences of loss() with respect to every element of a (perturbed in place)."""
-    g = np.zeros_like(a, dtype=np.float64)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + h
-        up = loss()
-        a[i] = old - h
-        down = loss()
-        a[i] = old
-        g[i] = (up - down) / (2 * h)
-    return g
 
 
 def garbage(shape):
@@ -122,9 +109,9 @@ def test_layernorm_backward():
     loss()
     dx, dw, db = garbage((N, C)), garbage(C), garbage(C)
     cpu.layernorm_backward(R, x, w, mean, rstd, dx, dw, db)
-    np.testing.assert_allclose(dx, numgrad(loss, x), **FD)
-    np.testing.assert_allclose(dw - 0.25, numgrad(loss, w), **FD)
-    np.testing.assert_allclose(db - 0.25, numgrad(loss, b), **FD)
+    np.testing.assert_allclose(dx, central_diff(loss, x), **FD)
+    np.testing.assert_allclose(dw - 0.25, central_diff(loss, w), **FD)
+    np.testing.assert_allclose(db - 0.25, central_diff(loss, b), **FD)
 
 
 # -- gelu --------------------------------------------------------------------------------------------------
@@ -186,8 +173,8 @@ def test_encoder_backward():
 
     dwte, dwpe = garbage((V, C)), garbage((Tmax, C))
     cpu.encoder_backward(R, tokens, dwte, dwpe)
-    np.testing.assert_allclose(dwte - 0.25, numgrad(loss, wte), **FD)
-    np.testing.assert_allclose(dwpe - 0.25, numgrad(loss, wpe), **FD)  # rows ≥ T: no gradient
+    np.testing.assert_allclose(dwte - 0.25, central_diff(loss, wte), **FD)
+    np.testing.assert_allclose(dwpe - 0.25, central_diff(loss, wpe), **FD)  # rows ≥ T: no gradient
 
 
 # -- causal self-attention ---------------------------------------------------------------------------------
@@ -233,7 +220,7 @@ def test_attention_backward():
     loss()
     dqkv, scratch = garbage(qkv.shape), np.empty_like(att)
     cpu.attention_backward(R, qkv, att, NH, dqkv, scratch)
-    np.testing.assert_allclose(dqkv, numgrad(loss, qkv), **FD)
+    np.testing.assert_allclose(dqkv, central_diff(loss, qkv), **FD)
 
 
 def test_attention_shapes():
@@ -332,9 +319,9 @@ def test_groupnorm_backward():
     loss()
     dx, dw, db = garbage(x.shape), garbage(C), garbage(C)
     cpu.groupnorm_backward(R, x, w, mean, rstd, G, dx, dw, db)
-    np.testing.assert_allclose(dx, numgrad(loss, x), **FD)
-    np.testing.assert_allclose(dw - 0.25, numgrad(loss, w), **FD)
-    np.testing.assert_allclose(db - 0.25, numgrad(loss, b), **FD)
+    np.testing.assert_allclose(dx, central_diff(loss, x), **FD)
+    np.testing.assert_allclose(dw - 0.25, central_diff(loss, w), **FD)
+    np.testing.assert_allclose(db - 0.25, central_diff(loss, b), **FD)
 
 
 # -- batchnorm (SyncBatchNorm's passes) ---------------------------------------------------------------------
@@ -401,9 +388,9 @@ def test_batchnorm_backward():
     cpu.batchnorm_backward_moments(R, x, mean, rstd, sums)
     dx, dw, db = garbage(x.shape), garbage(C), garbage(C)
     cpu.batchnorm_backward(R, x, mean, rstd, w, sums, M, dx, dw, db)
-    np.testing.assert_allclose(dx, numgrad(loss, x), **FD)
-    np.testing.assert_allclose(dw - 0.25, numgrad(loss, w), **FD)
-    np.testing.assert_allclose(db - 0.25, numgrad(loss, b), **FD)
+    np.testing.assert_allclose(dx, central_diff(loss, x), **FD)
+    np.testing.assert_allclose(dw - 0.25, central_diff(loss, w), **FD)
+    np.testing.assert_allclose(db - 0.25, central_diff(loss, b), **FD)
 
 
 # -- global average pooling --------------------------------------------------------------------------------
@@ -423,7 +410,7 @@ def test_global_avgpool():
 
     dx = garbage(x64.shape)
     cpu.global_avgpool_backward(R, dx)
-    np.testing.assert_allclose(dx, numgrad(loss, x64), **FD)
+    np.testing.assert_allclose(dx, central_diff(loss, x64), **FD)
 
 
 # -- mean squared error ------------------------------------------------------------------------------------
@@ -444,4 +431,4 @@ def test_mse():
 
     g64 = p64.copy()
     cpu.mse(g64, t64)
-    np.testing.assert_allclose(g64, numgrad(loss64, p64), **FD)
+    np.testing.assert_allclose(g64, central_diff(loss64, p64), **FD)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import mpirun, summary
+from conftest import mpirun, snapshot, summary
 
 from mpitrain.errors import MpitrainError
 from mpitrain.report import make_run_dir
@@ -86,17 +86,6 @@ def test_make_run_dir_reports_an_unusable_folder_in_one_line(tmp_path):
     out = str(blocker / "run")
     with pytest.raises(MpitrainError, match="^" + re.escape(f"{out}: cannot create or lock the run folder (")):
         make_run_dir(ONE_RANK, out)
-
-
-def snapshot(out):
-    """{path: (bytes, mtime)} of the folder's files but the lock, which every run claiming it rewrites."""
-    found = {}
-    for folder, _, names in os.walk(out):
-        for name in set(names) - {".lock"}:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                found[path] = (f.read(), os.stat(path).st_mtime_ns)
-    return found
 
 
 def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, synth):
