@@ -178,7 +178,7 @@ class Session:
         if self.comm.rank == 0:
             save_model(os.path.join(self.out, "model.h5"), self.spec, params, self.data.standardize,
                        self.model.ctx.state, data_checksum=self.data.checksum,
-                       **{k: self.data.f.attrs[k] for k in ("tokenizer", "vocab") if k in self.data.f.attrs},
+                       **{k: self.data.f.attrs[k] for k in ("tokenizer", "vocab", "class_names") if k in self.data.f.attrs},,
                        **model_attrs)
         self.log.finish(summary)
         self.comm.barrier()

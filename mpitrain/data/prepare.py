@@ -3,7 +3,7 @@
 Layout: train/x, test/x (float32, samples × features, chunked along samples), train/y, test/y (int64),
 standardize/mean, standardize/std (training-split statistics, already applied: one per feature, or for
 images one per channel), and attributes n_classes, feature_shape, source, checksum (sha256 of the four
-arrays), format; images also class_names.
+arrays), format; images and sources with string labels also class_names.
 
 Bounded memory: sources larger than memory (npy:DIR, npz:DIR, images:DIR) are read a group of rows at a
 time — npy files with positioned reads, a folder of npz files or of images first copied in storage order
@@ -238,24 +238,26 @@ def _label_index(path, label_column, header, width):
     return col % width
 
 
-def _csv_table(path, header, width):
+def _csv_table(path, header, width, skip=None):
     """The table cell by cell: slower than np.loadtxt, but as lenient as the csv module, and it names the
-    line and column of a bad cell (never its value: data values stay out of error messages)."""
+    line and column of a bad cell (never its value: data values stay out of error messages).  Column skip
+    (class names) is left out."""
     rows = _csv_rows(path)
     if header:
         next(rows)
+    keep = [j for j in range(width) if j != skip]
     table = []
     for line, cells in rows:
         if len(cells) != width:
             raise MpitrainError(f"{path}: line {line} has {len(cells)} columns; expected {width}")
         try:
-            table.append([float(c) for c in cells])
+            table.append([float(cells[j]) for j in keep])
         except ValueError:
-            j = next(j for j, c in enumerate(cells) if not _is_number(c))
+            j = next(j for j in keep if not _is_number(cells[j]))
             name = f" ({header[j]})" if header else ""
             what = "is empty" if not cells[j].strip() else "is not a number"
             raise MpitrainError(f"{path}: line {line}, column {j + 1}{name} {what}; expected a number") from None
-    return np.array(table, dtype=np.float64)
+    return np.array(table, dtype=np.float64).reshape(len(table), len(keep))
 
 
 def _csv(path, label_column):
@@ -266,21 +268,34 @@ def _csv(path, label_column):
     header_line, cells = first
     names = [c.strip() for c in cells]
     # a header has a cell that is text (an empty one, as R writes above row names, does not decide)
-    header = names if any(n and not _is_number(n) for n in names) else None
+    text = [bool(n) and not _is_number(n) for n in names]
+    header = names if any(text) else None
     width = len(cells)
     if width < 2:
         raise MpitrainError(f"{path}: 1 column; expected a label column and at least one feature column")
     col = _label_index(path, label_column, header, width)
-    if header and next(rows, None) is None:
-        raise MpitrainError(f"{path}: a header row but no data rows")
     rows.close()
+    labels = []
+    for line, c in _csv_rows(path):
+        if len(c) != width:  # checked here: loadtxt's usecols would pass over a longer row
+            raise MpitrainError(f"{path}: line {line} has {len(c)} columns; expected {width}")
+        labels.append(c[col].strip())
+    if header and text.count(True) == 1 and text[col] and names[col] in labels[1:] and label_column != names[col]:
+        header = None  # text in the label column alone, a class name found below it: a row of data
+    labels = labels[1:] if header else labels
+    if not labels:
+        raise MpitrainError(f"{path}: a header row but no data rows")
+    named = any(not _is_number(n) for n in labels)  # class names (classes.encode numbers them)
+    usecols = [j for j in range(width) if j != col] if named else None
     try:  # fast, and right for most files; what it refuses, _csv_table reads or explains
         table = np.loadtxt(path, delimiter=",", quotechar='"', comments=None, encoding="utf-8-sig",
-                           skiprows=header_line if header else 0, dtype=np.float64, ndmin=2)
+                           skiprows=header_line if header else 0, dtype=np.float64, ndmin=2, usecols=usecols)
     except ValueError:
         table = None
-    if table is None or table.shape[1] != width:
-        table = _csv_table(path, header, width)
+    if table is None or table.shape[1] != (width - 1 if named else width):
+        table = _csv_table(path, header, width, col if named else None)
+    if named:
+        return table, np.array(labels), None, None
     return np.delete(table, col, axis=1), table[:, col], None, None
 
 
@@ -404,8 +419,10 @@ def _labels(y, name, n):
     y = np.asarray(y)
     if y.shape != (n,):
         raise MpitrainError(f"{name}: expected {n} labels (one per sample), got shape {y.shape}")
-    if y.dtype.kind not in "biuf":  # strings, complex numbers, times: no label ids
-        raise MpitrainError(f"{name}: labels must be integers, got dtype {y.dtype}")
+    if y.dtype.kind == "U":  # class names: classes.encode numbers them
+        return y
+    if y.dtype.kind not in "biuf":  # bytes, complex numbers, times: no label ids
+        raise MpitrainError(f"{name}: labels must be integers or class names (a unicode array), got dtype {y.dtype}")
     if not np.all(np.isfinite(y)) or np.any(y != np.round(y)) or y.min() < 0:
         raise MpitrainError(f"{name}: labels must be integers ≥ 0")
     return y.astype(np.int64)
@@ -533,6 +550,8 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
              partition, opts):
     import h5py
 
+    from ..classes import encode
+
     if classes is not None and classes < 2:
         raise MpitrainError(f"--classes {classes}: expected ≥ 2")
     if source == "synthetic" and classes is None:
@@ -548,6 +567,7 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
         classes = len(class_names)  # every class folder holds a readable image (checked there)
     else:
         x, y, x_test, y_test = load_source(source, seed=seed, classes=classes, temp=temp, **opts)
+        class_names, y, y_test = encode(source, y, y_test, classes)
     raw_shape = tuple(np.shape(x)[1:])
     axes, decided = (None, None) if kind not in ("npz", "npy") else _channels(raw_shape, layout, f"{source} x")
     feature_shape = raw_shape if axes is None else tuple(raw_shape[a] for a in axes)
@@ -578,7 +598,7 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
     n_classes = _class_count(source, classes, labels)
     features = int(np.prod(feature_shape))
     # images: one mean/std per channel over all its training pixels (as torchvision's Normalize)
-    channels = feature_shape[0] if class_names is not None else 0
+    channels = feature_shape[0] if kind == "images" else 0
     digest = hashlib.sha256()
     with h5py.File(tmp, "w") as f:
         dsets = {}
