@@ -53,6 +53,15 @@ def label_map(model_names, data_names, model_path, data_path):
     return np.array([index[n] for n in data_names], np.int64)
 
 
-def name(names, k):
-    """Class k by its name, or its index where the model has no names."""
-    return names[k] if names is not None else int(k)
+def model_names(path, n_classes):
+    """The class names model.h5 carries (from its training data), or None."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return names_of(f.attrs, n_classes, path)
+
+
+def for_eval(model_path, spec, data):
+    """(the model's class names or None, label_map of the data file's labels) for eval."""
+    names = model_names(model_path, spec.n_out) if spec.task == "classify" else None
+    return names, label_map(names, names_of(data.f.attrs, data.n_classes, data.path), model_path, data.path)

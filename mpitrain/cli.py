@@ -1,11 +1,11 @@
-"""Command line: ``python -m mpitrain [train|federate|prepare|eval|info|bench|plot] ...`` (no subcommand = train)."""
+"""Command line: ``python -m mpitrain [train|federate|prepare|eval|predict|info|bench|plot] ...`` (no subcommand = train)."""
 import argparse
 import json
 import sys
 
 from .errors import MpitrainError
 
-COMMANDS = ("train", "federate", "prepare", "eval", "info", "bench", "plot", "export", "generate")
+COMMANDS = ("train", "federate", "prepare", "eval", "predict", "info", "bench", "plot", "export", "generate")
 
 
 def _parser():
@@ -95,6 +95,23 @@ def _parser():
     e.add_argument("--data", required=True, metavar="FILE.h5", help="a file written by prepare")
     e.add_argument("--split", choices=("test", "train"), default="test",
                    help="which split of --data to score (default: test)")
+    e.add_argument("--plot", metavar="FILE.png", help="classifiers: also draw the confusion matrix as a PNG")
+
+    pd = sub.add_parser("predict", help="a saved model's predictions for a file of samples (rank 0)",
+                        description="Predict the class (its name where the model has class names; a regression "
+                                    "model: its targets) of every sample of --input: an .npz file (array x, raw "
+                                    "as given to prepare), a folder of images (or of class folders of images) or "
+                                    "a data file written by prepare. Inputs are standardised with the model's "
+                                    "statistics. Writes a CSV with --output, else prints a short table.")
+    pd.add_argument("--model", required=True, metavar="DIR/model.h5")
+    pd.add_argument("--input", required=True, metavar="FILE.npz|DIR|FILE.h5")
+    pd.add_argument("--output", metavar="FILE.csv", help="write every prediction here (atomically)")
+    pd.add_argument("--top", type=int, default=0, metavar="K",
+                    help="also the K most likely classes with their probabilities")
+    pd.add_argument("--layout", choices=("nchw", "nhwc"),
+                    help="npz input: the samples' channels first (default) or last (nhwc)")
+    pd.add_argument("--split", choices=("test", "train", "val"),
+                    help="data-file input: the split to predict (default: test)")
 
     ex = sub.add_parser("export", help="write a saved model as ONNX or as PyTorch-layout weights (npz)",
                         description="Export model.h5 (rank 0 writes, atomically): --format onnx is an ONNX graph "
@@ -159,6 +176,8 @@ def _info(comm):
 
 def _eval(args, comm):
     from .checkpoint import load_model
+    from .classes import for_eval
+    from .confusion import check_png, confusion, plot, report
     from .data.shard import DataFile
     from .evaluate import as_trained, check_compatible, evaluate, read_part
     from .kernels import compiled
@@ -166,14 +185,25 @@ def _eval(args, comm):
 
     spec, params, stats = comm.agree(load_model, args.model, standardize=True)
     data = comm.agree(DataFile, args.data)
-    comm.agree(check_compatible, spec, data, args.model)
+    classify = spec.task == "classify"
+    if args.plot:
+        comm.agree(check_png, args.plot, classify)
+    names, labels = comm.agree(for_eval, args.model, spec, data)
+    comm.agree(check_compatible, spec, data, args.model, labels is not None)
     comm.agree(compiled, comm)
     x, y = read_part(comm, data, args.split)
+    y = y if labels is None else labels[y]  # the file's classes numbered as the model's
     x = as_trained(x, data.standardize, stats)  # the model's statistics, not the file's
-    loss, acc = evaluate(comm, Model(spec), params, x, y)
+    model = Model(spec)
+    loss, acc = evaluate(comm, model, params, x, y)
+    counts = confusion(comm, model, params, x, y, spec.n_out) if classify else None
     if comm.rank == 0:
         n = data.n_test if args.split == "test" else data.n_train
-        print(json.dumps({"split": args.split, "samples": n, "accuracy": acc, "loss": loss}))
+        print(json.dumps({"split": args.split, "samples": n, "accuracy": acc, "loss": loss,
+                          **(report(counts, names) if classify else {})}))
+    if args.plot:  # rank 0 writes; every rank learns of a failure
+        comm.agree(lambda: plot(counts, names, f"{args.data} {args.split}: accuracy {acc:.4f}", args.plot)
+                   if comm.rank == 0 else None)
 
 
 PARTITION_OPTIONS = {"clients": "--clients", "alpha": "--alpha", "shards_per_client": "--shards-per-client",
@@ -267,6 +297,13 @@ def _dispatch(args, comm):
             return export(args.model, args.format, args.out) if comm.rank == 0 else None
 
         text = comm.agree(export_on_root)
+        if text:
+            print(text)
+    elif args.command == "predict":
+        from .predict import predict
+
+        text = comm.agree(lambda: predict(args.model, args.input, args.output, args.top, args.layout, args.split)
+                          if comm.rank == 0 else None)  # one process predicts, however it was launched
         if text:
             print(text)
     elif args.command == "generate":

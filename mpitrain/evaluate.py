@@ -18,10 +18,11 @@ def evaluate(comm, model, params, x, y):
     return loss / n, correct / n
 
 
-def check_compatible(spec, data, model_path):
+def check_compatible(spec, data, model_path, named=False):
     """One line where the file's samples are not what the model reads: the feature shape (an equal count
-    is not enough: (16, 16, 3) is not (3, 16, 16)) and the classes."""
-    if spec.feature_shape != data.feature_shape or spec.n_out != data.n_classes:
+    is not enough: (16, 16, 3) is not (3, 16, 16)) and the classes (named: the file's class names are
+    among the model's, classes.label_map)."""
+    if spec.feature_shape != data.feature_shape or spec.n_out != data.n_classes and not named:
         raise MpitrainError(f"{model_path}: the model takes samples of shape {list(spec.feature_shape)} and "
                             f"{spec.n_out} classes, {data.path} has {list(data.feature_shape)} and "
                             f"{data.n_classes} classes")
