@@ -18,7 +18,8 @@ def encode(source, y, y_test, classes):
     if not named:
         return None, y, y_test
     if len(named) != (1 if y_test is None else 2):
-        raise MpitrainError(f"{source}: one of y and y_test holds class names, the other numbers; expected the same kind")
+        raise MpitrainError(f"{source}: one of y and y_test holds class names, the other numbers; expected the "
+                            "same kind")
     if classes is not None:
         raise MpitrainError(f"--classes: not for {source} (its labels are class names, and the names are the classes)")
     names = np.unique(np.concatenate([np.ravel(a) for a in named]))

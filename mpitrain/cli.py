@@ -1,4 +1,5 @@
-"""Command line: ``python -m mpitrain [train|federate|prepare|eval|predict|info|bench|plot] ...`` (no subcommand = train)."""
+"""Command line: ``python -m mpitrain [train|federate|prepare|eval|predict|info|bench|plot|export|generate] ...``
+(no subcommand = train)."""
 import argparse
 import json
 import sys
@@ -87,10 +88,12 @@ def _parser():
 
     e = sub.add_parser("eval", help="score a saved model on a dataset (distributed)",
                        description="Print the accuracy and mean loss of a saved model on a split of a data "
-                                   "file as one JSON line; each rank scores a part. The file's rows are "
-                                   "standardised with the model's training statistics (model.h5), so a file "
-                                   "prepared separately scores as the model's own would; its feature shape "
-                                   "and classes must be the model's.")
+                                   "file as one JSON line (a classifier's also per class: precision, recall, F1, "
+                                   "and the confusion matrix; docs/configuration.md); each rank scores a part. "
+                                   "The file's rows are standardised with the model's training statistics "
+                                   "(model.h5), so a file prepared separately scores as the model's own would; "
+                                   "its feature shape and classes must be the model's (classes by name where "
+                                   "both name them).")
     e.add_argument("--model", required=True, metavar="DIR/model.h5", help="the model.h5 of a run")
     e.add_argument("--data", required=True, metavar="FILE.h5", help="a file written by prepare")
     e.add_argument("--split", choices=("test", "train"), default="test",

@@ -46,7 +46,7 @@ def _data_file(predictor, path, split):
     from .evaluate import as_trained
 
     data = DataFile(path)
-    if data.task != "classify" and data.task != predictor.spec.task:
+    if data.task != predictor.spec.task:
         raise MpitrainError(f"--input {path}: a {data.task} data file; {predictor.path} is a "
                             f"{predictor.spec.task} model")
     if data.feature_shape != predictor.spec.feature_shape:

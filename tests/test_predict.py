@@ -2,7 +2,6 @@
 predict), eval's per-class metrics and confusion matrix (1 rank ≡ 2 ranks), and one line for bad input."""
 import csv
 import json
-import os
 
 import h5py
 import numpy as np
