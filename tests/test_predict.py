@@ -59,6 +59,9 @@ def test_string_labels_become_sorted_classes(tmp_path):
         prepare("npz:" + str(tmp_path / "o.npz"), str(tmp_path / "o.h5"))
     with pytest.raises(MpitrainError, match="--classes: not for"):
         prepare("npz:" + files["npz"], str(tmp_path / "c.h5"), classes=3)
+    y[5] = "7"  # a number among names (or a name among numbers) is a typo, not a class of its own
+    with pytest.raises(MpitrainError, match=r"n.csv: line 6, column 5 is a number; expected a label"):
+        prepare("csv:" + _csv(tmp_path / "n.csv", x, y, header=False), str(tmp_path / "t.h5"))
 
 
 def _rows(path):

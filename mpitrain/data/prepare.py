@@ -275,17 +275,25 @@ def _csv(path, label_column):
         raise MpitrainError(f"{path}: 1 column; expected a label column and at least one feature column")
     col = _label_index(path, label_column, header, width)
     rows.close()
-    labels = []
+    lines, labels = [], []
     for line, c in _csv_rows(path):
         if len(c) != width:  # checked here: loadtxt's usecols would pass over a longer row
             raise MpitrainError(f"{path}: line {line} has {len(c)} columns; expected {width}")
+        lines.append(line)
         labels.append(c[col].strip())
     if header and text.count(True) == 1 and text[col] and names[col] in labels[1:] and label_column != names[col]:
         header = None  # text in the label column alone, a class name found below it: a row of data
-    labels = labels[1:] if header else labels
+    lines, labels = (lines[1:], labels[1:]) if header else (lines, labels)
     if not labels:
         raise MpitrainError(f"{path}: a header row but no data rows")
-    named = any(not _is_number(n) for n in labels)  # class names (classes.encode numbers them)
+    numbers = [_is_number(n) for n in labels]
+    named = not all(numbers)  # class names (classes.encode numbers them), in every row
+    if named and (any(numbers) or not all(labels)):  # a typo among numbers (or names) is no class of its own
+        odd = sum(numbers) * 2 < len(numbers)  # the minority's first cell: a number among names, or a name
+        i = next(i for i, (n, v) in enumerate(zip(numbers, labels)) if not v or any(numbers) and n == odd)
+        what = "is empty" if not labels[i] else "is a number" if odd else "is not a number"
+        raise MpitrainError(f"{path}: line {lines[i]}, column {col + 1}{f' ({names[col]})' if header else ''} "
+                            f"{what}; expected a label (numbers or class names throughout the column)")
     usecols = [j for j in range(width) if j != col] if named else None
     try:  # fast, and right for most files; what it refuses, _csv_table reads or explains
         table = np.loadtxt(path, delimiter=",", quotechar='"', comments=None, encoding="utf-8-sig",
