@@ -226,7 +226,8 @@ def test_csv_common_exports_take_the_fast_path(tmp_path, monkeypatch):
      r"y: labels must be integers or class names \(a unicode array\), got dtype \|S1"),
     (dict(x=np.zeros((5, 2), complex), y=np.zeros(5)), r"x: features must be real numbers, got dtype complex128"),
     (dict(x=np.zeros((5, 2), "m8[s]"), y=np.zeros(5)), r"x: features must be real numbers, got dtype timedelta64"),
-    (dict(x=np.zeros((5, 2)), y=np.zeros(5, complex)), r"y: labels must be integers or class names \(a unicode array\), got dtype complex128"),
+    (dict(x=np.zeros((5, 2)), y=np.zeros(5, complex)),
+     r"y: labels must be integers or class names \(a unicode array\), got dtype complex128"),
 ])
 def test_degenerate_npz_is_one_line(tmp_path, arrays, message):
     np.savez(tmp_path / "a.npz", **arrays)
