@@ -107,9 +107,6 @@ def table(predictor, x, standardized=False, files=None, top=0):
         values = np.asarray(predictor.predict(x, standardized)).reshape(n, -1)
         return (first[0] + [f"target_{j + 1}" for j in range(values.shape[1])],
                 [r + [f"{v:.9g}" for v in vs] for r, vs in zip(first[1], values)])
-    if spec.task != "classify":
-        raise MpitrainError(f"{predictor.path}: a {spec.task} model; predict is for classifiers and regression "
-                            "models (a language model: python -m mpitrain generate)")
     if not 0 <= top <= spec.n_out:
         raise MpitrainError(f"--top {top}: expected 1…{spec.n_out} (the model's classes)")
     names = model_names(predictor.path, spec.n_out) or list(range(spec.n_out))
@@ -128,6 +125,9 @@ def predict(model, path, output=None, top=0, layout=None, split=None):
     from .checkpoint import atomic_write
 
     predictor = Predictor(model)
+    if predictor.spec.task not in ("classify", "regress"):
+        raise MpitrainError(f"{model}: a {predictor.spec.task} model; predict is for classifiers and regression "
+                            "models (a language model: python -m mpitrain generate)")
     x, standardized, files = inputs(predictor, path, split, layout)
     header, rows = table(predictor, x, standardized, files, top)
     if output is None:
