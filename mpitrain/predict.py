@@ -97,8 +97,6 @@ def inputs(predictor, path, split=None, layout=None):
 
 def table(predictor, x, standardized=False, files=None, top=0):
     """(header, rows) of the predictions for rows x (api.Predictor.rows' form)."""
-    from .classes import model_names
-
     spec, n = predictor.spec, len(x)
     first = [["row"] + (["file"] if files else []), [[i] + ([files[i]] if files else []) for i in range(n)]]
     if spec.task == "regress":
@@ -109,7 +107,7 @@ def table(predictor, x, standardized=False, files=None, top=0):
                 [r + [f"{v:.9g}" for v in vs] for r, vs in zip(first[1], values)])
     if not 0 <= top <= spec.n_out:
         raise MpitrainError(f"--top {top}: expected 1…{spec.n_out} (the model's classes)")
-    names = model_names(predictor.path, spec.n_out) or list(range(spec.n_out))
+    names = predictor.class_names or list(range(spec.n_out))
     proba = predictor.predict_proba(x, standardized)
     best = np.argsort(-proba, axis=1, kind="stable")[:, :top]
     header = first[0] + ["class"] + [f"{c}_{j + 1}" for j in range(top) for c in ("class", "p")]

@@ -84,6 +84,7 @@ def test_predict_csv_equals_the_api(run, tmp_path):
     assert rows[0] == ["row", "class", "class_1", "p_1", "class_2", "p_2"] and len(rows) == 26
     model = mpitrain.load_model(model_h5)
     proba = model.predict_proba(x)
+    assert model.class_names == list(NAMES)
     assert [r[1] for r in rows[1:]] == [NAMES[k] for k in model.predict(x)]
     assert [r[2] for r in rows[1:]] == [r[1] for r in rows[1:]]
     np.testing.assert_allclose([float(r[3]) for r in rows[1:]], proba.max(axis=1), rtol=1e-5)
