@@ -122,6 +122,14 @@ def test_predict_image_folder(tmp_path):
     assert rows[0] == ["row", "file", "class"] and [r[1] for r in rows[1:]] == ["0.png", "1.png", "2.png"]
     expected = mpitrain.load_model(str(tmp_path / "model.h5")).predict(pixels, layout="nhwc")
     assert [r[2] for r in rows[1:]] == [["left", "right"][k] for k in expected]
+    tree = tmp_path / "tree"  # images:DIR's layout: class folders
+    for i, cls in enumerate(("b", "a", "a")):
+        (tree / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[i]).save(tree / cls / f"{i}.png")
+    r = mpirun(1, "predict", "--model", tmp_path / "model.h5", "--input", tree, "--output", out, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert [r[1:] for r in _rows(out)[1:]] == [["a/1.png", rows[2][2]], ["a/2.png", rows[3][2]],
+                                               ["b/0.png", rows[1][2]]]
 
 
 def _eval(n, model_h5, data, *more):
