@@ -7,6 +7,7 @@
     labels = model.predict(x)          # x: (N, *feature_shape) or (N, features), raw as given to prepare
     labels = model.predict(x, layout="nhwc")  # x: (N, H, W, C), channels last (prepare --layout nhwc)
     targets = mpitrain.load_model("runs/diabetes/model.h5").predict(x)  # regression: (N, K), original units
+    names = [model.class_names[k] for k in labels]  # where the training data named its classes
 
 Every rank of `comm` (an mpi4py communicator; default COMM_WORLD) calls the same function with the same
 arguments; only that communicator is used, so a call works inside a larger MPI program.  An `out` that holds
@@ -61,6 +62,10 @@ class Predictor:
             from .evaluate import model_targets
 
             self.targets = model_targets(path)
+        from .classes import model_names
+
+        # the training data's class names (class k is class_names[k]), or None
+        self.class_names = model_names(path, self.spec.n_out) if self.spec.task == "classify" else None
 
     def rows(self, x, layout="nchw"):
         """x as float32 rows (N, features) in the model's feature order: x is (N, *feature_shape) or flat

@@ -1,11 +1,12 @@
-"""Command line: ``python -m mpitrain [train|federate|prepare|eval|info|bench|plot] ...`` (no subcommand = train)."""
+"""Command line: ``python -m mpitrain [train|federate|prepare|eval|predict|info|bench|plot|export|generate] ...``
+(no subcommand = train)."""
 import argparse
 import json
 import sys
 
 from .errors import MpitrainError
 
-COMMANDS = ("train", "federate", "prepare", "eval", "info", "bench", "plot", "export", "generate")
+COMMANDS = ("train", "federate", "prepare", "eval", "predict", "info", "bench", "plot", "export", "generate")
 
 
 def _parser():
@@ -91,15 +92,34 @@ def _parser():
 
     e = sub.add_parser("eval", help="score a saved model on a dataset (distributed)",
                        description="Print the accuracy and mean loss of a saved model on a split of a data "
-                                   "file as one JSON line (regression: the mean loss, and the RMSE and R² in "
-                                   "the targets' units); each rank scores a part. The file's rows are "
-                                   "standardised with the model's training statistics (model.h5), so a file "
-                                   "prepared separately scores as the model's own would; its feature shape "
-                                   "and classes (or targets) must be the model's.")
+                                   "file as one JSON line (a classifier's also per class: precision, recall, F1, "
+                                   "and the confusion matrix; regression: the mean loss, and the RMSE and R² in "
+                                   "the targets' units; docs/configuration.md); each rank scores a part. The "
+                                   "file's rows are standardised with the model's training statistics (model.h5), "
+                                   "so a file prepared separately scores as the model's own would; its feature "
+                                   "shape and classes (or targets) must be the model's (classes by name where both "
+                                   "name them).")
     e.add_argument("--model", required=True, metavar="DIR/model.h5", help="the model.h5 of a run")
     e.add_argument("--data", required=True, metavar="FILE.h5", help="a file written by prepare")
     e.add_argument("--split", choices=("test", "train"), default="test",
                    help="which split of --data to score (default: test)")
+    e.add_argument("--plot", metavar="FILE.png", help="classifiers: also draw the confusion matrix as a PNG")
+
+    pd = sub.add_parser("predict", help="a saved model's predictions for a file of samples (rank 0)",
+                        description="Predict the class (its name where the model has class names; a regression "
+                                    "model: its targets) of every sample of --input: an .npz file (array x, raw "
+                                    "as given to prepare), a folder of images (or of class folders of images) or "
+                                    "a data file written by prepare. Inputs are standardised with the model's "
+                                    "statistics. Writes a CSV with --output, else prints a short table.")
+    pd.add_argument("--model", required=True, metavar="DIR/model.h5")
+    pd.add_argument("--input", required=True, metavar="FILE.npz|DIR|FILE.h5")
+    pd.add_argument("--output", metavar="FILE.csv", help="write every prediction here (atomically)")
+    pd.add_argument("--top", type=int, default=0, metavar="K",
+                    help="also the K most likely classes with their probabilities")
+    pd.add_argument("--layout", choices=("nchw", "nhwc"),
+                    help="npz input: the samples' channels first (default) or last (nhwc)")
+    pd.add_argument("--split", choices=("test", "train", "val"),
+                    help="data-file input: the split to predict (default: test)")
 
     ex = sub.add_parser("export", help="write a saved model as ONNX or as PyTorch-layout weights (npz)",
                         description="Export model.h5 (rank 0 writes, atomically): --format onnx is an ONNX graph "
@@ -164,33 +184,44 @@ def _info(comm):
 
 def _eval(args, comm):
     from .checkpoint import load_model
+    from .classes import for_eval
+    from .confusion import check_png, confusion, plot, report
     from .data.shard import DataFile
+    from .data.text import read_token_part
     from .evaluate import as_trained, check_compatible, model_targets, read_part, scores
     from .kernels import compiled
     from .model import Model
 
-    from .data.text import read_token_part
-
     spec, params, stats, state = comm.agree(load_model, args.model, standardize=True, state=True)
     data = comm.agree(DataFile, args.data)
-    comm.agree(check_compatible, spec, data, args.model)
+    classify = spec.task == "classify"
+    if args.plot:
+        comm.agree(check_png, args.plot, classify)
+    names, labels = (comm.agree(for_eval, args.model, spec, data) if classify and data.task == "classify"
+                     else (None, None))
+    comm.agree(check_compatible, spec, data, args.model, labels is not None)
     comm.agree(compiled, comm)
     if spec.task == "lm":  # windows of the model's block size
         x, y = read_token_part(comm, data, spec.feature_shape[0], args.split)
     else:
         x, y = read_part(comm, data, args.split)
         x = as_trained(x, data.standardize, stats)  # the model's statistics, not the file's
+    if labels is not None:  # the file's classes numbered as the model's
+        y = labels[y]
     targets = comm.agree(model_targets, args.model) if spec.task == "regress" else None
     if targets is not None:  # the file's targets as the model's were standardised
         y = as_trained(y, data.targets, targets)
     model = Model(spec)
     if state is not None:  # BatchNorm's running statistics
         model.ctx.state[:] = state
-    metrics = scores(comm, model, params, x, y, args.split, targets)
+    metrics = {k[len(args.split) + 1:]: v for k, v in scores(comm, model, params, x, y, args.split, targets).items()}
+    counts = confusion(comm, model, params, x, y, spec.n_out) if classify else None
     if comm.rank == 0:
         n = data.n_test if args.split == "test" else data.n_train
-        print(json.dumps({"split": args.split, "samples": n,
-                          **{k[len(args.split) + 1:]: v for k, v in metrics.items()}}))
+        print(json.dumps({"split": args.split, "samples": n, **metrics, **(report(counts, names) if classify else {})}))
+    if args.plot:  # rank 0 writes; every rank learns of a failure
+        comm.agree(lambda: plot(counts, names, f"{args.data} {args.split}: accuracy {metrics['accuracy']:.4f}",
+                                args.plot) if comm.rank == 0 else None)
 
 
 PARTITION_OPTIONS = {"clients": "--clients", "alpha": "--alpha", "shards_per_client": "--shards-per-client",
@@ -286,6 +317,13 @@ def _dispatch(args, comm):
             return export(args.model, args.format, args.out) if comm.rank == 0 else None
 
         text = comm.agree(export_on_root)
+        if text:
+            print(text)
+    elif args.command == "predict":
+        from .predict import predict
+
+        text = comm.agree(lambda: predict(args.model, args.input, args.output, args.top, args.layout, args.split)
+                          if comm.rank == 0 else None)  # one process predicts, however it was launched
         if text:
             print(text)
     elif args.command == "generate":

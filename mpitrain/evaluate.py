@@ -72,10 +72,10 @@ def model_targets(path):
         return (f.attrs["target_mean"], f.attrs["target_std"]) if "target_mean" in f.attrs else None
 
 
-def check_compatible(spec, data, model_path):
+def check_compatible(spec, data, model_path, named=False):
     """One line where the file's samples are not what the model reads: the task (class labels, regression
     targets, tokens), the feature shape (an equal count is not enough: (16, 16, 3) is not (3, 16, 16)) and
-    the number of classes or targets."""
+    the number of classes or targets (named: the file's class names are among the model's, classes.label_map)."""
     held = {"classify": "class labels", "regress": "float regression targets", "lm": "a token stream"}
     if spec.task != data.task:
         model = {"classify": f"a classification model ({spec.n_out} classes)", "lm": "a language model",
@@ -93,7 +93,7 @@ def check_compatible(spec, data, model_path):
                                 f"{theirs['tokenizer']}); prepare the text with the model's tokenizer")
         return
     outputs = "targets" if spec.task == "regress" else "classes"
-    if spec.feature_shape != data.feature_shape or spec.n_out != data.n_out:
+    if spec.feature_shape != data.feature_shape or spec.n_out != data.n_out and not named:
         raise MpitrainError(f"{model_path}: the model takes samples of shape {list(spec.feature_shape)} and "
                             f"{spec.n_out} {outputs}, {data.path} has {list(data.feature_shape)} and "
                             f"{data.n_out} {outputs}")

@@ -171,15 +171,16 @@ class Session:
 
     def finish(self, summary, params, **model_attrs):
         """Add the common summary fields, write model.h5 (rank 0: the parameters, the model's state vector,
-        the data's standardisation, vocabulary or target standardisation) and summary.json; all ranks return
-        together."""
+        the data's standardisation, vocabulary, class names or target standardisation) and summary.json; all
+        ranks return together."""
         summary.update(world_size=self.comm.size, threads_per_rank=self.threads, n_params=self.spec.n_params,
                        wall_seconds=time.perf_counter() - self.started, data=self.cfg.data.path,
                        data_checksum=self.data.checksum, mpitrain_version=__version__)
         if self.comm.rank == 0:
             save_model(os.path.join(self.out, "model.h5"), self.spec, params, self.data.standardize,
                        self.model.ctx.state, data_checksum=self.data.checksum,
-                       **{k: self.data.f.attrs[k] for k in ("tokenizer", "vocab") if k in self.data.f.attrs},
+                       **{k: self.data.f.attrs[k] for k in ("tokenizer", "vocab", "class_names")
+                          if k in self.data.f.attrs},
                        **target_attrs(self.data.targets if self.data.task == "regress" else None),
                        **model_attrs)
         self.log.finish(summary)

@@ -222,10 +222,12 @@ def test_csv_common_exports_take_the_fast_path(tmp_path, monkeypatch):
     (dict(x=np.zeros((5, 2)), y=np.zeros(5), x_test=np.zeros((3, 0)), y_test=np.zeros(3)),
      r"x_test: shape \(3, 0\) has no features"),
     (dict(x=np.zeros((5, 2)), y=np.zeros((5, 1), int)), r"y: expected 5 labels \(one per sample\), got shape \(5, 1\)"),
-    (dict(x=np.zeros((5, 2)), y=np.array(list("abcde"))), r"y: labels must be integers, got dtype <U1"),
+    (dict(x=np.zeros((5, 2)), y=np.array(list("abcde"), "S")),  # bytes; a unicode y names classes
+     r"y: labels must be integers or class names \(a unicode array\), got dtype \|S1"),
     (dict(x=np.zeros((5, 2), complex), y=np.zeros(5)), r"x: features must be real numbers, got dtype complex128"),
     (dict(x=np.zeros((5, 2), "m8[s]"), y=np.zeros(5)), r"x: features must be real numbers, got dtype timedelta64"),
-    (dict(x=np.zeros((5, 2)), y=np.zeros(5, complex)), r"y: labels must be integers, got dtype complex128"),
+    (dict(x=np.zeros((5, 2)), y=np.zeros(5, complex)),
+     r"y: labels must be integers or class names \(a unicode array\), got dtype complex128"),
 ])
 def test_degenerate_npz_is_one_line(tmp_path, arrays, message):
     np.savez(tmp_path / "a.npz", **arrays)

@@ -3,9 +3,9 @@
 Layout: train/x, test/x (float32, samples × features, chunked along samples), train/y, test/y (int64),
 standardize/mean, standardize/std (training-split statistics, already applied: one per feature, or for
 images one per channel), and attributes n_classes, feature_shape, source, checksum (sha256 of the four
-arrays), format; images also class_names.  Regression (float y, or csv --target): train/y, test/y are
-float32 samples × targets, standardised with the training split's target/mean, target/std; attributes
-task = "regress" and n_targets instead of n_classes.
+arrays), format; images and sources with string labels also class_names.  Regression (float y, or csv
+--target): train/y, test/y are float32 samples × targets, standardised with the training split's
+target/mean, target/std; attributes task = "regress" and n_targets instead of n_classes.
 
 Bounded memory: sources larger than memory (npy:DIR, npz:DIR, images:DIR) are read a group of rows at a
 time — npy files with positioned reads, a folder of npz files or of images first copied in storage order
@@ -250,29 +250,31 @@ def _column(path, name, header, width, option):
     return col % width
 
 
-def _csv_table(path, header, width):
+def _csv_table(path, header, width, skip=None):
     """The table cell by cell: slower than np.loadtxt, but as lenient as the csv module, and it names the
-    line and column of a bad cell (never its value: data values stay out of error messages)."""
+    line and column of a bad cell (never its value: data values stay out of error messages).  Column skip
+    (class names) is left out."""
     rows = _csv_rows(path)
     if header:
         next(rows)
+    keep = [j for j in range(width) if j != skip]
     table = []
     for line, cells in rows:
         if len(cells) != width:
             raise MpitrainError(f"{path}: line {line} has {len(cells)} columns; expected {width}")
         try:
-            table.append([float(c) for c in cells])
+            table.append([float(cells[j]) for j in keep])
         except ValueError:
-            j = next(j for j, c in enumerate(cells) if not _is_number(c))
+            j = next(j for j in keep if not _is_number(cells[j]))
             name = f" ({header[j]})" if header else ""
             what = "is empty" if not cells[j].strip() else "is not a number"
             raise MpitrainError(f"{path}: line {line}, column {j + 1}{name} {what}; expected a number") from None
-    return np.array(table, dtype=np.float64)
+    return np.array(table, dtype=np.float64).reshape(len(table), len(keep))
 
 
 def _csv(path, label_column, target=None):
-    """x and the label column (classification), or with target (--target COL[,COL…]) the target columns
-    (regression); every other column is a feature."""
+    """x and the label column (classification: numbers, or class names throughout), or with target
+    (--target COL[,COL…]) the target columns (regression); every other column is a feature."""
     if target is not None and label_column is not None:
         raise MpitrainError("--target with --label-column: a csv source has one label column (classification) "
                             "or target columns (regression); give one of them")
@@ -283,31 +285,63 @@ def _csv(path, label_column, target=None):
     header_line, cells = first
     names = [c.strip() for c in cells]
     # a header has a cell that is text (an empty one, as R writes above row names, does not decide)
-    header = names if any(n and not _is_number(n) for n in names) else None
+    text = [bool(n) and not _is_number(n) for n in names]
+    header = names if any(text) else None
     width = len(cells)
     if width < 2:
         raise MpitrainError(f"{path}: 1 column; expected a {'label' if target is None else 'target'} column and "
                             "at least one feature column")
-    if target is None:
-        cols = [width - 1 if label_column is None else _column(path, label_column, header, width, "--label-column")]
-    else:
+    if target is not None:
         cols = [_column(path, t.strip(), header, width, "--target") for t in target.split(",")]
         if len(set(cols)) < len(cols):
             raise MpitrainError(f"--target {target}: names a column of {path} twice")
         if len(cols) == width:
             raise MpitrainError(f"--target {target}: every column of {path} is a target; expected at least one "
                                 "feature column")
-    if header and next(rows, None) is None:
-        raise MpitrainError(f"{path}: a header row but no data rows")
+        if header and next(rows, None) is None:
+            raise MpitrainError(f"{path}: a header row but no data rows")
+        rows.close()
+        table = _numbers(path, header, header_line, width)
+        return np.delete(table, cols, axis=1), table[:, cols], None, None
+    col = width - 1 if label_column is None else _column(path, label_column, header, width, "--label-column")
     rows.close()
-    try:  # fast, and right for most files; what it refuses, _csv_table reads or explains
+    lines, labels = [], []
+    for line, c in _csv_rows(path):
+        if len(c) != width:  # checked here: loadtxt's usecols would pass over a longer row
+            raise MpitrainError(f"{path}: line {line} has {len(c)} columns; expected {width}")
+        lines.append(line)
+        labels.append(c[col].strip())
+    if header and text.count(True) == 1 and text[col] and names[col] in labels[1:] and label_column != names[col]:
+        header = None  # text in the label column alone, a class name found below it: a row of data
+    lines, labels = (lines[1:], labels[1:]) if header else (lines, labels)
+    if not labels:
+        raise MpitrainError(f"{path}: a header row but no data rows")
+    numbers = [_is_number(n) for n in labels]
+    named = not all(numbers)  # class names (classes.encode numbers them), in every row
+    if named and (any(numbers) or not all(labels)):  # a typo among numbers (or names) is no class of its own
+        odd = sum(numbers) * 2 < len(numbers)  # the minority's first cell: a number among names, or a name
+        i = next(i for i, (n, v) in enumerate(zip(numbers, labels)) if not v or any(numbers) and n == odd)
+        what = "is empty" if not labels[i] else "is a number" if odd else "is not a number"
+        raise MpitrainError(f"{path}: line {lines[i]}, column {col + 1}{f' ({names[col]})' if header else ''} "
+                            f"{what}; expected a label (numbers or class names throughout the column)")
+    if named:
+        return _numbers(path, header, header_line, width, col), np.array(labels), None, None
+    table = _numbers(path, header, header_line, width)
+    return np.delete(table, col, axis=1), table[:, col], None, None
+
+
+def _numbers(path, header, header_line, width, skip=None):
+    """The CSV's numeric table (column skip, class names, left out): np.loadtxt, fast and right for most
+    files; what it refuses, _csv_table reads or explains."""
+    try:
         table = np.loadtxt(path, delimiter=",", quotechar='"', comments=None, encoding="utf-8-sig",
-                           skiprows=header_line if header else 0, dtype=np.float64, ndmin=2)
+                           skiprows=header_line if header else 0, dtype=np.float64, ndmin=2,
+                           usecols=None if skip is None else [j for j in range(width) if j != skip])
     except ValueError:
         table = None
-    if table is None or table.shape[1] != width:
-        table = _csv_table(path, header, width)
-    return np.delete(table, cols, axis=1), table[:, cols] if target is not None else table[:, cols[0]], None, None
+    if table is None or table.shape[1] != width - (skip is not None):
+        table = _csv_table(path, header, width, skip)
+    return table
 
 
 def _visible(folder):
@@ -432,8 +466,10 @@ def _labels(y, name, n):
     y = np.asarray(y)
     if y.shape != (n,):
         raise MpitrainError(f"{name}: expected {n} labels (one per sample), got shape {y.shape}")
-    if y.dtype.kind not in "biuf":  # strings, complex numbers, times: no label ids
-        raise MpitrainError(f"{name}: labels must be integers, got dtype {y.dtype}")
+    if y.dtype.kind == "U":  # class names: classes.encode numbers them
+        return y
+    if y.dtype.kind not in "biuf":  # bytes, complex numbers, times: no label ids
+        raise MpitrainError(f"{name}: labels must be integers or class names (a unicode array), got dtype {y.dtype}")
     if not np.all(np.isfinite(y)) or np.any(y != np.round(y)) or y.min() < 0:
         raise MpitrainError(f"{name}: labels must be integers ≥ 0")
     return y.astype(np.int64)
@@ -589,6 +625,8 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
              partition, opts):
     import h5py
 
+    from ..classes import encode
+
     if classes is not None and classes < 2:
         raise MpitrainError(f"--classes {classes}: expected ≥ 2")
     if source == "synthetic" and classes is None:
@@ -604,6 +642,7 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
         classes = len(class_names)  # every class folder holds a readable image (checked there)
     else:
         x, y, x_test, y_test = load_source(source, seed=seed, classes=classes, temp=temp, **opts)
+        class_names, y, y_test = encode(source, y, y_test, classes)
     raw_shape = tuple(np.shape(x)[1:])
     axes, decided = (None, None) if kind not in ("npz", "npy") else _channels(raw_shape, layout, f"{source} x")
     feature_shape = raw_shape if axes is None else tuple(raw_shape[a] for a in axes)
@@ -644,7 +683,7 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
         ys = {k: ((v - t_mean) / t_std).astype(np.float32) for k, v in ys.items()}
     features = int(np.prod(feature_shape))
     # images: one mean/std per channel over all its training pixels (as torchvision's Normalize)
-    channels = feature_shape[0] if class_names is not None else 0
+    channels = feature_shape[0] if kind == "images" else 0
     digest = hashlib.sha256()
     with h5py.File(tmp, "w") as f:
         dsets = {}
