@@ -57,6 +57,9 @@ def _parser():
     pr.add_argument("--test-fraction", type=float,
                     help="held-out share when the source has no test split (default 0.2, after a seeded shuffle; "
                          "text sources: 0.1, the last tenth of the token stream)")
+    pr.add_argument("--validation-fraction", type=float,
+                    help="share of the training samples written as val/, which train evaluates on (default 0: "
+                         "none; text sources: the slice before the test tail)")
     pr.add_argument("--tokenizer", choices=("chars", "bytes"),
                     help="text sources: chars (default; the vocabulary is the text's distinct characters) or "
                          "bytes (UTF-8 bytes, a fixed vocabulary of 256)")
@@ -200,6 +203,7 @@ def _prepare(args, prepare):
         if not args.partition:
             raise MpitrainError("prepare: --source is required (unless --partition re-partitions --out)")
         given = [o for o, v in (("--test-fraction", args.test_fraction), ("--samples", args.samples),
+                                ("--validation-fraction", args.validation_fraction),
                                 ("--features", args.features), ("--classes", args.classes),
                                 ("--label-column", args.label_column), ("--layout", args.layout),
                                 ("--image-size", args.image_size), ("--grayscale", args.grayscale or None),
@@ -211,7 +215,8 @@ def _prepare(args, prepare):
         return write_partition(args.out, **partition)
     return prepare(args.source, args.out, args.test_fraction, args.seed, args.classes, args.image_size,
                    args.grayscale, args.skip_bad, args.layout, partition or None, samples=args.samples,
-                   features=args.features, label_column=args.label_column, tokenizer=args.tokenizer)
+                   features=args.features, label_column=args.label_column, tokenizer=args.tokenizer,
+                   validation_fraction=args.validation_fraction)
 
 
 def _federate_default(args, overrides, comm):

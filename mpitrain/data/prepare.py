@@ -2,7 +2,8 @@
 
 Layout: train/x, test/x (float32, samples × features, chunked along samples), train/y, test/y (int64),
 standardize/mean, standardize/std (training-split statistics, already applied: one per feature, or for
-images one per channel), and attributes n_classes, feature_shape, source, checksum (sha256 of the four
+images one per channel), optionally val/x, val/y (prepare --validation-fraction: drawn from the training
+samples, standardised with the training statistics), and attributes n_classes, feature_shape, source, checksum (sha256 of the four
 arrays), format; images also class_names.
 
 Bounded memory: sources larger than memory (npy:DIR, npz:DIR, images:DIR) are read a group of rows at a
@@ -446,13 +447,14 @@ def _class_count(source, classes, labels):
 
 def prepare(source, out, test_fraction=None, seed=0, classes=None, image_size=None, grayscale=False,
             skip_bad=False, layout=None, partition=None, samples=None, features=None, label_column=None,
-            tokenizer=None):
+            tokenizer=None, validation_fraction=None):
     """Write the HDF5 file for `source` to `out` (atomically).  Returns what was done, in lines.
 
-    test_fraction: None = 0.2 where the source has no test split (refused where it has one); text sources
-    (text:FILE, pydoc; data/text.py) 0.1, the stream's tail.  tokenizer (chars | bytes): text sources only.  classes: the
-    n_classes attribute; None = the largest label + 1 (synthetic: SYNTHETIC_CLASSES; images:DIR: its class
-    folders, and --classes is refused).  The options of SOURCE_OPTIONS (None/False: not given) are refused
+    test_fraction: None = 0.2 where the source has no test split (refused where it has one; 0: no test rows);
+    text sources (text:FILE, pydoc; data/text.py) 0.1, the stream's tail.  validation_fraction: the share of
+    the source's training samples written as val/ (text: the slice before the test tail); None or 0: none.
+    tokenizer (chars | bytes): text sources only.  classes: the n_classes attribute; None = the largest
+    label + 1 (synthetic: SYNTHETIC_CLASSES; images:DIR: its class folders, and --classes is refused).  The options of SOURCE_OPTIONS (None/False: not given) are refused
     for other sources.  partition: write_partition's keyword arguments, to add a partition before the file
     is moved into place.
     """
@@ -492,10 +494,10 @@ def prepare(source, out, test_fraction=None, seed=0, classes=None, image_size=No
             if v is not None}
     try:
         if text:
-            return prepare_text(source, out, tmp, test_fraction, tokenizer, classes=classes, image_size=image_size,
-                                grayscale=grayscale, skip_bad=skip_bad)
+            return prepare_text(source, out, tmp, test_fraction, tokenizer, validation_fraction, classes=classes,
+                                image_size=image_size, grayscale=grayscale, skip_bad=skip_bad)
         return _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, grayscale, skip_bad,
-                        layout, partition, opts)
+                        layout, partition, opts, validation_fraction or 0.0)
     except OSError as exc:  # the output's folder not writable, the disk full
         raise MpitrainError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     finally:
@@ -530,7 +532,7 @@ def _channels(shape, layout, name):
 
 
 def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, grayscale, skip_bad, layout,
-             partition, opts):
+             partition, opts, validation_fraction):
     import h5py
 
     if classes is not None and classes < 2:
@@ -558,9 +560,9 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
     order = rng.permutation(len(x))
     if x_test is None:
         test_fraction = 0.2 if test_fraction is None else test_fraction
-        if not 0 < test_fraction < 1:
-            raise MpitrainError(f"--test-fraction {test_fraction}: expected a number in (0, 1)")
-        n_test = max(1, int(round(test_fraction * len(x))))
+        if not 0 <= test_fraction < 1:
+            raise MpitrainError(f"--test-fraction {test_fraction}: expected a number in [0, 1)")
+        n_test = max(1, int(round(test_fraction * len(x)))) if test_fraction else 0
         if n_test >= len(x):
             raise MpitrainError(f"{source}: {len(x)} samples are too few to split off a test set")
         order, test_order = order[n_test:], order[:n_test]
@@ -575,6 +577,8 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
                                 f"expected the same")
         y_test = labels["y_test"] = _labels(y_test, f"{source} y_test", len(x_test))
         test_order = np.arange(len(x_test))
+    val_order = order[:held_out(validation_fraction, len(x), len(order), source)]
+    order = order[len(val_order):]
     n_classes = _class_count(source, classes, labels)
     features = int(np.prod(feature_shape))
     # images: one mean/std per channel over all its training pixels (as torchvision's Normalize)
@@ -582,9 +586,14 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
     digest = hashlib.sha256()
     with h5py.File(tmp, "w") as f:
         dsets = {}
-        for split, n in (("train", len(order)), ("test", len(test_order))):
+        splits = {"train": (x, order), "test": (x_test, test_order)}
+        if len(val_order):
+            splits["val"] = (x, val_order)
+        for split, (_, picked) in splits.items():
+            n = len(picked)
             rows = max(1, min(n, (1 << 20) // (4 * features)))  # ~1 MiB chunks
-            dsets[split] = f.create_dataset(f"{split}/x", (n, features), np.float32, chunks=(rows, features))
+            dsets[split] = f.create_dataset(f"{split}/x", (n, features), np.float32,
+                                            chunks=(rows, features) if n else None)  # HDF5: no chunks when empty
         group = dsets["train"].chunks[0] * max(1, GROUP_BYTES // (4 * features * dsets["train"].chunks[0]))
         # pass 1: the shuffled training rows, unstandardised, and their statistics group by group
         moments = None
@@ -597,16 +606,16 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
         mean = mean.astype(np.float32)
         std[std < 1e-6] = 1.0  # constant features (e.g. the corners of digits) stay at 0
         shift, scale = per_feature((mean, std), features)
-        # pass 2: standardise in place (train), gather and standardise (test); the checksum in file order
-        for split, ys in (("train", y[order]), ("test", y_test)):
-            d = dsets[split]
+        # pass 2: standardise in place (train), gather and standardise (test, val); the checksum in this order
+        for split, (xs_all, rows) in splits.items():
+            d, ys = dsets[split], (y_test if split == "test" else y[rows])
             for a in range(0, len(d), group):
                 xs = (d[a:a + group] if split == "train" else
-                      _gather(x_test, test_order[a:a + group], f"{source} x_test", axes))
+                      _gather(xs_all, rows[a:a + group], f"{source} {'x_test' if split == 'test' else 'x'}", axes))
                 xs = (xs - shift) / scale
                 d[a:a + len(xs)] = xs
                 digest.update(xs.tobytes())
-            f.create_dataset(f"{split}/y", data=ys, chunks=(min(len(ys), 1 << 17),))
+            f.create_dataset(f"{split}/y", data=ys, chunks=(min(len(ys), 1 << 17),) if len(ys) else None)
             digest.update(np.ascontiguousarray(ys).tobytes())
         f["standardize/mean"], f["standardize/std"] = mean, std
         f.attrs.update(n_classes=n_classes, feature_shape=np.array(feature_shape, np.int64),
@@ -620,10 +629,23 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
             parted = f"{out}: " + add_partition(f, **partition)
     os.replace(tmp, out)
     note = f" ({len(skipped)} unreadable image(s) skipped, the first {skipped[0]})" if skipped else ""
-    lines = [decided, f"{out}: {len(order)} train + {len(test_order)} test samples, {features} features "
+    val = f" + {len(val_order)} validation" if len(val_order) else ""
+    lines = [decided, f"{out}: {len(order)} train{val} + {len(test_order)} test samples, {features} features "
                       f"{feature_shape}, {n_classes} classes, from {source}{note}",
              parted if partition is not None else None]
     return "\n".join(line for line in lines if line)
+
+
+def held_out(fraction, total, left, source):
+    """The number of samples --validation-fraction takes: its share of the source's `total` training
+    samples, taken from the `left` ones the test split leaves (at least one remains for training)."""
+    if not 0 <= fraction < 1:
+        raise MpitrainError(f"--validation-fraction {fraction}: expected a number in [0, 1)")
+    n = max(1, int(round(fraction * total))) if fraction else 0
+    if n >= left:
+        raise MpitrainError(f"{source}: {total} samples are too few to split off a validation set "
+                            f"(--validation-fraction {fraction:g}, {left} left after the test split)")
+    return n
 
 
 def per_feature(stats, n):
