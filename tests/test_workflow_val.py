@@ -1,0 +1,128 @@
+"""The validation workflow: prepare --validation-fraction, evaluation on val/ with the test split scored once
+at the end, train.early_stop and train.keep_best (best.h5), kept across a resume."""
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import mpirun, summary
+from mpitrain.data.prepare import prepare
+from mpitrain.data.shard import DataFile
+from mpitrain.errors import MpitrainError
+
+# lr 5 without clipping: the val loss is lowest at the first evaluation and rises after it (a planted curve)
+RISING = ["model.hidden=[16]", "train.optimizer=sgd", "train.lr=5", "train.schedule=constant",
+          "train.global_batch=16", "train.eval_every=5", "train.early_stop.patience=2", "train.keep_best=true",
+          "checkpoint.every=5", "checkpoint.keep=100"]
+
+
+@pytest.fixture(scope="module")
+def with_val(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("val") / "val.h5")
+    prepare("synthetic", path, samples=400, features=8, classes=3, seed=1, validation_fraction=0.2)
+    return path
+
+
+def train(n, out, data, *sets, resume=False):
+    args = ["train", "--quiet", "--out", out, "--set", f"data.path={data}"] + ["--resume", "auto"] * resume
+    for s in sets:
+        args += ["--set", s]
+    return mpirun(n, *args, timeout=300)
+
+
+def ok(r):
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def records(out):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def h5_params(path):
+    with h5py.File(path, "r") as f:
+        return np.asarray(f["params"][...])
+
+
+def rows(f, split):
+    return {r.tobytes() for r in f[f"{split}/x"][...]}
+
+
+def test_prepare_writes_a_disjoint_val_split_and_accepts_no_test_split(tmp_path, with_val):
+    with h5py.File(with_val, "r") as f:
+        assert (len(f["train/y"]), len(f["val/y"]), len(f["test/y"])) == (240, 80, 80)
+        train, val, test = rows(f, "train"), rows(f, "val"), rows(f, "test")
+        assert not (train & val or train & test or val & test)
+    assert DataFile(with_val).n_val == 80
+    none = str(tmp_path / "none.h5")
+    line = prepare("synthetic", none, samples=100, features=4, classes=2, test_fraction=0, validation_fraction=0.1)
+    assert "90 train + 10 validation + 0 test samples" in line
+    data = DataFile(none)
+    assert (data.n_train, data.n_val, data.n_test) == (90, 10, 0)
+    with pytest.raises(MpitrainError, match="too few to split off a validation set"):
+        prepare("synthetic", str(tmp_path / "x.h5"), samples=10, features=4, classes=2, validation_fraction=0.9)
+    assert not os.path.exists(tmp_path / "x.h5")
+
+
+def test_text_val_split_is_the_slice_before_the_test_tail(tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_text("abcdefghij" * 50, encoding="utf-8")
+    out = str(tmp_path / "t.h5")
+    prepare(f"text:{src}", out, test_fraction=0.1, validation_fraction=0.2)
+    with h5py.File(out, "r") as f:
+        parts = [f[f"{s}/tokens"][...] for s in ("train", "val", "test")]
+    assert [len(p) for p in parts] == [350, 100, 50]
+    chars = "abcdefghij"
+    assert "".join(chars[i] for i in np.concatenate(parts)) == chars * 50
+
+
+def test_early_stop_on_a_rising_val_loss_and_best_h5_is_the_best_step(tmp_path, with_val):
+    out = str(tmp_path / "run")
+    ok(train(2, out, with_val, *RISING, "train.steps=60"))
+    s, logged = summary(out), records(out)
+    assert not any(k.startswith("test") for r in logged for k in r)  # the test split never steered training
+    val = [(r["step"], r["val_loss"]) for r in logged if "val_loss" in r]
+    best = min(val, key=lambda v: v[1])
+    # the rule: stop once `patience` (2) evaluations in a row have not improved on the best
+    assert val[-1][0] == best[0] + 2 * 5 < 60 and val.index(best) == len(val) - 3
+    assert (s["stopped_early_at_step"], s["steps"], s["best_step"]) == (best[0] + 10, best[0] + 10, best[0])
+    assert s["best_val_loss"] == pytest.approx(best[1]) and s["test_accuracy"] is not None
+    ckpt = os.path.join(out, "checkpoints", f"ckpt-{best[0]:09d}.h5")
+    np.testing.assert_array_equal(h5_params(os.path.join(out, "best.h5")), h5_params(ckpt))
+    assert not np.array_equal(h5_params(os.path.join(out, "best.h5")), h5_params(os.path.join(out, "model.h5")))
+
+    # preempted after the best (a run of 10 steps, then resumed to 60): it keeps improving on the same best
+    cut = str(tmp_path / "cut")
+    ok(train(2, cut, with_val, *RISING, "train.steps=10"))
+    assert summary(cut)["best_step"] == best[0]
+    ok(train(2, cut, with_val, *RISING, "train.steps=60", resume=True))
+    r = summary(cut)
+    assert (r["resumed_from_step"], r["best_step"], r["stopped_early_at_step"]) == (10, best[0], best[0] + 10)
+    np.testing.assert_array_equal(h5_params(os.path.join(cut, "best.h5")), h5_params(ckpt))
+
+
+def test_keep_best_with_fsdp_saves_whole_vectors(tmp_path, with_val):
+    out = str(tmp_path / "fsdp")
+    ok(train(2, out, with_val, *RISING, "train.steps=60", "comm.mode=fsdp"))
+    s = summary(out)
+    ckpt = os.path.join(out, "checkpoints", f"ckpt-{s['best_step']:09d}.h5")
+    np.testing.assert_array_equal(h5_params(os.path.join(out, "best.h5")), h5_params(ckpt))
+
+
+def test_a_metric_the_file_lacks_is_one_line_and_no_test_split_no_score(tmp_path, synth, with_val):
+    r = train(2, str(tmp_path / "a"), synth, "train.steps=2", "train.early_stop.patience=1")
+    needle = (f"train.early_stop.metric = 'val_loss' (train.early_stop): {synth} has no val/ split "
+              "(prepare --validation-fraction writes one)")
+    assert r.returncode != 0 and len(r.error_lines()) == 1 and needle in r.error_lines()[0], r.stderr
+    assert not os.path.exists(tmp_path / "a" / "summary.json")
+    r = train(1, str(tmp_path / "b"), with_val, "train.steps=2", "train.keep_best=true",
+              "train.early_stop.metric=test_accuracy")
+    assert r.returncode != 0 and len(r.error_lines()) == 1 and "never steers training" in r.error_lines()[0]
+    none = str(tmp_path / "none.h5")
+    prepare("synthetic", none, samples=100, features=4, classes=2, test_fraction=0, validation_fraction=0.2)
+    r = ok(train(1, str(tmp_path / "c"), none, "train.steps=3", "train.global_batch=8", "train.eval_every=1"))
+    s = summary(str(tmp_path / "c"))
+    assert s["test_accuracy"] is None and s["val_accuracy"] is not None
