@@ -12,8 +12,8 @@ from mpitrain.data.prepare import prepare
 from mpitrain.data.shard import DataFile
 from mpitrain.errors import MpitrainError
 
-# lr 5 without clipping: the val loss is lowest at the first evaluation and rises after it (a planted curve)
-RISING = ["model.hidden=[16]", "train.optimizer=sgd", "train.lr=5", "train.schedule=constant",
+# momentum at lr 5: the val loss soon rises and keeps rising (a planted curve)
+RISING = ["model.hidden=[16]", "train.optimizer=momentum", "train.lr=5", "train.schedule=constant",
           "train.global_batch=16", "train.eval_every=5", "train.early_stop.patience=2", "train.keep_best=true",
           "checkpoint.every=5", "checkpoint.keep=100"]
 
@@ -94,13 +94,13 @@ def test_early_stop_on_a_rising_val_loss_and_best_h5_is_the_best_step(tmp_path, 
     np.testing.assert_array_equal(h5_params(os.path.join(out, "best.h5")), h5_params(ckpt))
     assert not np.array_equal(h5_params(os.path.join(out, "best.h5")), h5_params(os.path.join(out, "model.h5")))
 
-    # preempted after the best (a run of 10 steps, then resumed to 60): it keeps improving on the same best
+    # preempted after the best (a run to the evaluation after it, then resumed): it keeps the same best
     cut = str(tmp_path / "cut")
-    ok(train(2, cut, with_val, *RISING, "train.steps=10"))
+    ok(train(2, cut, with_val, *RISING, f"train.steps={best[0] + 5}"))
     assert summary(cut)["best_step"] == best[0]
     ok(train(2, cut, with_val, *RISING, "train.steps=60", resume=True))
     r = summary(cut)
-    assert (r["resumed_from_step"], r["best_step"], r["stopped_early_at_step"]) == (10, best[0], best[0] + 10)
+    assert (r["resumed_from_step"], r["best_step"], r["stopped_early_at_step"]) == (best[0] + 5, best[0], best[0] + 10)
     np.testing.assert_array_equal(h5_params(os.path.join(cut, "best.h5")), h5_params(ckpt))
 
 
