@@ -3,8 +3,8 @@
 Layout: train/x, test/x (float32, samples × features, chunked along samples), train/y, test/y (int64),
 standardize/mean, standardize/std (training-split statistics, already applied: one per feature, or for
 images one per channel), optionally val/x, val/y (prepare --validation-fraction: drawn from the training
-samples, standardised with the training statistics), and attributes n_classes, feature_shape, source, checksum (sha256 of the four
-arrays), format; images also class_names.
+samples, standardised with the training statistics), and attributes n_classes, feature_shape, source,
+checksum (sha256 of the four arrays, then val/'s two), format; images also class_names.
 
 Bounded memory: sources larger than memory (npy:DIR, npz:DIR, images:DIR) are read a group of rows at a
 time — npy files with positioned reads, a folder of npz files or of images first copied in storage order
@@ -454,8 +454,8 @@ def prepare(source, out, test_fraction=None, seed=0, classes=None, image_size=No
     text sources (text:FILE, pydoc; data/text.py) 0.1, the stream's tail.  validation_fraction: the share of
     the source's training samples written as val/ (text: the slice before the test tail); None or 0: none.
     tokenizer (chars | bytes): text sources only.  classes: the n_classes attribute; None = the largest
-    label + 1 (synthetic: SYNTHETIC_CLASSES; images:DIR: its class folders, and --classes is refused).  The options of SOURCE_OPTIONS (None/False: not given) are refused
-    for other sources.  partition: write_partition's keyword arguments, to add a partition before the file
+    label + 1 (synthetic: SYNTHETIC_CLASSES; images:DIR: its class folders, and --classes is refused).  The
+    options of SOURCE_OPTIONS (None/False: not given) are refused for other sources.  partition: write_partition's keyword arguments, to add a partition before the file
     is moved into place.
     """
     given = {"--samples": samples is not None, "--features": features is not None,

@@ -5,12 +5,12 @@ topics, pydoc_data.topics, shipped with every CPython: the embedded default, no 
 chars (the vocabulary is the sorted distinct characters of the whole text) and bytes (the text's UTF-8
 bytes; a fixed vocabulary of 256).
 
-Layout: train/tokens, optionally val/tokens, test/tokens (1-d; uint8 when the vocabulary has ≤ 256 symbols, else uint16): the
-stream, its last --test-fraction the test split (a contiguous tail, as nanoGPT's 90/10 split), the
---validation-fraction before it the val split; attributes
-task = "lm", n_classes (the vocabulary's size), tokenizer ("chars" | "bytes"), vocab (chars only: a JSON
-list of the characters, token i = vocab[i]), source, checksum (sha256 of both token arrays as stored, the
-tokenizer and the vocab), format, created_by.
+Layout: train/tokens, optionally val/tokens, test/tokens (1-d; uint8 when the vocabulary has ≤ 256
+symbols, else uint16): the stream, its last --test-fraction the test split (a contiguous tail, as nanoGPT's
+90/10 split), the --validation-fraction before it the val split; attributes task = "lm", n_classes (the
+vocabulary's size), tokenizer ("chars" | "bytes"), vocab (chars only: a JSON list of the characters, token
+i = vocab[i]), source, checksum (sha256 of the token arrays as stored, in stream order, the tokenizer and the
+vocab), format, created_by.
 
 Windows (TokenShard): training sample i is the window of T + 1 tokens starting at token i, i = 0 … n − T − 1
 (n the training tokens, T the block size); x is its first T tokens, y its last T (the next token at every
