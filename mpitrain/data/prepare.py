@@ -455,8 +455,8 @@ def prepare(source, out, test_fraction=None, seed=0, classes=None, image_size=No
     the source's training samples written as val/ (text: the slice before the test tail); None or 0: none.
     tokenizer (chars | bytes): text sources only.  classes: the n_classes attribute; None = the largest
     label + 1 (synthetic: SYNTHETIC_CLASSES; images:DIR: its class folders, and --classes is refused).  The
-    options of SOURCE_OPTIONS (None/False: not given) are refused for other sources.  partition: write_partition's keyword arguments, to add a partition before the file
-    is moved into place.
+    options of SOURCE_OPTIONS (None/False: not given) are refused for other sources.  partition:
+    write_partition's keyword arguments, to add a partition before the file is moved into place.
     """
     given = {"--samples": samples is not None, "--features": features is not None,
              "--label-column": label_column is not None, "--layout": layout is not None,
