@@ -67,6 +67,22 @@ def test_prepare_writes_a_disjoint_val_split_and_accepts_no_test_split(tmp_path,
     assert not os.path.exists(tmp_path / "x.h5")
 
 
+def test_an_image_folder_keeps_its_own_val_folder(tmp_path):
+    from PIL import Image
+
+    for split, n in (("train", 3), ("val", 2), ("test", 1)):
+        for label, cls in enumerate(("cat", "dog")):
+            os.makedirs(tmp_path / split / cls)
+            for i in range(n):
+                Image.fromarray(np.full((2, 3), 40 * label + i, np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    out = str(tmp_path / "i.h5")
+    with pytest.raises(MpitrainError, match="has its own validation split"):
+        prepare(f"images:{tmp_path}", out, grayscale=True, validation_fraction=0.1)
+    assert "6 train + 4 validation + 2 test samples" in prepare(f"images:{tmp_path}", out, grayscale=True)
+    with h5py.File(out, "r") as f:
+        assert sorted(f["val/y"][...]) == [0, 0, 1, 1]
+
+
 def test_text_val_split_is_the_slice_before_the_test_tail(tmp_path):
     src = tmp_path / "t.txt"
     src.write_text("abcdefghij" * 50, encoding="utf-8")

@@ -337,27 +337,30 @@ def _read_image(path, mode, size):
 
 
 def _images(root, image_size, grayscale, skip_bad, temp):
-    """x (uint8 Rows, samples × C × H × W), y, x_test, y_test, class names, skipped paths of images:DIR.
+    """x (uint8 Rows, samples × C × H × W), y, x_test, y_test, class names, skipped paths of images:DIR,
+    and (x_val, y_val) or None.
 
-    DIR holds the class folders, or train/ and test/ that each hold them: the two splits (other folders
-    beside them, such as val/, are ignored).
+    DIR holds the class folders, or train/ and test/ that each hold them: the two splits, and optionally
+    val/ beside them, the validation split (other folders there are ignored).
     """
     if all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test")):
-        folders = [os.path.join(root, "train"), os.path.join(root, "test")]
-        (names, train), (test_names, test) = map(_image_folder, folders)
-        if test_names != names:
-            only = [", ".join(sorted(a - b)[:5]) or "none" for a, b in
-                    ((set(names), set(test_names)), (set(test_names), set(names)))]
-            raise MpitrainError(f"{root}: the class folders of train/ and test/ differ (only in train/: "
-                                f"{only[0]}; only in test/: {only[1]}); expected the same")
-        splits = [train, test]
+        held = ("test", "val") if os.path.isdir(os.path.join(root, "val")) else ("test",)
+        folders = [os.path.join(root, s) for s in ("train", *held)]
+        (names, train), *others = map(_image_folder, folders)
+        for split, (other, _) in zip(held, others):
+            if other != names:
+                only = [", ".join(sorted(a - b)[:5]) or "none" for a, b in
+                        ((set(names), set(other)), (set(other), set(names)))]
+                raise MpitrainError(f"{root}: the class folders of train/ and {split}/ differ (only in train/: "
+                                    f"{only[0]}; only in {split}/: {only[1]}); expected the same")
+        splits = [train, *(files for _, files in others)]
     else:
         folders = [root]
         names, files = _image_folder(root)
         splits = [files]
     mode = "L" if grayscale else "RGB"
     xs, ys, skipped, first = [], [], [], None
-    for folder, files, name in zip(folders, splits, ("x", "x_test")):
+    for folder, files, name in zip(folders, splits, ("x", "x_test", "x_val")):
         copy, y = _Copy(temp(name)), []
         for path, label in files:
             a = _read_image(path, mode, image_size)
@@ -380,8 +383,8 @@ def _images(root, image_size, grayscale, skip_bad, temp):
                                 f"expected at least one readable image per class")
         xs.append(copy.rows())
         ys.append(y)
-    test = (xs[1], ys[1]) if len(xs) == 2 else (None, None)
-    return xs[0], ys[0], *test, names, skipped
+    test = (xs[1], ys[1]) if len(xs) >= 2 else (None, None)
+    return xs[0], ys[0], *test, names, skipped, (xs[2], ys[2]) if len(xs) == 3 else None
 
 
 def load_source(source, samples=10000, features=64, classes=SYNTHETIC_CLASSES, seed=0, label_column=None,
@@ -540,13 +543,14 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
     if source == "synthetic" and classes is None:
         classes = SYNTHETIC_CLASSES
     kind, _, root = source.partition(":")
-    class_names, skipped = None, []
+    class_names, skipped, own_val = None, [], None
     if kind == "images" and root:
         if classes is not None:
             raise MpitrainError(f"--classes: not for {source} (its classes are its subfolders)")
         if image_size is not None and min(image_size) < 1:
             raise MpitrainError(f"--image-size {' '.join(map(str, image_size))}: expected H W ≥ 1")
-        x, y, x_test, y_test, class_names, skipped = _images(root, image_size, grayscale, skip_bad, temp)
+        x, y, x_test, y_test, class_names, skipped, own_val = _images(root, image_size, grayscale, skip_bad,
+                                                                      temp)
         classes = len(class_names)  # every class folder holds a readable image (checked there)
     else:
         x, y, x_test, y_test = load_source(source, seed=seed, classes=classes, temp=temp, **opts)
@@ -577,6 +581,9 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
                                 f"expected the same")
         y_test = labels["y_test"] = _labels(y_test, f"{source} y_test", len(x_test))
         test_order = np.arange(len(x_test))
+    if own_val is not None and validation_fraction:
+        raise MpitrainError(f"--validation-fraction: {source} has its own validation split (val/), so nothing "
+                            "is held out")
     val_order = order[:held_out(validation_fraction, len(x), len(order), source)]
     order = order[len(val_order):]
     n_classes = _class_count(source, classes, labels)
@@ -586,10 +593,13 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
     digest = hashlib.sha256()
     with h5py.File(tmp, "w") as f:
         dsets = {}
-        splits = {"train": (x, order), "test": (x_test, test_order)}
-        if len(val_order):
-            splits["val"] = (x, val_order)
-        for split, (_, picked) in splits.items():
+        # split → (its source rows, the rows taken, their labels)
+        splits = {"train": (x, order, y[order]), "test": (x_test, test_order, y_test)}
+        if own_val is not None:
+            splits["val"] = (own_val[0], np.arange(len(own_val[1])), own_val[1])
+        elif len(val_order):
+            splits["val"] = (x, val_order, y[val_order])
+        for split, (_, picked, _) in splits.items():
             n = len(picked)
             rows = max(1, min(n, (1 << 20) // (4 * features)))  # ~1 MiB chunks
             dsets[split] = f.create_dataset(f"{split}/x", (n, features), np.float32,
@@ -607,11 +617,10 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
         std[std < 1e-6] = 1.0  # constant features (e.g. the corners of digits) stay at 0
         shift, scale = per_feature((mean, std), features)
         # pass 2: standardise in place (train), gather and standardise (test, val); the checksum in this order
-        for split, (xs_all, rows) in splits.items():
-            d, ys = dsets[split], (y_test if split == "test" else y[rows])
+        for split, (xs_all, rows, ys) in splits.items():
+            d, name = dsets[split], f"{source} {'x' if split == 'val' and xs_all is x else 'x_' + split}"
             for a in range(0, len(d), group):
-                xs = (d[a:a + group] if split == "train" else
-                      _gather(xs_all, rows[a:a + group], f"{source} {'x_test' if split == 'test' else 'x'}", axes))
+                xs = d[a:a + group] if split == "train" else _gather(xs_all, rows[a:a + group], name, axes)
                 xs = (xs - shift) / scale
                 d[a:a + len(xs)] = xs
                 digest.update(xs.tobytes())
@@ -629,7 +638,7 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
             parted = f"{out}: " + add_partition(f, **partition)
     os.replace(tmp, out)
     note = f" ({len(skipped)} unreadable image(s) skipped, the first {skipped[0]})" if skipped else ""
-    val = f" + {len(val_order)} validation" if len(val_order) else ""
+    val = f" + {len(splits['val'][1])} validation" if "val" in splits else ""
     lines = [decided, f"{out}: {len(order)} train{val} + {len(test_order)} test samples, {features} features "
                       f"{feature_shape}, {n_classes} classes, from {source}{note}",
              parted if partition is not None else None]
