@@ -1,5 +1,6 @@
 """The validation workflow: prepare --validation-fraction, evaluation on val/ with the test split scored once
 at the end, train.early_stop and train.keep_best (best.h5), kept across a resume."""
+import importlib.util
 import json
 import os
 
@@ -108,6 +109,11 @@ def test_early_stop_on_a_rising_val_loss_and_best_h5_is_the_best_step(tmp_path, 
     assert s["best_val_loss"] == pytest.approx(best[1]) and s["test_accuracy"] is not None
     ckpt = os.path.join(out, "checkpoints", f"ckpt-{best[0]:09d}.h5")
     np.testing.assert_array_equal(h5_params(os.path.join(out, "best.h5")), h5_params(ckpt))
+    if importlib.util.find_spec("matplotlib"):  # plot draws the val curves
+        from mpitrain.plot import Run, figure
+
+        lines = {line.get_label() for ax in figure([Run(out)]).axes for line in ax.get_lines()}
+        assert {"run: val_loss", "run: val_accuracy"} <= lines
     assert not np.array_equal(h5_params(os.path.join(out, "best.h5")), h5_params(os.path.join(out, "model.h5")))
 
     # preempted after the best (a run to the evaluation after it, then resumed): it keeps the same best
