@@ -126,9 +126,10 @@ def test_early_stop_on_a_rising_val_loss_and_best_h5_is_the_best_step(tmp_path, 
     np.testing.assert_array_equal(h5_params(os.path.join(cut, "best.h5")), h5_params(ckpt))
 
 
-def test_keep_best_with_fsdp_saves_whole_vectors(tmp_path, with_val):
-    out = str(tmp_path / "fsdp")
-    ok(train(2, out, with_val, *RISING, "train.steps=60", "comm.mode=fsdp"))
+@pytest.mark.parametrize("mode", ["comm.mode=fsdp", "parallel.tensor=2"])
+def test_keep_best_saves_whole_vectors_when_ranks_hold_parts(tmp_path, with_val, mode):
+    out = str(tmp_path / "run")
+    ok(train(2, out, with_val, *RISING, "train.steps=60", mode))
     s = summary(out)
     ckpt = os.path.join(out, "checkpoints", f"ckpt-{s['best_step']:09d}.h5")
     np.testing.assert_array_equal(h5_params(os.path.join(out, "best.h5")), h5_params(ckpt))
@@ -148,3 +149,17 @@ def test_a_metric_the_file_lacks_is_one_line_and_no_test_split_no_score(tmp_path
     r = ok(train(1, str(tmp_path / "c"), none, "train.steps=3", "train.global_batch=8", "train.eval_every=1"))
     s = summary(str(tmp_path / "c"))
     assert s["test_accuracy"] is None and s["val_accuracy"] is not None
+
+
+def test_early_stop_settings_are_checked():
+    from mpitrain.config import load
+
+    with pytest.raises(MpitrainError, match=r"^train.early_stop.metric = 'val_acc': expected one of val_loss, "):
+        load(overrides=["train.early_stop.metric=val_acc", "train.early_stop.patience=3"], command="train")
+    with pytest.raises(MpitrainError, match="train.early_stop.metric has no effect: train.early_stop.patience = 0 "
+                                            "and train.keep_best = false"):
+        load(overrides=["train.early_stop.metric=val_accuracy"], command="train")
+    with pytest.raises(MpitrainError, match="train.keep_best has no effect: federate runs fed.rounds rounds"):
+        load(overrides=["train.keep_best=true"], command="federate")
+    e = load(overrides={"train.early_stop.patience": 2, "train.early_stop.mode": "max"}, command="train").train
+    assert (e.early_stop.patience, e.early_stop.mode) == (2, "max")
