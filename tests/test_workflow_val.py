@@ -146,9 +146,12 @@ def test_a_metric_the_file_lacks_is_one_line_and_no_test_split_no_score(tmp_path
     assert r.returncode != 0 and len(r.error_lines()) == 1 and "never steers training" in r.error_lines()[0]
     none = str(tmp_path / "none.h5")
     prepare("synthetic", none, samples=100, features=4, classes=2, test_fraction=0, validation_fraction=0.2)
-    r = ok(train(1, str(tmp_path / "c"), none, "train.steps=3", "train.global_batch=8", "train.eval_every=1"))
-    s = summary(str(tmp_path / "c"))
-    assert s["test_accuracy"] is None and s["val_accuracy"] is not None
+    r = ok(train(1, str(tmp_path / "c"), none, "train.steps=6", "train.global_batch=8", "train.eval_every=1",
+                 "train.keep_best=true", "train.early_stop.metric=val_accuracy"))  # mode auto: max
+    s, val = summary(str(tmp_path / "c")), [(r["val_accuracy"], -r["step"]) for r in records(str(tmp_path / "c"))
+                                            if "val_accuracy" in r]
+    assert s["test_accuracy"] is None and s["val_accuracy"] == val[-1][0]
+    assert (s["best_val_accuracy"], -s["best_step"]) == max(val)  # the first step of the highest accuracy
 
 
 def test_early_stop_settings_are_checked():
