@@ -96,7 +96,7 @@ def _parser():
                                    "and classes must be the model's.")
     e.add_argument("--model", required=True, metavar="DIR/model.h5", help="the model.h5 of a run")
     e.add_argument("--data", required=True, metavar="FILE.h5", help="a file written by prepare")
-    e.add_argument("--split", choices=("test", "train"), default="test",
+    e.add_argument("--split", choices=("test", "val", "train"), default="test",
                    help="which split of --data to score (default: test)")
 
     ex = sub.add_parser("export", help="write a saved model as ONNX or as PyTorch-layout weights (npz)",
@@ -170,12 +170,16 @@ def _eval(args, comm):
     spec, params, stats = comm.agree(load_model, args.model, standardize=True)
     data = comm.agree(DataFile, args.data)
     comm.agree(check_compatible, spec, data, args.model)
+    n = getattr(data, f"n_{args.split}")
+    if not n:  # the same file on every rank: every rank refuses together
+        raise MpitrainError(f"{args.data}: no {args.split} rows to score"
+                            + (" (prepare --validation-fraction writes a val/ split)" if args.split == "val" else ""),
+                            agreed=True)
     comm.agree(compiled, comm)
     x, y = read_part(comm, data, args.split)
     x = as_trained(x, data.standardize, stats)  # the model's statistics, not the file's
     loss, acc = evaluate(comm, Model(spec), params, x, y)
     if comm.rank == 0:
-        n = data.n_test if args.split == "test" else data.n_train
         print(json.dumps({"split": args.split, "samples": n, "accuracy": acc, "loss": loss}))
 
 

@@ -109,6 +109,8 @@ def test_early_stop_on_a_rising_val_loss_and_best_h5_is_the_best_step(tmp_path, 
     assert s["best_val_loss"] == pytest.approx(best[1]) and s["test_accuracy"] is not None
     ckpt = os.path.join(out, "checkpoints", f"ckpt-{best[0]:09d}.h5")
     np.testing.assert_array_equal(h5_params(os.path.join(out, "best.h5")), h5_params(ckpt))
+    r = ok(mpirun(2, "eval", "--model", os.path.join(out, "best.h5"), "--data", with_val, "--split", "val"))
+    assert json.loads(r.stdout)["loss"] == pytest.approx(best[1])
     if importlib.util.find_spec("matplotlib"):  # plot draws the val curves
         from mpitrain.plot import Run, figure
 
@@ -152,6 +154,8 @@ def test_a_metric_the_file_lacks_is_one_line_and_no_test_split_no_score(tmp_path
                                             if "val_accuracy" in r]
     assert s["test_accuracy"] is None and s["val_accuracy"] == val[-1][0]
     assert (s["best_val_accuracy"], -s["best_step"]) == max(val)  # the first step of the highest accuracy
+    r = mpirun(2, "eval", "--model", tmp_path / "c" / "best.h5", "--data", none)
+    assert r.returncode == 2 and r.error_lines() == [f"mpitrain: error: {none}: no test rows to score"], r.stderr
 
 
 def test_early_stop_settings_are_checked():
