@@ -94,6 +94,12 @@ def test_text_val_split_is_the_slice_before_the_test_tail(tmp_path):
     assert [len(p) for p in parts] == [350, 100, 50]
     chars = "abcdefghij"
     assert "".join(chars[i] for i in np.concatenate(parts)) == chars * 50
+    run = str(tmp_path / "gpt")  # a language model evaluates on the val windows, the test tail at the end
+    ok(train(2, run, out, "model.kind=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=16",
+             "model.block_size=8", "train.global_batch=4", "train.steps=4", "train.eval_every=2",
+             "train.keep_best=true"))
+    assert [r["step"] for r in records(run) if "val_loss" in r] == [2, 4]
+    assert summary(run)["test_loss"] is not None and os.path.exists(os.path.join(run, "best.h5"))
 
 
 def test_early_stop_on_a_rising_val_loss_and_best_h5_is_the_best_step(tmp_path, with_val):
