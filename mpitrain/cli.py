@@ -59,6 +59,9 @@ def _parser():
     pr.add_argument("--test-fraction", type=float,
                     help="held-out share when the source has no test split (default 0.2, after a seeded shuffle; "
                          "text sources: 0.1, the last tenth of the token stream)")
+    pr.add_argument("--validation-fraction", type=float,
+                    help="share of the training samples written as val/, which train evaluates on (default 0: "
+                         "none; text sources: the slice before the test tail)")
     pr.add_argument("--tokenizer", choices=("chars", "bytes"),
                     help="text sources: chars (default; the vocabulary is the text's distinct characters) or "
                          "bytes (UTF-8 bytes, a fixed vocabulary of 256)")
@@ -101,7 +104,7 @@ def _parser():
                                    "name them).")
     e.add_argument("--model", required=True, metavar="DIR/model.h5", help="the model.h5 of a run")
     e.add_argument("--data", required=True, metavar="FILE.h5", help="a file written by prepare")
-    e.add_argument("--split", choices=("test", "train"), default="test",
+    e.add_argument("--split", choices=("test", "val", "train"), default="test",
                    help="which split of --data to score (default: test)")
     e.add_argument("--plot", metavar="FILE.png", help="classifiers: also draw the confusion matrix as a PNG")
 
@@ -200,6 +203,11 @@ def _eval(args, comm):
     names, labels = (comm.agree(for_eval, args.model, spec, data) if classify and data.task == "classify"
                      else (None, None))
     comm.agree(check_compatible, spec, data, args.model, labels is not None)
+    n = getattr(data, f"n_{args.split}")
+    if not n:  # the same file on every rank: every rank refuses together
+        raise MpitrainError(f"{args.data}: no {args.split} rows to score"
+                            + (" (prepare --validation-fraction writes a val/ split)" if args.split == "val" else ""),
+                            agreed=True)
     comm.agree(compiled, comm)
     if spec.task == "lm":  # windows of the model's block size
         x, y = read_token_part(comm, data, spec.feature_shape[0], args.split)
@@ -217,7 +225,6 @@ def _eval(args, comm):
     metrics = {k[len(args.split) + 1:]: v for k, v in scores(comm, model, params, x, y, args.split, targets).items()}
     counts = confusion(comm, model, params, x, y, spec.n_out) if classify else None
     if comm.rank == 0:
-        n = data.n_test if args.split == "test" else data.n_train
         print(json.dumps({"split": args.split, "samples": n, **metrics, **(report(counts, names) if classify else {})}))
     if args.plot:  # rank 0 writes; every rank learns of a failure
         comm.agree(lambda: plot(counts, names, f"{args.data} {args.split}: accuracy {metrics['accuracy']:.4f}",
@@ -248,6 +255,7 @@ def _prepare(args, prepare):
         if not args.partition:
             raise MpitrainError("prepare: --source is required (unless --partition re-partitions --out)")
         given = [o for o, v in (("--test-fraction", args.test_fraction), ("--samples", args.samples),
+                                ("--validation-fraction", args.validation_fraction),
                                 ("--features", args.features), ("--classes", args.classes),
                                 ("--label-column", args.label_column), ("--target", args.target),
                                 ("--layout", args.layout),
@@ -261,7 +269,7 @@ def _prepare(args, prepare):
     return prepare(args.source, args.out, args.test_fraction, args.seed, args.classes, args.image_size,
                    args.grayscale, args.skip_bad, args.layout, partition or None, samples=args.samples,
                    features=args.features, label_column=args.label_column, tokenizer=args.tokenizer,
-                   target=args.target)
+                   target=args.target, validation_fraction=args.validation_fraction)
 
 
 def _federate_default(args, overrides, comm):

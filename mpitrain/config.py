@@ -60,6 +60,20 @@ class ModelConfig:
     dropout: float = 0.0        # gpt: dropout rate after the embeddings and in every residual branch
 
 
+EVAL_METRICS = tuple(f"{split}_{name}" for split in ("val", "test") for name in (  # what train's evaluations record
+    "loss", "accuracy", "rmse", "r2", "bits_per_token", "perplexity"))
+
+
+@dataclass
+class EarlyStopConfig:
+    """[train.early_stop]: watch an evaluation metric; stop after `patience` evaluations without improvement.
+    train.keep_best watches the same metric."""
+    metric: str = "val_loss"    # one of EVAL_METRICS (val_*: the file's val/ split; test_*: files without one)
+    patience: int = 0           # evaluations without improvement before the run stops; 0 = never stop early
+    min_delta: float = 0.0      # an improvement is a change beyond this
+    mode: str = "auto"          # min | max | auto (max for *_accuracy, min otherwise)
+
+
 @dataclass
 class TrainConfig:
     global_batch: int = 64      # samples per step over all ranks
@@ -81,9 +95,11 @@ class TrainConfig:
     gamma: float = 0.1          # step schedule: decay factor
     scale_lr: bool = False      # linear scaling rule: lr × global_batch / 256
     seed: int = 0
-    eval_every: int = 0         # steps between test evaluations; 0 = once per epoch
+    eval_every: int = 0         # steps between evaluations (val/, or test/ without it); 0 = once per epoch
     log_every: int = 10         # steps between train-loss records in metrics.jsonl
     device: str = "cpu"
+    keep_best: bool = False     # save best.h5 whenever train.early_stop.metric improves
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
 
 @dataclass
@@ -222,6 +238,11 @@ class Config:
         _check(t.step_size >= 1, "train.step_size", t.step_size, "≥ 1")
         _check(t.clip_norm >= 0, "train.clip_norm", t.clip_norm, "≥ 0 (0 = no clipping)")
         _check(set(t.decay) <= set(DECAY_GROUPS), "train.decay", t.decay, "a list of " + ", ".join(DECAY_GROUPS))
+        e = t.early_stop
+        _check(e.metric in EVAL_METRICS, "train.early_stop.metric", e.metric, "one of " + ", ".join(EVAL_METRICS))
+        _check(e.patience >= 0, "train.early_stop.patience", e.patience, "an integer ≥ 0 (0 = off)")
+        _check(e.min_delta >= 0, "train.early_stop.min_delta", e.min_delta, "≥ 0")
+        _check(e.mode in ("min", "max", "auto"), "train.early_stop.mode", e.mode, "min, max or auto")
         if t.clip_norm and (self.comm.mode == "local_sgd" or self.parallel.tensor > 1):
             raise MpitrainError(f"train.clip_norm = {t.clip_norm:g} clips the norm of the whole gradient, which "
                                 + ("comm.mode = 'local_sgd' never forms" if self.comm.mode == "local_sgd" else
@@ -362,6 +383,7 @@ READ_BY = {
                     ("train", "federate's clients step at the constant train.lr")),
     "train.eval_every": ("train", "federate evaluates every fed.eval_every rounds"),
     "train.log_every": ("train", "federate records every round"),
+    **dict.fromkeys(("train.early_stop", "train.keep_best"), ("train", "federate runs fed.rounds rounds")),
     "train.clip_norm": ("train", "federate's clients do not clip their gradients (fed.dp.clip bounds each client's "
                                  "update)"),
 }
@@ -395,6 +417,10 @@ ACTS = {
     "model.activation": _only("model.kind", "mlp"),
     "train.epochs": lambda c: c.train.steps > 0 and f"train.steps = {c.train.steps} sets the length of the run",
     "train.momentum": _only("train.optimizer", "momentum", "nesterov"),
+    "train.early_stop": lambda c: not (c.train.early_stop.patience or c.train.keep_best) and (
+        "train.early_stop.patience = 0 and train.keep_best = false: nothing watches the metric"),
+    "train.early_stop.min_delta": lambda c: not c.train.early_stop.patience and (
+        "train.early_stop.patience = 0 (early stopping is off; best.h5 follows every improvement)"),
     **dict.fromkeys(("train.beta1", "train.beta2", "train.eps"), _only("train.optimizer", "adam", "adamw")),
     "train.decay": _only("train.optimizer", "adamw"),
     "model.norm": _only("model.kind", "resnet8", "resnet20"),

@@ -7,7 +7,7 @@ from .errors import MpitrainError
 
 def read_part(comm, data, split="test"):
     """This rank's rows of `split` (all ranks agree on errors)."""
-    n = data.n_test if split == "test" else data.n_train
+    n = getattr(data, f"n_{split}")
     return comm.agree(data.read, split, *block(n, comm.size, comm.rank), comm.rank)
 
 

@@ -2,8 +2,8 @@
 
 Reads each run folder's metrics.jsonl (report.RunLog; fields from trainer.py and federated/run.py):
 
-* train runs — x = step: `train_loss`, `train_accuracy` (every train.log_every steps) and `test_loss`,
-  `test_accuracy` (separate records, at every evaluation);
+* train runs — x = step: `train_loss`, `train_accuracy` (every train.log_every steps) and `val_loss`,
+  `val_accuracy` or `test_loss`, `test_accuracy` (separate records, at every evaluation);
 * federated runs — x = round: `train_loss` every round, `test_loss`, `test_accuracy`, `federated_accuracy`
   and `worst_client_accuracy` (null without local test splits, and under fed.erase) at evaluations, `epsilon` (and
   `record_epsilon` under DP-SGD) when differential privacy is on; a round with no client sampled
@@ -24,10 +24,11 @@ from .errors import MpitrainError
 NEEDS = "plot needs matplotlib: pip install 'mpitrain[bench]'"
 # metric → (legend text, line style); the style legend of a row explains them for all its panels
 STYLES = {"train": ("train", "-"), "test": ("test", "--"), "federated": ("federated (clients' local test)", "-."),
-          "worst": ("worst client", ":"), "record": ("record-level ε (DP-SGD)", ":")}
+          "worst": ("worst client", ":"), "record": ("record-level ε (DP-SGD)", ":"), "val": ("validation", ":")}
 PANELS = {  # kind → [(panel title, y label, [(metric field, style key)])]
-    "train": [("loss", "loss", [("train_loss", "train"), ("test_loss", "test")]),
-              ("accuracy", "accuracy", [("train_accuracy", "train"), ("test_accuracy", "test")])],
+    "train": [("loss", "loss", [("train_loss", "train"), ("val_loss", "val"), ("test_loss", "test")]),
+              ("accuracy", "accuracy", [("train_accuracy", "train"), ("val_accuracy", "val"),
+                                        ("test_accuracy", "test")])],
     "federated": [("loss", "loss", [("train_loss", "train"), ("test_loss", "test")]),
                   ("accuracy", "accuracy", [("test_accuracy", "test"), ("federated_accuracy", "federated"),
                                             ("worst_client_accuracy", "worst")])],

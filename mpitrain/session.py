@@ -107,9 +107,15 @@ class Session:
                                tuple(m.hidden), m.activation, tuple(m.layers),
                                (m.block_size,) if lm else data.feature_shape, data.task, m.n_layer, m.n_head,
                                m.n_embd, m.dropout, m.norm)
-        self.test_x, self.test_y = read_token_part(comm, data, m.block_size) if lm else read_part(comm, data)
+        self.test_x, self.test_y = self.part("test")
         self.kernels = comm.agree(compiled, comm, cfg.train.device)
         self.model = Model(self.spec, cfg.train.device)
+
+    def part(self, split):
+        """This rank's block of a split: rows, or a language model's windows."""
+        if self.data.task == "lm":
+            return read_token_part(self.comm, self.data, self.cfg.model.block_size, split)
+        return read_part(self.comm, self.data, split)
 
     def open(self, out, total, quiet, resume, meaning, unit, past, overwrite=False):
         """Claim the run directory and decide where the run starts: returns (index, arrays, attrs) of the
@@ -156,6 +162,18 @@ class Session:
         self.log.start(index, total)
         return None if resumed is None else resumed[1:]
 
+    def save(self, name, params, **model_attrs):
+        """Rank 0 writes the model file `name` (model.h5, best.h5) in the run folder, atomically: the
+        parameters (whole on rank 0), the model's state vector, the data's standardisation, vocabulary, class
+        names or target standardisation."""
+        if self.comm.rank == 0:
+            save_model(os.path.join(self.out, name), self.spec, params, self.data.standardize,
+                       self.model.ctx.state, data_checksum=self.data.checksum,
+                       **{k: self.data.f.attrs[k] for k in ("tokenizer", "vocab", "class_names")
+                          if k in self.data.f.attrs},
+                       **target_attrs(self.data.targets if self.data.task == "regress" else None),
+                       **model_attrs)
+
     def diverged(self, where, what):
         """The one line of a run whose loss or update stopped being finite (train and federate alike)."""
         return MpitrainError(f"{where}: {what} is not finite; stopping before it reaches a checkpoint (the "
@@ -176,13 +194,7 @@ class Session:
         summary.update(world_size=self.comm.size, threads_per_rank=self.threads, n_params=self.spec.n_params,
                        wall_seconds=time.perf_counter() - self.started, data=self.cfg.data.path,
                        data_checksum=self.data.checksum, mpitrain_version=__version__)
-        if self.comm.rank == 0:
-            save_model(os.path.join(self.out, "model.h5"), self.spec, params, self.data.standardize,
-                       self.model.ctx.state, data_checksum=self.data.checksum,
-                       **{k: self.data.f.attrs[k] for k in ("tokenizer", "vocab", "class_names")
-                          if k in self.data.f.attrs},
-                       **target_attrs(self.data.targets if self.data.task == "regress" else None),
-                       **model_attrs)
+        self.save("model.h5", params, **model_attrs)
         self.log.finish(summary)
         self.comm.barrier()
         return summary

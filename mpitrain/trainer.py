@@ -21,6 +21,7 @@ from .optim import Optimizer, schedule
 from .session import Session, gpt_defaults
 from .sync import make as make_sync
 from .tensor import Grid
+from .watch import Watch
 
 
 class Stepper:
@@ -86,6 +87,10 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
                   flush=True)
     t, run = cfg.train, Session(cfg, comm)
     data, spec, model = run.data, run.spec, run.model
+    watch = comm.agree(Watch, cfg, data)
+    # evaluations during training use val/ where the file has one: the test split is then scored once, at the end
+    split = "val" if data.n_val else "test" if data.n_test else None
+    held = run.part("val") if data.n_val else (run.test_x, run.test_y)
     grid = comm.agree(Grid, cfg, comm, model)  # data × tensor: the ranks of a tensor group read the same batches
     dp, local = grid.dp, grid.model  # the data group, and the model this rank's steps run (its slices)
     shard = open_shard(comm, data, cfg.data, t.global_batch, t.seed, dp.rank, dp.size,
@@ -115,6 +120,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
         if "state" in arrays:  # BatchNorm running statistics
             local.ctx.state[:] = arrays["state"]
         last = {k: float(attrs[k]) for k in ("train_loss", "train_accuracy") if k in attrs}
+        watch.restore(attrs, log.say)
         del resumed, arrays  # the checkpoint's full vectors: fsdp and tensor ranks keep only their slices
     else:
         first = 0
@@ -129,6 +135,9 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
 
     if shard.note:
         log.say(shard.note)
+    if not data.n_test:
+        log.say(f"{data.path} has no test rows: no test score"
+                + ("" if split else "; no val/ split either, so the run is never evaluated"))
     if "partition" in data.f:
         log.say(f"{data.path} holds a federated partition of {len(data.f['partition/n_train'])} clients: train "
                 "pools every client's rows (the file's whole train split, the clients' local test rows included)")
@@ -141,11 +150,18 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
     eval_every = t.eval_every or shard.steps_per_epoch
     scale = 1.0 / t.global_batch
     train_seconds = 0.0
-    test = None  # the last evaluation's metrics (evaluate.scores)
-    targets = data.targets if spec.task == "regress" else None  # test RMSE in the targets' original units
-    if first < total:  # the first step's data is read before the timed loop, as an in-memory part is
+    test = None  # the last test evaluation's metrics (evaluate.scores)
+    metrics = {}  # the last evaluation's metrics
+    targets = data.targets if spec.task == "regress" else None  # RMSE in the targets' original units
+    end = first if watch.stop else total  # a run that stopped early and resumed ends where it stopped
+
+    def whole():  # the parameters whole on rank 0 (every rank calls it: sharded modes gather them)
+        saved = grid.saved(sync.saved(params))
+        return saved.gather() if isinstance(saved, Parts) else model.xp.to_host(saved)
+
+    if first < end:  # the first step's data is read before the timed loop, as an in-memory part is
         shard.get(*divmod(first, shard.steps_per_epoch))
-    for step in range(first, total):
+    for step in range(first, end):
         tic = time.perf_counter()
         epoch, s = divmod(step, shard.steps_per_epoch)
         lr_now = lr_at(step)
@@ -164,21 +180,32 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
             last["train_accuracy"] = correct * scale
         if (step + 1) % max(t.log_every, 1) == 0 or step + 1 == total:
             log.record(step=step + 1, epoch=epoch + 1, lr=lr_now, **last)  # epochs count from 1, as printed
-        if (step + 1) % eval_every == 0 or step + 1 == total:
-            test = scores(comm, model, grid.full(sync.full(params)), run.test_x, run.test_y, targets=targets)
-            log.record(step=step + 1, epoch=epoch + 1, **test)
-            log.say(f"step {step + 1}/{total}  epoch {epoch + 1}  loss {last['train_loss']:.4f}  {said(test)}")
+        if split and ((step + 1) % eval_every == 0 or step + 1 == total):
+            metrics = scores(comm, model, grid.full(sync.full(params)), *held, prefix=split, targets=targets)
+            if split == "test":
+                test = metrics
+            log.record(step=step + 1, epoch=epoch + 1, **metrics)
+            log.say(f"step {step + 1}/{total}  epoch {epoch + 1}  loss {last['train_loss']:.4f}  {said(metrics)}")
+            if watch.on and watch.update(comm, step + 1, metrics) and t.keep_best:
+                run.save("best.h5", whole(), steps=step + 1, **{f"best_{watch.metric}": watch.best})
+            if watch.stop:
+                end = step + 1
+                log.say(f"early stop at step {end}: {watch.metric} has not improved on {watch.best:.4f} (step "
+                        f"{watch.best_step}) for {watch.waited} evaluation(s)")
         log.advance(1, loss=f"{loss * scale:.4f}")
-        if ckpt.due(step + 1, stop or timed) or step + 1 == total:
+        if ckpt.due(step + 1, stop or timed) or step + 1 == end:
             host = model.xp.to_host
             state = sync.gather_state({f"opt/{k}": host(v) for k, v in opt.state.items()})
             state = {k: grid.saved(v) for k, v in state.items()}
             state["state"] = local.ctx.state  # BatchNorm running statistics: the same on every rank
-            ckpt.save(step + 1, {"params": grid.saved(host(sync.saved(params))), **state}, opt_t=opt.t, **last)
-        if stop and step + 1 < total:  # at the last step the run simply ends (model.h5, summary, exit 0)
+            ckpt.save(step + 1, {"params": grid.saved(host(sync.saved(params))), **state}, opt_t=opt.t, **last,
+                      **watch.attrs())
+        if step + 1 == end:  # the last step, or an early stop: the run simply ends (model.h5, summary, exit 0)
+            break
+        if stop:
             run.stop(f"step {step + 1}")
     shard.close()
-    if test is None:  # resumed at the end: score the restored model
+    if data.n_test and test is None:  # val/ steered training, or resumed at the end: score the model once
         test = scores(comm, model, grid.full(sync.full(params)), run.test_x, run.test_y, targets=targets)
     memory = [sum(v.nbytes for v in opt.state.values()), *sync.bytes_per_rank(params, step_fn.grad), peak_rss(),
               shard.reader_rss]
@@ -186,9 +213,9 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
     train_seconds, comm_seconds, *memory, tensor_seconds, tensor_bytes = comm.allreduce(
         [train_seconds, sync.seconds, *memory, *tensor], op="max")
     summary = {
-        **test, **last,
-        "steps": total, "epochs": total / shard.steps_per_epoch, "global_batch": t.global_batch,
-        "samples_per_second": (total - first) * t.global_batch / train_seconds if train_seconds else None,
+        **(test or {"test_loss": None, "test_accuracy": None}), **last, **metrics, **watch.summary(),
+        "steps": end, "epochs": end / shard.steps_per_epoch, "global_batch": t.global_batch,
+        "samples_per_second": (end - first) * t.global_batch / train_seconds if train_seconds else None,
         "comm_seconds": comm_seconds, "comm_mode": cfg.comm.mode, "data_stream": shard.streams,
         "comm_bytes_per_step": sync.bytes / max(sync.steps, 1), "optimizer_state_bytes_per_rank": int(memory[0]),
         "param_bytes_per_rank": int(memory[1]), "grad_bytes_per_rank": int(memory[2]), "peak_rss_bytes": int(memory[3]),
@@ -196,11 +223,11 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
         "resumed_from_step": first, "tensor_parallel": grid.T, "data_parallel": dp.size,
         "tensor_comm_seconds": tensor_seconds, "tensor_comm_bytes_per_step": tensor_bytes,
     }
+    if watch.patience:
+        summary["stopped_early_at_step"] = end if end < total else None
     speed = summary["samples_per_second"]  # None when the run resumed at its end: no step was timed
     timing = (f"{speed:.0f} samples/s, {train_seconds:.1f} s ({comm_seconds:.1f} s in {cfg.comm.mode} communication"
               f"{f', {tensor_seconds:.1f} s in the tensor group' if grid.T > 1 else ''})" if speed else
               f"no step left to run after step {first}")
-    log.say(f"done: {said(test, loss=False)}, {timing} → {run.out}")
-    final = grid.saved(sync.saved(params))
-    final = final.gather() if isinstance(final, Parts) else model.xp.to_host(final)  # whole on rank 0
-    return run.finish(summary, final, steps=total)
+    log.say(f"done: {said(test, loss=False) if test else 'no test score (no test rows)'}, {timing} → {run.out}")
+    return run.finish(summary, whole(), steps=end)

@@ -114,7 +114,7 @@ def test_16_bit_grey_keeps_its_range(tmp_path):
 def test_train_and_test_folders_are_the_splits(tmp_path):
     _folder(tmp_path / "imgs" / "train")
     test = _folder(tmp_path / "imgs" / "test", seed=1)
-    _save(tmp_path / "imgs" / "val" / "x.png", np.zeros((1, 1), np.uint8))  # neither split: ignored
+    _save(tmp_path / "imgs" / "extra" / "x.png", np.zeros((1, 1), np.uint8))  # no split: ignored
     out = str(tmp_path / "i.h5")
     with pytest.raises(MpitrainError, match=r"--test-fraction: images:.* has its own test split"):
         prepare(f"images:{tmp_path / 'imgs'}", out, test_fraction=0.5)  # it would be ignored

@@ -2,10 +2,12 @@
 
 Layout: train/x, test/x (float32, samples × features, chunked along samples), train/y, test/y (int64),
 standardize/mean, standardize/std (training-split statistics, already applied: one per feature, or for
-images one per channel), and attributes n_classes, feature_shape, source, checksum (sha256 of the four
-arrays), format; images and sources with string labels also class_names.  Regression (float y, or csv
---target): train/y, test/y are float32 samples × targets, standardised with the training split's
-target/mean, target/std; attributes task = "regress" and n_targets instead of n_classes.
+images one per channel), optionally val/x, val/y (prepare --validation-fraction: drawn from the training
+samples, standardised with the training statistics), and attributes n_classes, feature_shape, source,
+checksum (sha256 of the four arrays, then val/'s two), format; images and sources with string labels also
+class_names.  Regression (float y, or csv --target): the y arrays are float32 samples × targets,
+standardised with the training split's target/mean, target/std; attributes task = "regress" and n_targets
+instead of n_classes.
 
 Bounded memory: sources larger than memory (npy:DIR, npz:DIR, images:DIR) are read a group of rows at a
 time — npy files with positioned reads, a folder of npz files or of images first copied in storage order
@@ -396,27 +398,30 @@ def _read_image(path, mode, size):
 
 
 def _images(root, image_size, grayscale, skip_bad, temp):
-    """x (uint8 Rows, samples × C × H × W), y, x_test, y_test, class names, skipped paths of images:DIR.
+    """x (uint8 Rows, samples × C × H × W), y, x_test, y_test, class names, skipped paths of images:DIR,
+    and (x_val, y_val) or None.
 
-    DIR holds the class folders, or train/ and test/ that each hold them: the two splits (other folders
-    beside them, such as val/, are ignored).
+    DIR holds the class folders, or train/ and test/ that each hold them: the two splits, and optionally
+    val/ beside them, the validation split (other folders there are ignored).
     """
     if all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test")):
-        folders = [os.path.join(root, "train"), os.path.join(root, "test")]
-        (names, train), (test_names, test) = map(_image_folder, folders)
-        if test_names != names:
-            only = [", ".join(sorted(a - b)[:5]) or "none" for a, b in
-                    ((set(names), set(test_names)), (set(test_names), set(names)))]
-            raise MpitrainError(f"{root}: the class folders of train/ and test/ differ (only in train/: "
-                                f"{only[0]}; only in test/: {only[1]}); expected the same")
-        splits = [train, test]
+        held = ("test", "val") if os.path.isdir(os.path.join(root, "val")) else ("test",)
+        folders = [os.path.join(root, s) for s in ("train", *held)]
+        (names, train), *others = map(_image_folder, folders)
+        for split, (other, _) in zip(held, others):
+            if other != names:
+                only = [", ".join(sorted(a - b)[:5]) or "none" for a, b in
+                        ((set(names), set(other)), (set(other), set(names)))]
+                raise MpitrainError(f"{root}: the class folders of train/ and {split}/ differ (only in train/: "
+                                    f"{only[0]}; only in {split}/: {only[1]}); expected the same")
+        splits = [train, *(files for _, files in others)]
     else:
         folders = [root]
         names, files = _image_folder(root)
         splits = [files]
     mode = "L" if grayscale else "RGB"
     xs, ys, skipped, first = [], [], [], None
-    for folder, files, name in zip(folders, splits, ("x", "x_test")):
+    for folder, files, name in zip(folders, splits, ("x", "x_test", "x_val")):
         copy, y = _Copy(temp(name)), []
         for path, label in files:
             a = _read_image(path, mode, image_size)
@@ -439,8 +444,8 @@ def _images(root, image_size, grayscale, skip_bad, temp):
                                 f"expected at least one readable image per class")
         xs.append(copy.rows())
         ys.append(y)
-    test = (xs[1], ys[1]) if len(xs) == 2 else (None, None)
-    return xs[0], ys[0], *test, names, skipped
+    test = (xs[1], ys[1]) if len(xs) >= 2 else (None, None)
+    return xs[0], ys[0], *test, names, skipped, (xs[2], ys[2]) if len(xs) == 3 else None
 
 
 def load_source(source, samples=10000, features=64, classes=SYNTHETIC_CLASSES, seed=0, label_column=None,
@@ -536,16 +541,18 @@ def _class_count(source, classes, labels):
 
 def prepare(source, out, test_fraction=None, seed=0, classes=None, image_size=None, grayscale=False,
             skip_bad=False, layout=None, partition=None, samples=None, features=None, label_column=None,
-            tokenizer=None, target=None):
+            tokenizer=None, target=None, validation_fraction=None):
     """Write the HDF5 file for `source` to `out` (atomically).  Returns what was done, in lines.
 
-    test_fraction: None = 0.2 where the source has no test split (refused where it has one); text sources
-    (text:FILE, pydoc; data/text.py) 0.1, the stream's tail.  tokenizer (chars | bytes): text sources only.  classes: the
-    n_classes attribute; None = the largest label + 1 (synthetic: SYNTHETIC_CLASSES; images:DIR: its class
-    folders, and --classes is refused; regression: refused).  target: csv's target columns ("COL[,COL…]":
-    names or indices), making a regression file, as a float y of npz/npy and diabetes do.  The options of
-    SOURCE_OPTIONS (None/False: not given) are refused for other sources.  partition: write_partition's
-    keyword arguments, to add a partition before the file is moved into place.
+    test_fraction: None = 0.2 where the source has no test split (refused where it has one; 0: no test rows);
+    text sources (text:FILE, pydoc; data/text.py) 0.1, the stream's tail.  validation_fraction: the share of
+    the source's training samples written as val/ (text: the slice before the test tail); None or 0: none.
+    tokenizer (chars | bytes): text sources only.  classes: the n_classes attribute; None = the largest
+    label + 1 (synthetic: SYNTHETIC_CLASSES; images:DIR: its class folders, and --classes is refused;
+    regression: refused).  target: csv's target columns ("COL[,COL…]": names or indices), making a
+    regression file, as a float y of npz/npy and diabetes do.  The options of SOURCE_OPTIONS (None/False:
+    not given) are refused for other sources.  partition: write_partition's keyword arguments, to add a
+    partition before the file is moved into place.
     """
     given = {"--samples": samples is not None, "--features": features is not None,
              "--label-column": label_column is not None, "--target": target is not None,
@@ -584,10 +591,10 @@ def prepare(source, out, test_fraction=None, seed=0, classes=None, image_size=No
                               ("target", target)) if v is not None}
     try:
         if text:
-            return prepare_text(source, out, tmp, test_fraction, tokenizer, classes=classes, image_size=image_size,
-                                grayscale=grayscale, skip_bad=skip_bad)
+            return prepare_text(source, out, tmp, test_fraction, tokenizer, validation_fraction, classes=classes,
+                                image_size=image_size, grayscale=grayscale, skip_bad=skip_bad)
         return _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, grayscale, skip_bad,
-                        layout, partition, opts)
+                        layout, partition, opts, validation_fraction or 0.0)
     except OSError as exc:  # the output's folder not writable, the disk full
         raise MpitrainError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     finally:
@@ -622,7 +629,7 @@ def _channels(shape, layout, name):
 
 
 def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, grayscale, skip_bad, layout,
-             partition, opts):
+             partition, opts, validation_fraction):
     import h5py
 
     from ..classes import encode
@@ -632,13 +639,14 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
     if source == "synthetic" and classes is None:
         classes = SYNTHETIC_CLASSES
     kind, _, root = source.partition(":")
-    class_names, skipped = None, []
+    class_names, skipped, own_val = None, [], None
     if kind == "images" and root:
         if classes is not None:
             raise MpitrainError(f"--classes: not for {source} (its classes are its subfolders)")
         if image_size is not None and min(image_size) < 1:
             raise MpitrainError(f"--image-size {' '.join(map(str, image_size))}: expected H W ≥ 1")
-        x, y, x_test, y_test, class_names, skipped = _images(root, image_size, grayscale, skip_bad, temp)
+        x, y, x_test, y_test, class_names, skipped, own_val = _images(root, image_size, grayscale, skip_bad,
+                                                                      temp)
         classes = len(class_names)  # every class folder holds a readable image (checked there)
     else:
         x, y, x_test, y_test = load_source(source, seed=seed, classes=classes, temp=temp, **opts)
@@ -658,9 +666,9 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
     order = rng.permutation(len(x))
     if x_test is None:
         test_fraction = 0.2 if test_fraction is None else test_fraction
-        if not 0 < test_fraction < 1:
-            raise MpitrainError(f"--test-fraction {test_fraction}: expected a number in (0, 1)")
-        n_test = max(1, int(round(test_fraction * len(x))))
+        if not 0 <= test_fraction < 1:
+            raise MpitrainError(f"--test-fraction {test_fraction}: expected a number in [0, 1)")
+        n_test = max(1, int(round(test_fraction * len(x)))) if test_fraction else 0
         if n_test >= len(x):
             raise MpitrainError(f"{source}: {len(x)} samples are too few to split off a test set")
         order, test_order = order[n_test:], order[:n_test]
@@ -675,21 +683,33 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
                                 f"expected the same")
         y_test = labels["y_test"] = _outputs(y_test, f"{source} y_test", len(x_test), regress, ("y", y))
         test_order = np.arange(len(x_test))
+    if own_val is not None and validation_fraction:
+        raise MpitrainError(f"--validation-fraction: {source} has its own validation split (val/), so nothing "
+                            "is held out")
+    val_order = order[:held_out(validation_fraction, len(x), len(order), source)]
+    order = order[len(val_order):]
     n_classes = None if regress else _class_count(source, classes, labels)
-    ys = {"train": y[order], "test": y_test}
+    # split → (its source rows, the rows taken, their labels or targets)
+    splits = {"train": (x, order, y[order]), "test": (x_test, test_order, y_test)}
+    if own_val is not None:
+        splits["val"] = (own_val[0], np.arange(len(own_val[1])), own_val[1])
+    elif len(val_order):
+        splits["val"] = (x, val_order, y[val_order])
     if regress:  # targets standardised as features are, with the training split's statistics
-        t_mean, t_std = ys["train"].mean(axis=0).astype(np.float32), ys["train"].std(axis=0).astype(np.float32)
+        t_mean, t_std = y[order].mean(axis=0).astype(np.float32), y[order].std(axis=0).astype(np.float32)
         t_std[t_std < 1e-6] = 1.0
-        ys = {k: ((v - t_mean) / t_std).astype(np.float32) for k, v in ys.items()}
+        splits = {k: (a, r, ((v - t_mean) / t_std).astype(np.float32)) for k, (a, r, v) in splits.items()}
     features = int(np.prod(feature_shape))
     # images: one mean/std per channel over all its training pixels (as torchvision's Normalize)
     channels = feature_shape[0] if kind == "images" else 0
     digest = hashlib.sha256()
     with h5py.File(tmp, "w") as f:
         dsets = {}
-        for split, n in (("train", len(order)), ("test", len(test_order))):
+        for split, (_, picked, _) in splits.items():
+            n = len(picked)
             rows = max(1, min(n, (1 << 20) // (4 * features)))  # ~1 MiB chunks
-            dsets[split] = f.create_dataset(f"{split}/x", (n, features), np.float32, chunks=(rows, features))
+            dsets[split] = f.create_dataset(f"{split}/x", (n, features), np.float32,
+                                            chunks=(rows, features) if n else None)  # HDF5: no chunks when empty
         group = dsets["train"].chunks[0] * max(1, GROUP_BYTES // (4 * features * dsets["train"].chunks[0]))
         # pass 1: the shuffled training rows, unstandardised, and their statistics group by group
         moments = None
@@ -702,16 +722,17 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
         mean = mean.astype(np.float32)
         std[std < 1e-6] = 1.0  # constant features (e.g. the corners of digits) stay at 0
         shift, scale = per_feature((mean, std), features)
-        # pass 2: standardise in place (train), gather and standardise (test); the checksum in file order
-        for split, d in dsets.items():
+        # pass 2: standardise in place (train), gather and standardise (test, val); the checksum in this order
+        for split, (xs_all, rows, ys) in splits.items():
+            d, name = dsets[split], f"{source} {'x' if split == 'val' and xs_all is x else 'x_' + split}"
             for a in range(0, len(d), group):
-                xs = (d[a:a + group] if split == "train" else
-                      _gather(x_test, test_order[a:a + group], f"{source} x_test", axes))
+                xs = d[a:a + group] if split == "train" else _gather(xs_all, rows[a:a + group], name, axes)
                 xs = (xs - shift) / scale
                 d[a:a + len(xs)] = xs
                 digest.update(xs.tobytes())
-            f.create_dataset(f"{split}/y", data=ys[split], chunks=(min(len(d), 1 << 17), *ys[split].shape[1:]))
-            digest.update(np.ascontiguousarray(ys[split]).tobytes())
+            chunks = (min(len(ys), 1 << 17), *ys.shape[1:]) if len(ys) else None  # HDF5: none when empty
+            f.create_dataset(f"{split}/y", data=ys, chunks=chunks)
+            digest.update(np.ascontiguousarray(ys).tobytes())
         f["standardize/mean"], f["standardize/std"] = mean, std
         if regress:
             f["target/mean"], f["target/std"] = t_mean, t_std
@@ -727,12 +748,25 @@ def _prepare(source, out, tmp, temp, test_fraction, seed, classes, image_size, g
             parted = f"{out}: " + add_partition(f, **partition)
     os.replace(tmp, out)
     note = f" ({len(skipped)} unreadable image(s) skipped, the first {skipped[0]})" if skipped else ""
-    lines = [decided, f"{out}: {len(order)} train + {len(test_order)} test samples, {features} features "
+    val = f" + {len(splits['val'][1])} validation" if "val" in splits else ""
+    lines = [decided, f"{out}: {len(order)} train{val} + {len(test_order)} test samples, {features} features "
                       f"{feature_shape}, "
                       + (f"{len(t_mean)} target(s) (regression)" if regress else f"{n_classes} classes")
                       + f", from {source}{note}",
              parted if partition is not None else None]
     return "\n".join(line for line in lines if line)
+
+
+def held_out(fraction, total, left, source):
+    """The number of samples --validation-fraction takes: its share of the source's `total` training
+    samples, taken from the `left` ones the test split leaves (at least one remains for training)."""
+    if not 0 <= fraction < 1:
+        raise MpitrainError(f"--validation-fraction {fraction}: expected a number in [0, 1)")
+    n = max(1, int(round(fraction * total))) if fraction else 0
+    if n >= left:
+        raise MpitrainError(f"{source}: {total} samples are too few to split off a validation set "
+                            f"(--validation-fraction {fraction:g}, {left} left after the test split)")
+    return n
 
 
 def per_feature(stats, n):

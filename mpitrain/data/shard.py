@@ -77,7 +77,8 @@ class DataFile:
                         f"expected ({n},) (n_targets)")
         self.checksum = str(self.f.attrs.get("checksum", ""))
         self.n_features = None
-        for split in ("train", "test"):
+        self.splits = ("train", "test", "val") if "val" in self.f else ("train", "test")  # val/: optional
+        for split in self.splits:
             x, y = self.f[f"{split}/x"], self.f[f"{split}/y"]
             if x.ndim != 2 or x.dtype != np.float32:
                 _fail(path, f"{split}/x has shape {x.shape} and dtype {x.dtype}: expected float32 samples × features")
@@ -87,10 +88,11 @@ class DataFile:
             if not regress and (y.shape != (x.shape[0],) or y.dtype.kind not in "iu"):
                 _fail(path, f"{split}/y has shape {y.shape} and dtype {y.dtype}: expected {x.shape[0]} integer labels")
             if self.n_features not in (None, x.shape[1]):
-                _fail(path, f"test/x has {x.shape[1]} features, train/x has {self.n_features}")
+                _fail(path, f"{split}/x has {x.shape[1]} features, train/x has {self.n_features}")
             self.n_features = x.shape[1]
         self.row_bytes = 4 * self.n_features + np.dtype(self.y_dtype).itemsize * int(np.prod(self.y_shape))  # x, y
         self.n_train, self.n_test = len(self.f["train/y"]), len(self.f["test/y"])
+        self.n_val = len(self.f["val/y"]) if "val" in self.splits else 0
         if self.n_train == 0:
             _fail(path, "train/x is empty")
         # what prepare subtracted and divided by (per feature, or per channel for images): model.h5 keeps it

@@ -5,11 +5,12 @@ topics, pydoc_data.topics, shipped with every CPython: the embedded default, no 
 chars (the vocabulary is the sorted distinct characters of the whole text) and bytes (the text's UTF-8
 bytes; a fixed vocabulary of 256).
 
-Layout: train/tokens, test/tokens (1-d; uint8 when the vocabulary has ≤ 256 symbols, else uint16): the
-stream, its last --test-fraction the test split (a contiguous tail, as nanoGPT's 90/10 split); attributes
-task = "lm", n_classes (the vocabulary's size), tokenizer ("chars" | "bytes"), vocab (chars only: a JSON
-list of the characters, token i = vocab[i]), source, checksum (sha256 of both token arrays as stored, the
-tokenizer and the vocab), format, created_by.
+Layout: train/tokens, optionally val/tokens, test/tokens (1-d; uint8 when the vocabulary has ≤ 256
+symbols, else uint16): the stream, its last --test-fraction the test split (a contiguous tail, as nanoGPT's
+90/10 split), the --validation-fraction before it the val split; attributes task = "lm", n_classes (the
+vocabulary's size), tokenizer ("chars" | "bytes"), vocab (chars only: a JSON list of the characters, token
+i = vocab[i]), source, checksum (sha256 of the token arrays as stored, in stream order, the tokenizer and the
+vocab), format, created_by.
 
 Windows (TokenShard): training sample i is the window of T + 1 tokens starting at token i, i = 0 … n − T − 1
 (n the training tokens, T the block size); x is its first T tokens, y its last T (the next token at every
@@ -31,7 +32,7 @@ import numpy as np
 from .. import __version__
 from ..config import default_data_path
 from ..errors import MpitrainError
-from .prepare import FORMAT
+from .prepare import FORMAT, held_out
 from .shard import TrainShard, block
 
 TOKENIZERS = ("chars", "bytes")
@@ -147,7 +148,8 @@ def _pieces(source, kind, group):
     yield from (_file_chars if kind == "chars" else _file_bytes)(path, group)
 
 
-def prepare_text(source, out, tmp, test_fraction=0.1, tokenizer=None, group=4 << 20, **refused):
+def prepare_text(source, out, tmp, test_fraction=0.1, tokenizer=None, validation_fraction=None, group=4 << 20,
+                 **refused):
     """Write the token file of a text source to tmp, then rename it to out (prepare's atomic write).
     Two passes over the text a group of bytes at a time: the vocabulary and the length, then the tokens.
     refused: prepare's options for other sources, each refused when given.  Returns a one-line description."""
@@ -179,18 +181,21 @@ def prepare_text(source, out, tmp, test_fraction=0.1, tokenizer=None, group=4 <<
     n_test = max(1, int(round(test_fraction * n)))
     if n_test >= n:
         raise MpitrainError(f"{name}: {n} token(s) are too few to split off a test set")
-    sizes, digest, at = {"train": n - n_test, "test": n_test}, hashlib.sha256(), 0
+    n_val = held_out(validation_fraction or 0.0, n, n - n_test, name)
+    # the stream in order: train, then val (if any), then test, each a contiguous slice [start, start + size)
+    sizes, digest, at = {"train": n - n_test - n_val, "val": n_val, "test": n_test}, hashlib.sha256(), 0
+    sizes = {s: m for s, m in sizes.items() if m}
+    starts = dict(zip(sizes, np.cumsum([0, *sizes.values()]).tolist()))
     with h5py.File(tmp, "w") as f:
         dsets = {s: f.create_dataset(f"{s}/tokens", (m,), tok.dtype, chunks=(min(m, 1 << 20),))
                  for s, m in sizes.items()}
         for piece in _pieces(source, kind, group):
             ids = tok.encode(piece)
-            digest.update(ids.tobytes())  # in stream order: train's tokens, then test's, as stored
-            cut = min(max(sizes["train"] - at, 0), len(ids))  # the piece's tokens that belong to train
-            if cut:
-                dsets["train"][at:at + cut] = ids[:cut]
-            if cut < len(ids):
-                dsets["test"][at + cut - sizes["train"]:at + len(ids) - sizes["train"]] = ids[cut:]
+            digest.update(ids.tobytes())  # in stream order, as stored
+            for s, m in sizes.items():  # the piece's tokens that fall in each split
+                lo, hi = max(starts[s], at), min(starts[s] + m, at + len(ids))
+                if lo < hi:
+                    dsets[s][lo - starts[s]:hi - starts[s]] = ids[lo - at:hi - at]
             at += len(ids)
         meta = tok.attrs()
         for value in meta.values():
@@ -198,7 +203,8 @@ def prepare_text(source, out, tmp, test_fraction=0.1, tokenizer=None, group=4 <<
         f.attrs.update(task="lm", n_classes=tok.size, source=source, checksum=digest.hexdigest(), format=FORMAT,
                        created_by=f"mpitrain {__version__}", **meta)
     os.replace(tmp, out)
-    return (f"{out}: {sizes['train']} train + {n_test} test tokens, vocabulary {tok.size} ({kind}), "
+    val = f" + {n_val} validation" if n_val else ""
+    return (f"{out}: {sizes['train']} train{val} + {n_test} test tokens, vocabulary {tok.size} ({kind}), "
             f"from {source}")
 
 
@@ -220,8 +226,8 @@ def open_tokens(data):
     if data.n_classes != data.tokenizer.size:
         _fail(path, f"attribute n_classes = {data.n_classes}: expected the vocabulary's size, "
                     f"{data.tokenizer.size}")
-    data.n_tokens = {s: len(f[f"{s}/tokens"]) for s in ("train", "test")}
-    data.n_train, data.n_test = data.n_tokens["train"], data.n_tokens["test"]
+    data.n_tokens = {s: len(f[f"{s}/tokens"]) for s in ("train", "test", "val") if f"{s}/tokens" in f}
+    data.n_train, data.n_test, data.n_val = data.n_tokens["train"], data.n_tokens["test"], data.n_tokens.get("val", 0)
     if data.n_train == 0:
         _fail(path, "train/tokens is empty")
     data.checksum = str(f.attrs.get("checksum", ""))
