@@ -71,7 +71,7 @@ class EarlyStopConfig:
     metric: str = "val_loss"    # one of EVAL_METRICS (val_*: the file's val/ split; test_*: files without one)
     patience: int = 0           # evaluations without improvement before the run stops; 0 = never stop early
     min_delta: float = 0.0      # an improvement is a change beyond this
-    mode: str = "auto"          # min | max | auto (max for *_accuracy, min otherwise)
+    mode: str = "auto"          # min | max | auto (max for *_accuracy and *_r2, min otherwise)
 
 
 @dataclass
