@@ -133,6 +133,7 @@ def _parser():
     pl.add_argument("--out", metavar="FILE.png", default="plot.png",
                     help="where to write the PNG (.png is added to a name without a suffix, another "
                          "suffix is refused; the folder is created; default: plot.png in the current folder)")
+    pl.add_argument("--log-y", action="store_true", help="the loss panels on a logarithmic axis")
     return p
 
 
@@ -281,7 +282,7 @@ def _dispatch(args, comm):
     elif args.command == "plot":
         from .plot import main as plot
 
-        comm.agree(lambda: plot(args.runs, args.out) if comm.rank == 0 else None)  # one writer
+        comm.agree(lambda: plot(args.runs, args.out, args.log_y) if comm.rank == 0 else None)  # one writer
     else:
         from .bench import run
 

@@ -12,6 +12,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 
+from . import tblog
 from .errors import MpitrainError
 
 try:
@@ -82,6 +83,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0         # steps between test evaluations; 0 = once per epoch
     log_every: int = 10         # steps between train-loss records in metrics.jsonl
+    log: list[str] = field(default_factory=list)  # ["tensorboard"]: TensorBoard event files beside metrics.jsonl
     device: str = "cpu"
 
 
@@ -225,6 +227,7 @@ class Config:
                                 + ("comm.mode = 'local_sgd' never forms" if self.comm.mode == "local_sgd" else
                                    f"parallel.tensor = {self.parallel.tensor} does not compute yet")
                                 + "; leave train.clip_norm = 0")
+        tblog.check(t.log)
         mc = self.model
         _check(mc.block_size >= 1, "model.block_size", mc.block_size, "an integer ≥ 1")
         d = self.data
