@@ -13,6 +13,7 @@ import numpy as np
 from . import __version__
 from . import preempt
 from .checkpoint import Parts
+from .controls import Controls
 from .data.shard import open_shard
 from .evaluate import evaluate
 from .kernels import HOST
@@ -88,6 +89,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
     data, spec, model = run.data, run.spec, run.model
     grid = comm.agree(Grid, cfg, comm, model)  # data × tensor: the ranks of a tensor group read the same batches
     dp, local = grid.dp, grid.model  # the data group, and the model this rank's steps run (its slices)
+    controls = comm.agree(Controls, cfg, data, local)  # loss weights and smoothing, augmentation
     shard = open_shard(comm, data, cfg.data, t.global_batch, t.seed, dp.rank, dp.size,
                        cfg.model.block_size if data.task == "lm" else None)
     total = t.steps or t.epochs * shard.steps_per_epoch
@@ -153,7 +155,8 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
         # local SGD averages the parameters before anything reads them: evaluation, checkpoint, the end
         sync.due = (step + 1) % eval_every == 0 or step + 1 == total or ckpt.due(step + 1, False)
         local.ctx.step = step
-        loss, correct = step_fn(params, *shard.get(epoch, s), lr_now, scale)
+        x, y = controls.batch(*shard.get(epoch, s), step, shard.strata.start)
+        loss, correct = step_fn(params, x, y, lr_now, scale)
         train_seconds += time.perf_counter() - tic
         if not np.isfinite(loss):
             raise run.diverged(f"step {step + 1}", "the loss")

@@ -1,10 +1,16 @@
-"""Training controls and logs people can open: TensorBoard event files (train.log), plot --log-y."""
+"""Training controls and logs people can open: class weights and label smoothing, image augmentation,
+TensorBoard event files (train.log), plot --log-y."""
 import json
 import os
 
+import numpy as np
 import pytest
 
-from conftest import mpirun, summary
+from conftest import mpirun, params, summary
+from mpitrain.controls import Controls, class_weights
+from mpitrain.config import load
+from mpitrain.data.shard import DataFile
+from mpitrain.kernels.ops import softmax_xent_weighted
 
 TINY = ["--set", "model.hidden=[8]", "--set", "train.steps=20", "--set", "train.log_every=5",
         "--set", "train.eval_every=10"]
@@ -86,3 +92,128 @@ def test_plot_log_y(tmp_path, synth):
         fig = figure([Run(str(out))], log_y=log_y)
         (loss,) = [ax for ax in fig.get_axes() if ax.get_ylabel() == "loss"]
         assert loss.get_yscale() == scale
+
+
+# -- class weights and label smoothing ---------------------------------------------------------------------
+
+def reference(z, y, w, eps):
+    """PyTorch's CrossEntropyLoss(weight=w, label_smoothing=eps, reduction="mean"), in NumPy."""
+    c = z.shape[1]
+    logp = z - z.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    q = (1 - eps) * np.eye(c)[y] + eps / c
+    return -(q * w * logp).sum() / w[y].sum()
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("w", [[1, 1, 1, 1], [1, 2, 0.5, 3]])
+def test_weighted_smoothed_cross_entropy_matches_the_numpy_reference(w, eps):
+    rng = np.random.default_rng(0)
+    z, y, w = rng.normal(size=(9, 4)), rng.integers(0, 4, 9), np.array(w, np.float64)
+    g = z.copy()
+    loss, hits = softmax_xent_weighted(g, y, w, eps, len(y) / w[y].sum())  # the factor N / Σw of a step
+    assert loss / len(y) == pytest.approx(reference(z, y, w, eps), rel=1e-12)
+    assert hits == (z.argmax(1) == y).sum()
+    h, numeric = 1e-6, np.zeros_like(z)
+    for i, j in np.ndindex(z.shape):
+        d = np.zeros_like(z)
+        d[i, j] = h
+        numeric[i, j] = (reference(z + d, y, w, eps) - reference(z - d, y, w, eps)) / (2 * h)
+    assert np.abs(g / len(y) - numeric).max() < 1e-8  # the trainer's scale 1/N gives the mean's gradient
+
+
+def test_balanced_weights_come_from_the_training_labels(synth):
+    data = DataFile(synth)
+    counts = np.bincount(data.f["train/y"][...])
+    assert np.allclose(class_weights("balanced", data), counts.sum() / (len(counts) * counts))
+    assert np.array_equal(class_weights([1, 2, 3, 4], data), [1, 2, 3, 4])
+
+
+WEIGHTED = [*TINY, "--set", "train.class_weights=[1, 3, 0.5, 2]", "--set", "train.label_smoothing=0.1"]
+
+
+def test_class_weights_and_smoothing_train_the_same_on_1_and_2_ranks(tmp_path, synth):
+    """The weighted mean divides by the global batch's weight sum, which 2 ranks sum between them."""
+    for name, n, sets in (("one", 1, WEIGHTED), ("two", 2, WEIGHTED), ("plain", 1, TINY)):
+        r = mpirun(n, "train", "--quiet", "--out", tmp_path / name, "--data", synth, *sets)
+        assert r.returncode == 0, r.stderr
+    one, two, plain = (params(tmp_path / n) for n in ("one", "two", "plain"))
+    scale = np.abs(one).max()
+    assert np.abs(one - two).max() <= 1e-5 * scale < np.abs(one - plain).max()
+
+
+def test_class_weights_of_another_length_are_one_line(tmp_path, synth):
+    r = mpirun(2, "train", "--quiet", "--out", tmp_path / "run", "--data", synth, *TINY,
+               "--set", "train.class_weights=[1, 2]")
+    assert r.returncode != 0 and not os.path.exists(tmp_path / "run" / "config.toml")
+    assert r.error_lines() == [f"mpitrain: error: train.class_weights: 2 weights for the 4 classes of {synth}; "
+                               "expected 4"]
+
+
+# -- augmentation -------------------------------------------------------------------------------------------
+
+def augmenter(ops):
+    cfg = load(overrides={"data.augment": ops, "train.seed": 5})
+    data = type("Images", (), {"feature_shape": (2, 5, 6), "task": "classify", "path": "x.h5"})()
+    return Controls(cfg, data, None)
+
+
+def test_augmentation_draws_per_global_sample_index():
+    x = np.random.default_rng(1).normal(size=(16, 60)).astype(np.float32)
+    y = np.arange(16)
+    aug = augmenter(["flip", "crop 2"])
+    whole = aug.batch(x, y, 7, 0)[0].copy()
+    halves = np.concatenate([aug.batch(x[:5], y[:5], 7, 0)[0].copy(), aug.batch(x[5:], y[5:], 7, 5)[0].copy()])
+    assert np.array_equal(whole, halves)  # 2 ranks' rows are 1 rank's
+    assert not np.array_equal(whole, aug.batch(x, y, 8, 0)[0])  # another step, other draws
+    assert aug.batch(x, y, 7, 0)[1] is y
+
+
+def test_flip_mirrors_and_crop_shifts_with_zero_padding():
+    x = np.random.default_rng(2).normal(size=(64, 60)).astype(np.float32)
+    images = x.reshape(64, 2, 5, 6)
+    flipped = augmenter(["flip"]).batch(x, None, 0, 0)[0].reshape(images.shape)
+    mirrored = [np.array_equal(f, i[:, :, ::-1]) for f, i in zip(flipped, images)]
+    kept = [np.array_equal(f, i) for f, i in zip(flipped, images)]
+    assert all(a or b for a, b in zip(mirrored, kept)) and 10 < sum(mirrored) < 54
+    cropped = augmenter(["crop 1"]).batch(x, None, 0, 0)[0].reshape(images.shape)
+    shifts = set()
+    for c, i in zip(cropped, images):
+        padded = np.pad(i, ((0, 0), (1, 1), (1, 1)))
+        (shift,) = [(dy, dx) for dy in range(3) for dx in range(3) if np.array_equal(c, padded[:, dy:dy + 5, dx:dx + 6])]
+        shifts.add(shift)
+    assert len(shifts) == 9  # every offset of [−1, 1]² occurs
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("digits") / "digits.h5")
+    assert mpirun(1, "prepare", "--source", "digits", "--out", path).returncode == 0
+    return path
+
+
+AUGMENT = ["--set", "model.hidden=[16]", "--set", "train.steps=20", "--set", "train.eval_every=10",
+           "--set", 'data.augment=["flip", "crop 2"]']
+
+
+def test_augmented_training_is_the_same_on_1_and_2_ranks_and_resumes_bit_exactly(tmp_path, digits):
+    def train(n, name, *sets, resume=()):
+        r = mpirun(n, "train", "--quiet", "--out", tmp_path / name, "--data", digits, *AUGMENT, *sets, *resume)
+        assert r.returncode == 0, r.stderr
+        return params(tmp_path / name)
+
+    one, two = train(1, "one"), train(2, "two", "--set", "checkpoint.every=10")
+    plain = train(1, "plain", "--set", "data.augment=[]")
+    scale = np.abs(one).max()
+    assert np.abs(one - two).max() <= 1e-5 * scale < np.abs(one - plain).max()
+    ckpt = sorted(os.listdir(tmp_path / "two" / "checkpoints"))[0]  # step 10
+    again = train(2, "again", resume=("--resume", str(tmp_path / "two" / "checkpoints" / ckpt)))
+    assert np.array_equal(two, again)
+
+
+def test_augmenting_samples_that_are_not_images_is_one_line(tmp_path, synth):
+    r = mpirun(2, "train", "--quiet", "--out", tmp_path / "run", "--data", synth, *TINY,
+               "--set", 'data.augment=["flip"]')
+    assert r.returncode != 0 and not os.path.exists(tmp_path / "run" / "config.toml")
+    assert r.error_lines() == [f"mpitrain: error: data.augment = ['flip']: augments images (channels, height, "
+                               f"width); {synth} holds samples of shape (12,)"]
