@@ -180,7 +180,8 @@ def test_flip_mirrors_and_crop_shifts_with_zero_padding():
     shifts = set()
     for c, i in zip(cropped, images):
         padded = np.pad(i, ((0, 0), (1, 1), (1, 1)))
-        (shift,) = [(dy, dx) for dy in range(3) for dx in range(3) if np.array_equal(c, padded[:, dy:dy + 5, dx:dx + 6])]
+        (shift,) = [(dy, dx) for dy in range(3) for dx in range(3)
+                    if np.array_equal(c, padded[:, dy:dy + 5, dx:dx + 6])]
         shifts.add(shift)
     assert len(shifts) == 9  # every offset of [−1, 1]² occurs
 
