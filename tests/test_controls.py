@@ -218,3 +218,36 @@ def test_augmenting_samples_that_are_not_images_is_one_line(tmp_path, synth):
     assert r.returncode != 0 and not os.path.exists(tmp_path / "run" / "config.toml")
     assert r.error_lines() == [f"mpitrain: error: data.augment = ['flip']: augments images (channels, height, "
                                f"width); {synth} holds samples of shape (12,)"]
+
+
+# -- lr-find ------------------------------------------------------------------------------------------------
+
+def curve(stdout):
+    rows = [line.split() for line in stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    return np.array([[float(v) for v in row[1:]] for row in rows])
+
+
+def test_lr_find_stops_at_divergence_suggests_and_plots_the_same_on_1_and_2_ranks(tmp_path, synth):
+    pytest.importorskip("matplotlib")
+    args = ["lr-find", "--data", synth, "--set", "model.hidden=[8]", "--steps", 200, "--min-lr", 1e-4,
+            "--max-lr", 1e4]
+    one = mpirun(1, *args)
+    two = mpirun(2, *args, "--plot", tmp_path / "lr")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    a, b = curve(one.stdout), curve(two.stdout)
+    assert 10 < len(a) < 200 and abs(len(a) - len(b)) <= 1  # stopped when the loss diverged
+    half = len(a) // 2  # before the blow-up, which amplifies the summation order's rounding
+    assert np.allclose(a[:half], b[:half], rtol=1e-3, atol=1e-4)
+    assert np.allclose(a[:, 0], 1e-4 * 1e8 ** (np.arange(len(a)) / 199), rtol=1e-3)  # exponential
+    assert "stopped: the loss diverged at lr" in one.stdout
+    (line,) = [x for x in one.stdout.splitlines() if x.startswith("suggested lr: ")]
+    lr = float(line.split()[2])
+    assert 1e-4 < lr < a[-1, 0] and np.isclose(a[:, 0], lr, rtol=5e-3).any()
+    with open(tmp_path / "lr.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lr_find_bad_range_is_one_line(synth):
+    r = mpirun(2, "lr-find", "--data", synth, "--min-lr", 1, "--max-lr", 0.1)
+    assert r.returncode != 0
+    assert r.error_lines() == ["mpitrain: error: lr-find: --min-lr 1 and --max-lr 0.1: expected 0 < min < max"]
