@@ -52,6 +52,9 @@ class Controls:
         if data.task != "classify":
             key = "train.label_smoothing" if t.label_smoothing else "train.class_weights"
             raise MpitrainError(f"{key}: applies to classification; {data.path} holds {data.task} data")
+        if not hasattr(model.k, "softmax_xent_weighted"):
+            raise MpitrainError(f"train.label_smoothing and train.class_weights have no {t.device.upper()} kernel "
+                                "yet; train with train.device = 'cpu'")
         model.task = Weighted(model.task, model.ctx, class_weights(t.class_weights, data), t.label_smoothing)
 
     def batch(self, x, y, step, first):

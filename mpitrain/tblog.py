@@ -23,8 +23,9 @@ class TensorBoard:
     def __init__(self, out_dir, index):
         from tensorboardX import SummaryWriter
 
-        # purge_step: TensorBoard drops the events of the steps a resumed run does again (as metrics.jsonl does)
-        self.writer = SummaryWriter(out_dir, purge_step=index or None)
+        # purge_step: TensorBoard drops the events past `index`, of steps a resumed run does again (metrics.jsonl
+        # keeps its lines up to index, see RunLog.start)
+        self.writer = SummaryWriter(out_dir, purge_step=index + 1 if index else None)
         self.at = index
 
     def record(self, fields):

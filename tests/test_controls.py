@@ -251,3 +251,20 @@ def test_lr_find_bad_range_is_one_line(synth):
     r = mpirun(2, "lr-find", "--data", synth, "--min-lr", 1, "--max-lr", 0.1)
     assert r.returncode != 0
     assert r.error_lines() == ["mpitrain: error: lr-find: --min-lr 1 and --max-lr 0.1: expected 0 < min < max"]
+
+
+def test_a_resumed_runs_events_hold_each_step_once(tmp_path, synth):
+    """Resumed at step 10 of 20: TensorBoard drops the events past the checkpoint, as metrics.jsonl its lines."""
+    pytest.importorskip("tensorboardX")
+    out = tmp_path / "run"
+    sets = [*TINY, *TB, "--set", "checkpoint.every=10"]
+    assert mpirun(2, "train", "--quiet", "--out", out, "--data", synth, *sets).returncode == 0
+    os.remove(out / "summary.json")
+    os.remove(out / "model.h5")
+    os.remove(out / "checkpoints" / sorted(os.listdir(out / "checkpoints"))[-1])  # back to step 10
+    r = mpirun(2, "train", "--quiet", "--out", out, "--data", synth, *sets, "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    got, want = scalars(out), logged(out, "step")
+    assert [s for s, _ in want["train_loss"]] == [5, 10, 15, 20]
+    for tag, points in want.items():
+        assert close(got[tag], points), tag
