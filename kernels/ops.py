@@ -1,6 +1,6 @@
 """CPU kernels of the transformer and ResNet ops: layernorm, gelu, token + position embedding, causal
-multi-head self-attention, dropout, groupnorm, SyncBatchNorm's split passes, global average pooling and the
-mean-squared-error loss.  Same style as cpu.py (re-exported there, so ``backend("cpu")`` offers them):
+multi-head self-attention, dropout, groupnorm, SyncBatchNorm's split passes, global average pooling, the
+mean-squared-error loss and the weighted, label-smoothed cross-entropy.  Same style as cpu.py (re-exported there, so ``backend("cpu")`` offers them):
 Numba @njit(cache=True) passes, pure functions of arrays, no globals.
 
 Conventions.  Arrays are float32 and C-contiguous unless said; N rows are the B·T positions or B samples.

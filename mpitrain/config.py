@@ -367,8 +367,9 @@ READ_BY = {
                     ("train", "federate's clients step at the constant train.lr")),
     "train.eval_every": ("train", "federate evaluates every fed.eval_every rounds"),
     "train.log_every": ("train", "federate records every round"),
-    **dict.fromkeys(("train.label_smoothing", "train.class_weights", "data.augment"),
-                    ("train", "federate's clients train with the plain loss on their rows as read")),
+    **dict.fromkeys(("train.label_smoothing", "train.class_weights"),
+                    ("train", "federate's clients train with the plain cross-entropy")),
+    "data.augment": ("train", "federate's clients train on their rows as stored"),
     "train.clip_norm": ("train", "federate's clients do not clip their gradients (fed.dp.clip bounds each client's "
                                  "update)"),
 }

@@ -42,10 +42,11 @@ class Controls:
         """model: the model the steps run (its task becomes the weighted one)."""
         t = cfg.train
         self.seed, self.ops = t.seed, augments(cfg.data.augment)
-        self.shape = tuple(data.feature_shape)
-        if self.ops and len(data.feature_shape) != 3:
+        self.shape = tuple(data.feature_shape or ())  # None: a token stream
+        if self.ops and len(self.shape) != 3:
+            held = f"samples of shape {self.shape}" if self.shape else "a token stream"
             raise MpitrainError(f"data.augment = {cfg.data.augment!r}: augments images (channels, height, width); "
-                                f"{data.path} holds samples of shape {tuple(data.feature_shape)}")
+                                f"{data.path} holds {held}")
         self.out = None
         if not (t.label_smoothing or t.class_weights):
             return

@@ -150,6 +150,14 @@ def test_class_weights_of_another_length_are_one_line(tmp_path, synth):
                                "expected 4"]
 
 
+def test_the_controls_are_trains_alone():
+    from mpitrain.errors import MpitrainError
+
+    for key, value in (("data.augment", ["flip"]), ("train.class_weights", "balanced"), ("train.label_smoothing", 0.1)):
+        with pytest.raises(MpitrainError, match=f"^{key} has no effect: federate's clients train "):
+            load(overrides={key: value}, command="federate")
+
+
 # -- augmentation -------------------------------------------------------------------------------------------
 
 def augmenter(ops):
