@@ -178,7 +178,7 @@ class RunLog:
                 self.bar.close()
             self.metrics.close()
             if self.tensorboard is not None:
-                self.tensorboard.close(summary)
+                self.tensorboard.close()
             if summary is not None:
                 write_json(os.path.join(self.out_dir, "summary.json"), summary)
         self.release()

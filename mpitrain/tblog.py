@@ -1,5 +1,6 @@
 """TensorBoard event files beside metrics.jsonl (train.log = ["tensorboard"]), written by tensorboardX: every
-number RunLog records becomes a scalar under its metrics.jsonl name, at its step (train) or round (federate)."""
+number RunLog records becomes a scalar under its metrics.jsonl name, at its step (train) or round (federate):
+the loss and metrics, lr, samples/s and communication seconds (train), round seconds, bytes and ε (federate)."""
 from .errors import MpitrainError
 
 LOGS = ("tensorboard",)  # what train.log may name
@@ -26,24 +27,13 @@ class TensorBoard:
         # purge_step: TensorBoard drops the events past `index`, of steps a resumed run does again (metrics.jsonl
         # keeps its lines up to index, see RunLog.start)
         self.writer = SummaryWriter(out_dir, purge_step=index + 1 if index else None)
-        self.at = index
 
     def record(self, fields):
-        at = self.at = fields.get("step", fields.get("round", self.at))
+        at = fields.get("step", fields.get("round"))
         for name, value in fields.items():
             if name not in ("step", "round", "epoch") and isinstance(value, (int, float)) \
                     and not isinstance(value, bool):
                 self.writer.add_scalar(name, value, at)
 
-    def close(self, summary):
-        """The run's totals (samples/s, communication seconds, …) at its last step or round; summary None: a
-        run stopped early, which has none."""
-        if summary is not None:
-            self.record({k: v for k, v in summary.items() if k in TOTALS})
+    def close(self):
         self.writer.close()
-
-
-# summary.json's totals that metrics.jsonl has no record of (its per-step and per-round values are logged as
-# they come)
-TOTALS = ("samples_per_second", "comm_seconds", "comm_bytes_per_step", "tensor_comm_seconds",
-          "seconds_per_round", "bytes_per_round", "wall_seconds")

@@ -163,7 +163,9 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
         stop, timed = step_fn.flags > 0
         last = {"train_loss": loss * scale, "train_accuracy": correct * scale}
         if (step + 1) % max(t.log_every, 1) == 0 or step + 1 == total:
-            log.record(step=step + 1, epoch=epoch + 1, lr=lr_now, **last)  # epochs count from 1, as printed
+            log.record(step=step + 1, epoch=epoch + 1, lr=lr_now, **last,  # epochs count from 1, as printed
+                       samples_per_second=(step + 1 - first) * t.global_batch / train_seconds,  # rank 0's, so far
+                       comm_seconds=sync.seconds)
         if (step + 1) % eval_every == 0 or step + 1 == total:
             test_loss, test_acc = evaluate(comm, model, grid.full(sync.full(params)), run.test_x, run.test_y)
             log.record(step=step + 1, epoch=epoch + 1, test_loss=test_loss, test_accuracy=test_acc)

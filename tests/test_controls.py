@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import mpirun, params, summary
+from conftest import mpirun, params
 from mpitrain.controls import Controls, class_weights
 from mpitrain.config import load
 from mpitrain.data.shard import DataFile
@@ -52,12 +52,11 @@ def test_tensorboard_events_hold_the_train_scalars(tmp_path, synth):
     r = mpirun(2, "train", "--quiet", "--out", out, "--data", synth, *TINY, *TB)
     assert r.returncode == 0, r.stderr
     got, want = scalars(out), logged(out, "step")
-    assert set(want) == {"lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy"}
+    assert set(want) == {"lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "samples_per_second",
+                         "comm_seconds"}
+    assert set(got) == set(want)
     for tag, points in want.items():
         assert close(got[tag], points), tag
-    s = summary(out)
-    for tag in ("samples_per_second", "comm_seconds"):  # the run's totals, at its last step
-        assert close(got[tag], [(20, s[tag])]), tag
 
 
 def test_federate_logs_rounds_and_epsilon(tmp_path):
