@@ -34,6 +34,7 @@ class TensorBoard:
             if name not in ("step", "round", "epoch") and isinstance(value, (int, float)) \
                     and not isinstance(value, bool):
                 self.writer.add_scalar(name, value, at)
+        self.writer.flush()  # as metrics.jsonl: a run that stops with an error keeps what it recorded
 
     def close(self):
         self.writer.close()
