@@ -30,7 +30,9 @@ setup(
         # The MPICH wheel brings libmpi, mpiexec and mpirun; leave it out to use the site MPI (README).
         "mpi": ["mpich>=4.3"],
         # plot and bench scaling PNGs, CKKS and export are tested
-        "test": ["pytest>=7", "matplotlib>=3.5", "tenseal>=0.3", "onnx>=1.14", "onnxruntime>=1.16"],
+        "test": ["pytest>=7", "matplotlib>=3.5", "tenseal>=0.3", "onnx>=1.14", "onnxruntime>=1.16",
+                 "tensorboardX>=2.6", "tensorboard>=2.12"],  # tensorboard: its reader checks the event files
+        "tensorboard": ["tensorboardX>=2.6"],  # train.log = ["tensorboard"]
         "he": ["tenseal>=0.3"],  # fed.encryption = "ckks": CKKS homomorphic encryption (TenSEAL / Microsoft SEAL)
         "bench": ["matplotlib>=3.5"],  # PNG plots of bench scaling and bench leakage
         "cuda": ["numba-cuda>=0.20"],  # --set train.device=cuda

@@ -1,6 +1,6 @@
 """CPU kernels of the transformer and ResNet ops: layernorm, gelu, token + position embedding, causal
-multi-head self-attention, dropout, groupnorm, SyncBatchNorm's split passes, global average pooling and the
-mean-squared-error loss.  Same style as cpu.py (re-exported there, so ``backend("cpu")`` offers them):
+multi-head self-attention, dropout, groupnorm, SyncBatchNorm's split passes, global average pooling, the
+mean-squared-error loss and the weighted, label-smoothed cross-entropy.  Same style as cpu.py (re-exported there, so ``backend("cpu")`` offers them):
 Numba @njit(cache=True) passes, pure functions of arrays, no globals.
 
 Conventions.  Arrays are float32 and C-contiguous unless said; N rows are the B·T positions or B samples.
@@ -28,7 +28,7 @@ __all__ = ["layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_back
            "encoder_backward", "attention_forward", "attention_backward", "dropout_forward", "dropout_backward",
            "groupnorm_forward", "groupnorm_backward", "batchnorm_moments", "batchnorm_stats", "batchnorm_forward",
            "batchnorm_backward_moments", "batchnorm_backward", "global_avgpool_forward",
-           "global_avgpool_backward", "mse", "warmup_ops"]
+           "global_avgpool_backward", "mse", "softmax_xent_weighted", "warmup_ops"]
 
 FAST = {"reassoc", "contract"}
 PARALLEL = dict(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
@@ -548,6 +548,44 @@ def mse(pred, target):
     return sq / K, sq
 
 
+# -- Cross-entropy with class weights and label smoothing -------------------------------------------------
+
+@njit(cache=True, error_model="numpy")
+def softmax_xent_weighted(z, labels, w, eps, f):
+    """PyTorch's CrossEntropyLoss(weight=w, label_smoothing=eps) per sample, times f: sample i's loss is
+    (1 − eps)·w[y]·(−log p_y) + (eps/C)·Σ_c w[c]·(−log p_c), so that with f = N / Σ_i w[y_i] the summed loss
+    over N is the weighted mean.  Returns (f·summed loss, number correct) and overwrites the logits z with
+    f·dL/dz = f·(p·((1 − eps)·w[y] + (eps/C)·Σw) − (1 − eps)·w[y]·onehot(y) − (eps/C)·w)."""
+    n, c = z.shape
+    total = 0.0
+    for j in range(c):
+        total += w[j]
+    side = eps / c
+    loss = 0.0
+    correct = 0
+    for i in range(n):
+        y = labels[i]
+        top = 0
+        for j in range(1, c):
+            if z[i, j] > z[i, top]:
+                top = j
+        mx = z[i, top]
+        s = 0.0
+        for j in range(c):
+            s += np.exp(z[i, j] - mx)
+        lse = np.log(s) + mx
+        wy = (1.0 - eps) * w[y]
+        for j in range(c):
+            loss += (side * w[j]) * (lse - z[i, j])
+        loss += wy * (lse - z[i, y])
+        mass = wy + side * total
+        for j in range(c):
+            z[i, j] = f * (np.exp(z[i, j] - lse) * mass - side * w[j])
+        z[i, y] -= f * wy
+        correct += top == y
+    return f * loss, correct
+
+
 def warmup_ops():
     """warmup() for these kernels (float32, int32 tokens)."""
     f4 = np.float32
@@ -575,3 +613,4 @@ def warmup_ops():
     global_avgpool_forward(x3, x[:1].copy())
     global_avgpool_backward(x[:1], x3.copy())
     mse(x.copy(), x)
+    softmax_xent_weighted(x.copy(), np.zeros(2, np.int64), w, 0.1, 1.0)

@@ -6,7 +6,8 @@ import sys
 
 from .errors import MpitrainError
 
-COMMANDS = ("train", "federate", "prepare", "eval", "predict", "info", "bench", "plot", "export", "generate")
+COMMANDS = ("train", "federate", "prepare", "eval", "predict", "info", "bench", "plot", "export", "generate",
+            "lr-find")
 
 
 def _parser():
@@ -42,6 +43,18 @@ def _parser():
         p_.add_argument("--checkpoint-every", metavar="N|Ns",
                         help="checkpoint every N steps (train) or rounds (federate), or every N seconds with "
                              "an s suffix (default: every 300 s and at the end)")
+    lf = sub.add_parser("lr-find", help="learning-rate range test: the loss against an exponentially rising lr",
+                        description="Smith's range test: from the model's initial parameters, train's step at a "
+                                    "learning rate rising from --min-lr to --max-lr over --steps steps, until the "
+                                    "loss diverges; prints the curve and the suggested lr (steepest descent).")
+    lf.add_argument("--config", metavar="FILE", help="TOML file, as train's")
+    lf.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one setting, as train's")
+    lf.add_argument("--data", metavar="FILE.h5", help="shorthand for --set data.path=FILE.h5")
+    lf.add_argument("--steps", type=int, default=100, help="steps of the test (default 100)")
+    lf.add_argument("--min-lr", type=float, default=1e-7, help="the first step's learning rate (default 1e-7)")
+    lf.add_argument("--max-lr", type=float, default=10.0, help="the last step's learning rate (default 10)")
+    lf.add_argument("--plot", metavar="FILE.png", help="also write the curve as a PNG")
     t.add_argument("--device", choices=("cpu", "cuda"),
                    help="kernel backend, shorthand for --set train.device=… (cuda: pip install 'mpitrain[cuda]', "
                         "one GPU per rank)")
@@ -161,6 +174,7 @@ def _parser():
     pl.add_argument("--out", metavar="FILE.png", default="plot.png",
                     help="where to write the PNG (.png is added to a name without a suffix, another "
                          "suffix is refused; the folder is created; default: plot.png in the current folder)")
+    pl.add_argument("--log-y", action="store_true", help="the loss panels on a logarithmic axis")
     return p
 
 
@@ -229,6 +243,21 @@ def _eval(args, comm):
     if args.plot:  # rank 0 writes; every rank learns of a failure
         comm.agree(lambda: plot(counts, names, f"{args.data} {args.split}: accuracy {metrics['accuracy']:.4f}",
                                 args.plot) if comm.rank == 0 else None)
+
+
+def _lr_find(args, comm):
+    from .config import load
+    from .lrfind import lr_find, plot, report
+
+    overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
+    cfg = comm.agree(load, args.config, overrides, "train")
+    result = lr_find(cfg, comm, args.steps, args.min_lr, args.max_lr)
+    if comm.rank == 0:
+        print(report(result), flush=True)
+    if args.plot:
+        path = comm.agree(lambda: plot(result, args.plot) if comm.rank == 0 else None)  # one writer
+        if path:
+            print(f"{path}: the range test plotted", flush=True)
 
 
 PARTITION_OPTIONS = {"clients": "--clients", "alpha": "--alpha", "shards_per_client": "--shards-per-client",
@@ -341,12 +370,14 @@ def _dispatch(args, comm):
                                                                   args.top_k, args.seed) if comm.rank == 0 else None)
         if text is not None:
             print(args.prompt + text)
+    elif args.command == "lr-find":
+        _lr_find(args, comm)
     elif args.command == "info":
         _info(comm)
     elif args.command == "plot":
         from .plot import main as plot
 
-        comm.agree(lambda: plot(args.runs, args.out) if comm.rank == 0 else None)  # one writer
+        comm.agree(lambda: plot(args.runs, args.out, args.log_y) if comm.rank == 0 else None)  # one writer
     else:
         from .bench import run
 

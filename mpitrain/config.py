@@ -9,9 +9,11 @@ import dataclasses
 import functools
 import json
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 
+from . import controls, tblog
 from .errors import MpitrainError
 
 try:
@@ -44,6 +46,7 @@ class DataConfig:
     memory_mb: float = 1024.0   # per-rank budget for training data; a larger part streams; 0 = never automatically
     window_blocks: int = 8      # stream: blocks per shuffle window
     block_rows: int = 0         # stream: rows per block; 0 = the file's chunk rows, less if memory_mb asks
+    augment: list[str] = field(default_factory=list)  # train on images: ["flip", "crop 4"] (controls.py)
 
 
 @dataclass
@@ -97,6 +100,9 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0         # steps between evaluations (val/, or test/ without it); 0 = once per epoch
     log_every: int = 10         # steps between train-loss records in metrics.jsonl
+    label_smoothing: float = 0.0  # classification: PyTorch's CrossEntropyLoss(label_smoothing=…)
+    class_weights: str | list[float] = field(default_factory=list)  # "balanced" or one weight per class; [] = none
+    log: list[str] = field(default_factory=list)  # ["tensorboard"]: TensorBoard event files beside metrics.jsonl
     device: str = "cpu"
     keep_best: bool = False     # save best.h5 whenever train.early_stop.metric improves
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
@@ -248,6 +254,8 @@ class Config:
                                 + ("comm.mode = 'local_sgd' never forms" if self.comm.mode == "local_sgd" else
                                    f"parallel.tensor = {self.parallel.tensor} does not compute yet")
                                 + "; leave train.clip_norm = 0")
+        tblog.check(t.log)
+        controls.check(self)
         mc = self.model
         _check(mc.block_size >= 1, "model.block_size", mc.block_size, "an integer ≥ 1")
         d = self.data
@@ -384,6 +392,9 @@ READ_BY = {
     "train.eval_every": ("train", "federate evaluates every fed.eval_every rounds"),
     "train.log_every": ("train", "federate records every round"),
     **dict.fromkeys(("train.early_stop", "train.keep_best"), ("train", "federate runs fed.rounds rounds")),
+    **dict.fromkeys(("train.label_smoothing", "train.class_weights"),
+                    ("train", "federate's clients train with the plain cross-entropy")),
+    "data.augment": ("train", "federate's clients train on their rows as stored"),
     "train.clip_norm": ("train", "federate's clients do not clip their gradients (fed.dp.clip bounds each client's "
                                  "update)"),
 }
@@ -499,6 +510,13 @@ def _coerce(key, value, typ):
     takes one number (model.hidden=128 → [128]); a list of strings needs the list, since a bare string
     is ambiguous (model.layers = "conv2d 8 3" is one layer, or the start of a stack written as one string)."""
     origin = typing.get_origin(typ)
+    if origin is types.UnionType:  # the first type that takes the value
+        for option in typing.get_args(typ):
+            try:
+                return _coerce(key, value, option)
+            except MpitrainError:
+                pass
+        raise MpitrainError(f"{key} = {value!r}: expected a string or a list")
     if origin is list:
         (item,) = typing.get_args(typ)
         if not isinstance(value, list):

@@ -115,9 +115,9 @@ def _matplotlib():
     return FigureCanvasAgg, Figure, Line2D
 
 
-def figure(runs):
+def figure(runs, log_y=False):
     """The matplotlib Figure of loaded Runs: a row per kind present (train, then federated).  Each line's
-    label is "RUN: FIELD" (e.g. "a: test_accuracy")."""
+    label is "RUN: FIELD" (e.g. "a: test_accuracy").  log_y: the loss panels on a logarithmic axis."""
     FigureCanvasAgg, Figure, Line2D = _matplotlib()
     names = [r.name for r in runs]
     for r in runs:  # two folders of the same name (runs/a/run, runs/b/run): the paths tell them apart
@@ -158,6 +158,8 @@ def figure(runs):
             if ylabel == "accuracy":  # from a tenth below the lowest point to 1: high accuracies stay apart
                 bottom = max(0.0, math.floor(low * 10 - 0.5) / 10)
                 ax.set_ylim(bottom - 0.02 * (1 - bottom), 1 + 0.02 * (1 - bottom))
+            elif ylabel == "loss" and log_y:
+                ax.set_yscale("log")
             elif ylabel == "loss":
                 ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
@@ -199,12 +201,12 @@ def write(fig, out):
         raise MpitrainError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
 
 
-def main(paths, out="plot.png"):
+def main(paths, out="plot.png", log_y=False):
     """The plot command: load the runs, draw them, write the PNG; returns its path."""
     _matplotlib()  # the one line about matplotlib before anything else
     out = png_path(out)
     runs = [Run(p) for p in paths]
-    write(figure(runs), out)
+    write(figure(runs, log_y), out)
     kinds = sorted({r.kind for r in runs})
     print(f"{out}: {len(runs)} {' and '.join(kinds)} run(s) plotted", flush=True)
     return out

@@ -114,12 +114,13 @@ class RunLog:
     otherwise (one per test evaluation).  Holds the run directory's lock (make_run_dir) until finish or
     release; start opens the outputs once the run is known to go ahead."""
 
-    def __init__(self, comm, out_dir, lock, quiet=False):
+    def __init__(self, comm, out_dir, lock, quiet=False, logs=()):
         self.active = comm.rank == 0
         self.quiet = quiet
         self.out_dir = out_dir
         self.lock = lock
-        self.bar = self.metrics = None
+        self.logs = logs  # train.log: further formats of the records (tblog.py)
+        self.bar = self.metrics = self.tensorboard = None
 
     def start(self, index, total):
         """Open metrics.jsonl keeping only the records up to step/round `index`, where the run goes on (later
@@ -138,6 +139,10 @@ class RunLog:
 
                 atomic_write(path, write)
         self.metrics = open(path, "a", encoding="utf-8")
+        if "tensorboard" in self.logs:
+            from .tblog import TensorBoard
+
+            self.tensorboard = TensorBoard(self.out_dir, index)
         if not self.quiet and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -147,6 +152,8 @@ class RunLog:
         if self.active:
             self.metrics.write(json.dumps(fields) + "\n")
             self.metrics.flush()
+            if self.tensorboard is not None:
+                self.tensorboard.record(fields)
 
     def advance(self, steps, **postfix):
         if self.bar is not None:
@@ -170,6 +177,8 @@ class RunLog:
             if self.bar is not None:
                 self.bar.close()
             self.metrics.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             if summary is not None:
                 write_json(os.path.join(self.out_dir, "summary.json"), summary)
         self.release()

@@ -125,7 +125,7 @@ class Session:
         unit: "step" or "round"; past(index): what to change for a checkpoint past `total`."""
         comm = self.comm
         self.out, lock = make_run_dir(comm, out)
-        self.log, self.finished = RunLog(comm, self.out, lock, quiet), None
+        self.log, self.finished = RunLog(comm, self.out, lock, quiet, self.cfg.train.log), None
         try:
             self.ckpt = Checkpointer(comm, self.cfg, self.out, self.spec, self.config_text, self.data.checksum,
                                      meaning)

@@ -13,6 +13,7 @@ import numpy as np
 from . import __version__
 from . import preempt
 from .checkpoint import Parts
+from .controls import Controls
 from .data.shard import open_shard
 from .evaluate import said, scores
 from .kernels import HOST
@@ -93,6 +94,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
     held = run.part("val") if data.n_val else (run.test_x, run.test_y)
     grid = comm.agree(Grid, cfg, comm, model)  # data × tensor: the ranks of a tensor group read the same batches
     dp, local = grid.dp, grid.model  # the data group, and the model this rank's steps run (its slices)
+    controls = comm.agree(Controls, cfg, data, local)  # loss weights and smoothing, augmentation
     shard = open_shard(comm, data, cfg.data, t.global_batch, t.seed, dp.rank, dp.size,
                        cfg.model.block_size if data.task == "lm" else None)
     total = t.steps or t.epochs * shard.steps_per_epoch
@@ -170,7 +172,8 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
         # local SGD averages the parameters before anything reads them: evaluation, checkpoint, the end
         sync.due = (step + 1) % eval_every == 0 or step + 1 == total or ckpt.due(step + 1, False)
         local.ctx.step = step
-        loss, correct = step_fn(params, *shard.get(epoch, s), lr_now, scale)
+        x, y = controls.batch(*shard.get(epoch, s), step, shard.strata.start)
+        loss, correct = step_fn(params, x, y, lr_now, scale)
         train_seconds += time.perf_counter() - tic
         if not np.isfinite(loss):
             raise run.diverged(f"step {step + 1}", "the loss")
@@ -179,7 +182,9 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
         if spec.task != "regress":  # a regression step's hits are its squared errors: train_loss says them
             last["train_accuracy"] = correct * scale
         if (step + 1) % max(t.log_every, 1) == 0 or step + 1 == total:
-            log.record(step=step + 1, epoch=epoch + 1, lr=lr_now, **last)  # epochs count from 1, as printed
+            log.record(step=step + 1, epoch=epoch + 1, lr=lr_now, **last,  # epochs count from 1, as printed
+                       samples_per_second=(step + 1 - first) * t.global_batch / train_seconds,  # rank 0's, so far
+                       comm_seconds=sync.seconds)
         if split and ((step + 1) % eval_every == 0 or step + 1 == total):
             metrics = scores(comm, model, grid.full(sync.full(params)), *held, prefix=split, targets=targets)
             if split == "test":
