@@ -83,6 +83,10 @@ class TrainConfig:
     eval_every: int = 0         # steps between test evaluations; 0 = once per epoch
     log_every: int = 10         # steps between train-loss records in metrics.jsonl
     device: str = "cpu"
+    init: str = ""              # a model.h5 to start from (fine-tuning; --init); a resumed run takes its checkpoint
+    init_skip: list[str] = field(default_factory=list)  # tensors left at their fresh values: names, dotted
+                                # prefixes ("layers.3") or "head" (the last layer with parameters); --init-skip
+    freeze: list[str] = field(default_factory=list)  # tensors (names, prefixes, "head") no update changes
 
 
 @dataclass
@@ -225,6 +229,9 @@ class Config:
                                 + ("comm.mode = 'local_sgd' never forms" if self.comm.mode == "local_sgd" else
                                    f"parallel.tensor = {self.parallel.tensor} does not compute yet")
                                 + "; leave train.clip_norm = 0")
+        if t.clip_norm and t.freeze:
+            raise MpitrainError(f"train.clip_norm = {t.clip_norm:g} with train.freeze: the norm would count the frozen "
+                                "tensors' gradients, which every mode still computes; leave train.clip_norm = 0")
         mc = self.model
         _check(mc.block_size >= 1, "model.block_size", mc.block_size, "an integer ≥ 1")
         d = self.data
@@ -359,6 +366,8 @@ READ_BY = {
                     ("train", "federate's clients step at the constant train.lr")),
     "train.eval_every": ("train", "federate evaluates every fed.eval_every rounds"),
     "train.log_every": ("train", "federate records every round"),
+    **dict.fromkeys(("train.init", "train.init_skip", "train.freeze"),
+                    ("train", "federate starts from fed's seeded initialisation and updates every tensor")),
     "train.clip_norm": ("train", "federate's clients do not clip their gradients (fed.dp.clip bounds each client's "
                                  "update)"),
 }
@@ -390,6 +399,7 @@ _strategies = functools.partial(_only, "fed.strategy")
 ACTS = {
     "model.hidden": _only("model.kind", "mlp"),
     "model.activation": _only("model.kind", "mlp"),
+    "train.init_skip": lambda c: not c.train.init and "train.init is not set (there is no model to start from)",
     "train.epochs": lambda c: c.train.steps > 0 and f"train.steps = {c.train.steps} sets the length of the run",
     "train.momentum": _only("train.optimizer", "momentum", "nesterov"),
     **dict.fromkeys(("train.beta1", "train.beta2", "train.eps"), _only("train.optimizer", "adam", "adamw")),

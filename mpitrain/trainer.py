@@ -15,6 +15,7 @@ from . import preempt
 from .checkpoint import Parts
 from .data.shard import open_shard
 from .evaluate import evaluate
+from .finetune import trainable
 from .kernels import HOST
 from .memory import peak_rss
 from .optim import Optimizer, schedule
@@ -96,8 +97,10 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
     sync = comm.agree(make_sync, cfg, dp, local)
     part = sync.part  # the parameters this rank updates: all of them, or its shard (comm.mode = sharded)
     mask = grid.take(model.table.decay_mask().astype(np.float32))[part].astype(np.uint8)  # adamw: which decay
+    moves = comm.agree(trainable, model, t.freeze) if t.freeze else None  # train.freeze: laid out as the mask
+    moves = None if moves is None else grid.take(moves.astype(np.float32))[part].astype(np.uint8)
     opt = comm.agree(Optimizer, run.kernels, t.optimizer, part.stop - part.start, t.momentum, t.beta1,
-                     t.beta2, t.eps, t.weight_decay, decay_mask=mask)
+                     t.beta2, t.eps, t.weight_decay, decay_mask=mask, trainable=moves)
     limit = "train.steps" if t.steps else "train.epochs"
     resumed = run.open(out, total, quiet, resume, {"run": "train", "train.optimizer": t.optimizer,
                                                    "train.global_batch": t.global_batch},
@@ -119,6 +122,9 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
     else:
         first = 0
         params = model.init_params(t.seed) if comm.rank == 0 else np.empty(spec.n_params, np.float32)
+        if run.init is not None:  # fine-tuning: the init model's tensors over the fresh ones (a resume wins)
+            run.init.apply(params, local.ctx.state)
+            log.say(run.init.describe())
         comm.bcast(params)
         params = grid.take(params)
     params = sync.own(model.xp.to_device(params))  # on the device (the identity on the host); fsdp: its shard

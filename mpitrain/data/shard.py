@@ -86,6 +86,20 @@ class DataFile:
             _fail(path, f"attribute feature_shape = {list(self.feature_shape)} does not hold {self.n_features} "
                         "features")
 
+    @staticmethod
+    def as_model(x):
+        """Rows as read, restandardised by adopt()."""
+        return x
+
+    def adopt(self, stats):
+        """Read rows standardised as a model's training rows were (train.init): with its (mean, std) in place
+        of the file's own, which model.h5 then keeps.  None (a model of raw rows) leaves the file's."""
+        from ..evaluate import as_trained
+
+        if stats is not None:
+            own, self.standardize = self.standardize, stats
+            self.as_model = lambda x: as_trained(x, own, stats)
+
     def read(self, split, lo, hi, rank, keep=None):
         """Rows [lo, hi) of split/x and split/y, checked (finite features, labels in range).  HDF5 reads
         straight into the two arrays returned (no chunk cache; int64 labels need no conversion copy): they
@@ -102,7 +116,7 @@ class DataFile:
             keep(x)
             keep(y)
         self.check(x, y, split, lo, rank)
-        return np.ascontiguousarray(x), y
+        return self.as_model(np.ascontiguousarray(x)), y
 
     def check(self, x, y, split, lo, rank):
         """Rows lo… of split as read: finite features, labels in 0..n_classes-1, or one line naming them."""
@@ -214,6 +228,7 @@ class StreamShard(TrainShard):
                          "(or store the file uncompressed, or in smaller chunks)")
         self.xb = np.empty((self.batch, data.n_features), np.float32)
         self.yb = np.empty(self.batch, np.int64)
+        self.as_model = data.as_model  # the reader process reads the file's rows: restandardised per batch
 
     def _take(self, epoch, w):
         self.blocks.take(epoch, w)
@@ -226,7 +241,7 @@ class StreamShard(TrainShard):
         _, _, x, y, rows = self.blocks.current
         np.take(x, rows[s - w * self.span], axis=0, out=self.xb)
         np.take(y, rows[s - w * self.span], out=self.yb)
-        return self.xb, self.yb
+        return self.as_model(self.xb), self.yb
 
     def close(self):
         self.blocks.close()

@@ -1,0 +1,115 @@
+"""Fine-tuning (train.init, --init-skip) and frozen tensors (train.freeze): a trained model is a better start
+than the seeded one, a new head for another number of classes, frozen tensors keep their bits on 2 ranks,
+the init model's standardisation travels, and a model that does not fit is one line."""
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import MPIEXEC, launch, params, summary
+
+MLP = {"model.hidden": [16], "train.global_batch": 32, "train.lr": 0.1}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """a: 4 classes of a linear teacher on 6 features; b: a's classes 0-2 (3 classes, other statistics);
+    c: a's samples as (2, 3); a model trained on a for 60 steps."""
+    import mpitrain
+    from mpitrain.data.prepare import prepare
+
+    d = tmp_path_factory.mktemp("finetune")
+    rng = np.random.default_rng(0)
+    teacher = rng.normal(size=(6, 4))
+    x = rng.normal(size=(1200, 6)) * 2 + 1
+    y = np.argmax((x - 1) @ teacher, axis=1)
+    np.savez(d / "a.npz", x=x, y=y)
+    np.savez(d / "b.npz", x=x[y < 3], y=y[y < 3])
+    np.savez(d / "c.npz", x=x.reshape(-1, 2, 3), y=y)
+    for name in "abc":
+        prepare(f"npz:{d / name}.npz", str(d / f"{name}.h5"))
+    s = mpitrain.train(overrides={"data.path": str(d / "a.h5"), "train.steps": 60, **MLP}, out=str(d / "a"))
+    return {name: str(d / f"{name}.h5") for name in "abc"} | {"model": str(d / "a" / "model.h5"),
+                                                            "accuracy": s["test_accuracy"], "dir": d}
+
+
+def test_init_reaches_the_models_accuracy_sooner_than_scratch(files, tmp_path):
+    import mpitrain
+
+    run = {"data.path": files["a"], "train.steps": 3, **MLP}
+    tuned = mpitrain.train(overrides={**run, "train.init": files["model"]}, out=str(tmp_path / "tuned"))
+    scratch = mpitrain.train(overrides=run, out=str(tmp_path / "scratch"))
+    assert files["accuracy"] > 0.8
+    assert tuned["test_accuracy"] >= files["accuracy"] - 0.03 > scratch["test_accuracy"]
+
+
+def test_init_skip_head_for_another_class_count_keeps_the_models_standardisation(files, tmp_path):
+    """b has 3 classes: the head is fresh, the hidden layer comes from a, and b's rows are read in a's
+    standardisation, which the new model.h5 keeps."""
+    import mpitrain
+
+    out = str(tmp_path / "b")
+    s = mpitrain.train(overrides={"data.path": files["b"], "train.steps": 30, **MLP, "train.init": files["model"],
+                                  "train.init_skip": ["head"], "train.freeze": ["layers.0"]}, out=out)
+    assert s["test_accuracy"] > 0.8
+    with h5py.File(files["model"], "r") as a, h5py.File(f"{out}/model.h5", "r") as b:
+        for key in ("standardize/mean", "standardize/std"):
+            np.testing.assert_array_equal(a[key][...], b[key][...])
+        np.testing.assert_array_equal(a["params"][:6 * 16 + 16], b["params"][:6 * 16 + 16])  # layers.0, frozen
+        with h5py.File(files["b"], "r") as f:  # b's own statistics differ
+            assert not np.array_equal(f["standardize/mean"][...], a["standardize/mean"][...])
+
+
+@pytest.mark.parametrize("mode", ["plain", "sharded"])
+def test_freeze_keeps_the_named_tensors_bit_identical_on_two_ranks(files, tmp_path, mode):
+    """AdamW with weight decay on 2 ranks: the frozen tensors (layers.1: the head's weight and bias) keep
+    the init model's bits; the others move."""
+    out = tmp_path / mode
+    r = launch([MPIEXEC, "-n", "2", sys.executable, "-m", "mpitrain", "train", "--data", files["a"], "--out", out,
+                "--init", files["model"], "--set", "train.steps=5", "--set", "model.hidden=[16]",
+                "--set", "train.optimizer=adamw", "--set", "train.weight_decay=0.1", "--set", "train.lr=0.01",
+                "--set", "train.freeze=[\"layers.1\"]", "--set", f"comm.mode={mode}"])
+    assert r.returncode == 0, r.stderr
+    assert summary(out)["steps"] == 5
+    before, after = params(files["model"].rsplit("/", 1)[0]), params(out)
+    head = 6 * 16 + 16
+    np.testing.assert_array_equal(before[head:], after[head:])
+    assert not np.any(before[:head] == after[:head])
+
+
+def _refused(tmp_path, *args):
+    r = launch([MPIEXEC, "-n", "2", sys.executable, "-m", "mpitrain", "train", "--out", tmp_path / "x",
+                "--set", "train.steps=2", *args])
+    assert r.returncode == 2 and not (tmp_path / "x" / "model.h5").exists()
+    return r.error_lines()
+
+
+def test_a_model_that_does_not_fit_is_one_line(files, tmp_path):
+    m = files["model"]
+    # another architecture: the mlp's hidden layer is 16 wide, this one 8
+    assert _refused(tmp_path, "--data", files["a"], "--init", m, "--set", "model.hidden=[8]") == [
+        f"mpitrain: error: {m}: tensor layers.0.weight is (6, 8) in this mlp model, the mlp model there has "
+        "(6, 16) (leave it at its fresh initialisation with --init-skip layers.0.weight or --init-skip head)"]
+    # another number of classes without --init-skip head
+    assert _refused(tmp_path, "--data", files["b"], "--init", m, "--set", "model.hidden=[16]") == [
+        f"mpitrain: error: {m}: tensor layers.1.weight is (16, 3) in this mlp model, the mlp model there has "
+        "(16, 4) (leave it at its fresh initialisation with --init-skip layers.1.weight or --init-skip head)"]
+    # a softmax model has no hidden layer: its one tensor pair sits where the mlp's first layer was
+    assert _refused(tmp_path, "--data", files["a"], "--init", m, "--set", "model.kind=softmax")[0].startswith(
+        f"mpitrain: error: {m}: tensor layers.0.weight is (6, 4) in this softmax model, the mlp model there has")
+    assert _refused(tmp_path, "--data", files["c"], "--init", m) == [
+        f"mpitrain: error: {m}: the model takes samples of shape [6], {files['c']} has [2, 3]"]
+
+
+def test_unknown_names_are_one_line(files, tmp_path):
+    expected = ("names no tensor of this mlp model (expected 'head', a tensor name such as 'layers.0.weight' or "
+                "a layer: layers.0, layers.1)")
+    assert _refused(tmp_path, "--data", files["a"], "--set", "model.hidden=[16]",
+                    "--set", "train.freeze=[\"layers.0\", \"layer.1\"]") == [
+        f"mpitrain: error: train.freeze: 'layer.1' {expected}"]
+    assert _refused(tmp_path, "--data", files["a"], "--init", files["model"], "--set", "model.hidden=[16]",
+                    "--init-skip", "layers.2") == [f"mpitrain: error: train.init_skip: 'layers.2' {expected}"]
+    assert _refused(tmp_path, "--data", files["a"], "--set", "model.hidden=[16]",
+                    "--set", "train.freeze=[\"layers\"]") == [
+        "mpitrain: error: train.freeze = ['layers'] freezes every tensor of the model: nothing would train"]
