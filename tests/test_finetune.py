@@ -78,38 +78,46 @@ def test_freeze_keeps_the_named_tensors_bit_identical_on_two_ranks(files, tmp_pa
     assert not np.any(before[:head] == after[:head])
 
 
-def _refused(tmp_path, *args):
-    r = launch([MPIEXEC, "-n", "2", sys.executable, "-m", "mpitrain", "train", "--out", tmp_path / "x",
-                "--set", "train.steps=2", *args])
-    assert r.returncode == 2 and not (tmp_path / "x" / "model.h5").exists()
-    return r.error_lines()
+def _refused(tmp_path, **overrides):
+    """The one line of a run refused in-process (the 2-rank test below shows every rank ends with it)."""
+    import mpitrain
+
+    with pytest.raises(mpitrain.MpitrainError) as e:
+        mpitrain.train(overrides={"train.steps": 2, **overrides}, out=str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()  # refused before the run folder is made
+    return str(e.value)
+
+
+def test_a_model_of_another_architecture_is_one_line_on_every_rank(files, tmp_path):
+    m = files["model"]
+    r = launch([MPIEXEC, "-n", "2", sys.executable, "-m", "mpitrain", "train", "--data", files["a"], "--out",
+                tmp_path / "x", "--init", m, "--set", "model.hidden=[8]"])
+    assert r.returncode == 2 and r.error_lines() == [
+        f"mpitrain: error: {m}: tensor layers.0.weight is (6, 8) in this mlp model, the mlp model there has "
+        "(6, 16) (leave it at its fresh initialisation with --init-skip layers.0.weight or --init-skip head)"]
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_model_that_does_not_fit_is_one_line(files, tmp_path):
     m = files["model"]
-    # another architecture: the mlp's hidden layer is 16 wide, this one 8
-    assert _refused(tmp_path, "--data", files["a"], "--init", m, "--set", "model.hidden=[8]") == [
-        f"mpitrain: error: {m}: tensor layers.0.weight is (6, 8) in this mlp model, the mlp model there has "
-        "(6, 16) (leave it at its fresh initialisation with --init-skip layers.0.weight or --init-skip head)"]
     # another number of classes without --init-skip head
-    assert _refused(tmp_path, "--data", files["b"], "--init", m, "--set", "model.hidden=[16]") == [
-        f"mpitrain: error: {m}: tensor layers.1.weight is (16, 3) in this mlp model, the mlp model there has "
-        "(16, 4) (leave it at its fresh initialisation with --init-skip layers.1.weight or --init-skip head)"]
+    assert _refused(tmp_path, **{"data.path": files["b"], "train.init": m, "model.hidden": [16]}) == (
+        f"{m}: tensor layers.1.weight is (16, 3) in this mlp model, the mlp model there has (16, 4) (leave it at "
+        "its fresh initialisation with --init-skip layers.1.weight or --init-skip head)")
     # a softmax model has no hidden layer: its one tensor pair sits where the mlp's first layer was
-    assert _refused(tmp_path, "--data", files["a"], "--init", m, "--set", "model.kind=softmax")[0].startswith(
-        f"mpitrain: error: {m}: tensor layers.0.weight is (6, 4) in this softmax model, the mlp model there has")
-    assert _refused(tmp_path, "--data", files["c"], "--init", m) == [
-        f"mpitrain: error: {m}: the model takes samples of shape [6], {files['c']} has [2, 3]"]
+    assert _refused(tmp_path, **{"data.path": files["a"], "train.init": m, "model.kind": "softmax"}).startswith(
+        f"{m}: tensor layers.0.weight is (6, 4) in this softmax model, the mlp model there has (6, 16)")
+    assert _refused(tmp_path, **{"data.path": files["c"], "train.init": m}) == (
+        f"{m}: the model takes samples of shape [6], {files['c']} has [2, 3]")
 
 
 def test_unknown_names_are_one_line(files, tmp_path):
     expected = ("names no tensor of this mlp model (expected 'head', a tensor name such as 'layers.0.weight' or "
                 "a layer: layers.0, layers.1)")
-    assert _refused(tmp_path, "--data", files["a"], "--set", "model.hidden=[16]",
-                    "--set", "train.freeze=[\"layers.0\", \"layer.1\"]") == [
-        f"mpitrain: error: train.freeze: 'layer.1' {expected}"]
-    assert _refused(tmp_path, "--data", files["a"], "--init", files["model"], "--set", "model.hidden=[16]",
-                    "--init-skip", "layers.2") == [f"mpitrain: error: train.init_skip: 'layers.2' {expected}"]
-    assert _refused(tmp_path, "--data", files["a"], "--set", "model.hidden=[16]",
-                    "--set", "train.freeze=[\"layers\"]") == [
-        "mpitrain: error: train.freeze = ['layers'] freezes every tensor of the model: nothing would train"]
+    run = {"data.path": files["a"], "model.hidden": [16]}
+    assert _refused(tmp_path, **run, **{"train.freeze": ["layers.0", "layer.1"]}) == (
+        f"train.freeze: 'layer.1' {expected}")
+    assert _refused(tmp_path, **run, **{"train.init": files["model"], "train.init_skip": ["layers.2"]}) == (
+        f"train.init_skip: 'layers.2' {expected}")
+    assert _refused(tmp_path, **run, **{"train.freeze": ["layers"]}) == (
+        "train.freeze = ['layers'] freezes every tensor of the model: nothing would train")
