@@ -59,6 +59,10 @@ def test_init_skip_head_for_another_class_count_keeps_the_models_standardisation
         np.testing.assert_array_equal(a["params"][:6 * 16 + 16], b["params"][:6 * 16 + 16])  # layers.0, frozen
         with h5py.File(files["b"], "r") as f:  # b's own statistics differ
             assert not np.array_equal(f["standardize/mean"][...], a["standardize/mean"][...])
+            raw = f["test/x"][...] * f["standardize/std"][...] + f["standardize/mean"][...]
+            labels = f["test/y"][...]
+    # trained on b's rows as a's were standardised: the model scores b's raw samples as train scored them
+    assert np.mean(mpitrain.load_model(f"{out}/model.h5").predict(raw) == labels) == s["test_accuracy"]
 
 
 @pytest.mark.parametrize("mode", ["plain", "sharded"])
