@@ -97,10 +97,12 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
     sync = comm.agree(make_sync, cfg, dp, local)
     part = sync.part  # the parameters this rank updates: all of them, or its shard (comm.mode = sharded)
     mask = grid.take(model.table.decay_mask().astype(np.float32))[part].astype(np.uint8)  # adamw: which decay
-    moves = comm.agree(trainable, model, t.freeze) if t.freeze else None  # train.freeze: laid out as the mask
-    moves = None if moves is None else grid.take(moves.astype(np.float32))[part].astype(np.uint8)
-    opt = comm.agree(Optimizer, run.kernels, t.optimizer, part.stop - part.start, t.momentum, t.beta1,
-                     t.beta2, t.eps, t.weight_decay, decay_mask=mask, trainable=moves)
+    moves = comm.agree(trainable, model, t.freeze) if t.freeze else None  # train.freeze: 0 in frozen tensors
+    if moves is not None:
+        moves = grid.take(moves.astype(np.float32)).astype(np.uint8)  # laid out as this rank's vector
+        sync.frozen = int(np.argmax(moves))  # the gradient of frozen tensors at the bottom need not travel
+    opt = comm.agree(Optimizer, run.kernels, t.optimizer, part.stop - part.start, t.momentum, t.beta1, t.beta2,
+                     t.eps, t.weight_decay, decay_mask=mask, trainable=None if moves is None else moves[part])
     limit = "train.steps" if t.steps else "train.epochs"
     resumed = run.open(out, total, quiet, resume, {"run": "train", "train.optimizer": t.optimizer,
                                                    "train.global_batch": t.global_batch},

@@ -65,21 +65,37 @@ def test_init_skip_head_for_another_class_count_keeps_the_models_standardisation
     assert np.mean(mpitrain.load_model(f"{out}/model.h5").predict(raw) == labels) == s["test_accuracy"]
 
 
-@pytest.mark.parametrize("mode", ["plain", "sharded"])
-def test_freeze_keeps_the_named_tensors_bit_identical_on_two_ranks(files, tmp_path, mode):
-    """AdamW with weight decay on 2 ranks: the frozen tensors (layers.1: the head's weight and bias) keep
-    the init model's bits; the others move."""
-    out = tmp_path / mode
+def _tune(files, out, *args):
     r = launch([MPIEXEC, "-n", "2", sys.executable, "-m", "mpitrain", "train", "--data", files["a"], "--out", out,
                 "--init", files["model"], "--set", "train.steps=5", "--set", "model.hidden=[16]",
-                "--set", "train.optimizer=adamw", "--set", "train.weight_decay=0.1", "--set", "train.lr=0.01",
-                "--set", "train.freeze=[\"layers.1\"]", "--set", f"comm.mode={mode}"])
+                "--set", "train.optimizer=adamw", "--set", "train.weight_decay=0.1", "--set", "train.lr=0.01", *args])
     assert r.returncode == 0, r.stderr
-    assert summary(out)["steps"] == 5
-    before, after = params(files["model"].rsplit("/", 1)[0]), params(out)
-    head = 6 * 16 + 16
-    np.testing.assert_array_equal(before[head:], after[head:])
-    assert not np.any(before[:head] == after[:head])
+    return summary(out), params(out)
+
+
+HEAD = 6 * 16 + 16  # layers.0 (weight, bias) comes first in the flat vector, then layers.1 (the head)
+
+
+@pytest.mark.parametrize("mode", ["plain", "sharded"])
+def test_freeze_keeps_the_named_tensors_bit_identical_on_two_ranks(files, tmp_path, mode):
+    """AdamW with weight decay on 2 ranks: the frozen head (layers.1) keeps the init model's bits; layers.0
+    moves."""
+    _, after = _tune(files, tmp_path / mode, "--set", 'train.freeze=["layers.1"]', "--set", f"comm.mode={mode}")
+    before = params(files["dir"] / "a")
+    np.testing.assert_array_equal(before[HEAD:], after[HEAD:])
+    assert not np.any(before[:HEAD] == after[:HEAD])
+
+
+def test_a_frozen_bottom_is_left_out_of_the_exchange(files, tmp_path):
+    """Plain mode reduces only the gradient above the frozen tensors at the bottom of the vector, and trains
+    as sharded mode, which exchanges all of it, does."""
+    plain, p = _tune(files, tmp_path / "plain", "--set", 'train.freeze=["layers.0"]')
+    _, q = _tune(files, tmp_path / "sharded", "--set", 'train.freeze=["layers.0"]', "--set", "comm.mode=sharded")
+    n = HEAD + 16 * 4 + 4
+    assert plain["comm_bytes_per_step"] == 4 * (n - HEAD + 4)  # the head and [loss | hits | 2 flags], 2 ranks
+    np.testing.assert_array_equal(p, q)
+    np.testing.assert_array_equal(p[:HEAD], params(files["dir"] / "a")[:HEAD])
+    assert not np.any(p[HEAD:] == params(files["dir"] / "a")[HEAD:])
 
 
 def _refused(tmp_path, **overrides):
