@@ -141,3 +141,38 @@ def test_unknown_names_are_one_line(files, tmp_path):
         f"train.init_skip: 'layers.2' {expected}")
     assert _refused(tmp_path, **run, **{"train.freeze": ["layers"]}) == (
         "train.freeze = ['layers'] freezes every tensor of the model: nothing would train")
+
+
+def test_batchnorm_statistics_come_along_by_name(tmp_path):
+    """A resnet8's parameters and running statistics are copied tensor by tensor; --init-skip of a BatchNorm
+    layer leaves its statistics fresh, head leaves the classifier fresh."""
+    from mpitrain.checkpoint import save_model
+    from mpitrain.data.prepare import prepare
+    from mpitrain.data.shard import DataFile
+    from mpitrain.finetune import Init
+    from mpitrain.model import Model, ModelSpec
+
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "img.npz", x=rng.normal(size=(40, 3, 8, 8)), y=np.arange(40) % 3)
+    prepare(f"npz:{tmp_path / 'img.npz'}", str(tmp_path / "img.h5"))
+    model = Model(ModelSpec("resnet8", 192, 3, feature_shape=(3, 8, 8)))
+    source = Model(ModelSpec("resnet8", 192, 10, feature_shape=(3, 8, 8)))  # trained on 10 classes
+    theirs = rng.normal(size=source.spec.n_params).astype(np.float32)
+    stats = rng.normal(size=len(source.ctx.state)).astype(np.float32)
+    save_model(str(tmp_path / "m.h5"), source.spec, theirs, None, stats)
+    init = Init(str(tmp_path / "m.h5"), model, DataFile(str(tmp_path / "img.h5")), ["head", "layers.1"])
+    params, state = model.init_params(0), model.ctx.state.copy()
+    fresh_params, fresh_state = params.copy(), state.copy()
+    init.apply(params, state)
+    for e in model.table:  # layers.1 is the first BatchNorm (weight, bias and statistics), layers.10 the head
+        mine = model.table.view(params, e.name)
+        there = (model.table.view(fresh_params, e.name) if e.name.startswith(("layers.1.", "layers.10."))
+                 else source.table.view(theirs, e.name))
+        np.testing.assert_array_equal(mine, there, err_msg=e.name)
+    for e in model.state_table:
+        mine = model.state_table.view(state, e.name)
+        there = (model.state_table.view(fresh_state, e.name) if e.name.startswith("layers.1.")
+                 else source.state_table.view(stats, e.name))
+        np.testing.assert_array_equal(mine, there, err_msg=e.name)
+    assert init.describe() == f"starting from {tmp_path / 'm.h5'}: {len(model.table.entries) - 4} tensor(s) " \
+                              "copied, 6 left at their fresh initialisation"
