@@ -176,3 +176,16 @@ def test_batchnorm_statistics_come_along_by_name(tmp_path):
         np.testing.assert_array_equal(mine, there, err_msg=e.name)
     assert init.describe() == f"starting from {tmp_path / 'm.h5'}: {len(model.table.entries) - 4} tensor(s) " \
                               "copied, 6 left at their fresh initialisation"
+
+
+def test_a_resume_wins_over_init(files, tmp_path):
+    """Resumed from step 2 of a fine-tuning run, with train.init still set: the checkpoint's parameters, not
+    the init model's, and the same model as the run that went through."""
+    import mpitrain
+
+    run = {"data.path": files["a"], "train.steps": 4, **MLP, "train.init": files["model"], "checkpoint.every": 2,
+           "checkpoint.keep": 2}
+    mpitrain.train(overrides=run, out=str(tmp_path / "through"))
+    mpitrain.train(overrides=run, out=str(tmp_path / "resumed"),
+                   resume=str(tmp_path / "through" / "checkpoints" / "ckpt-000000002.h5"))
+    np.testing.assert_array_equal(params(tmp_path / "through"), params(tmp_path / "resumed"))
