@@ -1,7 +1,8 @@
 """Starting from a trained model (train.init) and keeping tensors fixed (train.freeze).
 
-Both speak in the parameter table's names (model/table.py: "layers.0.weight", "layers.0.bias", …): a name picks that tensor, a dotted prefix every tensor under it ("layers.3" picks layers.3.weight and
-layers.3.bias, not layers.30.*), and "head" the tensors of the last layer with parameters (the classifier)."""
+Both speak in the parameter table's names (model/table.py: "layers.0.weight", "layers.0.bias", …): a name
+picks that tensor, a dotted prefix every tensor under it ("layers.3" picks layers.3.weight and layers.3.bias,
+not layers.30.*), and "head" the tensors of the last layer with parameters (the classifier)."""
 import numpy as np
 
 from .checkpoint import load_model
