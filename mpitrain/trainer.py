@@ -127,6 +127,7 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
         if run.init is not None:  # fine-tuning: the init model's tensors over the fresh ones (a resume wins)
             run.init.apply(params, local.ctx.state)
             log.say(run.init.describe())
+    run.init = None  # its vectors are not held through the run
         comm.bcast(params)
         params = grid.take(params)
     params = sync.own(model.xp.to_device(params))  # on the device (the identity on the host); fsdp: its shard
