@@ -127,9 +127,9 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
         if run.init is not None:  # fine-tuning: the init model's tensors over the fresh ones (a resume wins)
             run.init.apply(params, local.ctx.state)
             log.say(run.init.describe())
-    run.init = None  # its vectors are not held through the run
         comm.bcast(params)
         params = grid.take(params)
+    run.init = None  # its vectors are not held through the run
     params = sync.own(model.xp.to_device(params))  # on the device (the identity on the host); fsdp: its shard
     log.say(f"mpitrain {__version__}: {spec.kind} {spec.describe()} ({spec.n_params} params) "
             f"on {comm.size} rank(s){f' ({dp.size} data × {grid.T} tensor)' if grid.T > 1 else ''} "
