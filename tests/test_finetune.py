@@ -189,3 +189,24 @@ def test_a_resume_wins_over_init(files, tmp_path):
     mpitrain.train(overrides=run, out=str(tmp_path / "resumed"),
                    resume=str(tmp_path / "through" / "checkpoints" / "ckpt-000000002.h5"))
     np.testing.assert_array_equal(params(tmp_path / "through"), params(tmp_path / "resumed"))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_training_batches_come_in_the_models_standardisation(files, stream):
+    """Every row of every batch, read in memory or by the stream reader process, is b's row restandardised
+    with a's statistics."""
+    from mpitrain.comm import Comm
+    from mpitrain.config import DataConfig
+    from mpitrain.data.shard import DataFile, open_shard
+
+    data = DataFile(files["b"])
+    with h5py.File(files["model"], "r") as f:
+        stats = f["standardize/mean"][...], f["standardize/std"][...]
+    data.adopt(stats)
+    rows = {r.tobytes() for r in data.read("train", 0, data.n_train, 0)[0]}
+    shard = open_shard(Comm(), data, DataConfig(path=files["b"], stream=stream), 32, 0, 0, 1)
+    try:
+        for s in range(shard.steps_per_epoch):
+            assert all(r.tobytes() in rows for r in shard.get(0, s)[0])
+    finally:
+        shard.close()
