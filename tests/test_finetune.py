@@ -87,13 +87,16 @@ def test_freeze_keeps_the_named_tensors_bit_identical_on_two_ranks(files, tmp_pa
 
 
 def test_a_frozen_bottom_is_left_out_of_the_exchange(files, tmp_path):
-    """Plain mode reduces only the gradient above the frozen tensors at the bottom of the vector, and trains
-    as sharded mode, which exchanges all of it, does."""
+    """Plain and hierarchical modes reduce only the gradient above the frozen tensors at the bottom of the
+    vector, and train as sharded mode, which exchanges all of it, does."""
     plain, p = _tune(files, tmp_path / "plain", "--set", 'train.freeze=["layers.0"]')
+    hier, h = _tune(files, tmp_path / "hier", "--set", 'train.freeze=["layers.0"]', "--set", "comm.mode=hierarchical")
     _, q = _tune(files, tmp_path / "sharded", "--set", 'train.freeze=["layers.0"]', "--set", "comm.mode=sharded")
     n = HEAD + 16 * 4 + 4
-    assert plain["comm_bytes_per_step"] == 4 * (n - HEAD + 4)  # the head and [loss | hits | 2 flags], 2 ranks
+    # the head and [loss | hits | 2 flags] on 2 ranks; hierarchical: a Reduce and a Bcast in the one node
+    assert plain["comm_bytes_per_step"] == hier["comm_bytes_per_step"] == 4 * (n - HEAD + 4)
     np.testing.assert_array_equal(p, q)
+    np.testing.assert_array_equal(h, q)
     np.testing.assert_array_equal(p[:HEAD], params(files["dir"] / "a")[:HEAD])
     assert not np.any(p[HEAD:] == params(files["dir"] / "a")[HEAD:])
 
