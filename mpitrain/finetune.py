@@ -2,7 +2,8 @@
 
 Both speak in the parameter table's names (model/table.py: "layers.0.weight", "layers.0.bias", …): a name
 picks that tensor, a dotted prefix every tensor under it ("layers.3" picks layers.3.weight and layers.3.bias,
-not layers.30.*), and "head" the tensors of the last layer with parameters (the classifier)."""
+not layers.30.*), and "head" the tensors of the last layer with parameters (the classifier; where the output
+layer uses another layer's tensors, as a GPT's uses its embedding layer's, that layer)."""
 import numpy as np
 
 from .checkpoint import load_model
@@ -18,7 +19,8 @@ def select(model, names, key, tables=None):
     """The names of the entries of tables (default: the parameter table) that names pick; one line for a
     name that picks nothing."""
     tables = tables or (model.table,)
-    head = model.with_params[-1].name
+    last = next(l for l in reversed(model.net) if l.n_params or l.shares is not None)
+    head = (last.shares or last).name  # a GPT's output layer computes with its embedding layer's tensors
     picked = set()
     for name in names:
         prefix = head if name == "head" else name

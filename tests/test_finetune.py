@@ -213,3 +213,14 @@ def test_training_batches_come_in_the_models_standardisation(files, stream):
             assert all(r.tobytes() in rows for r in shard.get(0, s)[0])
     finally:
         shard.close()
+
+
+def test_head_is_the_layer_whose_tensors_the_output_uses():
+    """An MLP's head is its last dense layer; a GPT's output layer computes with the embedding layer's
+    tensors (tied), so its head is that layer, not the final LayerNorm."""
+    from mpitrain.finetune import select
+    from mpitrain.model import Model, ModelSpec
+
+    assert select(Model(ModelSpec("mlp", 6, 4, (16,))), ["head"], "k") == {"layers.1.weight", "layers.1.bias"}
+    gpt = Model(ModelSpec("gpt", 16, 20, feature_shape=(16,), task="lm", n_layer=1, n_embd=8, n_head=2))
+    assert select(gpt, ["head"], "k") == {"layers.0.wte", "layers.0.wpe"}
