@@ -55,6 +55,12 @@ def _parser():
     lf.add_argument("--min-lr", type=float, default=1e-7, help="the first step's learning rate (default 1e-7)")
     lf.add_argument("--max-lr", type=float, default=10.0, help="the last step's learning rate (default 10)")
     lf.add_argument("--plot", metavar="FILE.png", help="also write the curve as a PNG")
+    t.add_argument("--init", metavar="MODEL.h5",
+                   help="start from this model's parameters (fine-tuning), shorthand for --set train.init=…; "
+                        "--resume, when it finds a checkpoint, wins")
+    t.add_argument("--init-skip", metavar="head|NAME[,NAME…]",
+                   help="tensors left at their fresh initialisation (head: the last layer, e.g. for another "
+                        "number of classes), shorthand for --set train.init_skip=[…]")
     t.add_argument("--device", choices=("cpu", "cuda"),
                    help="kernel backend, shorthand for --set train.device=… (cuda: pip install 'mpitrain[cuda]', "
                         "one GPU per rank)")
@@ -324,6 +330,10 @@ def _dispatch(args, comm):
             overrides.append(f"data.path={args.data}")
         if getattr(args, "device", None):
             overrides.append(f"train.device={args.device}")
+        if getattr(args, "init", None):
+            overrides.append(f"train.init={args.init}")
+        if getattr(args, "init_skip", None):
+            overrides.append(f"train.init_skip={json.dumps(args.init_skip.split(','))}")
         n = args.checkpoint_every
         if n:  # one cadence replaces the other
             overrides += ([f"checkpoint.every_seconds={n[:-1]}", "checkpoint.every=0"] if n.endswith("s")

@@ -106,6 +106,10 @@ class TrainConfig:
     device: str = "cpu"
     keep_best: bool = False     # save best.h5 whenever train.early_stop.metric improves
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    init: str = ""              # a model.h5 to start from (fine-tuning; --init); a resumed run takes its checkpoint
+    init_skip: list[str] = field(default_factory=list)  # tensors left at their fresh values: names, dotted
+                                # prefixes ("layers.3") or "head" (the last layer with parameters); --init-skip
+    freeze: list[str] = field(default_factory=list)  # tensors (names, prefixes, "head") no update changes
 
 
 @dataclass
@@ -256,6 +260,9 @@ class Config:
                                 + "; leave train.clip_norm = 0")
         tblog.check(t.log)
         controls.check(self)
+        if t.clip_norm and t.freeze:
+            raise MpitrainError(f"train.clip_norm = {t.clip_norm:g} with train.freeze: the norm would count the frozen "
+                                "tensors' gradients, which every mode still computes; leave train.clip_norm = 0")
         mc = self.model
         _check(mc.block_size >= 1, "model.block_size", mc.block_size, "an integer ≥ 1")
         d = self.data
@@ -395,6 +402,8 @@ READ_BY = {
     **dict.fromkeys(("train.label_smoothing", "train.class_weights"),
                     ("train", "federate's clients train with the plain cross-entropy")),
     "data.augment": ("train", "federate's clients train on their rows as stored"),
+    **dict.fromkeys(("train.init", "train.init_skip", "train.freeze"),
+                    ("train", "federate starts from fed's seeded initialisation and updates every tensor")),
     "train.clip_norm": ("train", "federate's clients do not clip their gradients (fed.dp.clip bounds each client's "
                                  "update)"),
 }
@@ -426,6 +435,7 @@ _strategies = functools.partial(_only, "fed.strategy")
 ACTS = {
     "model.hidden": _only("model.kind", "mlp"),
     "model.activation": _only("model.kind", "mlp"),
+    "train.init_skip": lambda c: not c.train.init and "train.init is not set (there is no model to start from)",
     "train.epochs": lambda c: c.train.steps > 0 and f"train.steps = {c.train.steps} sets the length of the run",
     "train.momentum": _only("train.optimizer", "momentum", "nesterov"),
     "train.early_stop": lambda c: not (c.train.early_stop.patience or c.train.keep_best) and (

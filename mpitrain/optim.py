@@ -18,10 +18,11 @@ SCHEDULES = ("constant", "step", "cosine")
 
 class Optimizer:
     def __init__(self, kernels, name, n, momentum=0.9, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                 decay_mask=None):
+                 decay_mask=None, trainable=None):
         """decay_mask (adamw only; the others decay every parameter): a vector of n flags, 1 where weight decay
         applies, one per entry of the vector this optimizer updates (a rank's shard in comm.mode = sharded);
-        None: decay everything."""
+        None: decay everything.  trainable: n flags, 0 for the entries no update may change (train.freeze),
+        laid out the same way; None: all of them."""
         if name not in OPTIMIZERS:
             raise MpitrainError(f"train.optimizer = {name!r}: expected one of {', '.join(OPTIMIZERS)}")
         if name == "adamw" and not hasattr(kernels, "adamw_update"):
@@ -37,6 +38,12 @@ class Optimizer:
                 raise MpitrainError(f"optimizer decay_mask has shape {decay_mask.shape}; expected ({n},): one flag "
                                     f"per parameter this optimizer updates")
         self.decay_mask = decay_mask
+        # the kernels run on each run of trainable entries (views): the frozen ones keep their bits, and their
+        # state slots stay at zero
+        self.runs = [(0, n)]
+        if trainable is not None and not np.all(trainable):
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(trainable, np.int8) != 0, [0]])))
+            self.runs = list(zip(edges[::2].tolist(), edges[1::2].tolist()))
         slots = {"sgd": (), "momentum": ("v",), "nesterov": ("v",), "adam": ("m", "v"), "adamw": ("m", "v")}[name]
         self.state = {s: arrays(kernels).zeros(n) for s in slots}  # beside the parameters (host or GPU)
         self.t = 0  # updates applied so far
@@ -49,17 +56,22 @@ class Optimizer:
 
     def update(self, params, grad, lr, scale):
         self.t += 1
+        for a, b in self.runs:
+            self._update(params[a:b], grad[a:b], {k: v[a:b] for k, v in self.state.items()},
+                         None if self.decay_mask is None else self.decay_mask[a:b], lr, scale)
+
+    def _update(self, params, grad, state, decay_mask, lr, scale):
         lr, scale, wd = float(lr), float(scale), self.weight_decay
         if self.name == "sgd":
             self.k.sgd_update(params, grad, lr, scale, wd)
         elif self.name == "adam":
-            self.k.adam_update(params, grad, self.state["m"], self.state["v"], lr, scale,
+            self.k.adam_update(params, grad, state["m"], state["v"], lr, scale,
                                self.beta1, self.beta2, self.eps, wd, self.t)
         elif self.name == "adamw":
-            self.k.adamw_update(params, grad, self.state["m"], self.state["v"], lr, scale,
-                                self.beta1, self.beta2, self.eps, wd, self.t, self.decay_mask)
+            self.k.adamw_update(params, grad, state["m"], state["v"], lr, scale,
+                                self.beta1, self.beta2, self.eps, wd, self.t, decay_mask)
         else:
-            self.k.momentum_update(params, grad, self.state["v"], lr, scale, self.momentum, wd,
+            self.k.momentum_update(params, grad, state["v"], lr, scale, self.momentum, wd,
                                    self.name == "nesterov")
 
 

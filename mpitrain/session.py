@@ -107,9 +107,15 @@ class Session:
                                tuple(m.hidden), m.activation, tuple(m.layers),
                                (m.block_size,) if lm else data.feature_shape, data.task, m.n_layer, m.n_head,
                                m.n_embd, m.dropout, m.norm)
-        self.test_x, self.test_y = self.part("test")
         self.kernels = comm.agree(compiled, comm, cfg.train.device)
         self.model = Model(self.spec, cfg.train.device)
+        self.init = None  # train.init: matched before any file is written; the data is then read as its rows were
+        if cfg.train.init:
+            from .finetune import Init
+
+            self.init = comm.agree(Init, cfg.train.init, self.model, data, cfg.train.init_skip)
+            data.adopt(self.init.standardize)
+        self.test_x, self.test_y = self.part("test")
 
     def part(self, split):
         """This rank's block of a split: rows, or a language model's windows."""

@@ -102,6 +102,7 @@ class Plain:
         self.due = False  # local_sgd: the loop evaluates or checkpoints after this step
         self.step = 0  # the global number of the last step reduced (a resumed loop starts it at its step)
         self.seconds, self.bytes, self.steps = 0.0, 0, 0
+        self.frozen = 0  # train.freeze: gradient slots [0, frozen) no update reads (plain, hierarchical skip them)
 
     def reduce(self, buf, scale):
         """Sum the step's buffer over ranks (scale = 1 / global batch turns the gradient sum into a mean)."""
@@ -156,7 +157,7 @@ class Plain:
         self.seconds += time.perf_counter() - t
 
     def _reduce(self, buf, scale):
-        self._sum(buf)
+        self._sum(buf[self.frozen:])
 
     def _sum(self, buf):
         self.comm.allreduce_sum(buf)
@@ -210,6 +211,7 @@ class Hierarchical(Plain):
         self.node, self.leaders = comm.groups(group_size)
 
     def _reduce(self, buf, scale):
+        buf = buf[self.frozen:]
         self.node.reduce_sum(buf)
         if self.leaders is not None:
             self.leaders.allreduce_sum(buf)

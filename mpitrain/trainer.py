@@ -16,6 +16,7 @@ from .checkpoint import Parts
 from .controls import Controls
 from .data.shard import open_shard
 from .evaluate import said, scores
+from .finetune import trainable
 from .kernels import HOST
 from .memory import peak_rss
 from .optim import Optimizer, schedule
@@ -103,8 +104,12 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
     sync = comm.agree(make_sync, cfg, dp, local)
     part = sync.part  # the parameters this rank updates: all of them, or its shard (comm.mode = sharded)
     mask = grid.take(model.table.decay_mask(t.decay).astype(np.float32))[part].astype(np.uint8)  # adamw: which decay
-    opt = comm.agree(Optimizer, run.kernels, t.optimizer, part.stop - part.start, t.momentum, t.beta1,
-                     t.beta2, t.eps, t.weight_decay, decay_mask=mask)
+    moves = comm.agree(trainable, model, t.freeze) if t.freeze else None  # train.freeze: 0 in frozen tensors
+    if moves is not None:
+        moves = grid.take(moves.astype(np.float32)).astype(np.uint8)  # laid out as this rank's vector
+        sync.frozen = int(np.argmax(moves))  # the gradient of frozen tensors at the bottom need not travel
+    opt = comm.agree(Optimizer, run.kernels, t.optimizer, part.stop - part.start, t.momentum, t.beta1, t.beta2,
+                     t.eps, t.weight_decay, decay_mask=mask, trainable=None if moves is None else moves[part])
     limit = "train.steps" if t.steps else "train.epochs"
     resumed = run.open(out, total, quiet, resume, {"run": "train", "train.optimizer": t.optimizer,
                                                    "train.global_batch": t.global_batch},
@@ -127,8 +132,12 @@ def train(cfg, comm, out=None, quiet=False, resume=None, overwrite=False):
     else:
         first = 0
         params = model.init_params(t.seed) if comm.rank == 0 else np.empty(spec.n_params, np.float32)
+        if run.init is not None:  # fine-tuning: the init model's tensors over the fresh ones (a resume wins)
+            run.init.apply(params, local.ctx.state)
+            log.say(run.init.describe())
         comm.bcast(params)
         params = grid.take(params)
+    run.init = None  # its vectors are not held through the run
     params = sync.own(model.xp.to_device(params))  # on the device (the identity on the host); fsdp: its shard
     log.say(f"mpitrain {__version__}: {spec.kind} {spec.describe()} ({spec.n_params} params) "
             f"on {comm.size} rank(s){f' ({dp.size} data × {grid.T} tensor)' if grid.T > 1 else ''} "

@@ -108,6 +108,19 @@ class DataFile:
     def n_out(self):
         """A model's outputs for this file: its classes, its targets (regression) or its vocabulary (lm)."""
         return self.n_targets if self.task == "regress" else self.n_classes
+    @staticmethod
+    def as_model(x):
+        """Rows as read, restandardised by adopt()."""
+        return x
+
+    def adopt(self, stats):
+        """Read rows standardised as a model's training rows were (train.init): with its (mean, std) in place
+        of the file's own, which model.h5 then keeps.  None (a model of raw rows) leaves the file's."""
+        from ..evaluate import as_trained
+
+        if stats is not None:
+            own, self.standardize = self.standardize, stats
+            self.as_model = lambda x: as_trained(x, own, stats)
 
     def read(self, split, lo, hi, rank, keep=None):
         """Rows [lo, hi) of split/x and split/y, checked (finite features, labels in range, finite targets).
@@ -125,7 +138,7 @@ class DataFile:
             keep(x)
             keep(y)
         self.check(x, y, split, lo, rank)
-        return np.ascontiguousarray(x), y
+        return self.as_model(np.ascontiguousarray(x)), y
 
     def fine(self, x, y):
         """Whether rows pass check (quickly: without naming a row)."""
@@ -246,6 +259,7 @@ class StreamShard(TrainShard):
                          "(or store the file uncompressed, or in smaller chunks)")
         self.xb = np.empty((self.batch, data.n_features), np.float32)
         self.yb = np.empty((self.batch, *data.y_shape), data.y_dtype)
+        self.as_model = data.as_model  # the reader process reads the file's rows: restandardised per batch
 
     def _take(self, epoch, w):
         self.blocks.take(epoch, w)
@@ -258,7 +272,7 @@ class StreamShard(TrainShard):
         _, _, x, y, rows = self.blocks.current
         np.take(x, rows[s - w * self.span], axis=0, out=self.xb)
         np.take(y, rows[s - w * self.span], axis=0, out=self.yb)
-        return self.xb, self.yb
+        return self.as_model(self.xb), self.yb
 
     def close(self):
         self.blocks.close()
