@@ -52,5 +52,5 @@ def test_a_default_clip_under_dp_is_said_at_start_up(tmp_path, parts):
 def test_a_misspelt_command_names_the_commands():
     r = mpirun(2, "trian", "--quiet", timeout=60)
     assert one_line(r) == ("unknown command 'trian' (did you mean train?): expected one of train, federate, "
-                           "prepare, eval, predict, info, bench, plot, export, generate, or options alone (which "
-                           "train)")
+                           "prepare, eval, predict, info, bench, plot, export, generate, lr-find, or options alone "
+                           "(which train)")
