@@ -13,7 +13,8 @@ Every kernel is also correct on float64 arrays (the tests take finite difference
   the 10⁵-element channels of a BatchNorm).
 """
 import numpy as np
-from numba import njit, prange, uint64
+from numba import njit, prange, types, uint64
+from numba.extending import overload
 
 __all__ = ["layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward", "encoder_forward",
            "encoder_backward", "attention_forward", "attention_backward", "dropout_forward", "dropout_backward",
@@ -33,6 +34,39 @@ def _chunk(n, k, nch):
 def _flat(a):
     """The 1-d view of a C-contiguous array: a ValueError, never a copy that in-place results would miss."""
     return np.reshape(a, -1, copy=False)
+
+
+# -- exp in float32 that LLVM vectorises: Numba's np.exp and np.tanh on float32 call libm once per element
+# (np.tanh: ~25 ns), which made GELU 30× slower than PyTorch's.  Cephes' expf: x = n·ln2 + r, |r| ≤ ln2/2,
+# a degree-7 polynomial of r, 2ⁿ put into the exponent bits; ≤ 1.4 ulp from exp on [-87.3, 88.3], branch-free
+# (x is clamped: below, the smallest normal float; from 88.4 on, inf).  float64 keeps np.exp (the tests'
+# finite differences run in float64).
+
+LOG2E, LN2_HI, LN2_LO = np.float32(1.4426950408889634), np.float32(0.693359375), np.float32(-2.12194440e-4)
+EXP_P = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                                      1.6666665459e-1, 5.0000001201e-1))
+F0, F1, F2 = np.float32(0.0), np.float32(1.0), np.float32(2.0)  # literals would promote float32 to float64
+
+
+def _exp(x):
+    return np.exp(x)
+
+
+@overload(_exp)
+def _exp_overload(x):
+    if x != types.float32:
+        return lambda x: np.exp(x)
+
+    def expf(x):
+        x = min(max(x, np.float32(-87.33)), np.float32(88.8))
+        n = np.floor(x * LOG2E + np.float32(0.5))
+        r = x - n * LN2_HI - n * LN2_LO
+        p = EXP_P[0]
+        for c in EXP_P[1:]:
+            p = p * r + c
+        return (p * r * r + r + F1) * np.int32((np.int32(n) + 127) << 23).view(np.float32)
+
+    return expf
 
 
 # -- LayerNorm (PyTorch semantics: biased variance, eps inside the square root) ----------------------------
@@ -89,29 +123,30 @@ def layernorm_backward(dout, x, w, mean, rstd, dx, dw, db):
 
 
 # -- GELU, GPT-2's tanh form: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) ----------------------------------
+# computed as x·σ(2u) (u the tanh's argument; 1 + tanh(u) = 2σ(2u)): one exp, no cancellation, and the
+# derivative σ(2u) + 2x·σ(1 − σ)·u'.
 
 GELU_S = np.float32(np.sqrt(2.0 / np.pi))
 GELU_A = np.float32(0.044715)
-GELU_BLOCK = 4096  # elements per parallel task
+GELU_M2S, GELU_3A = np.float32(-2.0 * np.sqrt(2.0 / np.pi)), np.float32(3.0 * 0.044715)
 
 
-@njit(cache=True, parallel=True)
+# error_model="numpy": IEEE division (Numba's default checks every divisor for zero, which stops LLVM from
+# vectorising the loop: 4× slower)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _gelu_forward(x, out):
-    n = x.size
-    for k in prange((n + GELU_BLOCK - 1) // GELU_BLOCK):
-        for i in range(k * GELU_BLOCK, min(n, (k + 1) * GELU_BLOCK)):
-            xi = x[i]
-            out[i] = 0.5 * xi * (1.0 + np.tanh(GELU_S * (xi + GELU_A * xi * xi * xi)))
+    for i in prange(x.size):
+        xi = x[i]
+        out[i] = xi / (F1 + _exp(GELU_M2S * (xi + GELU_A * xi * xi * xi)))
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _gelu_backward(x, dout, dx):
-    n = x.size
-    for k in prange((n + GELU_BLOCK - 1) // GELU_BLOCK):
-        for i in range(k * GELU_BLOCK, min(n, (k + 1) * GELU_BLOCK)):
-            xi = x[i]
-            t = np.tanh(GELU_S * (xi + GELU_A * xi * xi * xi))
-            dx[i] = dout[i] * (0.5 * (1.0 + t) + 0.5 * xi * (1.0 - t * t) * GELU_S * (1.0 + 3.0 * GELU_A * xi * xi))
+    for i in prange(x.size):
+        xi = x[i]
+        x2 = xi * xi
+        s = F1 / (F1 + _exp(GELU_M2S * (xi + GELU_A * x2 * xi)))
+        dx[i] = dout[i] * (s + F2 * GELU_S * xi * s * (F1 - s) * (F1 + GELU_3A * x2))
 
 
 def gelu_forward(x, out):
@@ -168,7 +203,8 @@ def encoder_backward(dout, tokens, dwte, dwpe):
 
 # -- Causal multi-head self-attention ------------------------------------------------------------------------
 
-@njit(cache=True, parallel=True)
+# fastmath reassoc: the row sums vectorise (partial sums; the same bits on any thread count)
+@njit(cache=True, parallel=True, error_model="numpy", fastmath={"reassoc"})
 def _softmax_causal(att, scale):
     """Each (b, h) tile of scores S (T, T) ← softmax(S·scale) with the causal mask (0 above the diagonal)."""
     B, NH, T, _ = att.shape
@@ -179,32 +215,32 @@ def _softmax_causal(att, scale):
             mx = row[0]
             for u in range(1, t + 1):
                 mx = max(mx, row[u])
-            s = 0.0
+            s = F0
             for u in range(t + 1):
-                e = np.exp((row[u] - mx) * scale)
+                e = _exp((row[u] - mx) * scale)
                 row[u] = e
                 s += e
-            inv = 1.0 / s
+            inv = F1 / s
             for u in range(t + 1):
                 row[u] *= inv
             for u in range(t + 1, T):
-                row[u] = 0.0
+                row[u] = F0
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath={"reassoc"})
 def _softmax_causal_backward(att, dp, scale):
     """dp ← dS·scale from dp = dL/dP, tile by tile: P ⊙ (dP − rowsum(dP ⊙ P))·scale, 0 above the diagonal."""
     B, NH, T, _ = att.shape
     for bh in prange(B * NH):
         p, g = att[bh // NH, bh % NH], dp[bh // NH, bh % NH]
         for t in range(T):
-            dot = 0.0
+            dot = F0
             for u in range(t + 1):
                 dot += g[t, u] * p[t, u]
             for u in range(t + 1):
                 g[t, u] = p[t, u] * (g[t, u] - dot) * scale
             for u in range(t + 1, T):
-                g[t, u] = 0.0
+                g[t, u] = F0
 
 
 def _qkv_heads(a, NH):
@@ -239,7 +275,18 @@ def _check_attention(qkv, n_head, att):
 # (NUMBA_NUM_THREADS = OPENBLAS_NUM_THREADS = 1), best of 30 / 3 calls, AMD EPYC, 2026-05:
 #     B=12 T=64  C=128 NH=4:  forward fused   3.19 ms, batched 0.87 ms;  backward fused    6.24 ms, batched 0.70 ms
 #     B=64 T=256 C=384 NH=6:  forward fused 717    ms, batched  169 ms;  backward fused 1568    ms, batched  213 ms
-# BLAS wins even though it also computes the masked half.
+# BLAS wins even though it also computes the masked half.  The passes go over a few samples at a time, as
+# many as keep their (NH, T, T) tiles within ATT_CHUNK bytes (half a 1 MiB L2): each pass then finds the
+# scores the one before wrote still in cache, instead of streaming the whole (B, NH, T, T) array through
+# memory five times (100 MB for the second config above), and the backward's dL/datt scratch stays in cache.
+
+ATT_CHUNK = 1 << 19
+
+
+def _samples_per_pass(att):
+    B, NH, T, _ = att.shape
+    return max(1, min(B, ATT_CHUNK // (NH * T * T * att.itemsize)))
+
 
 def attention_forward(qkv, n_head, out, att):
     """Causal multi-head self-attention as nanoGPT: att[b, h] ← softmax(q kᵀ/√hs) with the causal mask
@@ -247,25 +294,31 @@ def attention_forward(qkv, n_head, out, att):
     q, k, v as three C-wide column blocks; out (B, T, C); att (B, n_head, T, T) is kept for the backward."""
     _check_attention(qkv, n_head, att)
     q, k, v = _qkv_heads(qkv, n_head)
+    o, scale, step = _heads(out, n_head), _scale(att, q), _samples_per_pass(att)
     with np.errstate(all="ignore"):  # quiet about inf/NaN, as cpu._gemm: the training loop checks the loss
-        np.matmul(q, k.transpose(0, 1, 3, 2), out=att)
-        _softmax_causal(att, _scale(att, q))
-        np.matmul(att, v, out=_heads(out, n_head))
+        for lo in range(0, len(qkv), step):
+            s = slice(lo, lo + step)
+            np.matmul(q[s], k[s].transpose(0, 1, 3, 2), out=att[s])
+            _softmax_causal(att[s], scale)
+            np.matmul(att[s], v[s], out=o[s])
 
 
 def attention_backward(dout, qkv, att, n_head, dqkv, scratch):
     """dqkv ← dL/dqkv from dout = dL/dout (B, T, C) and the forward's qkv and att; scratch is a
-    (B, n_head, T, T) array it overwrites (one can serve every layer)."""
+    (B, n_head, T, T) array it overwrites (one can serve every layer; only its first samples are used)."""
     _check_attention(qkv, n_head, att)
     q, k, v = _qkv_heads(qkv, n_head)
     dq, dk, dv = _qkv_heads(dqkv, n_head)
-    do = _heads(dout, n_head)
+    do, scale, step = _heads(dout, n_head), _scale(att, q), _samples_per_pass(att)
     with np.errstate(all="ignore"):
-        np.matmul(att.transpose(0, 1, 3, 2), do, out=dv)
-        np.matmul(do, v.transpose(0, 1, 3, 2), out=scratch)  # dL/datt
-        _softmax_causal_backward(att, scratch, _scale(att, q))  # dL/d(q kᵀ)
-        np.matmul(scratch, k, out=dq)
-        np.matmul(scratch.transpose(0, 1, 3, 2), q, out=dk)
+        for lo in range(0, len(qkv), step):
+            s = slice(lo, lo + step)
+            d = scratch[:len(att[s])]
+            np.matmul(att[s].transpose(0, 1, 3, 2), do[s], out=dv[s])
+            np.matmul(do[s], v[s].transpose(0, 1, 3, 2), out=d)  # dL/datt
+            _softmax_causal_backward(att[s], d, scale)  # dL/d(q kᵀ)
+            np.matmul(d, k[s], out=dq[s])
+            np.matmul(d.transpose(0, 1, 3, 2), q[s], out=dk[s])
 
 
 # -- Dropout -------------------------------------------------------------------------------------------------
