@@ -36,8 +36,7 @@ def _timed(steps, seconds, repeats):
     same number of calls, about `seconds` for the slowest implementation."""
     single = {}
     for name, step in steps.items():
-        for _ in range(3):
-            step()
+        step()  # warm-up: compiled kernels, allocated buffers
         t = time.perf_counter()
         step()
         single[name] = time.perf_counter() - t
@@ -415,10 +414,10 @@ def bench_step(args, comm):
                          "version": torch_version if name == "torch" else "",
                          **(mem if name == "mpitrain" else {})})
         if args.breakdown and args.device == "cpu":
-            steps = max(3, min(200, int(args.seconds / measured["mpitrain"][0])))
+            steps = max(1, min(200, int(args.seconds / measured["mpitrain"][0])))
             parts += breakdown_rows(batch, "mpitrain", *mpitrain_breakdown(stepper, mine, steps))
             if have_torch:
-                steps = max(3, min(200, int(args.seconds / measured["torch"][0])))
+                steps = max(1, min(200, int(args.seconds / measured["torch"][0])))
                 parts += breakdown_rows(batch, "torch", *torch_breakdown(impls["torch"], steps))
     if comm.rank == 0:
         per_sample = ", ".join(f"{f / b / 1e6:.4g}" for b, f in flops.items())
