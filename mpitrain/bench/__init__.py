@@ -13,22 +13,27 @@ def add_arguments(parser):
     s = sub.add_parser("step", help="training-step throughput per rank vs NumPy and PyTorch",
                        description="Samples/s of one training step (forward, backward, optimizer update) "
                                    "per rank, for mpitrain's kernels, a plain NumPy step (MLP only) and "
-                                   "PyTorch CPU (when installed) on the same model, measured side by side; "
-                                   "on the CPU also the floor: the step's GEMMs and update alone (MLP: with "
-                                   "weight rows as stored and padded by 16 floats; CNN: every conv's three "
-                                   "GEMMs on its im2col shapes, without im2col/col2im/pooling), and the "
-                                   "per-rank memory of a step.")
-    s.add_argument("--batches", default="32,128", help="per-rank batch sizes (default 32,128)")
+                                   "PyTorch CPU (when installed) on the same model with the same initial "
+                                   "parameters, measured side by side; on the CPU also the floor: the GEMMs "
+                                   "of mpitrain's step replayed on NumPy's BLAS, plus the update (MLP: also "
+                                   "with weight rows padded by 16 floats), and the per-rank memory of a step.")
+    s.add_argument("--batches", help="per-rank batch sizes (default 32,128; gpt 12; resnet8/resnet20 128)")
     mlp_arguments(s)
     model_arguments(s)
+    family_arguments(s)
+    s.add_argument("--optimizer", choices=("momentum", "adamw"),
+                   help="SGD with momentum 0.9 (default) or AdamW (the default for gpt: nanoGPT's settings)")
     s.add_argument("--breakdown", action="store_true",
-                   help="also time each CPU kernel of mpitrain's step (GEMMs, im2col, col2im, pooling, ...) and "
-                        "PyTorch's operators (torch.profiler) at every batch size: where the step's time goes")
+                   help="also time mpitrain's step per layer kind, forward and backward (with the GEMMs in "
+                        "each), loss and update, and PyTorch's operators (torch.profiler) at every batch size: "
+                        "where the step's time goes")
     s.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
     s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where mpitrain and PyTorch compute (default cpu; NumPy always on the CPU)")
-    s.add_argument("--seconds", type=float, default=2.0, help="timed seconds per measurement")
-    s.add_argument("--repeats", type=int, default=5, help="timed blocks; the median is reported")
+    s.add_argument("--seconds", type=float, default=2.0,
+                   help="seconds per timed block of the slowest implementation (default 2)")
+    s.add_argument("--repeats", type=int, default=5,
+                   help="timed blocks per implementation, round-robin; the median and the best are reported")
     s.add_argument("--out", metavar="DIR", help="results folder (default bench-results)")
     a = sub.add_parser("allreduce", help="OSU-style allreduce latency/bandwidth: raw mpi4py vs mpitrain",
                        description="Per message size: warm-up, then timed Allreduce calls with a barrier "
@@ -74,11 +79,26 @@ def model_arguments(p):
     """--model and --input-shape: the network a benchmark trains (mlp: the --features/--hidden/--classes MLP)."""
     p.add_argument("--model", default="mlp", metavar="{mlp,lenet5,fedavg_cnn,JSON}",
                    help="mlp (default: --features, --hidden, --classes), a preset CNN (lenet5, fedavg_cnn: "
-                        "--classes outputs), or a stack as a JSON list of layer strings, as model.layers, e.g. "
+                        "--classes outputs; bench step also resnet8, resnet20 and gpt), or a stack as a JSON list "
+                        "of layer strings, as model.layers, e.g. "
                         "'[\"conv2d 16 3 same\", \"relu\", \"maxpool2d 2\", \"flatten\", \"dense 10\"]'")
     p.add_argument("--input-shape", metavar="C,H,W",
                    help="feature shape of a CNN's samples, channels first: C,H,W for 2-d layers, C,L for 1-d "
-                        "ones (default 1,28,28 for 2-d stacks; a 1-d stack needs it)")
+                        "ones (default 1,28,28 for 2-d stacks, 3,32,32 for resnet8/20; a 1-d stack needs it)")
+
+
+def family_arguments(p):
+    """The settings of the gpt and resnet presets (model.n_layer, …): a benchmark offering them takes
+    --model gpt, resnet8 and resnet20.  The gpt defaults are the issue's small config on Shakespeare's
+    characters; nanoGPT's Shakespeare config is --n-layer 6 --n-head 6 --n-embd 384 --block-size 256."""
+    g = p.add_argument_group("gpt and resnet presets")
+    g.add_argument("--n-layer", type=int, default=4, help="gpt: blocks (default 4)")
+    g.add_argument("--n-head", type=int, default=4, help="gpt: attention heads (default 4)")
+    g.add_argument("--n-embd", type=int, default=128, help="gpt: width (default 128)")
+    g.add_argument("--block-size", type=int, default=64, help="gpt: tokens per sample (default 64)")
+    g.add_argument("--vocab", type=int, default=65, help="gpt: vocabulary (default 65, Shakespeare's characters)")
+    g.add_argument("--dropout", type=float, default=0.0, help="gpt: dropout rate (default 0)")
+    g.add_argument("--norm", choices=("batch", "group"), default="batch", help="resnet8/20: the norm (default batch)")
 
 
 def model_spec(args):
@@ -87,23 +107,28 @@ def model_spec(args):
     import math
 
     from ..errors import MpitrainError
-    from ..model import PRESETS, ModelSpec
+    from ..model import FAMILIES, PRESETS, ModelSpec
 
     name = getattr(args, "model", "mlp") or "mlp"
     classes = getattr(args, "classes", 10)
+    families = FAMILIES if hasattr(args, "n_layer") else ()  # offered where family_arguments are
     if name == "mlp":
         hidden = tuple(int(h) for h in str(args.hidden).split(",") if h)
         return ModelSpec("mlp", args.features, classes, hidden)
-    if name in PRESETS:
-        stack = PRESETS[name]
+    if name == "gpt" and families:
+        T = args.block_size
+        return ModelSpec("gpt", T, args.vocab, feature_shape=(T,), task="lm", n_layer=args.n_layer,
+                         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+    if name in PRESETS or name in families:
+        stack = PRESETS.get(name, ("conv2d",))  # a resnet starts with a conv2d
     else:
         try:
             stack = json.loads(name)
         except ValueError:
             stack = None
         if not isinstance(stack, list) or not stack or not all(isinstance(t, str) for t in stack):
-            raise MpitrainError(f"--model {name}: expected mlp, {', '.join(PRESETS)} or a JSON list of layer "
-                                "strings ending in 'dense <classes>'")
+            raise MpitrainError(f"--model {name}: expected mlp, {', '.join((*PRESETS, *families))} or a JSON list "
+                                "of layer strings ending in 'dense <classes>'")
     first = stack[0].split()[0] if stack[0].split() else ""
     if args.input_shape:
         try:
@@ -113,11 +138,13 @@ def model_spec(args):
         if not 1 <= len(shape) <= 3 or min(shape) < 1:
             raise MpitrainError(f"--input-shape {args.input_shape}: expected positive C,H,W (2-d) or C,L (1-d)")
     elif first.endswith("2d"):
-        shape = (1, 28, 28)
+        shape = (3, 32, 32) if name in families else (1, 28, 28)
     elif first.endswith("1d"):
         raise MpitrainError(f"--model {name}: a 1-d stack needs --input-shape C,L")
     else:
         shape = (args.features,)
+    if name in families:
+        return ModelSpec(name, math.prod(shape), classes, feature_shape=shape, norm=args.norm)
     if name in PRESETS:
         return ModelSpec(name, math.prod(shape), classes, feature_shape=shape)
     last = stack[-1].split()

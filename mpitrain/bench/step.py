@@ -1,100 +1,170 @@
 """Training-step throughput per rank: mpitrain's Numba kernels vs a plain NumPy step vs PyTorch CPU, and
 the floor of any step built on NumPy's BLAS (the step's GEMMs and its update alone).
 
-Same model, data, optimizer (SGD, momentum 0.9, lr 0.01) and thread count (--device cuda: mpitrain's CUDA
-kernels and PyTorch CUDA on this rank's GPU, the NumPy step stays on the CPU); each implementation is timed
-in blocks of about --seconds, round-robin, the median block is reported.  Every rank measures at once (so an
-oversubscribed node shows), rank 0 prints its own figures.
+Same model, initial parameters, data, optimizer and thread count (--device cuda: mpitrain's CUDA kernels
+and PyTorch CUDA on this rank's GPU, the NumPy step stays on the CPU).  Every implementation is timed in
+--repeats rounds, round-robin, each round one block of the same number of full steps (forward, backward,
+update) per implementation, about --seconds for the slowest; the median block and the best are reported.
+Every rank measures at once (so an oversubscribed node shows), rank 0 prints its own figures.
 
---model picks the network: the MLP of --features/--hidden/--classes (default), a preset CNN (lenet5,
-fedavg_cnn) or a JSON stack of layer strings.  PyTorch runs the same canonical stack (model.spec.stack) in
-its native NCHW layout with the same GEMM FLOPs; a CNN has no NumPy row, and its floor is every layer's
-GEMMs on the shapes mpitrain's im2col gives them (no im2col, col2im, pooling, bias or activation).
+--model picks the network: the MLP of --features/--hidden/--classes (default), a preset (lenet5,
+fedavg_cnn, resnet8, resnet20 on --input-shape, gpt of --n-layer/--n-head/--n-embd/--block-size/--vocab on
+random tokens) or a JSON stack of layer strings.  PyTorch runs the same canonical stack with mpitrain's
+initial parameters (torch_model.py).  The optimizer is SGD with momentum 0.9 (lr 0.01), or for a language
+model AdamW as nanoGPT trains Shakespeare (lr 1e-3, betas 0.9/0.99, weight decay 0.1 on the weights).
+
+The floor is every GEMM of mpitrain's step, recorded with its operands (every GEMM a CPU step makes is an
+np.matmul call: kernels/cpu.py's _gemm, the attention kernels, the tied output layer) and replayed on
+NumPy's BLAS, plus the optimizer's update: no im2col, pooling, norm, softmax, bias, activation or layer
+code.  Those GEMMs are also the step's FLOP count.  The MLP has a plain NumPy step beside it, and the floor
+with weight rows padded by 16 floats.
 """
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
 from . import table
 
 LR, MU = 0.01, 0.9
+ADAMW = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.1}  # nanoGPT's Shakespeare
 
 
 def _timed(steps, seconds, repeats):
-    """{name: median seconds per call} of the step functions, timed in `repeats` rounds of one block of
-    about `seconds` each, round-robin, so that a slow spell of the machine falls on every implementation."""
-    per_block = {}
+    """{name: (median, best) seconds per call} of the step functions, timed in `repeats` rounds of one
+    block each, round-robin (a slow spell of the machine falls on every implementation); every block is the
+    same number of calls, about `seconds` for the slowest implementation."""
+    single = {}
     for name, step in steps.items():
-        for _ in range(3):
-            step()
+        step()  # warm-up: compiled kernels, allocated buffers
         t = time.perf_counter()
         step()
-        per_block[name] = max(1, int(seconds / max(time.perf_counter() - t, 1e-6)))
+        single[name] = time.perf_counter() - t
+    per_block = max(1, int(seconds / max(max(single.values()), 1e-6)))
     times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             t = time.perf_counter()
-            for _ in range(per_block[name]):
+            for _ in range(per_block):
                 step()
-            times[name].append((time.perf_counter() - t) / per_block[name])
-    return {name: float(np.median(ts)) for name, ts in times.items()}
+            times[name].append((time.perf_counter() - t) / per_block)
+    return {name: (float(np.median(ts)), min(ts)) for name, ts in times.items()}
 
 
-def mpitrain_step(spec, x, y, device="cpu"):
+def optimizer_name(args, spec):
+    """--optimizer, else AdamW for a language model and SGD with momentum for the rest."""
+    return args.optimizer or ("adamw" if spec.task == "lm" else "momentum")
+
+
+def make_optimizer(kernels, name, n, table=None):
+    from ..optim import Optimizer
+
+    if name == "adamw":
+        a = ADAMW
+        return Optimizer(kernels, "adamw", n, 0.0, a["beta1"], a["beta2"], a["eps"], a["weight_decay"],
+                         decay_mask=None if table is None else table.decay_mask())
+    return Optimizer(kernels, "momentum", n, momentum=MU)
+
+
+def batch_of(spec, n, seed):
+    """Random samples (x, y) of the spec's data: token windows (x the first T tokens of T + 1, y the last T)
+    for a language model, else normal features (channels first, as stored) and uniform labels."""
+    rng = np.random.default_rng(seed)
+    if spec.task == "lm":
+        tokens = rng.integers(0, spec.n_out, (n, spec.feature_shape[0] + 1)).astype(np.int32)
+        return tokens[:, :-1].copy(), tokens[:, 1:].copy()
+    return rng.standard_normal((n, spec.n_in), dtype=np.float32), rng.integers(0, spec.n_out, n).astype(np.int64)
+
+
+def mpitrain_step(spec, x, y, device="cpu", optimizer="momentum"):
     """(step function, Stepper) of mpitrain's training step of the ModelSpec on the batch (x, y)."""
     from ..model import Model
-    from ..optim import Optimizer
     from ..trainer import Stepper
 
     model = Model(spec, device)
     params = model.xp.to_device(model.init_params(0))
     x, y = model.xp.to_device(x), model.xp.to_device(y)  # the batch is resident, as PyTorch's is
-    stepper = Stepper(model, Optimizer(model.k, "momentum", model.n_params, momentum=MU))
-    scale = 1.0 / len(x)
+    stepper = Stepper(model, make_optimizer(model.k, optimizer, model.n_params, model.table))
+    lr, scale = ADAMW["lr"] if optimizer == "adamw" else LR, 1.0 / len(x)
     if device == "cpu":
-        return (lambda: stepper(params, x, y, LR, scale)), stepper
+        return (lambda: stepper(params, x, y, lr, scale)), stepper
     from numba import cuda
 
     def step():  # the GPU runs asynchronously: a timed step ends when its kernels have
-        stepper(params, x, y, LR, scale)
+        stepper(params, x, y, lr, scale)
         cuda.synchronize()
 
     return step, stepper
 
 
+def _sequences(seq):
+    """A Sequence and those of every residual branch inside it."""
+    yield seq
+    for l in seq.net:
+        for inner in getattr(l, "branches", ()):
+            yield from _sequences(inner)
+
+
 def step_memory(stepper, batch):
-    """Bytes a rank holds for a step of `batch` samples: the model's per-batch buffers (Model._bufs: each
-    layer's output, the im2col workspace `cols` (reused for dcols), max-pool arg-max indices, the gradient
-    flowing into each layer, the NHWC copy of a channels-first batch) and the per-model state (parameters,
-    the step buffer [gradient | loss | correct], optimizer vectors).  The batch itself is not counted."""
+    """Bytes a rank holds for a step of `batch` samples: the model's per-batch buffers (every Sequence's,
+    residual branches included: each layer's output, the im2col workspace `cols` (reused for dcols),
+    max-pool arg-max indices, the other layers' scratch (attention probabilities, norm statistics, a
+    residual block's gradients), the gradient flowing into each layer, the NHWC copy of a channels-first
+    batch) and the per-model state (parameters, the step buffer [gradient | loss | correct], optimizer
+    vectors).  The batch itself is not counted."""
     model = stepper.model
-    outs, scratch, downs, entry = model._bufs(batch)
-    nbytes = lambda arrays: int(sum(a.nbytes for a in arrays if a is not None))  # noqa: E731
-    mem = {"mem_outputs": nbytes(outs), "mem_im2col": nbytes(s["cols"] for s in scratch if "cols" in s),
-           "mem_pool_arg": nbytes(s["arg"] for s in scratch if "arg" in s), "mem_grad_in": nbytes(downs),
-           "mem_entry": nbytes([entry]),
-           "mem_state": 4 * model.n_params + stepper.buf.nbytes + nbytes(stepper.opt.state.values())
-                        + (stepper.grad.nbytes if stepper.staged else 0)}
+    nbytes = lambda arrays: int(sum(a.nbytes for a in arrays if hasattr(a, "nbytes")))  # noqa: E731
+    mem = dict.fromkeys(("mem_outputs", "mem_im2col", "mem_pool_arg", "mem_scratch", "mem_grad_in"), 0)
+    for seq in _sequences(model.seq):
+        outs, scratch, downs = seq.bufs(batch)
+        mem["mem_outputs"] += nbytes(outs)
+        mem["mem_grad_in"] += nbytes(downs)
+        for s in scratch:
+            for key, a in s.items():
+                mem[{"cols": "mem_im2col", "arg": "mem_pool_arg"}.get(key, "mem_scratch")] += nbytes([a])
+    mem["mem_entry"] = nbytes([model._entry.get(batch)])
+    mem["mem_state"] = (4 * model.n_params + stepper.buf.nbytes + nbytes(stepper.opt.state.values())
+                        + (stepper.grad.nbytes if stepper.staged else 0))
     mem["mem_step"] = sum(mem.values())
     return mem
 
 
-def flops_per_sample(spec):
-    """GEMM FLOPs of one sample's step: forward, weight gradient and (every layer but the first) input
-    gradient of each dense and conv layer, as mpitrain computes them (PyTorch does the same ones)."""
-    from ..model.layers import Conv, Dense
-    from ..model.stack import build
+def record_gemms(step):
+    """[(args, kwargs)] of every np.matmul call one call of step makes (its GEMMs: module doc)."""
+    calls, matmul = [], np.matmul
 
-    total = 0
-    for i, l in enumerate(build(list(spec.stack), spec.feature_shape, spec.n_out)):
-        if isinstance(l, Dense):
-            mac = l.n_in * l.units
-        elif isinstance(l, Conv):
-            mac = l.geom[6] * l.geom[7] * l.k_len * l.channels
-        else:
-            continue
-        total += 2 * mac * (3 if i else 2)
-    return total
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        return matmul(*args, **kwargs)
+
+    np.matmul = record
+    try:
+        step()
+    finally:
+        np.matmul = matmul
+    return calls
+
+
+def gemm_flops(calls):
+    """FLOPs of recorded GEMMs: 2·k per output element (batched ones count every matrix)."""
+    return sum(2 * int(kw["out"].size) * int(args[0].shape[-1]) for args, kw in calls)
+
+
+def gemm_floor_step(calls, stepper):
+    """The floor: the recorded GEMMs again on the same operands (views of the model's buffers: every one
+    a GEMM writes, the model's next step writes again first), then the optimizer's update on vectors of its
+    own (lr 0 keeps the values finite; the memory traffic is the same)."""
+    n = stepper.model.n_params
+    opt = make_optimizer(stepper.opt.k, stepper.opt.name, n, stepper.model.table)
+    p, g = stepper.model.init_params(0), np.zeros(n, np.float32)
+
+    def step():
+        with np.errstate(all="ignore"):
+            for args, kwargs in calls:
+                np.matmul(*args, **kwargs)
+        opt.update(p, g, 0.0, 1.0)
+
+    return step
 
 
 def numpy_step(sizes, x, y):
@@ -130,10 +200,9 @@ def numpy_step(sizes, x, y):
 
 
 def floor_step(sizes, x, pad):
-    """Only the step's GEMMs (NumPy's BLAS) and the fused momentum update: no bias, activation, loss or
-    layer code.  No step built on this BLAS runs faster, so its ratio to PyTorch bounds what any such
-    implementation can claim.  pad > 0 strides every weight row by `pad` more floats, which keeps rows of
-    1024 floats off 4 KiB multiples (cache-set aliasing)."""
+    """The MLP's floor with every weight row strided by `pad` more floats, which keeps rows of 1024 floats off
+    4 KiB multiples (cache-set aliasing): the step's GEMMs (NumPy's BLAS) and the fused momentum update
+    alone, on a padded layout of its own."""
     from ..kernels.cpu import momentum_update
 
     shapes = list(zip(sizes, sizes[1:]))
@@ -161,113 +230,28 @@ def floor_step(sizes, x, pad):
     return step
 
 
-def cnn_floor_step(spec, batch):
-    """The floor of a CNN's step: each layer's GEMMs alone, on the shapes and parameter views mpitrain
-    uses — conv: cols @ W.T, dz.T @ cols (dW) and, but for the first layer, dz @ W (dcols, into cols as
-    mpitrain does); dense as in the MLP floor — plus the fused momentum update.  No im2col, col2im,
-    pooling, bias, activation, loss or layer code: what this BLAS allows."""
-    from ..kernels.cpu import momentum_update
-    from ..model.layers import Conv, Dense
-    from ..model.stack import build
-
-    net = build(list(spec.stack), spec.feature_shape, spec.n_out)
-    rng = np.random.default_rng(0)
-    p = rng.uniform(-0.05, 0.05, spec.n_params).astype(np.float32)
-    g, v = np.zeros_like(p), np.zeros_like(p)
-    calls = []
-    for i, l in enumerate(net):
-        if isinstance(l, Conv):
-            rows, k = batch * l.geom[6] * l.geom[7], l.k_len
-            (w, _), (dw, _) = l.views(p), l.views(g)
-            cols = rng.standard_normal((rows, k), dtype=np.float32)
-            z, dz = np.empty((rows, l.channels), np.float32), np.ones((rows, l.channels), np.float32)
-            calls += [(cols, w.T, z), (dz.T, cols, dw)] + ([(dz, w, cols)] if i else [])
-        elif isinstance(l, Dense):
-            (w, _), (dw, _) = l.views(p), l.views(g)
-            a = rng.standard_normal((batch, l.n_in), dtype=np.float32)
-            z, dz = np.empty((batch, l.units), np.float32), np.ones((batch, l.units), np.float32)
-            calls += [(a, w, z), (a.T, dz, dw)] + ([(dz, w.T, a)] if i else [])
-
-    def step():
-        for a, b, out in calls:
-            np.matmul(a, b, out=out)
-        momentum_update(p, g, v, 0.0, 1.0 / batch, MU, 0.0, False)  # same traffic; lr 0 keeps values finite
-
-    return step
-
-
-def torch_net(torch, spec):
-    """nn.Sequential of the spec's canonical stack in PyTorch's NCHW (1-d: NCL) layout: Conv2d/Conv1d,
-    MaxPool/AvgPool, Flatten, Linear, ReLU/Tanh — the same GEMM FLOPs as mpitrain's NHWC layers (weights
-    differ; a flatten orders C, H, W instead of H, W, C).  'same' padding is TensorFlow's output size
-    ⌈in/stride⌉: PyTorch's own symmetric `padding` where it gives that size (even total padding, or stride
-    > 1, where padding one more on top/left than TensorFlow reads the same number of positions), else an
-    explicit ZeroPad (odd total at stride 1: the odd pixel at the bottom/right)."""
-    from ..kernels.cpu import RELU, TANH
-    from ..model.layers import Conv, Dense, Flatten, Pool
-    from ..model.stack import build
-
-    nn = torch.nn
-    net = build(list(spec.stack), spec.feature_shape, spec.n_out)
-    mods = []
-    for l in net:
-        if isinstance(l, Dense):
-            mods.append(nn.Linear(l.n_in, l.units))
-        elif isinstance(l, Conv):
-            KH, KW, SH, SW, PH, PW, OH, OW = l.geom
-            H, W, C = l.in_shape
-            axes = [(H, KH, SH, PH, OH), (W, KW, SW, PW, OW)]
-            total = [max((o - 1) * s + k - n, 0) if l.same else 0 for n, k, s, _, o in axes]
-            sym = [t - t // 2 for t in total]  # the larger half on both sides
-            fits = all((n + 2 * q - k) // s + 1 == o for (n, k, s, _, o), q in zip(axes, sym))
-            pad = sym if fits else [0, 0]
-            if not fits:  # (left, right, top, bottom)
-                mods.append((nn.ZeroPad2d((PW, total[1] - PW, PH, total[0] - PH)) if l.dims == 2
-                             else nn.ConstantPad1d((PW, total[1] - PW), 0.0)))
-            if l.dims == 2:
-                mods.append(nn.Conv2d(C, l.channels, (KH, KW), (SH, SW), padding=tuple(pad)))
-            else:
-                mods.append(nn.Conv1d(C, l.channels, KW, SW, padding=pad[1]))
-        elif isinstance(l, Pool):
-            KH, KW, SH, SW = l.win
-            cls = {("max", 2): nn.MaxPool2d, ("avg", 2): nn.AvgPool2d, ("max", 1): nn.MaxPool1d,
-                   ("avg", 1): nn.AvgPool1d}[l.kind, l.dims]
-            mods.append(cls((KH, KW), (SH, SW)) if l.dims == 2 else cls(KW, SW))
-        elif isinstance(l, Flatten):
-            mods.append(nn.Flatten())
-        if l.act == RELU:
-            mods.append(nn.ReLU())
-        elif l.act == TANH:
-            mods.append(nn.Tanh())
-    return nn.Sequential(*mods)
-
-
-def torch_input_shape(spec):
-    """The per-sample shape PyTorch's first layer reads: (C, H, W), (C, L) or (features,)."""
-    from ..model.layers import input_shape
-
-    nhwc, _ = input_shape(spec.feature_shape, spec.stack[0])
-    if len(nhwc) == 1:
-        return nhwc
-    H, W, C = nhwc
-    return (C, W) if spec.stack[0].split()[0].endswith("1d") else (C, H, W)
-
-
-def torch_step(spec, x, y, threads, device="cpu"):
-    """(step function, PyTorch version) of PyTorch's step of the spec's network on the batch (x: flat
-    samples, channels first, as the datasets store them)."""
+def torch_step(spec, x, y, threads, device="cpu", optimizer="momentum"):
+    """(step function, PyTorch version) of PyTorch's step of the spec's network (torch_model.py, mpitrain's
+    initial parameters) on the batch (x: flat samples, channels first, as the datasets store them; tokens)
+    with the same optimizer, PyTorch's fused implementation of it."""
     import torch
 
+    from ..model import Model
+    from .torch_model import TorchModel
+
     torch.set_num_threads(threads)
-    net = torch_net(torch, spec).to(device)
-    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MU)
-    loss_fn = torch.nn.CrossEntropyLoss()  # the mean: mpitrain's summed loss × 1/B in its update
-    tx = torch.from_numpy(x).reshape(len(x), *torch_input_shape(spec)).to(device)
-    ty = torch.from_numpy(y).to(device)
+    net = TorchModel(spec, Model(spec).init_params(0)).to(device)
+    if optimizer == "adamw":
+        a = ADAMW
+        opt = torch.optim.AdamW(net.decay_groups(a["weight_decay"]), lr=a["lr"], betas=(a["beta1"], a["beta2"]),
+                                eps=a["eps"], fused=True)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MU, fused=True)
+    tx, ty = (t.to(device) for t in net.inputs(x, y))
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss_fn(net(tx), ty).backward()
+        net.loss(net(tx), ty).backward()  # the mean: mpitrain's summed loss × 1/B in its update
         opt.step()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -276,61 +260,63 @@ def torch_step(spec, x, y, threads, device="cpu"):
 
 
 def sgemm_rate(threads, n=1024, seconds=0.5):
-    """GFLOP/s of a single-precision n³ matmul through NumPy's BLAS with `threads` threads (3 blocks of
-    about `seconds`)."""
+    """GFLOP/s of a single-precision n³ matmul through NumPy's BLAS with `threads` threads (the best of 3
+    blocks of about `seconds`)."""
     from threadpoolctl import threadpool_limits
 
     a = np.random.default_rng(0).random((n, n), dtype=np.float32)
     c = np.empty_like(a)
     with threadpool_limits(threads):
-        return 2 * n ** 3 / _timed({"sgemm": lambda: np.matmul(a, a, out=c)}, seconds, 3)["sgemm"] / 1e9
+        return 2 * n ** 3 / _timed({"sgemm": lambda: np.matmul(a, a, out=c)}, seconds, 3)["sgemm"][1] / 1e9
 
 
 # -- where a step's time goes (--breakdown) --------------------------------------------------------------
-# mpitrain: every leaf CPU kernel (kernels/cpu.py functions the layers, the loss and the optimizer reach
-# through module globals) wrapped in a timer for a few steps; what the timers do not cover is "python":
-# the layer loop, views, dispatch into the kernels and the timers' own ~0.3 µs per call.
-PARTS = {"_gemm": "gemm", "im2col": "im2col", "col2im": "col2im", "bias_act": "bias+act fwd",
-         "act_grad": "act grad + bias grad", "maxpool_forward": "pool", "maxpool_backward": "pool",
-         "avgpool_forward": "pool", "avgpool_backward": "pool", "softmax_xent": "softmax xent",
-         "momentum_update": "momentum update", "to_nhwc": "to NHWC"}
 
+def mpitrain_breakdown(stepper, step, steps):
+    """[(part, calls, seconds, GEMM calls, GEMM seconds), each per step] of `steps` calls of mpitrain's CPU
+    step, and the step's seconds with the timers in place.  Parts: each layer kind's forward and backward
+    (its own time: a residual block's is its add and copy, its branches' layers count as theirs; a
+    fused activation is its dense or conv layer's), the loss, the optimizer update, and the rest (the
+    step's Python, the NHWC copy of a channels-first batch, the timers' own ~1 µs per call).  GEMMs (every
+    np.matmul: module doc) are timed too and counted in the part that calls them."""
+    model, opt = stepper.model, stepper.opt
+    acc, frames = {}, []  # part → [calls, own seconds, GEMM calls, GEMM seconds]; open parts: [part, inner s]
 
-def mpitrain_breakdown(step, steps):
-    """[(part, calls per step, seconds per step)] of `steps` calls of mpitrain's CPU step, and the step's
-    seconds with the timers in place.  GEMMs are split into conv and dense ones."""
-    from ..kernels import cpu
-
-    acc, where = {}, []
-
-    def timed(name, fn):
+    def timed(part, fn):
         def wrapper(*a, **kw):
-            part = PARTS[name]
-            if part == "gemm":
-                part = f"gemm ({where[-1] if where else 'dense'})"
+            frames.append([part, 0.0])
             t = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
-                calls, sec = acc.get(part, (0, 0.0))
-                acc[part] = calls + 1, sec + time.perf_counter() - t
+                dt = time.perf_counter() - t
+                r = acc.setdefault(part, [0, 0.0, 0, 0.0])
+                r[0] += 1
+                r[1] += dt - frames.pop()[1]
+                if frames:
+                    frames[-1][1] += dt
         return wrapper
 
-    def inside(fn):
-        def wrapper(*a, **kw):
-            where.append("conv")
-            try:
-                return fn(*a, **kw)
-            finally:
-                where.pop()
-        return wrapper
+    matmul = np.matmul
 
-    saved = {name: getattr(cpu, name) for name in [*PARTS, "conv_forward", "conv_backward"]}
+    def gemm(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return matmul(*a, **kw)
+        finally:
+            r = acc.setdefault(frames[-1][0] if frames else "the rest", [0, 0.0, 0, 0.0])
+            r[2] += 1
+            r[3] += time.perf_counter() - t
+
+    layers = [x for layer in model.net for x in layer.layers() if not x.view]  # a flatten is a view: no call
+    task = model.task
     try:
-        for name in PARTS:
-            setattr(cpu, name, timed(name, saved[name]))
-        for name in ("conv_forward", "conv_backward"):
-            setattr(cpu, name, inside(saved[name]))
+        for l in layers:
+            kind = l.text().split()[0]
+            l.forward, l.backward = timed(f"{kind} forward", l.forward), timed(f"{kind} backward", l.backward)
+        model.task = SimpleNamespace(loss_grad=timed("loss", task.loss_grad))
+        opt.update = timed("optimizer update", opt.update)
+        np.matmul = gemm
         step()
         acc.clear()
         t = time.perf_counter()
@@ -338,10 +324,15 @@ def mpitrain_breakdown(step, steps):
             step()
         total = (time.perf_counter() - t) / steps
     finally:
-        for name, fn in saved.items():
-            setattr(cpu, name, fn)
-    parts = sorted(((k, c / steps, sec / steps) for k, (c, sec) in acc.items()), key=lambda r: -r[2])
-    return parts + [("python (the rest)", 0.0, total - sum(r[2] for r in parts))], total
+        np.matmul = matmul
+        model.task = task
+        for obj in (*layers, opt):  # the class's methods again
+            for name in ("forward", "backward", "update"):
+                obj.__dict__.pop(name, None)
+    rest = acc.pop("the rest", [0, 0.0, 0, 0.0])
+    parts = sorted(((k, c / steps, sec / steps, gc / steps, gs / steps) for k, (c, sec, gc, gs) in acc.items()),
+                   key=lambda r: -r[2])
+    return parts + [("the rest", 0.0, total - sum(r[2] for r in parts), rest[2] / steps, rest[3] / steps)], total
 
 
 def torch_breakdown(step, steps, top=12):
@@ -359,12 +350,14 @@ def torch_breakdown(step, steps, top=12):
                  key=lambda r: -r[2])
     rest = sum(r[2] for r in ops[top:])
     return ops[:top] + [("other operators", sum(r[1] for r in ops[top:]), rest),
-                        ("python (the rest)", 0.0, total - sum(r[2] for r in ops))], total
+                        ("the rest", 0.0, total - sum(r[2] for r in ops))], total
 
 
 def breakdown_rows(batch, impl, parts, total):
     return [{"batch": batch, "impl": impl, "part": part, "calls_per_step": calls, "us_per_step": sec * 1e6,
-             "pct_step": 100 * sec / total} for part, calls, sec in parts]
+             "pct_step": 100 * sec / total,
+             **({"gemms_per_step": gemm[0], "gemm_us_per_step": gemm[1] * 1e6} if gemm else {})}
+            for part, calls, sec, *gemm in parts]
 
 
 def bench_step(args, comm):
@@ -377,9 +370,8 @@ def bench_step(args, comm):
 
         comm.agree(compiled, comm, "cuda")  # a clear error without numba-cuda or a GPU; one GPU per rank
     spec = comm.agree(model_spec, args)
-    mlp = spec.kind == "mlp"
-    sizes = spec.sizes
-    flops = flops_per_sample(spec)
+    mlp, lm = spec.kind == "mlp", spec.task == "lm"
+    optimizer = optimizer_name(args, spec)
     peak = sgemm_rate(threads, seconds=min(0.5, args.seconds))
     try:
         import torch
@@ -390,55 +382,58 @@ def bench_step(args, comm):
         have_torch = False
         if comm.rank == 0:
             print("PyTorch is not installed: skipping the PyTorch reference (pip install 'mpitrain[peers]')")
-    rows, memory, parts = [], [], []
-    for batch in (int(b) for b in args.batches.split(",")):
-        rng = np.random.default_rng(batch)
-        x = rng.standard_normal((batch, spec.n_in), dtype=np.float32)
-        y = rng.integers(0, spec.n_out, batch).astype(np.int64)
-        mine, stepper = mpitrain_step(spec, x, y, args.device)
+    batches = args.batches or {"gpt": "12", "resnet8": "128", "resnet20": "128"}.get(spec.kind, "32,128")
+    rows, memory, parts, flops = [], [], [], {}
+    for batch in (int(b) for b in batches.split(",")):
+        x, y = batch_of(spec, batch, batch)
+        mine, stepper = mpitrain_step(spec, x, y, args.device, optimizer)
+        on_cpu = (mine, stepper) if args.device == "cpu" else mpitrain_step(spec, x, y, "cpu", optimizer)
+        calls = record_gemms(on_cpu[0])  # the step's GEMMs: its FLOPs, and the floor
+        flops[batch] = gemm_flops(calls)
         impls = {"mpitrain": mine}
         if mlp:
-            impls["numpy"] = numpy_step(sizes, x, y)
+            impls["numpy"] = numpy_step(spec.sizes, x, y)
         if args.device == "cpu":
+            impls["floor"] = gemm_floor_step(calls, stepper)
             if mlp:
-                impls.update(floor=floor_step(sizes, x, 0), floor_padded=floor_step(sizes, x, 16))
-            else:
-                impls["floor"] = cnn_floor_step(spec, batch)
+                impls["floor_padded"] = floor_step(spec.sizes, x, 16)
         if have_torch:
-            impls["torch"], torch_version = torch_step(spec, x, y, threads, args.device)
+            impls["torch"], torch_version = torch_step(spec, x, y, threads, args.device, optimizer)
         measured = _timed(impls, args.seconds, args.repeats)
         mem = step_memory(stepper, batch)
         memory.append((batch, mem))
-        for name, sec in measured.items():
-            rows.append({"batch": batch, "impl": name, "model": spec.kind, "threads": threads, "ranks": comm.size,
-                         "samples_per_s": batch / sec, "gflops": flops * batch / sec / 1e9,
-                         "pct_sgemm": 100 * flops * batch / sec / 1e9 / peak,
-                         "vs_torch": measured["torch"] / sec if have_torch else None,
-                         "vs_numpy": measured["numpy"] / sec if mlp else None,
+        for name, (sec, best) in measured.items():
+            rows.append({"batch": batch, "impl": name, "model": spec.kind, "optimizer": optimizer,
+                         "threads": threads, "ranks": comm.size, "samples_per_s": batch / sec,
+                         "best_samples_per_s": batch / best,
+                         **({"tokens_per_s": batch * spec.feature_shape[0] / sec} if lm else {}),
+                         "gflops": flops[batch] / sec / 1e9, "pct_sgemm": 100 * flops[batch] / sec / 1e9 / peak,
+                         "vs_torch": measured["torch"][0] / sec if have_torch else None,
+                         "best_vs_torch": measured["torch"][1] / best if have_torch else None,
+                         "vs_numpy": measured["numpy"][0] / sec if mlp else None,
                          "version": torch_version if name == "torch" else "",
                          **(mem if name == "mpitrain" else {})})
         if args.breakdown and args.device == "cpu":
-            steps = max(3, min(200, int(args.seconds / measured["mpitrain"])))
-            parts += breakdown_rows(batch, "mpitrain", *mpitrain_breakdown(mine, steps))
+            steps = max(1, min(200, int(args.seconds / measured["mpitrain"][0])))
+            parts += breakdown_rows(batch, "mpitrain", *mpitrain_breakdown(stepper, mine, steps))
             if have_torch:
-                steps = max(3, min(200, int(args.seconds / measured["torch"])))
+                steps = max(1, min(200, int(args.seconds / measured["torch"][0])))
                 parts += breakdown_rows(batch, "torch", *torch_breakdown(impls["torch"], steps))
     if comm.rank == 0:
-        if mlp:
-            print(f"MLP {'-'.join(map(str, sizes))}, SGD momentum, {threads} thread(s) per rank, {comm.size} rank(s); "
-                  f"sgemm reference {peak:.1f} GFLOP/s")
-        else:
-            print(f"{spec.kind} [{spec.describe()}] on {'×'.join(map(str, spec.feature_shape))}, "
-                  f"{spec.n_params:,} parameters, {flops / 1e6:.3g} MFLOP of GEMMs per sample; SGD momentum, "
-                  f"{threads} thread(s) per rank, {comm.size} rank(s); sgemm reference {peak:.1f} GFLOP/s; "
-                  "no NumPy step for a CNN")
-        print(table(rows, ["batch", "impl", "samples_per_s", "gflops", "pct_sgemm", "vs_torch", "vs_numpy"]))
+        per_sample = ", ".join(f"{f / b / 1e6:.4g}" for b, f in flops.items())
+        what = (f"MLP {'-'.join(map(str, spec.sizes))}" if mlp else f"{spec.kind} [{spec.describe()}]"
+                + ("" if lm else f" on {'×'.join(map(str, spec.feature_shape))}"))
+        print(f"{what}, {spec.n_params:,} parameters, {per_sample} MFLOP of GEMMs per sample; "
+              f"{'AdamW' if optimizer == 'adamw' else 'SGD momentum'}, {threads} thread(s) per rank, "
+              f"{comm.size} rank(s); sgemm reference {peak:.1f} GFLOP/s")
+        print(table(rows, ["batch", "impl", "samples_per_s", *(["tokens_per_s"] if lm else []), "gflops",
+                           "pct_sgemm", "vs_torch", "best_vs_torch", *(["vs_numpy"] if mlp else [])]))
         for batch, mem in memory:
-            print(f"memory per rank, batch {batch}: {mem['mem_step'] / 2**20:.2f} MiB = outputs "
-                  f"{mem['mem_outputs'] / 2**20:.2f} + im2col {mem['mem_im2col'] / 2**20:.2f} + pool arg-max "
-                  f"{mem['mem_pool_arg'] / 2**20:.2f} + input gradients {mem['mem_grad_in'] / 2**20:.2f} + NHWC "
-                  f"copy {mem['mem_entry'] / 2**20:.2f} + parameters, gradient and momentum "
-                  f"{mem['mem_state'] / 2**20:.2f}")
+            mib = {k: v / 2**20 for k, v in mem.items()}
+            print(f"memory per rank, batch {batch}: {mib['mem_step']:.2f} MiB = outputs {mib['mem_outputs']:.2f} + "
+                  f"im2col {mib['mem_im2col']:.2f} + pool arg-max {mib['mem_pool_arg']:.2f} + other scratch "
+                  f"{mib['mem_scratch']:.2f} + input gradients {mib['mem_grad_in']:.2f} + NHWC copy "
+                  f"{mib['mem_entry']:.2f} + parameters, gradient and optimizer state {mib['mem_state']:.2f}")
         if args.breakdown and args.device != "cpu":
             print("--breakdown times the CPU kernels: not with --device cuda")
         for batch in dict.fromkeys(r["batch"] for r in parts):
@@ -446,5 +441,6 @@ def bench_step(args, comm):
                 mine = [r for r in parts if r["batch"] == batch and r["impl"] == impl]
                 if mine:
                     print(f"where the step goes: {impl}, batch {batch}")
-                    print(table(mine, ["part", "calls_per_step", "us_per_step", "pct_step"]))
+                    print(table(mine, ["part", "calls_per_step", "us_per_step", "pct_step",
+                                       *(["gemms_per_step", "gemm_us_per_step"] if impl == "mpitrain" else [])]))
     return rows + parts

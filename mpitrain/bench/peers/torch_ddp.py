@@ -3,11 +3,10 @@
     python -m mpitrain.bench.peers.torch_ddp --ranks 2 --batch-per-rank 64 --steps 30 [--data F.h5 --target 0.8]
     python -m mpitrain.bench.peers.torch_ddp --ranks 2 --model lenet5 [--input-shape 1,28,28]
 
-Spawns --ranks processes on localhost.  --model mlp (default): the MLP starts from mpitrain's own initial
-parameters; a CNN (--model lenet5, fedavg_cnn or a JSON stack; throughput only) is bench step's PyTorch
-model of the same canonical stack (NCHW, PyTorch's own initialisation).  Either trains
-with SGD (momentum 0.9, lr 0.01, no weight decay) on the summed loss scaled to the global-batch mean —
-the step `bench scaling` times on mpitrain's side.
+Spawns --ranks processes on localhost.  The model (--model mlp, the default; a CNN: lenet5, fedavg_cnn or a
+JSON stack, throughput only) is bench step's PyTorch model of the same canonical stack (torch_model.py: NCHW,
+mpitrain's own initial parameters).  It trains with SGD (momentum 0.9, lr 0.01, no weight decay) on the
+summed loss scaled to the global-batch mean — the step `bench scaling` times on mpitrain's side.
 Throughput: per-rank random batches made exactly as `bench scaling --point` makes them, warm-up steps,
 then the median step (gather + forward + backward with DDP's allreduce + update) on each rank, the max over
 ranks; samples/s = global batch / that.
@@ -38,31 +37,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def build(torch, sizes):
-    """nn.Sequential of Linear + ReLU with mpitrain's initial parameters (W is in×out there, out×in here)."""
-    from ...model import Model, ModelSpec
-
-    model = Model(ModelSpec("mlp", sizes[0], sizes[-1], tuple(sizes[1:-1])))
-    layers = []
-    for w, b in model.layers(model.init_params(SEED)):
-        linear = torch.nn.Linear(*w.shape)
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(w.T))
-            linear.bias.copy_(torch.from_numpy(b))
-        layers += [linear, torch.nn.ReLU()]
-    return torch.nn.Sequential(*layers[:-1])
-
-
 class Trainer:
     """DDP model, optimizer and one training step on a local batch."""
 
     def __init__(self, torch, spec, ranks, global_batch):
         from torch.nn.parallel import DistributedDataParallel
 
-        from ..step import torch_net
+        from ...model import Model
+        from ..torch_model import TorchModel
 
-        self.net = DistributedDataParallel(build(torch, spec.sizes) if spec.kind == "mlp"
-                                           else torch_net(torch, spec))
+        self.net = DistributedDataParallel(TorchModel(spec, Model(spec).init_params(SEED)))
         self.opt = torch.optim.SGD(self.net.parameters(), lr=LR, momentum=MU)
         self.loss = torch.nn.CrossEntropyLoss(reduction="sum")
         self.scale = ranks / global_batch  # DDP averages gradients over ranks: sum × p / B is the global mean
@@ -74,7 +58,7 @@ class Trainer:
 
 
 def throughput(torch, dist, args, rank, spec):
-    from ..step import torch_input_shape
+    from ..torch_model import torch_input_shape
 
     local, total = args.batch_per_rank, args.warmup + args.steps
     rng = np.random.default_rng(rank)  # the data of bench scaling's point on this rank
