@@ -138,7 +138,7 @@ def test_bench_step_gpt_and_resnet(tmp_path):
     assert set(mine) == {f"{k} {way}" for k in kinds for way in ("forward", "backward")} | {
         "loss", "optimizer update", "the rest"}
     assert [mine[f"attention {way}"]["gemms_per_step"] for way in ("forward", "backward")] == [3, 6]
-    assert "gpt [1 layers, 2 heads, 8 wide, block 4, vocabulary 7]" in r.stdout
+    assert "gpt [1 layer, 2 heads, 8 wide, block 4, vocabulary 7]" in r.stdout
     r = mpirun(1, "bench", "step", "--model", "resnet8", "--norm", "group", "--input-shape", "3,8,8", "--classes", 5,
                "--batches", 2, "--seconds", 0.01, "--repeats", 1, "--breakdown", "--out", tmp_path / "r")
     assert r.returncode == 0, r.stderr
