@@ -214,7 +214,6 @@ def test_torch_peer_is_the_same_model(model, shape):
     counted by torch's FlopCounterMode) of mpitrain's step (its recorded GEMMs)."""
     import argparse
 
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from mpitrain.bench import family_arguments, model_spec

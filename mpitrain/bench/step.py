@@ -56,14 +56,15 @@ def optimizer_name(args, spec):
     return args.optimizer or ("adamw" if spec.task == "lm" else "momentum")
 
 
-def make_optimizer(kernels, name, n, table=None):
+def make_optimizer(name, model):
+    """The bench's optimizer `name` (momentum or adamw) for all of model's parameters."""
     from ..optim import Optimizer
 
     if name == "adamw":
         a = ADAMW
-        return Optimizer(kernels, "adamw", n, 0.0, a["beta1"], a["beta2"], a["eps"], a["weight_decay"],
-                         decay_mask=None if table is None else table.decay_mask())
-    return Optimizer(kernels, "momentum", n, momentum=MU)
+        return Optimizer(model.k, "adamw", model.n_params, 0.0, a["beta1"], a["beta2"], a["eps"], a["weight_decay"],
+                         decay_mask=model.table.decay_mask())
+    return Optimizer(model.k, "momentum", model.n_params, momentum=MU)
 
 
 def batch_of(spec, n, seed):
@@ -84,7 +85,7 @@ def mpitrain_step(spec, x, y, device="cpu", optimizer="momentum"):
     model = Model(spec, device)
     params = model.xp.to_device(model.init_params(0))
     x, y = model.xp.to_device(x), model.xp.to_device(y)  # the batch is resident, as PyTorch's is
-    stepper = Stepper(model, make_optimizer(model.k, optimizer, model.n_params, model.table))
+    stepper = Stepper(model, make_optimizer(optimizer, model))
     lr, scale = ADAMW["lr"] if optimizer == "adamw" else LR, 1.0 / len(x)
     if device == "cpu":
         return (lambda: stepper(params, x, y, lr, scale)), stepper
@@ -130,12 +131,13 @@ def step_memory(stepper, batch):
 
 
 def record_gemms(step):
-    """[(args, kwargs)] of every np.matmul call one call of step makes (its GEMMs: module doc)."""
+    """[(args, kwargs, result size)] of every np.matmul call one call of step makes (its GEMMs: module doc)."""
     calls, matmul = [], np.matmul
 
     def record(*args, **kwargs):
-        calls.append((args, kwargs))
-        return matmul(*args, **kwargs)
+        out = matmul(*args, **kwargs)
+        calls.append((args, kwargs, out.size))
+        return out
 
     np.matmul = record
     try:
@@ -147,20 +149,19 @@ def record_gemms(step):
 
 def gemm_flops(calls):
     """FLOPs of recorded GEMMs: 2·k per output element (batched ones count every matrix)."""
-    return sum(2 * int(kw["out"].size) * int(args[0].shape[-1]) for args, kw in calls)
+    return sum(2 * size * int(args[0].shape[-1]) for args, _, size in calls)
 
 
 def gemm_floor_step(calls, stepper):
     """The floor: the recorded GEMMs again on the same operands (views of the model's buffers: every one
     a GEMM writes, the model's next step writes again first), then the optimizer's update on vectors of its
     own (lr 0 keeps the values finite; the memory traffic is the same)."""
-    n = stepper.model.n_params
-    opt = make_optimizer(stepper.opt.k, stepper.opt.name, n, stepper.model.table)
-    p, g = stepper.model.init_params(0), np.zeros(n, np.float32)
+    opt = make_optimizer(stepper.opt.name, stepper.model)
+    p, g = stepper.model.init_params(0), np.zeros(stepper.model.n_params, np.float32)
 
     def step():
         with np.errstate(all="ignore"):
-            for args, kwargs in calls:
+            for args, kwargs, _ in calls:
                 np.matmul(*args, **kwargs)
         opt.update(p, g, 0.0, 1.0)
 
