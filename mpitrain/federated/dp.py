@@ -223,11 +223,6 @@ class DPSGD:
     project's one training step."""
 
     def __init__(self, model, kernels, g, key):
-        other = next((l for l in model.net if l.n_params and not l.per_example), None)
-        if other is not None:
-            raise MpitrainError(f"fed.dpsgd: layer {other.name} ({other.text().split()[0]}) has no per-example "
-                                "gradient norms yet (dense layers on flat features and convs with a bias have); "
-                                "use client-level DP (fed.dp) with this model")
         self.model, self.k, self.clip, self.sigma, self.key = model, kernels, float(g.clip), g.noise_multiplier, key
         self.rng = None
 
@@ -260,6 +255,15 @@ class DPSGD:
         if self.sigma > 0:
             grad += self.rng.normal(0.0, self.sigma * self.clip, len(grad)).astype(np.float32)
         return loss, correct
+
+
+def check_per_example(model):
+    """One line naming the first layer with parameters whose per-example norms PerExample cannot compute."""
+    other = next((l for l in model.net if l.n_params and not l.per_example), None)
+    if other is not None:
+        raise MpitrainError(f"fed.dpsgd: layer {other.name} ({other.text().split()[0]}) has no per-example "
+                            "gradient norms yet (dense layers on flat features and convs with a bias have); "
+                            "use client-level DP (fed.dp) with this model")
 
 
 class PerExample:

@@ -25,7 +25,7 @@ from ..optim import Optimizer
 from ..session import Session
 from ..trainer import Stepper
 from .aggregation import MeanAggregator
-from .dp import DPSGD, ClientDP, dp_cohort, noise_key
+from .dp import DPSGD, ClientDP, check_per_example, dp_cohort, noise_key
 from .erase import Traces
 from .robust import GatherAggregator, attack_update, attackers
 from .secagg import SecureAggregator
@@ -202,6 +202,7 @@ class Layers:
             if t.device != "cpu":
                 raise MpitrainError(f"fed.dpsgd with train.device = {t.device!r}: the per-example clipping "
                                     "kernels exist for the cpu backend only")
+            check_per_example(model)
             self.dpsgd = DPSGD(model, kernels, f.dpsgd, noise_key(f.dp.noise_seed))
         adaptive = bool(self.dp and self.dp.adaptive)
         if f.secure_aggregation:
