@@ -108,3 +108,15 @@ def snapshot(out):
             with open(path, "rb") as f:
                 found[path] = (f.read(), os.stat(path).st_mtime_ns)
     return found
+
+
+def ok(r):
+    """r, a launch that must have succeeded (its stderr as the failure's message)."""
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def records(out):
+    """The run's metrics.jsonl as a list of dicts."""
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]

@@ -1,6 +1,5 @@
 """Checkpoints, resume, and faults: bit-exact continuation, corrupted files, signals, killed ranks."""
 import glob
-import json
 import os
 import shutil
 import signal
@@ -11,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import MPIEXEC, mpirun, params, snapshot, summary
+from conftest import MPIEXEC, mpirun, ok, params, records, snapshot, summary
 
 SYNC = ["model.hidden=[32]", "train.optimizer=adam", "train.lr=0.005", "train.global_batch=60",
         "train.steps=60", "checkpoint.every=20"]
@@ -25,16 +24,6 @@ def run(n, command, out, *sets, resume=None, data=None, timeout=300, overwrite=F
     for s in sets:
         args += ["--set", s]
     return mpirun(n, *args, timeout=timeout)
-
-
-def ok(r):
-    assert r.returncode == 0, r.stderr
-    return r
-
-
-def records(out):
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def checkpoints(out):

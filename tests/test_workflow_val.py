@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import mpirun, summary
+from conftest import mpirun, ok, records, summary
 from mpitrain.data.prepare import prepare
 from mpitrain.data.shard import DataFile
 from mpitrain.errors import MpitrainError
@@ -31,16 +31,6 @@ def train(n, out, data, *sets, resume=False):
     for s in sets:
         args += ["--set", s]
     return mpirun(n, *args, timeout=300)
-
-
-def ok(r):
-    assert r.returncode == 0, r.stderr
-    return r
-
-
-def records(out):
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def h5_params(path):
