@@ -17,7 +17,7 @@ from ..errors import MpitrainError
 from ..kernels import arrays, backend
 from ..kernels.cpu import ACTIVATIONS
 from .base import Context, Sequence
-from .layers import Conv, Dense, Flatten, Pool, input_shape
+from .layers import Conv, input_shape
 from .nn import Attention, Residual, texts
 from .stack import build
 from .table import ParameterTable
@@ -183,7 +183,7 @@ class Model:
         self.ctx = Context()
         for l in (x for layer in self.net for x in layer.layers()):
             l.ctx = self.ctx
-            if device != "cpu" and not isinstance(l, (Dense, Conv, Pool, Flatten)):
+            if device != "cpu" and not l.cuda:
                 raise MpitrainError(f"train.device = {device!r}: layer {l.name} ({l.text().split()[0]}) has no "
                                     f"{device.upper()} kernels yet; train this model with train.device = 'cpu'")
             if isinstance(l, Residual):

@@ -41,6 +41,7 @@ class Layer:
     conv = None  # a max pooling: the conv before it, whose bias and activation it applies (layers.py)
     per_example = False  # DP-SGD can compute this layer's per-example gradient norms (federated/dp.py)
     tensor = False  # tensor.py can split it (dense, conv) or pass it through (pooling, flatten)
+    cuda = False  # kernels/cuda.py has its kernels (dense, conv, pooling, flatten)
     n_params = 0  # the size of its slice: the sum of its params()' sizes
     state_size = 0  # non-trainable values (BatchNorm running statistics) in the model's state vector
     view = False  # the output is a reshaped view of the input (flatten): no buffer, no computation

@@ -33,7 +33,7 @@ def _size(n, k, s, same):
 
 class Dense(Layer):
     """x @ W + b (W (in, out) row-major), activation fused; on flat features or per position of a sequence."""
-    skips_dx = True
+    skips_dx = cuda = True
 
     def __init__(self, units, in_shape, std=0.0):
         *lead, self.n_in = in_shape
@@ -70,7 +70,7 @@ class Dense(Layer):
 
 class Conv(Layer):
     pooled = False  # a max pooling follows and applies the bias and activation (module doc)
-    tensor = skips_dx = True
+    tensor = skips_dx = cuda = True
 
     def __init__(self, dims, channels, kernel, stride, same, in_shape, bias=True):
         H, W, C = in_shape
@@ -115,7 +115,7 @@ class Conv(Layer):
 
 
 class Pool(Layer):
-    tensor = True
+    tensor = cuda = True
 
     def __init__(self, dims, kind, kernel, stride, in_shape):
         H, W, C = in_shape
@@ -156,7 +156,7 @@ class Pool(Layer):
 
 class Flatten(Layer):
     """A view: NHWC memory is already (N, H·W·C)."""
-    view = tensor = True
+    view = tensor = cuda = True
 
     def __init__(self, in_shape):
         self.in_shape, self.out_shape = in_shape, (math.prod(in_shape),)
